@@ -1,0 +1,104 @@
+"""Fold BatchNormalization (inference) into the Conv, ConvTranspose or Gemm that feeds it."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from red_onnx.graph import WorkingModel, constant_values, is_empty_input, set_constant_input
+from red_onnx.pass_infra import Pass, PassResult, Skip
+from red_onnx.weights import producer_axis
+
+FOLDABLE_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm"})
+SUFFIX = "bnfold"
+
+
+def sole_producer(node: gs.Node, graph_outputs: set[str]) -> gs.Node | str:
+    """The weighted producer whose output only ``node`` reads, or why there is none."""
+    source = node.inputs[0]
+    if not source.inputs:
+        return "its input is a graph input"
+    producer = source.inputs[0]
+    if producer.op not in FOLDABLE_PRODUCERS:
+        return f"its input comes from {producer.op} '{producer.name}'"
+    if len(source.outputs) != 1 or source.name in graph_outputs:
+        return f"the output of '{producer.name}' has other readers"
+    weight = producer.inputs[1]
+    if not isinstance(weight, gs.Constant) or len(weight.outputs) != 1:
+        return f"the weight of '{producer.name}' is not a constant of its own"
+    if producer.op == "ConvTranspose" and int(producer.attrs.get("group", 1)) != 1:
+        return f"'{producer.name}' is a grouped ConvTranspose"
+    if not is_empty_input(producer, 2) and constant_values(producer.inputs[2]) is None:
+        return f"the bias of '{producer.name}' is not a constant"
+    return producer
+
+
+def scale_producer(producer: gs.Node, factor: np.ndarray, shift: np.ndarray) -> None:
+    """Make ``producer`` compute ``factor·y + shift`` per output channel, y its current output."""
+    weight = constant_values(producer.inputs[1])
+    axis = producer_axis(producer)
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    if producer.op == "ConvTranspose" and int(producer.attrs.get("group", 1)) == 1:
+        shape = [1, -1] + [1] * (weight.ndim - 2)
+    new_weight = (weight.astype(np.float64) * factor.reshape(shape)).astype(weight.dtype)
+    bias = _effective_bias(producer, len(factor))
+    new_bias = (bias * factor + shift).astype(weight.dtype)
+    set_constant_input(producer, 1, new_weight, suffix=SUFFIX)
+    if producer.op == "Gemm":
+        producer.attrs["beta"] = 1.0
+    set_constant_input(producer, 2, new_bias, suffix=SUFFIX)
+
+
+def _effective_bias(producer: gs.Node, channels: int) -> np.ndarray:
+    if is_empty_input(producer, 2):
+        return np.zeros(channels)
+    bias = constant_values(producer.inputs[2]).astype(np.float64)
+    if producer.op == "Gemm":
+        bias = bias * float(producer.attrs.get("beta", 1.0))
+    return np.broadcast_to(bias.reshape(-1), (channels,)).astype(np.float64)
+
+
+def bypass(graph: gs.Graph, node: gs.Node) -> None:
+    """Remove a single-input node by making its producer write the node's output tensor."""
+    source, target = node.inputs[0], node.outputs[0]
+    producer = source.inputs[0]
+    producer.outputs[producer.outputs.index(source)] = target
+    node.inputs.clear()
+    node.outputs.clear()
+
+
+class FoldBatchNorm(Pass):
+    """Fold every foldable inference BatchNormalization into its producer's weight and bias."""
+
+    name = "fold_batchnorm"
+
+    def call(self, model: WorkingModel) -> PassResult:
+        """Fold and report how many BatchNormalization nodes went, and why others stayed."""
+        graph = model.graph
+        outputs = {t.name for t in graph.outputs}
+        folded, skips = 0, []
+        for node in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+            reason = self._problem(node, outputs)
+            producer = reason if isinstance(reason, gs.Node) else None
+            if producer is None:
+                skips.append(Skip(node.name, f"BatchNormalization not folded: {reason}"))
+                continue
+            scale, bias, mean, var = (constant_values(t).astype(np.float64) for t in node.inputs[1:5])
+            factor = scale / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+            scale_producer(producer, factor, bias - mean * factor)
+            bypass(graph, node)
+            folded += 1
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return PassResult(model, folded > 0, {"folded": folded, "kept": len(skips)}, skips)
+
+    @staticmethod
+    def _problem(node: gs.Node, outputs: set[str]) -> gs.Node | str:
+        if int(node.attrs.get("training_mode", 0)) or any(t.outputs for t in node.outputs[1:]):
+            return "it runs in training mode"
+        if any(constant_values(t) is None for t in node.inputs[1:5]):
+            return "its parameters are not constants"
+        producer = sole_producer(node, outputs)
+        if isinstance(producer, gs.Node) and producer.op == "Gemm" and len(node.inputs[0].shape or []) != 2:
+            return "the Gemm output is not 2-D"
+        return producer

@@ -1,0 +1,163 @@
+"""Exact merging: delete channels that provably duplicate, scale or add nothing to others.
+
+Rules (method.md, "Exact rewrites"): identical channels; positively scaled channels through positively
+homogeneous groups; constant channels folded into consumers that see no padding; unused channels.
+Every rule holds across a whole coupled group, so outputs are unchanged up to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from red_onnx.channels import ChannelAnalysis, ChannelGroup, analyse
+from red_onnx.constants import (
+    ChannelConstants,
+    analyse_constants,
+    consumer_absorbs,
+    consumer_slices_zero,
+)
+from red_onnx.graph import (
+    WorkingModel,
+    clear_intermediate_shapes,
+    infer_shapes,
+    subgraph_outer_references,
+)
+from red_onnx.pass_infra import Pass, PassResult, Skip
+from red_onnx.reasons import Reason
+from red_onnx.redundancy import atom_params, exact_merges
+from red_onnx.rewrite import GroupPlan, apply_plan, attach_graph
+
+
+def removable_constants(group: ChannelGroup, consts: ChannelConstants) -> tuple[np.ndarray, dict[int, str]]:
+    """Atoms every consumer can do without, and why each kept all-zero-row atom stays."""
+    removable = np.ones(group.n_atoms, bool)
+    why: dict[int, str] = {}
+    for consumer in group.consumers:
+        local = group.atom_index(consumer.tensor)
+        present = np.flatnonzero(local >= 0)
+        values = consts.values[consumer.tensor][local[present]]
+        zero = consumer_slices_zero(group, consumer.node, consumer.tensor)[local[present]]
+        ok = zero | (np.isfinite(values) & consumer_absorbs(consumer.node))
+        removable[present[~ok]] = False
+        for atom in present[~ok]:
+            reason = consts.reasons[consumer.tensor][local[atom]]
+            if reason is None and np.isfinite(consts.values[consumer.tensor][local[atom]]):
+                reason = Reason.CONST_CONSUMER.format(op=consumer.node.op, node=consumer.node.name)
+            why.setdefault(int(atom), reason or "channel is not constant at the consumers")
+    if not group.consumers:
+        removable[:] = False
+    return removable, why
+
+
+def keep_one_per_tensor(group: ChannelGroup, delete: np.ndarray) -> None:
+    """Un-delete one channel of any tensor that would lose them all."""
+    for member in group.tensors.values():
+        if delete[member.atoms].all():
+            delete[member.atoms[0]] = False
+
+
+class MergeExact(Pass):
+    """Delete exactly redundant channels of every unfrozen group, to a fixed point."""
+
+    name = "merge_exact"
+
+    def __init__(
+        self,
+        *,
+        input_shapes: Mapping[str, Sequence[int]],
+        freeze: Sequence[str] = (),
+        max_rounds: int = 4,
+    ) -> None:
+        """Configure the pass.
+
+        Args:
+            input_shapes: Concrete shapes of the graph inputs, for shape inference.
+            freeze: Node-name glob patterns of layers to protect.
+            max_rounds: Analysis/rewrite rounds at most (a deletion can expose another).
+        """
+        self.input_shapes = dict(input_shapes)
+        self.freeze = tuple(freeze)
+        self.max_rounds = max_rounds
+
+    def call(self, model: WorkingModel) -> PassResult:
+        """Merge and delete; report counts per rule, frozen groups and kept zero rows."""
+        counts: Counter[str] = Counter()
+        first: ChannelAnalysis | None = None
+        kept: dict[tuple[str, int], str] = {}
+        for _ in range(self.max_rounds):
+            analysis = self._analyse(model)
+            first = first or analysis
+            plans, kept = self._plans(model, analysis, counts)
+            if not plans:
+                break
+            attach_graph(model.graph)
+            for plan in plans:
+                apply_plan(plan)
+            clear_intermediate_shapes(model)
+            model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        skips = [Skip(g.name, g.frozen) for g in first.frozen] if first else []
+        skips += [Skip(f"{layer}[{channel}]", reason) for (layer, channel), reason in sorted(kept.items())]
+        stats = {
+            "removed": sum(counts.values()),
+            **{f"removed_{k}": v for k, v in sorted(counts.items())},
+        }
+        stats["groups"] = len(first.groups) if first else 0
+        stats["frozen_groups"] = len(first.frozen) if first else 0
+        return PassResult(model, stats["removed"] > 0, stats, skips)
+
+    def _analyse(self, model: WorkingModel) -> ChannelAnalysis:
+        shapes = infer_shapes(model, self.input_shapes)
+        outer = subgraph_outer_references(model.graph)
+        return analyse(model.graph, shapes, outer_refs=outer, freeze=self.freeze)
+
+    def _plans(
+        self, model: WorkingModel, analysis: ChannelAnalysis, counts: Counter[str]
+    ) -> tuple[list[GroupPlan], dict[tuple[str, int], str]]:
+        order = {id(node): k for k, node in enumerate(model.graph.nodes)}
+        plans, kept = [], {}
+        for group in analysis.groups:
+            if group.frozen or not group.producers:
+                continue
+            plan, why = plan_group(group, order, counts)
+            kept.update(why)
+            if plan.removed:
+                plans.append(plan)
+        return plans, kept
+
+
+def plan_group(
+    group: ChannelGroup, order: dict[int, int], counts: Counter[str]
+) -> tuple[GroupPlan, dict[tuple[str, int], str]]:
+    """Decide the exact deletions of one group; count them by rule."""
+    consts = analyse_constants(group, order)
+    removable, why = removable_constants(group, consts)
+    params = atom_params(group, {name: m.rank for name, m in group.tensors.items()})
+    merges = exact_merges(params, group.homogeneous, excluded=removable)
+    delete = removable.copy()
+    delete[[m.source for m in merges]] = True
+    keep_one_per_tensor(group, delete)
+    merges = [m for m in merges if delete[m.source]]
+    removable &= delete
+    counts["identical"] += sum(1 for m in merges if m.scale == 1.0)
+    counts["scaled"] += sum(1 for m in merges if m.scale != 1.0)
+    counts["constant"] += int((removable & consts.zero_rows).sum())
+    counts["unused"] += int((removable & ~consts.zero_rows).sum())
+    constants = {c.tensor: consts.values[c.tensor] for c in group.consumers}
+    plan = GroupPlan(group, delete, merges, constants)
+    return plan, _kept_zero_rows(group, consts, delete, why)
+
+
+def _kept_zero_rows(
+    group: ChannelGroup, consts: ChannelConstants, delete: np.ndarray, why: dict[int, str]
+) -> dict[tuple[str, int], str]:
+    """Why each kept channel whose producer rows are all zero stays."""
+    kept = {}
+    for producer in group.producers:
+        atoms = group.tensors[producer.tensor].atoms
+        for channel in np.flatnonzero(consts.zero_rows[atoms] & ~delete[atoms]):
+            atom = int(atoms[channel])
+            kept[(producer.node.name, int(channel))] = why.get(atom, "kept as the group's last channel")
+    return kept

@@ -1,0 +1,183 @@
+"""The ``red-onnx`` command: argument parsing, exit codes, progress display; no logic of its own.
+
+Exit codes: 0 done; 1 verification failed (nothing written); 2 bad input or usage (one line, no
+traceback, nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from red_onnx import demo, io
+from red_onnx._version import __version__
+from red_onnx.errors import RedOnnxError, UsageError, VerificationError
+from red_onnx.pipeline import Result, compress
+from red_onnx.report import render_table
+from red_onnx.verify import InputSpec, parse_input_range, parse_input_shape, parse_input_value
+
+logger = logging.getLogger("red_onnx")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see red-onnx --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = _Parser(
+        prog="red-onnx",
+        description="Make an exported ONNX model smaller and faster without data or retraining, "
+        "and prove it with onnxruntime. With no arguments: run on the bundled demo model.",
+    )
+    parser.add_argument("input", nargs="?", help="the .onnx model to compress (never modified)")
+    parser.add_argument("output", nargs="?", help="where to write the compressed model")
+    parser.add_argument("--exact", action="store_true", help="only function-preserving rewrites")
+    parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    parser.add_argument("--dry-run", action="store_true", help="report without writing the model")
+    parser.add_argument(
+        "--freeze",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="protect layers whose node name matches (glob; repeatable)",
+    )
+    parser.add_argument(
+        "--input-shape",
+        metavar="NAME:D1,D2,...",
+        action="append",
+        default=[],
+        help="shape of a verification input, e.g. x:1,3,48,320",
+    )
+    parser.add_argument(
+        "--input-range",
+        metavar="NAME:LO,HI",
+        action="append",
+        default=[],
+        help="uniform range of a verification input",
+    )
+    parser.add_argument(
+        "--input-value",
+        metavar="NAME:V",
+        action="append",
+        default=[],
+        help="fill a verification input with one value, e.g. sr:16000",
+    )
+    parser.add_argument("--inputs", metavar="FILE.npz", help="your own verification inputs, by name")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log diagnostics")
+    parser.add_argument("--version", action="version", version=f"red-onnx {__version__}")
+    return parser
+
+
+def _input_spec(args: argparse.Namespace) -> InputSpec:
+    shapes = dict(parse_input_shape(text) for text in args.input_shape)
+    ranges = dict(parse_input_range(text) for text in args.input_range)
+    values = dict(parse_input_value(text) for text in args.input_value)
+    return InputSpec(
+        shapes=shapes, ranges=ranges, values=values, npz=Path(args.inputs) if args.inputs else None
+    )
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    if args.input is None:
+        return
+    if args.output is None and not args.dry_run:
+        raise UsageError("give an output path (red-onnx IN.onnx OUT.onnx), or --dry-run to only report")
+    if args.output is not None:
+        same = Path(args.output).resolve() == Path(args.input).resolve()
+        if same:
+            raise UsageError(f"the output {args.output} is the input; the input is never overwritten")
+        if Path(args.output).is_dir():
+            raise UsageError(f"the output {args.output} is a directory; give a file path")
+
+
+class _ProgressBar:
+    """A tqdm bar over the pipeline stages, on stderr when it is a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=7, desc="red-onnx", unit="stage", leave=False, file=sys.stderr)
+
+    def __call__(self, stage: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(stage)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run(args: argparse.Namespace) -> int:
+    _check_paths(args)
+    source = Path(args.input) if args.input else demo.demo_path()
+    progress = _ProgressBar(not args.quiet)
+    try:
+        result = compress(
+            source,
+            exact=args.exact,
+            freeze=args.freeze,
+            input_spec=_input_spec(args),
+            progress=progress,
+        )
+    except VerificationError as error:
+        progress.close()
+        failed: Result | None = getattr(error, "result", None)
+        if failed is not None and not args.quiet:
+            print(render_table(failed.report))
+        raise
+    progress.close()
+    if args.input is None:
+        _add_demo_accuracy(result, source)
+    if args.json:
+        _write_json(result, Path(args.json))
+    if args.output and not args.dry_run:
+        written = io.save_model(result.model, args.output)
+        result.report.size_after = written
+    if not args.quiet:
+        print(render_table(result.report))
+        if args.output and not args.dry_run:
+            print(f"wrote {args.output}")
+    return 0
+
+
+def _add_demo_accuracy(result: Result, source: Path) -> None:
+    before, samples = demo.accuracy(source)
+    after, _ = demo.accuracy(result.model)
+    result.report.accuracy = {"before": before, "after": after, "samples": samples}
+
+
+def _write_json(result: Result, path: Path) -> None:
+    if not path.parent.exists():
+        raise UsageError(f"cannot write --json {path}: directory {path.parent} does not exist")
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(result.report.to_json() + "\n")
+    temp.replace(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``red-onnx`` console script."""
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(name)s: %(message)s")
+        return _run(args)
+    except RedOnnxError as error:
+        print(f"red-onnx: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("red-onnx: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""The one small error hierarchy of red_onnx.
+
+Every error carries a one-line message that says what is wrong and what to do; the CLI prints it
+without a traceback and exits with the class's ``exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class RedOnnxError(Exception):
+    """Base class of every error red_onnx raises on purpose."""
+
+    exit_code = 2
+
+
+class InputError(RedOnnxError):
+    """The input model, inputs file or an option value cannot be used (exit code 2)."""
+
+    exit_code = 2
+
+
+class UsageError(RedOnnxError):
+    """The options contradict each other or are malformed (exit code 2)."""
+
+    exit_code = 2
+
+
+class VerificationError(RedOnnxError):
+    """The rewritten model does not match the original within tolerance (exit code 1)."""
+
+    exit_code = 1
+
+
+class RewriteError(RedOnnxError):
+    """A rewrite plan is inconsistent with the graph; an internal error, reported with its numbers."""
+
+    exit_code = 1

@@ -1,0 +1,335 @@
+"""Thin helpers over onnx-graphsurgeon: the one place that knows protobuf details.
+
+A :class:`WorkingModel` is the model object that travels through the whole pipeline: an
+onnx-graphsurgeon graph plus what the export needs to write a faithful model back (IR version,
+metadata, initializers a caller may override).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from red_onnx.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+
+#: IR version from which an initializer listed as a graph input is only a default a caller may override.
+OVERRIDABLE_IR_VERSION = 4
+
+#: Ops that constant folding may evaluate during normalisation: cheap, shape-preserving ways exporters
+#: write weights (Constant, ConstantOfShape fills, Unsqueeze/Reshape of BN parameters, casts).
+FOLDABLE_OPS = frozenset(
+    {
+        "Constant",
+        "ConstantOfShape",
+        "Unsqueeze",
+        "Squeeze",
+        "Reshape",
+        "Cast",
+        "Identity",
+        "Transpose",
+        "Mul",
+        "Add",
+        "Sub",
+        "Div",
+        "Sqrt",
+        "Pow",
+        "Reciprocal",
+        "Neg",
+        "Concat",
+        "Flatten",
+        "Expand",
+        "Range",
+        "Shape",
+        "Gather",
+        "Slice",
+    }
+)
+
+
+@dataclass
+class WorkingModel:
+    """A model being rewritten: the graph and what is needed to export it faithfully.
+
+    Attributes:
+        graph: The onnx-graphsurgeon graph; passes edit it in place through ``red_onnx.rewrite``.
+        ir_version: IR version to write (raised to 4 when the input lists initializers as inputs
+            below IR 4, since the graph-surgeon export drops them from the input list).
+        opset_imports: Opset imports of the input model, kept as they were.
+        metadata: ``metadata_props`` of the input model, in order.
+        doc_string: The model's doc string.
+        producer: ``(producer_name, producer_version)`` of the input model.
+        domain: The model's domain.
+        model_version: The model's version.
+        overridable: Initializers listed as graph inputs from IR 4 on: frozen, a caller may override
+            them. Kept as inputs on export.
+        functions: Local functions of the model, copied through.
+    """
+
+    graph: gs.Graph
+    ir_version: int
+    opset_imports: list[onnx.OperatorSetIdProto]
+    metadata: list[tuple[str, str]] = field(default_factory=list)
+    doc_string: str = ""
+    producer: tuple[str, str] = ("", "")
+    domain: str = ""
+    model_version: int = 0
+    overridable: frozenset[str] = frozenset()
+    functions: list[onnx.FunctionProto] = field(default_factory=list)
+    overridable_inputs: list[onnx.ValueInfoProto] = field(default_factory=list)
+
+    @property
+    def opset(self) -> int:
+        """The default-domain opset version."""
+        for imp in self.opset_imports:
+            if imp.domain in ("", "ai.onnx"):
+                return int(imp.version)
+        return int(self.graph.opset)
+
+
+def _overridable_initializers(model: onnx.ModelProto) -> tuple[frozenset[str], list]:
+    init_names = {t.name for t in model.graph.initializer}
+    listed = [vi for vi in model.graph.input if vi.name in init_names]
+    if model.ir_version < OVERRIDABLE_IR_VERSION:
+        return frozenset(), []
+    return frozenset(vi.name for vi in listed), listed
+
+
+def import_model(model: onnx.ModelProto) -> WorkingModel:
+    """Wrap an ONNX model for rewriting.
+
+    Args:
+        model: The loaded model (external data already loaded).
+
+    Returns:
+        The working model; the input proto is not modified.
+    """
+    overridable, overridable_inputs = _overridable_initializers(model)
+    graph = gs.import_onnx(model)
+    if overridable:
+        _unconstant_overridable(graph, overridable, overridable_inputs)
+    ir_version = max(int(model.ir_version), OVERRIDABLE_IR_VERSION)
+    return WorkingModel(
+        graph=graph,
+        ir_version=ir_version,
+        opset_imports=[copy.deepcopy(o) for o in model.opset_import],
+        metadata=[(p.key, p.value) for p in model.metadata_props],
+        doc_string=model.doc_string,
+        producer=(model.producer_name, model.producer_version),
+        domain=model.domain,
+        model_version=int(model.model_version),
+        overridable=overridable,
+        functions=[copy.deepcopy(f) for f in model.functions],
+        overridable_inputs=[copy.deepcopy(v) for v in overridable_inputs],
+    )
+
+
+def _unconstant_overridable(graph: gs.Graph, names: frozenset[str], infos: list) -> None:
+    """Make overridable initializers graph inputs (variables), so no pass treats them as weights."""
+    tensors = graph.tensors()
+    for info in infos:
+        const = tensors.get(info.name)
+        if not isinstance(const, gs.Constant):
+            continue
+        var = gs.Variable(info.name, dtype=const.dtype, shape=list(const.shape))
+        for node in list(const.outputs):
+            node.inputs[:] = [var if t is const else t for t in node.inputs]
+        graph.inputs.append(var)
+        var.red_default = const  # keeps the default value for export
+
+
+def export_model(working: WorkingModel, metadata: Mapping[str, str] | None = None) -> onnx.ModelProto:
+    """Export the working model to an ONNX proto.
+
+    Args:
+        working: The working model.
+        metadata: Extra ``metadata_props`` entries to add (provenance), after the original ones.
+
+    Returns:
+        A new ModelProto with the original IR/opset/metadata and, from IR 4 on, overridable
+        initializers kept as inputs with their defaults.
+    """
+    graph = working.graph
+    defaults = {t.name: t.red_default for t in graph.inputs if hasattr(t, "red_default")}
+    model = gs.export_onnx(graph, do_type_check=False, opset_imports=working.opset_imports)
+    if defaults:
+        existing = {t.name for t in model.graph.initializer}
+        for name, const in defaults.items():
+            if name not in existing:
+                model.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(const.values), name))
+    model.ir_version = working.ir_version
+    model.producer_name, model.producer_version = working.producer
+    model.doc_string = working.doc_string
+    model.domain = working.domain
+    model.model_version = working.model_version
+    for func in working.functions:
+        if all(f.name != func.name or f.domain != func.domain for f in model.functions):
+            model.functions.append(copy.deepcopy(func))
+    del model.metadata_props[:]
+    merged = dict(working.metadata)
+    merged.update(metadata or {})
+    onnx.helper.set_model_props(model, merged)
+    return model
+
+
+def constant_values(tensor: gs.Tensor) -> np.ndarray | None:
+    """The values of a constant tensor, or None if the tensor is not a constant."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    return None
+
+
+def node_constant_input(node: gs.Node, index: int) -> np.ndarray | None:
+    """The values of ``node.inputs[index]`` when it exists and is a constant."""
+    if index >= len(node.inputs):
+        return None
+    tensor = node.inputs[index]
+    if tensor is None or (isinstance(tensor, gs.Variable) and not tensor.name):
+        return None
+    return constant_values(tensor)
+
+
+def is_empty_input(node: gs.Node, index: int) -> bool:
+    """Whether an optional input is absent (missing or the empty-name placeholder)."""
+    return index >= len(node.inputs) or not node.inputs[index].name
+
+
+def set_constant_input(node: gs.Node, index: int, values: np.ndarray, *, suffix: str) -> None:
+    """Replace ``node.inputs[index]`` by a constant with ``values``.
+
+    A constant read by this node alone is updated in place (its name kept); a shared one is copied
+    under a new deterministic name, so the other readers keep their values.
+
+    Args:
+        node: The node whose input changes.
+        index: Input position; ``len(node.inputs)`` appends (optional inputs such as a bias).
+        values: The new values (dtype kept by the caller).
+        suffix: Name suffix for a copied constant, e.g. ``"red"``.
+    """
+    while len(node.inputs) < index:
+        node.inputs.append(gs.Variable.empty())
+    if index == len(node.inputs):
+        node.inputs.append(gs.Constant(f"{node.name}_{suffix}_{index}", np.ascontiguousarray(values)))
+        return
+    old = node.inputs[index]
+    if isinstance(old, gs.Constant) and len(old.outputs) == 1:
+        old.values = np.ascontiguousarray(values)
+        return
+    base = old.name if old.name else f"{node.name}_{index}"
+    node.inputs[index] = gs.Constant(f"{base}_{suffix}_{node.name}", np.ascontiguousarray(values))
+
+
+def normalise_constants(working: WorkingModel) -> int:
+    """Fold weights written as Constant/ConstantOfShape nodes (and casts/unsqueezes of them) into constants.
+
+    Returns:
+        The number of nodes removed.
+    """
+    graph = working.graph
+    before = len(graph.nodes)
+    graph.fold_constants(
+        fold_shapes=False,
+        recurse_subgraphs=False,
+        flatten_subgraphs=False,
+        should_exclude_node=lambda node: node.op not in FOLDABLE_OPS,
+        error_ok=True,
+    )
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return before - len(graph.nodes)
+
+
+def subgraph_outer_references(graph: gs.Graph) -> set[str]:
+    """Names of top-level tensors read implicitly from inside If/Loop/Scan bodies."""
+    names: set[str] = set()
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            subgraphs = value if isinstance(value, list) else [value]
+            for sub in subgraphs:
+                if isinstance(sub, gs.Graph):
+                    names |= _outer_names(sub)
+    return names
+
+
+def _outer_names(sub: gs.Graph) -> set[str]:
+    defined = {t.name for t in sub.inputs}
+    used: set[str] = set()
+    for node in sub.nodes:
+        defined |= {t.name for t in node.outputs}
+        used |= {t.name for t in node.inputs if isinstance(t, gs.Variable) and t.name}
+        for value in node.attrs.values():
+            subgraphs = value if isinstance(value, list) else [value]
+            for inner in subgraphs:
+                if isinstance(inner, gs.Graph):
+                    used |= _outer_names(inner)
+    return used - defined
+
+
+def infer_shapes(
+    working: WorkingModel, input_shapes: Mapping[str, Iterable[int]]
+) -> dict[str, tuple[int, ...] | None]:
+    """Static shapes of every tensor for concrete input shapes, by ONNX shape inference.
+
+    Args:
+        working: The working model.
+        input_shapes: A concrete shape for each graph input.
+
+    Returns:
+        Tensor name → shape (None where inference could not tell, or a dim stayed symbolic).
+    """
+    model = export_model(working)
+    for value in model.graph.input:
+        if value.name in input_shapes:
+            dims = value.type.tensor_type.shape.dim
+            shape = list(input_shapes[value.name])
+            if len(dims) == len(shape):
+                for dim, size in zip(dims, shape, strict=True):
+                    dim.Clear()
+                    dim.dim_value = int(size)
+    del model.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        logger.warning("shape inference failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        inferred = model
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    values = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+    for value in values:
+        shapes[value.name] = _static_shape(value)
+    for init in inferred.graph.initializer:
+        shapes[init.name] = tuple(int(d) for d in init.dims)
+    return shapes
+
+
+def _static_shape(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    dims = []
+    for dim in tensor_type.shape.dim:
+        if not dim.HasField("dim_value"):
+            return None
+        dims.append(int(dim.dim_value))
+    return tuple(dims)
+
+
+def clear_intermediate_shapes(working: WorkingModel) -> None:
+    """Forget shapes of intermediate tensors (stale after channels change); I/O shapes are kept."""
+    keep = {t.name for t in working.graph.inputs} | {t.name for t in working.graph.outputs}
+    for tensor in working.graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and tensor.name not in keep:
+            tensor.shape = None
+
+
+def require_graph(model: onnx.ModelProto) -> None:
+    """Raise InputError when the proto holds no graph to work on."""
+    if not model.graph.node:
+        raise InputError("the model has no nodes; pass an exported ONNX model with a graph")

@@ -1,0 +1,37 @@
+"""Every reason a group is frozen or a channel is kept, defined once, so that each reaches the report."""
+
+from __future__ import annotations
+
+
+class Reason:
+    """Reason templates, filled with ``str.format``."""
+
+    GRAPH_OUTPUT = "tensor '{tensor}' is a graph output (its shape never changes)"
+    GRAPH_INPUT = "tensor '{tensor}' is a graph input (its channels cannot be deleted)"
+    SUBGRAPH_READ = "tensor '{tensor}' is read inside an If/Loop/Scan body"
+    UNKNOWN_SHAPE = "the channel count of tensor '{tensor}' is unknown (shape inference could not tell)"
+    AXIS_CONFLICT = "tensor '{tensor}' is reached with two different channel axes"
+    SELF_COUPLED = "channels of tensor '{tensor}' are coupled to each other"
+    USER_FROZEN = "layer '{node}' matches --freeze pattern '{pattern}'"
+    UNSUPPORTED_OP = "{op} node '{node}' is not understood by the channel analysis"
+    CUSTOM_DOMAIN = "{op} node '{node}' is from domain '{domain}'"
+    MIXES_CHANNELS = "{op} node '{node}' mixes channels"
+    WEIGHT_NOT_CONSTANT = "the weight of {op} node '{node}' is not a constant"
+    WEIGHT_OVERRIDABLE = "the weight '{tensor}' of {op} node '{node}' is an initializer a caller may override"
+    SHARED_WEIGHT = "the weight '{tensor}' of {op} node '{node}' is shared by {count} nodes"
+    GROUPED_CONV = "{op} node '{node}' is a grouped convolution (group={group})"
+    DEPTHWISE_MULTIPLIER = "depthwise {op} node '{node}' has channel multiplier {multiplier}"
+    WRONG_AXIS = "{op} node '{node}' reads tensor '{tensor}' on axis {axis}, not its channel axis"
+    GEMM_FULL_C = "Gemm node '{node}' has a full [M, N] C matrix, not a per-channel bias"
+    VARIABLE_PARAMETER = "{op} node '{node}' takes a non-constant parameter '{tensor}'"
+    BAD_BROADCAST = "{op} node '{node}' broadcasts '{tensor}' across the channel axis"
+    CHANNEL_AXIS_ATTR = "{op} node '{node}' pads, resizes or slices along the channel axis"
+    RESHAPE = "{op} node '{node}' reshapes the channel axis in a way that is not a flatten"
+    EXTRA_OUTPUT = "{op} node '{node}' has an extra output in use"
+    FOREIGN_TENSOR = "tensor '{tensor}' already belongs to another group"
+
+    # Why a channel that looks removable stays (report of the constant/unused rule).
+    CONST_PADDED = "constant channel meets padding in {op} node '{node}' (border values differ)"
+    CONST_MIXED = "constant channel is combined with a non-constant tensor in {op} node '{node}'"
+    CONST_UNKNOWN_OP = "constant channel passes {op} node '{node}', whose effect on constants is not modelled"
+    CONST_CONSUMER = "constant channel reaches {op} node '{node}', which cannot absorb a constant input"

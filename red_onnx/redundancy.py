@@ -1,0 +1,194 @@
+"""Which channels of a group are redundant: exact duplicates, positive multiples (analysis, pure).
+
+Every atom of a group gets two vectors: ``scaled`` — what must be *proportional* between two channels
+(producer rows and biases, additive per-channel constants, depthwise biases) — and ``equal`` — what
+must be *identical* (multiplicative per-channel constants, depthwise kernels, normalisation scales).
+Two atoms with equal ``equal`` and ``scaled_j = λ·scaled_i`` (λ = 1 unless the whole group is
+positively homogeneous, λ > 0) compute ``y_j = λ·y_i`` in every tensor of the group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from red_onnx.channels import ChannelGroup
+from red_onnx.graph import constant_values, is_empty_input
+from red_onnx.weights import producer_bias, producer_rows
+
+#: Relative residual under which ``scaled_j`` counts as ``λ·scaled_i`` in exact mode (fp32 rounding).
+EXACT_SCALE_RTOL = 1e-6
+
+
+@dataclass
+class AtomParams:
+    """Per-atom comparison vectors of a group (rows indexed by atom)."""
+
+    scaled: np.ndarray
+    equal: np.ndarray
+    signature: np.ndarray  # class id: atoms present in the same set of tensors
+
+    @property
+    def producer_norm(self) -> np.ndarray:
+        """L2 norm of each atom's scaled vector."""
+        return np.linalg.norm(self.scaled, axis=1)
+
+
+@dataclass(frozen=True)
+class Merge:
+    """Delete atom ``source``; its consumers' slices are added, times ``scale``, into ``target``'s."""
+
+    source: int
+    target: int
+    scale: float
+
+
+def _by_atom(group: ChannelGroup, tensor: str, rows: np.ndarray) -> np.ndarray:
+    out = np.zeros((group.n_atoms, rows.shape[1]))
+    out[group.tensors[tensor].atoms] = rows
+    return out
+
+
+def per_channel_constant(values: np.ndarray, out_rank: int, axis: int, channels: int) -> np.ndarray | None:
+    """A constant broadcast against a tensor, as ``[channels, k]`` rows (None when not per channel)."""
+    shape = (1,) * (out_rank - values.ndim) + values.shape
+    values = values.reshape(shape)
+    if shape[axis] != channels or channels == 1:
+        return None
+    return channel_rows_of(values, axis)
+
+
+def channel_rows_of(values: np.ndarray, axis: int) -> np.ndarray:
+    """``values`` with ``axis`` first, flattened to rows (float64)."""
+    moved = np.moveaxis(values.astype(np.float64), axis, 0)
+    return moved.reshape(moved.shape[0], -1)
+
+
+def _path_params(group: ChannelGroup, node: gs.Node, ranks: dict[str, int]) -> tuple[list, list]:
+    """(equal rows, scaled rows) contributed by one path node, each ``[channels, k]`` per tensor name."""
+    equal: list[tuple[str, np.ndarray]] = []
+    scaled: list[tuple[str, np.ndarray]] = []
+    out = node.outputs[0].name
+    if out not in group.tensors:
+        return equal, scaled
+    member = group.tensors[out]
+    if node.op == "Conv":  # depthwise, multiplier 1
+        weight = constant_values(node.inputs[1]).astype(np.float64)
+        equal.append((out, weight.reshape(weight.shape[0], -1)))
+        if not is_empty_input(node, 2):
+            scaled.append((out, constant_values(node.inputs[2]).astype(np.float64).reshape(-1, 1)))
+    elif node.op == "BatchNormalization":
+        scale, bias, mean, var = (constant_values(t).astype(np.float64) for t in node.inputs[1:5])
+        factor = scale / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+        equal.append((out, factor.reshape(-1, 1)))
+        scaled.append((out, (bias - mean * factor).reshape(-1, 1)))
+    elif node.op in ("InstanceNormalization", "PRelu"):
+        for tensor in node.inputs[1:]:
+            rows = per_channel_constant(constant_values(tensor), ranks[out], member.axis, member.channels)
+            if rows is not None:
+                equal.append((out, rows))
+    else:
+        multiplicative = node.op in ("Mul", "Div", "Pow")
+        for tensor in node.inputs:
+            if isinstance(tensor, gs.Constant):
+                rows = per_channel_constant(
+                    np.asarray(tensor.values), ranks[out], member.axis, member.channels
+                )
+                if rows is not None:
+                    (equal if multiplicative else scaled).append((out, rows))
+    return equal, scaled
+
+
+def atom_params(group: ChannelGroup, ranks: dict[str, int]) -> AtomParams:
+    """Build the comparison vectors of every atom of ``group``.
+
+    Args:
+        group: A (not frozen) channel group.
+        ranks: Rank of each group tensor.
+    """
+    scaled_parts = [np.zeros((group.n_atoms, 0))]
+    equal_parts = [np.zeros((group.n_atoms, 0))]
+    for producer in group.producers:
+        rows = producer_rows(producer.node)
+        bias = producer_bias(producer.node, rows.shape[0])
+        scaled_parts.append(_by_atom(group, producer.tensor, np.hstack([rows, bias[:, None]])))
+    for node in group.path:
+        equal, scaled = _path_params(group, node, ranks)
+        equal_parts += [_by_atom(group, name, rows) for name, rows in equal]
+        scaled_parts += [_by_atom(group, name, rows) for name, rows in scaled]
+    membership = np.zeros((group.n_atoms, len(group.tensors)), bool)
+    for column, member in enumerate(group.tensors.values()):
+        membership[member.atoms, column] = True
+    _, signature = np.unique(membership, axis=0, return_inverse=True)
+    return AtomParams(np.hstack(scaled_parts), np.hstack(equal_parts), signature.reshape(-1))
+
+
+def exact_merges(params: AtomParams, homogeneous: bool, excluded: np.ndarray) -> list[Merge]:
+    """Merges that preserve the function exactly: identical atoms, and positive multiples.
+
+    Args:
+        params: The group's atom vectors.
+        homogeneous: Whether scaled merges are exact in this group.
+        excluded: Atoms that must not take part (already deleted by another rule).
+
+    Returns:
+        Merges, each deleting a distinct source atom into a kept target atom.
+    """
+    candidates = np.flatnonzero(~excluded)
+    full = np.hstack([params.equal, params.scaled])
+
+    def identical(rep: int, others: np.ndarray) -> np.ndarray:
+        same = (full[others] == full[rep]).all(axis=1)
+        return same & (params.signature[others] == params.signature[rep])
+
+    merges = [Merge(int(s), int(t), 1.0) for s, t in _cluster(candidates, full, identical)]
+    if not homogeneous:
+        return merges
+    removed = {m.source for m in merges}
+    remaining = np.array([a for a in candidates if a not in removed], np.int64)
+    norms = params.producer_norm
+    remaining = remaining[norms[remaining] > 0]
+    unit = np.zeros_like(params.scaled)
+    unit[remaining] = params.scaled[remaining] / norms[remaining, None]
+
+    def scaled(rep: int, others: np.ndarray) -> np.ndarray:
+        scale = norms[others] / norms[rep]
+        residual = params.scaled[others] - scale[:, None] * params.scaled[rep]
+        close = np.linalg.norm(residual, axis=1) <= EXACT_SCALE_RTOL * norms[others]
+        same = (params.equal[others] == params.equal[rep]).all(axis=1)
+        return close & same & (params.signature[others] == params.signature[rep])
+
+    for source, target in _cluster(remaining, unit, scaled):
+        merges.append(Merge(int(source), int(target), float(norms[source] / norms[target])))
+    return merges
+
+
+def _cluster(
+    atoms: np.ndarray, vectors: np.ndarray, matches: Callable[[int, np.ndarray], np.ndarray]
+) -> list[tuple[int, int]]:
+    """Pairs ``(source, target)`` of atoms whose vectors ``matches`` says are interchangeable.
+
+    Candidates are found by sorting a random projection of the vectors and cutting runs where
+    consecutive projections differ by more than a rounding margin: O(n·D + n log n), never all pairs.
+    Within a run, each atom is checked against the run's first unmatched atom.
+    """
+    if len(atoms) < 2:
+        return []
+    direction = np.random.default_rng(0).standard_normal(vectors.shape[1])
+    projection = vectors[atoms] @ direction
+    order = np.argsort(projection, kind="stable")
+    sorted_projection = projection[order]
+    margin = 1e-6 * (np.abs(sorted_projection).max() + 1e-30)
+    breaks = np.flatnonzero(np.diff(sorted_projection) > margin) + 1
+    pairs: list[tuple[int, int]] = []
+    for run in np.split(atoms[order], breaks):
+        pending = np.sort(run)
+        while len(pending) > 1:
+            rep, others = pending[0], pending[1:]
+            hit = matches(int(rep), others)
+            pairs += [(int(s), int(rep)) for s in others[hit]]
+            pending = others[~hit]
+    return pairs

@@ -1,0 +1,778 @@
+"""Prove that a rewritten ONNX model computes the same function as the original, with onnxruntime.
+
+The :class:`Verifier` builds seeded synthetic inputs once (or takes the user's ``--inputs`` file),
+runs the reference model at every requested onnxruntime graph-optimisation level, and compares each
+candidate against the reference at the same level *and* against the unoptimised reference, so a
+rewrite can neither hide behind nor be blamed for onnxruntime's own fusions.
+
+Metrics, per output, worst over seeds, levels and both references (``y`` the reference, ``y'`` the
+candidate, both taken in float64):
+
+* ``max_abs_err`` = max |y' - y|.
+* ``max_rel_err`` = max |y' - y| / max |y| — relative to the output's largest magnitude, not
+  element-wise, so it is robust to zeros in ``y`` (the denominator is floored at 1e-30).
+* ``rel_l2_err`` = ||y' - y||_2 / max(||y||_2, 1e-30), the quantity the fidelity budget bounds.
+* ``cosine`` of the flattened outputs (1.0 when both are zero, 0.0 when only one is).
+* ``top1_agreement`` for 2-D ``[N, C]`` outputs with ``C > 1``: the fraction of rows whose argmax
+  agrees.
+* Pass rule (float outputs): |y' - y| <= atol * scale + rtol * |y| element-wise, with
+  ``scale = max(1, max |y|)`` — atol is relative to the output's magnitude. ``needed_rtol`` is the
+  smallest rtol that passes at the given atol (``inf`` when none does).
+* Integer, bool and other non-float outputs must be equal. NaN or inf in the candidate where the
+  reference is finite, a missing output or a shape mismatch fail with infinite errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto
+
+from red_onnx.errors import InputError, UsageError, VerificationError
+
+logger = logging.getLogger(__name__)
+
+ModelLike = onnx.ModelProto | str | Path
+Feed = dict[str, np.ndarray]
+
+#: ModelProtos larger than this (serialized) cannot be handed to onnxruntime as bytes.
+MAX_PROTO_BYTES = 1_800_000_000
+
+#: Names accepted for ``levels``, mapped to onnxruntime graph-optimisation levels.
+LEVELS: dict[str, ort.GraphOptimizationLevel] = {
+    "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "enable_all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+#: Input element types that :func:`make_inputs` can generate.
+GENERATED_TYPES = frozenset({
+    TensorProto.FLOAT16, TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.BOOL,
+    TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64,
+    TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64,
+})  # fmt: skip
+
+DEFAULT_INT_RANGE = (0.0, 10.0)
+_REL_FLOOR = 1e-30
+_TINY = float(np.finfo(np.float64).tiny)
+
+
+# --------------------------------------------------------------------------------------------
+# Input specification and option parsing
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How to build the verification inputs.
+
+    Attributes:
+        shapes: Full shape per input name (``--input-shape``); replaces the dynamic dims of the
+            declared shape (its static dims must agree: onnxruntime rejects anything else).
+        ranges: Uniform ``[lo, hi]`` per input (``--input-range``); integers are drawn inclusive.
+        values: Constant fill per input (``--input-value``).
+        npz: A ``.npz`` file of arrays by input name (``--inputs``), used as given; wins over all.
+        default_dim: Size given to dynamic dims not covered by ``shapes``.
+    """
+
+    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    values: Mapping[str, float] = field(default_factory=dict)
+    npz: Path | None = None
+    default_dim: int = 1
+
+    def __post_init__(self) -> None:
+        if self.default_dim < 1:
+            raise UsageError(f"default dim {self.default_dim} is not a positive integer; use >= 1")
+        both = sorted(set(self.ranges) & set(self.values))
+        if both:
+            raise UsageError(f"inputs {', '.join(both)} have both --input-range and --input-value; give one")
+
+
+def _split_option(text: str, option: str, example: str) -> tuple[str, str]:
+    """Split ``NAME:REST`` at the last colon (input names such as ``x:0`` keep theirs)."""
+    name, sep, rest = text.rpartition(":")
+    if not sep or not name.strip():
+        raise UsageError(f"bad {option} {text!r}: expected {example}")
+    return name.strip(), rest.strip()
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """Parse ``--input-shape NAME:D1,D2,...`` (``NAME:`` alone means a scalar).
+
+    Args:
+        text: The option value, e.g. ``"x:1,3,48,320"``.
+
+    Returns:
+        The input name and its shape.
+
+    Raises:
+        UsageError: The text is malformed or a dimension is not a positive integer.
+    """
+    example = "NAME:D1,D2,... with positive integers, e.g. images:1,3,224,224"
+    name, rest = _split_option(text, "--input-shape", example)
+    if not rest:
+        return name, ()
+    try:
+        dims = tuple(int(part) for part in rest.split(","))
+    except ValueError:
+        raise UsageError(f"bad --input-shape {text!r}: expected {example}") from None
+    if any(d < 1 for d in dims):
+        raise UsageError(f"bad --input-shape {text!r}: dimensions must be positive integers")
+    return name, dims
+
+
+def _parse_floats(text: str, option: str, example: str, count: int) -> tuple[str, list[float]]:
+    name, rest = _split_option(text, option, example)
+    try:
+        numbers = [float(part) for part in rest.split(",")]
+    except ValueError:
+        raise UsageError(f"bad {option} {text!r}: expected {example}") from None
+    if len(numbers) != count or not all(math.isfinite(v) for v in numbers):
+        raise UsageError(f"bad {option} {text!r}: expected {example} with finite numbers")
+    return name, numbers
+
+
+def parse_input_range(text: str) -> tuple[str, tuple[float, float]]:
+    """Parse ``--input-range NAME:LO,HI`` (uniform in ``[LO, HI]``).
+
+    Raises:
+        UsageError: The text is malformed, a bound is not finite, or ``LO > HI``.
+    """
+    name, (lo, hi) = _parse_floats(text, "--input-range", "NAME:LO,HI, e.g. x:-1,1", 2)
+    if lo > hi:
+        raise UsageError(f"bad --input-range {text!r}: LO {lo:g} is above HI {hi:g}; swap them")
+    return name, (lo, hi)
+
+
+def parse_input_value(text: str) -> tuple[str, float]:
+    """Parse ``--input-value NAME:V`` (every element equals ``V``).
+
+    Raises:
+        UsageError: The text is malformed or the value is not finite.
+    """
+    name, (value,) = _parse_floats(text, "--input-value", "NAME:VALUE, e.g. sr:16000", 1)
+    return name, value
+
+
+# --------------------------------------------------------------------------------------------
+# Input generation
+# --------------------------------------------------------------------------------------------
+
+
+def real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are not also initializers: the ones a caller must feed."""
+    initializers = {init.name for init in model.graph.initializer}
+    return [vi for vi in model.graph.input if vi.name not in initializers]
+
+
+def _input_dtype(vi: onnx.ValueInfoProto) -> np.dtype:
+    if vi.type.WhichOneof("value") != "tensor_type":
+        kind = vi.type.WhichOneof("value")
+        raise InputError(f"input {vi.name!r} is a {kind}, not a tensor; red_onnx only feeds tensor inputs")
+    elem = vi.type.tensor_type.elem_type
+    if elem not in GENERATED_TYPES:
+        type_name = TensorProto.DataType.Name(elem)
+        raise InputError(
+            f"input {vi.name!r} has element type {type_name}, which red_onnx cannot generate; "
+            "pass its values in an --inputs file.npz"
+        )
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+
+
+def _declared_dims(vi: onnx.ValueInfoProto) -> list[int | None] | None:
+    """Return the declared dims, None for dynamic ones (dim_param, no positive dim_value).
+
+    Returns None when the input declares no shape at all (rank unknown).
+    """
+    tensor_type = vi.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.dim_value > 0 else None for d in tensor_type.shape.dim]
+
+
+def _fmt_dims(dims: Sequence[int | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def _fits(shape: Sequence[int], declared: Sequence[int | None]) -> bool:
+    return len(shape) == len(declared) and all(
+        d is None or d == s for s, d in zip(shape, declared, strict=True)
+    )
+
+
+def _resolve_shape(vi: onnx.ValueInfoProto, spec: InputSpec) -> tuple[int, ...]:
+    declared = _declared_dims(vi)
+    if vi.name in spec.shapes:
+        shape = tuple(spec.shapes[vi.name])
+        if declared is not None and not _fits(shape, declared):
+            raise InputError(
+                f"--input-shape {vi.name}:{','.join(map(str, shape))} does not fit the model's "
+                f"declared shape {_fmt_dims(declared)}; only the dims shown as ? may change"
+            )
+        return shape
+    if declared is None:
+        raise InputError(
+            f"input {vi.name!r} has no declared shape (rank unknown); pass --input-shape {vi.name}:D1,D2,..."
+        )
+    return tuple(spec.default_dim if d is None else d for d in declared)
+
+
+def _int_bounds(dtype: np.dtype) -> tuple[int, int]:
+    if dtype.kind == "b":
+        return 0, 1
+    info = np.iinfo(dtype)
+    return max(int(info.min), -(2**63)), min(int(info.max), 2**63 - 1)
+
+
+def _random_ints(
+    name: str, rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype,
+    bounds: tuple[float, float],
+) -> np.ndarray:  # fmt: skip
+    lo, hi = math.ceil(bounds[0]), math.floor(bounds[1])
+    type_lo, type_hi = _int_bounds(dtype)
+    if lo > hi or lo < type_lo or hi > type_hi:
+        raise UsageError(
+            f"--input-range {name}:{bounds[0]:g},{bounds[1]:g} holds no {dtype} integer within "
+            f"[{type_lo}, {type_hi}]; give a range inside it"
+        )
+    return rng.integers(lo, hi, size=shape, endpoint=True, dtype=np.int64).astype(dtype)
+
+
+def _filled(name: str, value: float, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    if dtype.kind in "biu":
+        type_lo, type_hi = _int_bounds(dtype)
+        if value != int(value) or not type_lo <= value <= type_hi:
+            raise UsageError(
+                f"--input-value {name}:{value:g} is not a {dtype} value "
+                f"(integers in [{type_lo}, {type_hi}]); give one"
+            )
+        return np.full(shape, int(value), dtype=dtype)
+    array = np.full(shape, value, dtype=dtype)
+    if not np.isfinite(array).all():
+        raise UsageError(f"--input-value {name}:{value:g} overflows {dtype}; give a smaller value")
+    return array
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    """One stream per (seed, input name): an input's values do not depend on the other inputs."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+
+
+def _generate(vi: onnx.ValueInfoProto, spec: InputSpec, seed: int) -> np.ndarray:
+    dtype, shape, name = _input_dtype(vi), _resolve_shape(vi, spec), vi.name
+    if name in spec.values:
+        return _filled(name, float(spec.values[name]), shape, dtype)
+    rng = _rng(seed, name)
+    bounds = spec.ranges.get(name)
+    if dtype.kind == "f":
+        if bounds is None:
+            return rng.standard_normal(shape).astype(dtype)
+        return rng.uniform(bounds[0], bounds[1], size=shape).astype(dtype)
+    if dtype.kind == "b" and bounds is None:
+        return rng.random(shape) < 0.5
+    return _random_ints(name, rng, shape, dtype, bounds or DEFAULT_INT_RANGE)
+
+
+def _load_npz(path: Path | None) -> dict[str, np.ndarray]:
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"inputs file {path} not found; pass an existing .npz file to --inputs")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:  # numpy raises several unrelated types for a bad file
+        raise InputError(f"inputs file {path} cannot be read as .npz: {_first_line(exc)}") from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise InputError(f"inputs file {path} is not a .npz archive; save it with np.savez")
+    with data:
+        return {key: data[key] for key in data.files}
+
+
+def _checked_array(vi: onnx.ValueInfoProto, array: np.ndarray, source: Path) -> np.ndarray:
+    dtype, name = _input_dtype(vi), vi.name
+    if not np.can_cast(array.dtype, dtype, casting="same_kind"):
+        raise InputError(
+            f"input {name!r} in {source} has dtype {array.dtype}, which cannot be cast to the "
+            f"model's {dtype}; save it as {dtype}"
+        )
+    declared = _declared_dims(vi)
+    if declared is not None and not _fits(array.shape, declared):
+        raise InputError(
+            f"input {name!r} in {source} has shape {list(array.shape)}, but the model expects "
+            f"{_fmt_dims(declared)} (? = any size); save an array of that shape"
+        )
+    cast = array.astype(dtype, copy=False)
+    if dtype.kind in "biu" and not np.array_equal(cast, array):
+        raise InputError(
+            f"input {name!r} in {source} has values outside {dtype}; save values that fit {dtype}"
+        )
+    return cast
+
+
+def _check_names(spec: InputSpec, npz_names: Sequence[str], real: Sequence[str]) -> None:
+    sources = {
+        "--input-shape": spec.shapes, "--input-range": spec.ranges,
+        "--input-value": spec.values, "--inputs file": npz_names,
+    }  # fmt: skip
+    unknown = [
+        f"{option} {name!r}" for option, names in sources.items() for name in names if name not in real
+    ]
+    if unknown:
+        raise UsageError(
+            f"{', '.join(unknown)} not an input of the model; its inputs are: {', '.join(real) or '(none)'}"
+        )
+
+
+def make_inputs(model: onnx.ModelProto, spec: InputSpec, seed: int) -> dict[str, np.ndarray]:
+    """Build one seeded feed for every real input of ``model``.
+
+    Floats are standard normal, integers uniform in [0, 10], bools fair coins, unless ``spec``
+    gives a range or a value; arrays from ``spec.npz`` are used as given (cast to the input type).
+
+    Args:
+        model: The model whose graph inputs (initializers excluded) are fed. External data need
+            not be loaded.
+        spec: Shapes, ranges, values and the inputs file.
+        seed: Non-negative seed; the same seed gives the same arrays.
+
+    Returns:
+        Arrays by input name, in graph-input order.
+
+    Raises:
+        UsageError: ``spec`` names something that is not a real input, or a range/value does
+            not fit the input type.
+        InputError: An input cannot be built (unknown rank, unsupported type) or an inputs-file
+            array has the wrong dtype or shape.
+    """
+    if seed < 0:
+        raise UsageError(f"seed {seed} is negative; seeds must be integers >= 0")
+    inputs = real_inputs(model)
+    arrays = _load_npz(spec.npz)
+    _check_names(spec, list(arrays), [vi.name for vi in inputs])
+    feed: dict[str, np.ndarray] = {}
+    for vi in inputs:
+        if vi.name in arrays:
+            feed[vi.name] = _checked_array(vi, arrays[vi.name], Path(spec.npz or ""))
+        else:
+            feed[vi.name] = _generate(vi, spec, seed)
+    return feed
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OutputCheck:
+    """How far one output moved (worst over seeds, levels and references)."""
+
+    name: str
+    shape: tuple[int, ...]
+    max_abs_err: float
+    max_rel_err: float
+    rel_l2_err: float
+    cosine: float
+    top1_agreement: float | None
+    needed_rtol: float
+    passed: bool
+
+
+def _json_float(value: float | None) -> float | None:
+    """Strict-JSON number: non-finite values (a failed output's errors) become None."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+@dataclass
+class VerificationResult:
+    """The verdict of :meth:`Verifier.check` and its numbers."""
+
+    passed: bool
+    max_abs_err: float
+    max_rel_err: float
+    outputs: list[OutputCheck]
+    levels: list[str]
+    rtol: float
+    atol: float
+    seeds: list[int]
+
+    @property
+    def worst_rel_l2(self) -> float:
+        """The largest relative L2 error over all outputs (0.0 for a model without outputs)."""
+        return max((o.rel_l2_err for o in self.outputs), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; non-finite numbers (inf errors of a failed output) become None."""
+        outputs = []
+        for out in self.outputs:
+            row = asdict(out)
+            row["shape"] = list(out.shape)
+            for key in ("max_abs_err", "max_rel_err", "rel_l2_err", "cosine", "needed_rtol"):
+                row[key] = _json_float(row[key])
+            row["top1_agreement"] = _json_float(out.top1_agreement)
+            outputs.append(row)
+        return {
+            "passed": self.passed,
+            "max_abs_err": _json_float(self.max_abs_err),
+            "max_rel_err": _json_float(self.max_rel_err),
+            "rtol": self.rtol, "atol": self.atol,
+            "levels": list(self.levels), "seeds": list(self.seeds),
+            "outputs": outputs,
+        }  # fmt: skip
+
+    def summary(self) -> str:
+        """One line: the verdict and the worst output's numbers."""
+        verdict = "passed" if self.passed else "FAILED"
+        if not self.outputs:
+            return f"verification {verdict} (no outputs)"
+        worst = max(self.outputs, key=lambda o: (not o.passed, o.needed_rtol, o.rel_l2_err))
+        return (
+            f"verification {verdict} at rtol {self.rtol:g}, atol {self.atol:g}: worst output "
+            f"{worst.name!r} max abs err {worst.max_abs_err:.3g}, rel L2 err "
+            f"{worst.rel_l2_err:.3g}, needs rtol {worst.needed_rtol:.3g}"
+        )
+
+
+def _failed(name: str, shape: tuple[int, ...]) -> OutputCheck:
+    inf = math.inf
+    return OutputCheck(name, shape, inf, inf, inf, math.nan, None, inf, False)
+
+
+def _norm(values: np.ndarray) -> float:
+    """L2 norm without overflow for large magnitudes."""
+    peak = float(np.abs(values).max(initial=0.0))
+    if peak == 0.0:
+        return 0.0
+    return peak * float(np.sqrt(np.square(values / peak).sum()))
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    if np.array_equal(a, b):
+        return 1.0  # exact, free of rounding in the normalisation
+    norm_a, norm_b = _norm(a), _norm(b)
+    if norm_a == 0.0 or norm_b == 0.0:
+        return 1.0 if norm_a == norm_b else 0.0
+    return float(np.clip(np.dot((a / norm_a).ravel(), (b / norm_b).ravel()), -1.0, 1.0))
+
+
+def _top1(candidate: np.ndarray, reference: np.ndarray) -> float | None:
+    if reference.ndim != 2 or reference.shape[1] < 2 or reference.shape[0] == 0:
+        return None
+    if reference.dtype.kind not in "fiub":
+        return None
+    agree = np.argmax(candidate, axis=1) == np.argmax(reference, axis=1)
+    return float(agree.mean())
+
+
+def _errors(cand: np.ndarray, ref: np.ndarray) -> tuple[float, float, float, float]:
+    """Return max abs, max rel, rel L2 and cosine of two float64 arrays of equal shape."""
+    diff = np.abs(cand - ref)
+    max_abs = float(diff.max(initial=0.0))
+    max_ref = float(np.abs(ref).max(initial=0.0))
+    with np.errstate(over="ignore"):
+        max_rel = max_abs / max(max_ref, _REL_FLOOR)
+        rel_l2 = _norm(diff) / max(_norm(ref), _REL_FLOOR)
+    return max_abs, max_rel, rel_l2, _cosine(cand, ref)
+
+
+def _needed_rtol(cand: np.ndarray, ref: np.ndarray, atol: float) -> float:
+    """Smallest rtol with |y' - y| <= atol * scale + rtol * |y| everywhere (inf if none)."""
+    magnitude = np.abs(ref)
+    scale = max(1.0, float(magnitude.max(initial=0.0)))
+    slack = np.abs(cand - ref) - atol * scale
+    over = slack > 0
+    if not over.any():
+        return 0.0
+    if (magnitude[over] == 0.0).any():
+        return math.inf
+    with np.errstate(over="ignore"):
+        return float((slack[over] / np.maximum(magnitude[over], _TINY)).max())
+
+
+def _compare_float(name: str, cand: np.ndarray, ref: np.ndarray, rtol: float, atol: float) -> OutputCheck:
+    c64, r64 = cand.astype(np.float64), ref.astype(np.float64)
+    ref_finite, cand_finite = np.isfinite(r64), np.isfinite(c64)
+    same_special = ~ref_finite & ((c64 == r64) | (np.isnan(c64) & np.isnan(r64)))
+    bad = (ref_finite & ~cand_finite) | (~ref_finite & ~same_special)
+    keep = ref_finite & cand_finite
+    c64, r64 = np.where(keep, c64, 0.0), np.where(keep, r64, 0.0)
+    max_abs, max_rel, rel_l2, cosine = _errors(c64, r64)
+    needed = _needed_rtol(c64, r64, atol)
+    if bad.any():
+        max_abs = max_rel = rel_l2 = needed = math.inf
+    scale = max(1.0, float(np.abs(r64).max(initial=0.0)))
+    with np.errstate(over="ignore"):
+        within = np.abs(c64 - r64) <= atol * scale + rtol * np.abs(r64)
+    passed = bool(not bad.any() and within.all())
+    top1 = _top1(cand, ref)
+    shape = tuple(ref.shape)
+    return OutputCheck(name, shape, max_abs, max_rel, rel_l2, cosine, top1, needed, passed)
+
+
+def _compare_exact(name: str, cand: np.ndarray, ref: np.ndarray) -> OutputCheck:
+    equal = bool(np.array_equal(cand, ref))
+    shape = tuple(ref.shape)
+    if ref.dtype.kind not in "iub" or cand.dtype.kind not in "iub":
+        if not equal:
+            return _failed(name, shape)
+        return OutputCheck(name, shape, 0.0, 0.0, 0.0, 1.0, None, 0.0, True)
+    max_abs, max_rel, rel_l2, cosine = _errors(cand.astype(np.float64), ref.astype(np.float64))
+    needed = 0.0 if equal else math.inf
+    top1 = _top1(cand, ref)
+    return OutputCheck(name, shape, max_abs, max_rel, rel_l2, cosine, top1, needed, equal)
+
+
+def compare_outputs(
+    name: str, candidate: np.ndarray | None, reference: np.ndarray, *,
+    rtol: float = 1e-5, atol: float = 1e-6,
+) -> OutputCheck:  # fmt: skip
+    """Compare one candidate output with the reference (see the module docstring for the rules).
+
+    Args:
+        name: The output name, copied into the result.
+        candidate: The candidate's array, or None when the candidate lacks this output.
+        reference: The reference array.
+        rtol: Relative tolerance of the pass rule.
+        atol: Absolute tolerance, in units of ``max(1, max |reference|)``.
+
+    Returns:
+        The metrics and verdict for this single comparison.
+    """
+    reference = np.asarray(reference)
+    if candidate is None:
+        logger.warning("the rewritten model has no output %r", name)
+        return _failed(name, tuple(reference.shape))
+    candidate = np.asarray(candidate)
+    if candidate.shape != reference.shape:
+        return _failed(name, tuple(reference.shape))
+    if reference.dtype.kind == "f" and candidate.dtype.kind == "f":
+        return _compare_float(name, candidate, reference, rtol, atol)
+    return _compare_exact(name, candidate, reference)
+
+
+def merge_checks(checks: Sequence[OutputCheck]) -> OutputCheck:
+    """Return the worst of several checks of one output.
+
+    Errors and needed_rtol take the max, cosine and top-1 agreement the min (a NaN cosine wins),
+    passed is True only if every check passed.
+    """
+    cosines = [c.cosine for c in checks]
+    cosine = math.nan if any(math.isnan(v) for v in cosines) else min(cosines)
+    top1s = [c.top1_agreement for c in checks if c.top1_agreement is not None]
+    return OutputCheck(
+        name=checks[0].name,
+        shape=checks[0].shape,
+        max_abs_err=max(c.max_abs_err for c in checks),
+        max_rel_err=max(c.max_rel_err for c in checks),
+        rel_l2_err=max(c.rel_l2_err for c in checks),
+        cosine=cosine,
+        top1_agreement=min(top1s) if top1s else None,
+        needed_rtol=max(c.needed_rtol for c in checks),
+        passed=all(c.passed for c in checks),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# onnxruntime sessions
+# --------------------------------------------------------------------------------------------
+
+
+def _model_source(model: ModelLike) -> bytes | str:
+    """Return what onnxruntime loads: a ModelProto's serialized bytes, or a file's path string."""
+    if isinstance(model, onnx.ModelProto):
+        size = model.ByteSize()
+        if size > MAX_PROTO_BYTES:
+            raise InputError(
+                f"model is {size / 1e9:.2f} GB serialized, over the {MAX_PROTO_BYTES / 1e9:.1f} GB "
+                "protobuf limit; save it with external data and verify it by path"
+            )
+        return model.SerializeToString()
+    path = Path(model)
+    if not path.is_file():
+        raise InputError(f"model file {path} not found; pass the path of an existing .onnx file")
+    return str(path)
+
+
+def _load_structure(model: ModelLike) -> onnx.ModelProto:
+    """Return the model's graph without external weights (enough to read its inputs)."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    try:
+        return onnx.load(str(model), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError, OSError, ...
+        raise InputError(f"cannot read {model} as an ONNX model: {exc}") from exc
+
+
+def _as_array(value: Any) -> np.ndarray:
+    """Return an onnxruntime output as an array (ragged sequence outputs become object arrays)."""
+    try:
+        return np.asarray(value)
+    except ValueError:
+        array = np.empty(len(value), dtype=object)
+        array[:] = [np.asarray(v) for v in value]
+        return array
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class Verifier:
+    """Runs a reference model once per level and checks candidates against it.
+
+    Attributes:
+        inputs: One feed per seed, built once with :func:`make_inputs`.
+        sessions_built: How many onnxruntime sessions this verifier has created (for reports).
+    """
+
+    def __init__(
+        self,
+        reference: ModelLike,
+        spec: InputSpec,
+        *,
+        seeds: Sequence[int] = (0,),
+        levels: Sequence[str] = ("disable_all", "enable_all"),
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+    ) -> None:
+        self.spec = spec
+        self.seeds = [int(s) for s in seeds]
+        self.levels = [str(level) for level in levels]
+        self.providers = list(providers)
+        if not self.seeds or not self.levels:
+            raise UsageError("verification needs at least one seed and one optimisation level")
+        for level in self.levels:
+            _check_level(level)
+        self._reference = _model_source(reference)  # bytes are a snapshot: later edits don't leak
+        structure = _load_structure(reference)
+        self.inputs: list[Feed] = [make_inputs(structure, spec, seed) for seed in self.seeds]
+        self._reference_cache: dict[str, list[Feed]] = {}
+        self.sessions_built = 0
+
+    def reference_outputs(self, level: str) -> list[dict[str, np.ndarray]]:
+        """Return the reference outputs at ``level``, one dict per seed (computed once)."""
+        _check_level(level)
+        if level not in self._reference_cache:
+            self._reference_cache[level] = self._run_source(self._reference, level, reference=True)
+        return self._reference_cache[level]
+
+    def run(self, model: ModelLike, level: str) -> list[dict[str, np.ndarray]]:
+        """Run a candidate model on every feed at ``level``.
+
+        Raises:
+            VerificationError: onnxruntime cannot load or run the candidate.
+        """
+        _check_level(level)
+        return self._run_source(_model_source(model), level, reference=False)
+
+    def check(self, candidate: ModelLike, *, rtol: float = 1e-5, atol: float = 1e-6) -> VerificationResult:
+        """Compare ``candidate`` with the reference at every level and with unoptimised reference.
+
+        Args:
+            candidate: The rewritten model (a ModelProto or a path).
+            rtol: Relative tolerance of the element-wise pass rule.
+            atol: Absolute tolerance, in units of ``max(1, max |y|)`` of each output.
+
+        Returns:
+            The worst metrics per output over seeds, levels and references, and the verdict.
+        """
+        source = _model_source(candidate)
+        per_output: dict[str, list[OutputCheck]] = {}
+        for level in self.levels:
+            got = self._run_source(source, level, reference=False)
+            for ref_level in sorted({level, "disable_all"}):
+                _collect(got, self.reference_outputs(ref_level), rtol, atol, per_output)
+        outputs = [merge_checks(checks) for checks in per_output.values()]
+        result = VerificationResult(
+            passed=all(o.passed for o in outputs),
+            max_abs_err=max((o.max_abs_err for o in outputs), default=0.0),
+            max_rel_err=max((o.max_rel_err for o in outputs), default=0.0),
+            outputs=outputs, levels=list(self.levels), rtol=rtol, atol=atol,
+            seeds=list(self.seeds),
+        )  # fmt: skip
+        logger.debug("%s", result.summary())
+        return result
+
+    def rel_l2_errors(self, candidate: ModelLike, level: str = "enable_all") -> dict[str, float]:
+        """Worst relative L2 error per output over the seeds, at one level (for budget searches).
+
+        Missing outputs, shape mismatches and non-finite values give ``inf``.
+        """
+        got = self.run(candidate, level)
+        worst: dict[str, float] = {}
+        for cand, ref in zip(got, self.reference_outputs(level), strict=True):
+            for name, expected in ref.items():
+                err = compare_outputs(name, cand.get(name), expected).rel_l2_err
+                worst[name] = max(worst.get(name, 0.0), err)
+        return worst
+
+    def _ort_error(self, exc: BaseException, level: str, *, reference: bool) -> Exception:
+        if reference:
+            return InputError(
+                f"onnxruntime cannot run the input model: {_first_line(exc)}; "
+                "red_onnx verifies every rewrite with onnxruntime"
+            )
+        return VerificationError(
+            f"onnxruntime cannot run the rewritten model (level {level}): {_first_line(exc)}; "
+            "the rewrite produced an invalid graph, please report it with the input model"
+        )
+
+    def _session(self, source: bytes | str, level: str, *, reference: bool) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = LEVELS[level]
+        options.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(source, sess_options=options, providers=self.providers)
+        except Exception as exc:  # onnxruntime's pybind errors share no base class but Exception
+            raise self._ort_error(exc, level, reference=reference) from exc
+        self.sessions_built += 1
+        return session
+
+    def _run_source(self, source: bytes | str, level: str, *, reference: bool) -> list[Feed]:
+        session = self._session(source, level, reference=reference)
+        names = [out.name for out in session.get_outputs()]
+        wanted = [inp.name for inp in session.get_inputs()]
+        missing = [name for name in wanted if name not in self.inputs[0]]
+        if missing:
+            raise self._ort_error(
+                ValueError(f"it needs inputs {', '.join(missing)} that the original lacks"),
+                level, reference=reference,
+            )  # fmt: skip
+        results: list[Feed] = []
+        for feed in self.inputs:
+            try:
+                values = session.run(names, {name: feed[name] for name in wanted})
+            except Exception as exc:  # see _session
+                raise self._ort_error(exc, level, reference=reference) from exc
+            results.append({n: _as_array(v) for n, v in zip(names, values, strict=True)})
+        return results
+
+
+def _check_level(level: str) -> None:
+    if level not in LEVELS:
+        raise UsageError(f"unknown optimisation level {level!r}; use one of {', '.join(LEVELS)}")
+
+
+def _collect(
+    got: Sequence[Feed], refs: Sequence[Feed], rtol: float, atol: float,
+    per_output: dict[str, list[OutputCheck]],
+) -> None:  # fmt: skip
+    """Append one check per (seed, reference output) to ``per_output``."""
+    for cand, ref in zip(got, refs, strict=True):
+        for name, expected in ref.items():
+            check = compare_outputs(name, cand.get(name), expected, rtol=rtol, atol=atol)
+            per_output.setdefault(name, []).append(check)

@@ -1,0 +1,411 @@
+"""Tests of red_onnx.verify: input generation, metrics, the pass rule and onnxruntime wrapping."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from onnx import TensorProto, helper, numpy_helper
+
+from red_onnx import verify
+from red_onnx.errors import InputError, UsageError, VerificationError
+from red_onnx.verify import (
+    InputSpec,
+    Verifier,
+    compare_outputs,
+    make_inputs,
+    merge_checks,
+    parse_input_range,
+    parse_input_shape,
+    parse_input_value,
+)
+
+OPSET = [helper.make_opsetid("", 17)]
+RNG = np.random.default_rng(1234)
+W0 = RNG.standard_normal((4, 3)).astype(np.float32)
+B0 = RNG.standard_normal(3).astype(np.float32)
+
+
+def _model(nodes, inputs, outputs, initializers=(), ir_version: int = 8) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=OPSET)
+    model.ir_version = ir_version
+    return model
+
+
+def matmul_add(w: np.ndarray = W0, b: np.ndarray = B0, batch: str | int = "N") -> onnx.ModelProto:
+    """y = x @ w + b with a dynamic batch dim."""
+    return _model(
+        [helper.make_node("MatMul", ["x", "W"], ["t"]), helper.make_node("Add", ["t", "B"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
+    )
+
+
+def int_bool_model(offset: int = 0) -> onnx.ModelProto:
+    """out = where(mask, float(ids), 0); twice = ids + ids + offset (int64 output)."""
+    zero = numpy_helper.from_array(np.zeros((), np.float32), "zero")
+    off = numpy_helper.from_array(np.array(offset, np.int64), "off")
+    nodes = [
+        helper.make_node("Cast", ["ids"], ["idsf"], to=TensorProto.FLOAT),
+        helper.make_node("Where", ["mask", "idsf", "zero"], ["out"]),
+        helper.make_node("Add", ["ids", "ids"], ["t"]),
+        helper.make_node("Add", ["t", "off"], ["twice"]),
+    ]
+    return _model(
+        nodes,
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", 5]),
+            helper.make_tensor_value_info("mask", TensorProto.BOOL, ["B", 5]),
+        ],
+        [
+            helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", 5]),
+            helper.make_tensor_value_info("twice", TensorProto.INT64, ["B", 5]),
+        ],
+        [zero, off],
+    )
+
+
+def initializer_input_model() -> onnx.ModelProto:
+    """W is both an initializer and a graph input (an overridable default from IR 4 on)."""
+    return _model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+            helper.make_tensor_value_info("W", TensorProto.FLOAT, [4, 3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(W0, "W")],
+    )
+
+
+def relu_model(shape, elem=TensorProto.FLOAT) -> onnx.ModelProto:
+    return _model(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", elem, shape)],
+        [helper.make_tensor_value_info("y", elem, None)],
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# parse_*
+# ------------------------------------------------------------------------------------------
+
+
+def test_parse_good_text() -> None:
+    assert parse_input_shape("x:1,3,48,320") == ("x", (1, 3, 48, 320))
+    assert parse_input_shape("input:0:2, 3") == ("input:0", (2, 3))
+    assert parse_input_shape("sr:") == ("sr", ())
+    assert parse_input_range("x:-1,1") == ("x", (-1.0, 1.0))
+    assert parse_input_range("a:b:1e-3,2.5") == ("a:b", (1e-3, 2.5))
+    assert parse_input_value("sr:16000") == ("sr", 16000.0)
+    assert parse_input_value("x:-0.5") == ("x", -0.5)
+
+
+@pytest.mark.parametrize(
+    ("parse", "text"),
+    [
+        (parse_input_shape, "x"),
+        (parse_input_shape, ":1,2"),
+        (parse_input_shape, "x:1,a"),
+        (parse_input_shape, "x:1,0"),
+        (parse_input_shape, "x:1.5"),
+        (parse_input_shape, "x:1,,2"),
+        (parse_input_range, "x:1"),
+        (parse_input_range, "x:2,1"),
+        (parse_input_range, "x:0,inf"),
+        (parse_input_range, "x:0,1,2"),
+        (parse_input_range, "x"),
+        (parse_input_value, "x:"),
+        (parse_input_value, "x:nan"),
+        (parse_input_value, "x:1,2"),
+        (parse_input_value, "16000"),
+    ],
+)
+def test_parse_bad_text(parse, text: str) -> None:
+    with pytest.raises(UsageError):
+        parse(text)
+
+
+# ------------------------------------------------------------------------------------------
+# make_inputs
+# ------------------------------------------------------------------------------------------
+
+
+def test_inputs_deterministic_per_seed_and_differ_across_seeds() -> None:
+    model = int_bool_model()
+    first, again, other = (make_inputs(model, InputSpec(), s) for s in (0, 0, 1))
+    for name in ("ids", "mask"):
+        np.testing.assert_array_equal(first[name], again[name])
+    one = matmul_add()
+    a, b = (
+        make_inputs(one, InputSpec(default_dim=8), 0),
+        make_inputs(one, InputSpec(default_dim=8), 1),
+    )
+    assert not np.array_equal(a["x"], b["x"])
+    assert not (
+        np.array_equal(first["ids"], other["ids"]) and np.array_equal(first["mask"], other["mask"])
+    )
+    verifier = Verifier(one, InputSpec(), seeds=(0, 1))
+    assert not np.array_equal(verifier.inputs[0]["x"], verifier.inputs[1]["x"])
+
+
+def test_default_types_shapes_and_ranges() -> None:
+    feed = make_inputs(int_bool_model(), InputSpec(default_dim=200), 0)
+    assert feed["ids"].dtype == np.int64 and feed["ids"].shape == (200, 5)
+    assert feed["ids"].min() >= 0 and feed["ids"].max() <= 10
+    assert set(np.unique(feed["ids"])) == set(range(11))  # inclusive upper bound
+    assert feed["mask"].dtype == np.bool_ and 0 < feed["mask"].mean() < 1
+    x = make_inputs(matmul_add(), InputSpec(), 0)["x"]
+    assert x.dtype == np.float32 and x.shape == (1, 4)
+
+
+@pytest.mark.parametrize(
+    ("elem", "dtype"),
+    [
+        (TensorProto.FLOAT16, np.float16),
+        (TensorProto.DOUBLE, np.float64),
+        (TensorProto.INT8, np.int8),
+        (TensorProto.INT32, np.int32),
+        (TensorProto.UINT8, np.uint8),
+    ],
+)
+def test_every_generated_type(elem: int, dtype) -> None:
+    assert make_inputs(relu_model([3], elem), InputSpec(), 0)["x"].dtype == dtype
+
+
+def test_shapes_ranges_values_honoured() -> None:
+    spec = InputSpec(shapes={"ids": (3, 5)}, ranges={"ids": (1.5, 3.2)}, values={"mask": 1})
+    feed = make_inputs(int_bool_model(), spec, 0)
+    assert feed["ids"].shape == (3, 5) and set(np.unique(feed["ids"])) <= {2, 3}
+    assert feed["mask"].shape == (1, 5) and feed["mask"].all()
+    x = make_inputs(matmul_add(), InputSpec(shapes={"x": (7, 4)}, ranges={"x": (2, 3)}), 0)["x"]
+    assert x.shape == (7, 4) and x.min() >= 2 and x.max() <= 3
+    x = make_inputs(matmul_add(), InputSpec(values={"x": 16000}), 0)["x"]
+    assert (x == 16000).all()
+
+
+def test_npz_wins_and_is_cast(tmp_path: Path) -> None:
+    path = tmp_path / "in.npz"
+    given_x = np.arange(8, dtype=np.float64).reshape(2, 4)
+    np.savez(path, x=given_x)
+    spec = InputSpec(npz=path, shapes={"x": (5, 4)}, values={"x": 3.0})
+    x = make_inputs(matmul_add(), spec, 0)["x"]
+    assert x.dtype == np.float32
+    np.testing.assert_array_equal(x, given_x)
+
+
+def test_npz_errors(tmp_path: Path) -> None:
+    path = tmp_path / "bad.npz"
+    np.savez(path, x=np.zeros((2, 5), np.float32))
+    with pytest.raises(InputError, match=r"'x'.*\[2, 5\].*\[\?, 4\]"):
+        make_inputs(matmul_add(), InputSpec(npz=path), 0)
+    np.savez(path, ids=np.zeros((1, 5), np.float32))
+    with pytest.raises(InputError, match="cannot be cast"):
+        make_inputs(int_bool_model(), InputSpec(npz=path), 0)
+    np.savez(path, nope=np.zeros(1))
+    with pytest.raises(UsageError, match=r"nope.*inputs are: x"):
+        make_inputs(matmul_add(), InputSpec(npz=path), 0)
+    with pytest.raises(InputError, match="not found"):
+        make_inputs(matmul_add(), InputSpec(npz=tmp_path / "missing.npz"), 0)
+
+
+def test_unknown_names_list_real_inputs() -> None:
+    with pytest.raises(UsageError, match=r"'mask2'.*inputs are: ids, mask"):
+        make_inputs(int_bool_model(), InputSpec(ranges={"mask2": (0, 1)}), 0)
+    with pytest.raises(UsageError, match=r"inputs are: x$"):
+        make_inputs(initializer_input_model(), InputSpec(shapes={"W": (4, 3)}), 0)
+
+
+def test_initializer_that_is_also_input_is_not_fed() -> None:
+    model = initializer_input_model()
+    assert list(make_inputs(model, InputSpec(), 0)) == ["x"]
+    result = Verifier(model, InputSpec()).check(model)
+    assert result.passed and result.max_abs_err == 0.0
+
+
+def test_unknown_rank_needs_shape() -> None:
+    model = relu_model(None)
+    with pytest.raises(InputError, match="--input-shape x:"):
+        make_inputs(model, InputSpec(), 0)
+    assert make_inputs(model, InputSpec(shapes={"x": (2, 3)}), 0)["x"].shape == (2, 3)
+
+
+def test_shape_must_fit_static_dims_and_values_fit_types() -> None:
+    with pytest.raises(InputError, match=r"\[\?, 4\]"):
+        make_inputs(matmul_add(), InputSpec(shapes={"x": (2, 5)}), 0)
+    with pytest.raises(UsageError):
+        make_inputs(int_bool_model(), InputSpec(values={"ids": 0.5}), 0)
+    with pytest.raises(UsageError):
+        make_inputs(relu_model([2], TensorProto.UINT8), InputSpec(ranges={"x": (-5, -1)}), 0)
+    with pytest.raises(UsageError):
+        InputSpec(ranges={"x": (0, 1)}, values={"x": 1.0})
+
+
+# ------------------------------------------------------------------------------------------
+# Verifier
+# ------------------------------------------------------------------------------------------
+
+
+def test_identical_model_passes_with_zero_error() -> None:
+    model = matmul_add()
+    verifier = Verifier(model, InputSpec(default_dim=6), seeds=(0, 1))
+    result = verifier.check(model)
+    assert result.passed and result.max_abs_err == 0.0 and result.worst_rel_l2 == 0.0
+    (out,) = result.outputs
+    assert (out.name, out.shape, out.needed_rtol, out.cosine) == ("y", (6, 3), 0.0, 1.0)
+    assert result.levels == ["disable_all", "enable_all"] and result.seeds == [0, 1]
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert data["outputs"][0]["shape"] == [6, 3] and data["passed"] is True
+
+
+def test_perturbed_weight_fails_with_expected_rel_l2() -> None:
+    delta = np.zeros_like(W0)
+    delta[1, 2] = 0.05
+    verifier = Verifier(matmul_add(), InputSpec(default_dim=16), seeds=(0, 1, 2))
+    result = verifier.check(matmul_add(W0 + delta))
+    expected = 0.0
+    for feed in verifier.inputs:
+        x = feed["x"].astype(np.float64)
+        y = x @ W0.astype(np.float64) + B0
+        expected = max(expected, np.linalg.norm(x @ delta) / np.linalg.norm(y))
+    assert not result.passed
+    assert result.worst_rel_l2 == pytest.approx(expected, rel=1e-4)
+    fast = verifier.rel_l2_errors(matmul_add(W0 + delta))
+    assert fast["y"] == pytest.approx(expected, rel=1e-4)
+    assert result.summary().startswith("verification FAILED")
+
+
+def test_needed_rtol_is_the_smallest_passing_rtol() -> None:
+    verifier = Verifier(matmul_add(), InputSpec(default_dim=32), seeds=(0, 1))
+    candidate = matmul_add(W0 * np.float32(1.001))
+    needed = verifier.check(candidate, rtol=0.0).outputs[0].needed_rtol
+    assert 0 < needed < math.inf
+    assert verifier.check(candidate, rtol=needed * 1.01).passed
+    assert not verifier.check(candidate, rtol=needed * 0.5).passed
+    assert verifier.check(candidate, rtol=0.0, atol=1.0).passed  # atol scaled by max|y|
+
+
+def test_int_and_bool_outputs_must_be_equal() -> None:
+    verifier = Verifier(int_bool_model(), InputSpec(default_dim=4))
+    assert verifier.check(int_bool_model()).passed
+    result = verifier.check(int_bool_model(offset=1), rtol=1.0, atol=1.0)
+    by_name = {o.name: o for o in result.outputs}
+    assert by_name["out"].passed and not by_name["twice"].passed
+    assert by_name["twice"].needed_rtol == math.inf and by_name["twice"].max_abs_err == 1.0
+
+
+def test_paths_are_loaded_by_path(tmp_path: Path) -> None:
+    ref, cand = tmp_path / "ref.onnx", tmp_path / "cand.onnx"
+    onnx.save(matmul_add(), ref)
+    onnx.save(matmul_add(), cand)
+    assert Verifier(ref, InputSpec()).check(str(cand)).passed
+    with pytest.raises(InputError, match="not found"):
+        Verifier(tmp_path / "nope.onnx", InputSpec())
+
+
+def test_reference_is_a_snapshot() -> None:
+    model = matmul_add()
+    verifier = Verifier(model, InputSpec())
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(W0 * 2, "W"))
+    assert not verifier.check(model).passed
+
+
+def test_shape_mismatch_and_nan_fail() -> None:
+    verifier = Verifier(matmul_add(batch=2), InputSpec())
+    wide = _model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])],
+        [numpy_helper.from_array(np.ones((4, 5), np.float32), "W")],
+    )
+    result = verifier.check(wide)
+    assert not result.passed and result.max_abs_err == math.inf
+    assert json.dumps(result.to_dict(), allow_nan=False)
+    nan_b = B0.copy()
+    nan_b[0] = np.nan
+    assert verifier.check(matmul_add(b=nan_b, batch=2)).max_rel_err == math.inf
+
+
+def test_onnxruntime_errors_are_wrapped() -> None:
+    broken = _model(
+        [helper.make_node("Add", ["x", "missing"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    with pytest.raises(VerificationError, match="rewritten model"):
+        Verifier(relu_model([2]), InputSpec()).check(broken)
+    verifier = Verifier(broken, InputSpec())
+    with pytest.raises(InputError, match=r"onnxruntime cannot run the input model: .*onnxruntime$"):
+        verifier.reference_outputs("enable_all")
+
+
+def test_oversized_proto_needs_a_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(verify, "MAX_PROTO_BYTES", 10)
+    with pytest.raises(InputError, match="path"):
+        Verifier(matmul_add(), InputSpec())
+
+
+def test_bad_levels_and_seeds() -> None:
+    with pytest.raises(UsageError):
+        Verifier(matmul_add(), InputSpec(), levels=("fast",))
+    with pytest.raises(UsageError):
+        Verifier(matmul_add(), InputSpec(), seeds=())
+    with pytest.raises(UsageError):
+        Verifier(matmul_add(), InputSpec(values={"x": 1.0}), seeds=(-1,))
+
+
+# ------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------
+
+
+def test_top1_agreement_on_n_by_c() -> None:
+    ref = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 2, 1]], np.float32)
+    cand = np.array([[0, 1, 0], [0, 1, 0], [0, 0, 1], [0, 1, 2]], np.float32)
+    assert compare_outputs("p", cand, ref).top1_agreement == 0.5
+    assert compare_outputs("p", ref[:, :1], ref[:, :1]).top1_agreement is None
+    assert compare_outputs("p", ref[0], ref[0]).top1_agreement is None
+    merged = merge_checks([compare_outputs("p", cand, ref), compare_outputs("p", ref, ref)])
+    assert merged.top1_agreement == 0.5 and not merged.passed
+
+
+def test_nonfinite_rules() -> None:
+    ref = np.array([1.0, np.inf, np.nan], np.float32)
+    assert compare_outputs("o", ref.copy(), ref).passed
+    assert not compare_outputs("o", np.array([1.0, -np.inf, np.nan], np.float32), ref).passed
+    assert not compare_outputs("o", np.array([np.nan, np.inf, np.nan], np.float32), ref).passed
+    zeros = np.zeros(3, np.float32)
+    check = compare_outputs("o", zeros, zeros)
+    assert (check.rel_l2_err, check.cosine, check.needed_rtol) == (0.0, 1.0, 0.0)
+
+
+finite = st.floats(-1e6, 1e6, allow_nan=False, width=32)
+arrays = hnp.arrays(
+    np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=6), elements=finite
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays, st.data())
+def test_metric_properties(ref: np.ndarray, data: st.DataObject) -> None:
+    cand = data.draw(hnp.arrays(np.float32, ref.shape, elements=finite))
+    check = compare_outputs("o", cand, ref)
+    assert check.rel_l2_err >= 0 and check.max_abs_err >= 0 and check.max_rel_err >= 0
+    assert -1.0 <= check.cosine <= 1.0
+    assert check.needed_rtol >= 0
+    same = compare_outputs("o", ref.copy(), ref)
+    assert (same.max_abs_err, same.max_rel_err, same.rel_l2_err, same.needed_rtol) == (0, 0, 0, 0)
+    assert same.passed and same.cosine == 1.0
+    diff = np.abs(cand.astype(np.float64) - ref)
+    assert check.max_abs_err == pytest.approx(diff.max())
+    if np.isfinite(check.needed_rtol):
+        assert compare_outputs("o", cand, ref, rtol=check.needed_rtol * 1.01 + 1e-300).passed
