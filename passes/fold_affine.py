@@ -14,11 +14,24 @@ from .fold_batchnorm import bypass, scale_producer, sole_producer
 AFFINE_OPS = frozenset({"Mul", "Div", "Add", "Sub"})
 
 
-def _affine(node: gs.Node, channels: int, rank: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(factor, shift) per channel for ``x op c``, or None when it is not per channel on axis 1."""
-    if len(node.inputs) != 2 or not isinstance(node.inputs[1], gs.Constant):
+def _variable_side(node: gs.Node) -> int | None:
+    """Index of the one variable input of a binary op with a constant on the other side."""
+    if len(node.inputs) != 2:
         return None
-    values = constant_values(node.inputs[1]).astype(np.float64)
+    constant = [isinstance(t, gs.Constant) for t in node.inputs]
+    if constant == [False, True]:
+        return 0
+    if constant == [True, False] and node.op != "Div":
+        return 1
+    return None
+
+
+def _affine(node: gs.Node, side: int, channels: int, rank: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(factor, shift) per channel of ``node`` as a function of its variable input, or None.
+
+    None when the constant is not a scalar or per-channel on axis 1 (it would change the shape).
+    """
+    values = constant_values(node.inputs[1 - side]).astype(np.float64)
     if values.ndim > rank:
         return None
     if values.size == 1:
@@ -33,7 +46,9 @@ def _affine(node: gs.Node, channels: int, rank: int) -> tuple[np.ndarray, np.nda
         return column, zeros
     if node.op == "Div":
         return (1.0 / column, zeros) if np.all(column != 0) else None
-    return (ones, column) if node.op == "Add" else (ones, -column)
+    if node.op == "Add":
+        return ones, column
+    return (ones, -column) if side == 0 else (-ones, column)  # x - c, or c - x
 
 
 class FoldAffine(Pass):
@@ -47,19 +62,17 @@ class FoldAffine(Pass):
         outputs = {t.name for t in graph.outputs}
         folded, skips = 0, []
         for node in [n for n in graph.nodes if n.op in AFFINE_OPS]:
-            producer = sole_producer(node, outputs) if node.inputs[0].inputs else None
-            if not isinstance(producer, gs.Node):
-                continue
-            weight = constant_values(producer.inputs[1])
-            channels = weight.shape[0] if producer.op == "Conv" else None
-            if producer.op != "Conv" or node.outputs[0].dtype != node.inputs[0].dtype:
+            side = _variable_side(node)
+            producer = sole_producer(node, outputs, side) if side is not None else None
+            if not isinstance(producer, gs.Node) or producer.op != "Conv":
                 continue  # Gemm/ConvTranspose outputs rarely meet a per-channel affine op: left alone
-            affine = _affine(node, channels, weight.ndim)
+            weight = constant_values(producer.inputs[1])
+            affine = _affine(node, side, weight.shape[0], weight.ndim)
             if affine is None:
                 skips.append(Skip(node.name, f"{node.op} not folded: its constant is not per channel"))
                 continue
             scale_producer(producer, *affine)
-            bypass(graph, node)
+            bypass(graph, node, side)
             folded += 1
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(model, folded > 0, {"folded": folded}, skips)

@@ -13,9 +13,9 @@ FOLDABLE_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 SUFFIX = "bnfold"
 
 
-def sole_producer(node: gs.Node, graph_outputs: set[str]) -> gs.Node | str:
-    """The weighted producer whose output only ``node`` reads, or why there is none."""
-    source = node.inputs[0]
+def sole_producer(node: gs.Node, graph_outputs: set[str], index: int = 0) -> gs.Node | str:
+    """The weighted producer whose output only ``node`` reads (as input ``index``), or why there is none."""
+    source = node.inputs[index]
     if not source.inputs:
         return "its input is a graph input"
     producer = source.inputs[0]
@@ -59,9 +59,9 @@ def _effective_bias(producer: gs.Node, channels: int) -> np.ndarray:
     return np.broadcast_to(bias.reshape(-1), (channels,)).astype(np.float64)
 
 
-def bypass(graph: gs.Graph, node: gs.Node) -> None:
-    """Remove a single-input node by making its producer write the node's output tensor."""
-    source, target = node.inputs[0], node.outputs[0]
+def bypass(graph: gs.Graph, node: gs.Node, index: int = 0) -> None:
+    """Remove a node by making the producer of its input ``index`` write the node's output tensor."""
+    source, target = node.inputs[index], node.outputs[0]
     producer = source.inputs[0]
     producer.outputs[producer.outputs.index(source)] = target
     node.inputs.clear()
@@ -98,7 +98,10 @@ class FoldBatchNorm(Pass):
             return "it runs in training mode"
         if any(constant_values(t) is None for t in node.inputs[1:5]):
             return "its parameters are not constants"
+        if any(constant_values(t).ndim != 1 for t in node.inputs[1:5]):
+            return "its parameters are not per-channel vectors (spatial=0)"
         producer = sole_producer(node, outputs)
-        if isinstance(producer, gs.Node) and producer.op == "Gemm" and len(node.inputs[0].shape or []) != 2:
-            return "the Gemm output is not 2-D"
+        gemm = isinstance(producer, gs.Node) and producer.op == "Gemm" and not is_empty_input(producer, 2)
+        if gemm and constant_values(producer.inputs[2]).size not in (1, len(constant_values(node.inputs[1]))):
+            return f"the C of Gemm '{producer.name}' is a full matrix"
         return producer

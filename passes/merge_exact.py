@@ -8,7 +8,7 @@ Every rule holds across a whole coupled group, so outputs are unchanged up to fl
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -22,13 +22,23 @@ from red_onnx.constants import (
 from red_onnx.graph import (
     WorkingModel,
     clear_intermediate_shapes,
-    infer_shapes,
+    constant_values,
     subgraph_outer_references,
 )
 from red_onnx.pass_infra import Pass, PassResult, Skip
 from red_onnx.reasons import Reason
 from red_onnx.redundancy import atom_params, exact_merges
 from red_onnx.rewrite import GroupPlan, apply_plan, attach_graph
+from red_onnx.weights import producer_rows
+
+
+def _seen_constant(group: ChannelGroup, consts: ChannelConstants) -> np.ndarray:
+    """Per atom: whether some consumer sees it as a finite constant (else it is merely unused)."""
+    seen = np.zeros(group.n_atoms, bool)
+    for consumer in group.consumers:
+        member = group.tensors[consumer.tensor]
+        seen[member.atoms] |= np.isfinite(consts.values[consumer.tensor])
+    return seen
 
 
 def removable_constants(group: ChannelGroup, consts: ChannelConstants) -> tuple[np.ndarray, dict[int, str]]:
@@ -40,7 +50,7 @@ def removable_constants(group: ChannelGroup, consts: ChannelConstants) -> tuple[
         present = np.flatnonzero(local >= 0)
         values = consts.values[consumer.tensor][local[present]]
         zero = consumer_slices_zero(group, consumer.node, consumer.tensor)[local[present]]
-        ok = zero | (np.isfinite(values) & consumer_absorbs(consumer.node))
+        ok = zero | (values == 0.0) | (np.isfinite(values) & consumer_absorbs(consumer.node))
         removable[present[~ok]] = False
         for atom in present[~ok]:
             reason = consts.reasons[consumer.tensor][local[atom]]
@@ -67,18 +77,18 @@ class MergeExact(Pass):
     def __init__(
         self,
         *,
-        input_shapes: Mapping[str, Sequence[int]],
+        shapes: Callable[[WorkingModel], Mapping[str, tuple[int, ...] | None]],
         freeze: Sequence[str] = (),
         max_rounds: int = 4,
     ) -> None:
         """Configure the pass.
 
         Args:
-            input_shapes: Concrete shapes of the graph inputs, for shape inference.
+            shapes: The shape service: static shapes of every tensor of a working model.
             freeze: Node-name glob patterns of layers to protect.
             max_rounds: Analysis/rewrite rounds at most (a deletion can expose another).
         """
-        self.input_shapes = dict(input_shapes)
+        self.shapes = shapes
         self.freeze = tuple(freeze)
         self.max_rounds = max_rounds
 
@@ -109,7 +119,7 @@ class MergeExact(Pass):
         return PassResult(model, stats["removed"] > 0, stats, skips)
 
     def _analyse(self, model: WorkingModel) -> ChannelAnalysis:
-        shapes = infer_shapes(model, self.input_shapes)
+        shapes = self.shapes(model)
         outer = subgraph_outer_references(model.graph)
         return analyse(model.graph, shapes, outer_refs=outer, freeze=self.freeze)
 
@@ -143,21 +153,35 @@ def plan_group(
     removable &= delete
     counts["identical"] += sum(1 for m in merges if m.scale == 1.0)
     counts["scaled"] += sum(1 for m in merges if m.scale != 1.0)
-    counts["constant"] += int((removable & consts.zero_rows).sum())
-    counts["unused"] += int((removable & ~consts.zero_rows).sum())
+    constant = _seen_constant(group, consts)
+    counts["constant"] += int((removable & constant).sum())
+    counts["unused"] += int((removable & ~constant).sum())
     constants = {c.tensor: consts.values[c.tensor] for c in group.consumers}
     plan = GroupPlan(group, delete, merges, constants)
-    return plan, _kept_zero_rows(group, consts, delete, why)
+    return plan, _kept_zero_rows(group, delete, why)
+
+
+def zero_row_nodes(group: ChannelGroup) -> list[tuple[str, str, np.ndarray]]:
+    """(node name, output tensor, per-channel zero mask) of producers and depthwise path convs."""
+    found = []
+    for producer in group.producers:
+        rows = producer_rows(producer.node)
+        found.append((producer.node.name, producer.tensor, ~rows.any(axis=1)))
+    for node in group.path:
+        if node.op == "Conv" and node.outputs[0].name in group.tensors:
+            kernel = constant_values(node.inputs[1])
+            found.append((node.name, node.outputs[0].name, ~kernel.reshape(kernel.shape[0], -1).any(axis=1)))
+    return found
 
 
 def _kept_zero_rows(
-    group: ChannelGroup, consts: ChannelConstants, delete: np.ndarray, why: dict[int, str]
+    group: ChannelGroup, delete: np.ndarray, why: dict[int, str]
 ) -> dict[tuple[str, int], str]:
-    """Why each kept channel whose producer rows are all zero stays."""
+    """Why each kept channel whose weights are all zero (producer row or depthwise kernel) stays."""
     kept = {}
-    for producer in group.producers:
-        atoms = group.tensors[producer.tensor].atoms
-        for channel in np.flatnonzero(consts.zero_rows[atoms] & ~delete[atoms]):
+    for name, tensor, zero in zero_row_nodes(group):
+        atoms = group.tensors[tensor].atoms
+        for channel in np.flatnonzero(zero & ~delete[atoms]):
             atom = int(atoms[channel])
-            kept[(producer.node.name, int(channel))] = why.get(atom, "kept as the group's last channel")
+            kept[(name, int(channel))] = why.get(atom, "kept as the group's last channel")
     return kept

@@ -593,12 +593,13 @@ def reshape_axis(
     """Where channel axis ``axis`` (with ``block``) of ``in_shape`` lands in ``out_shape``.
 
     Returns:
-        ``(out_axis, out_block)``, or None when the reshape splits or mixes the channel axis.
+        ``(out_axis, out_block)``, or None when the reshape splits or mixes the channel axis, or
+        changes the dims before it.
     """
-    pre, size, post = math.prod(in_shape[:axis]), in_shape[axis], math.prod(in_shape[axis + 1 :])
+    size, post = in_shape[axis], math.prod(in_shape[axis + 1 :])
     for out_axis in range(len(out_shape)):
-        if math.prod(out_shape[:out_axis]) != pre:
-            continue
+        if tuple(out_shape[:out_axis]) != tuple(in_shape[:axis]):
+            continue  # leading dims (batch) must stay as they are, or a dim of 1 could hide a mix
         out_post = math.prod(out_shape[out_axis + 1 :])
         if out_shape[out_axis] == size and out_post == post:
             return out_axis, block

@@ -83,6 +83,7 @@ class ChannelGroup:
         homogeneous: Whether every op of the group is positively homogeneous per channel, so that
             scaled merges are exact.
         frozen: The reason the group may not change, or None.
+        origin: Name of the node whose output seeded the group.
     """
 
     index: int
@@ -93,6 +94,7 @@ class ChannelGroup:
     n_atoms: int = 0
     homogeneous: bool = True
     frozen: str | None = None
+    origin: str = ""
 
     def freeze(self, reason: str) -> None:
         """Freeze the group; the first reason is kept."""
@@ -102,7 +104,7 @@ class ChannelGroup:
     @property
     def name(self) -> str:
         """A readable name: the producers' node names."""
-        names = [p.node.name for p in self.producers] or list(self.tensors)[:1]
+        names = [p.node.name for p in self.producers] or [self.origin]
         return "+".join(names)
 
     def atom_index(self, tensor: str) -> np.ndarray:
@@ -247,7 +249,9 @@ def analyse(
         seed = channel_ops.producer_seed(node, context)
         if seed is None or seed.tensor.name in claimed:
             continue
-        group = _GroupBuilder(len(groups), context).run(seed)
+        builder = _GroupBuilder(len(groups), context)
+        builder.group.origin = node.name
+        group = builder.run(seed)
         claimed |= set(group.tensors)
         _apply_user_freeze(group, freeze)
         groups.append(group)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -271,54 +271,6 @@ def _outer_names(sub: gs.Graph) -> set[str]:
                 if isinstance(inner, gs.Graph):
                     used |= _outer_names(inner)
     return used - defined
-
-
-def infer_shapes(
-    working: WorkingModel, input_shapes: Mapping[str, Iterable[int]]
-) -> dict[str, tuple[int, ...] | None]:
-    """Static shapes of every tensor for concrete input shapes, by ONNX shape inference.
-
-    Args:
-        working: The working model.
-        input_shapes: A concrete shape for each graph input.
-
-    Returns:
-        Tensor name → shape (None where inference could not tell, or a dim stayed symbolic).
-    """
-    model = export_model(working)
-    for value in model.graph.input:
-        if value.name in input_shapes:
-            dims = value.type.tensor_type.shape.dim
-            shape = list(input_shapes[value.name])
-            if len(dims) == len(shape):
-                for dim, size in zip(dims, shape, strict=True):
-                    dim.Clear()
-                    dim.dim_value = int(size)
-    del model.graph.value_info[:]
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception as exc:
-        logger.warning("shape inference failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
-        inferred = model
-    shapes: dict[str, tuple[int, ...] | None] = {}
-    values = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
-    for value in values:
-        shapes[value.name] = _static_shape(value)
-    for init in inferred.graph.initializer:
-        shapes[init.name] = tuple(int(d) for d in init.dims)
-    return shapes
-
-
-def _static_shape(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
-    tensor_type = value.type.tensor_type
-    if not tensor_type.HasField("shape"):
-        return None
-    dims = []
-    for dim in tensor_type.shape.dim:
-        if not dim.HasField("dim_value"):
-            return None
-        dims.append(int(dim.dim_value))
-    return tuple(dims)
 
 
 def clear_intermediate_shapes(working: WorkingModel) -> None:

@@ -25,6 +25,7 @@ from red_onnx.passes.fold_affine import FoldAffine
 from red_onnx.passes.fold_batchnorm import FoldBatchNorm
 from red_onnx.passes.merge_exact import MergeExact
 from red_onnx.report import FrozenGroup, Report
+from red_onnx.shapes import ShapeService
 from red_onnx.verify import InputSpec, Verifier, make_inputs
 
 logger = logging.getLogger(__name__)
@@ -86,15 +87,10 @@ def _load(model_or_path: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.Mode
     return model, io.model_nbytes(model)
 
 
-def input_shapes(model: onnx.ModelProto, spec: InputSpec) -> dict[str, list[int]]:
-    """The concrete input shapes the run works at (those of the seed-0 verification inputs)."""
-    return {name: list(array.shape) for name, array in make_inputs(model, spec, VERIFY_SEEDS[0]).items()}
-
-
-def default_passes(options: Options, shapes: dict[str, list[int]]) -> list[Pass]:
+def default_passes(options: Options, shapes: ShapeService) -> list[Pass]:
     """The pass list: normalisation, then the rewrites the mode allows."""
     passes: list[Pass] = [FoldBatchNorm(), FoldAffine()]
-    passes.append(MergeExact(input_shapes=shapes, freeze=options.freeze))
+    passes.append(MergeExact(shapes=shapes, freeze=options.freeze))
     return passes
 
 
@@ -130,19 +126,23 @@ def compress(
     options = Options(exact=exact, freeze=tuple(freeze), input_spec=input_spec or InputSpec(), verify=verify)
     notify("load")
     original, size_before = _load(model_or_path)
-    shapes = input_shapes(original, options.input_spec)
+    shapes = ShapeService(make_inputs(original, options.input_spec, VERIFY_SEEDS[0]))
     working = graph_utils.import_model(original)
-    report = Report(input_shapes=shapes, options=options.provenance(), size_before=size_before)
+    report = Report(
+        input_shapes={k: list(v) for k, v in shapes.input_shapes.items()},
+        options=options.provenance(),
+        size_before=size_before,
+    )
     report.overridable_initializers = sorted(working.overridable)
     notify("normalise")
     graph_utils.normalise_constants(working)
-    before = metrics.measure(graph_utils.export_model(working), shapes)
+    before = metrics.measure(graph_utils.export_model(working), shapes.input_shapes)
     for item in default_passes(options, shapes):
         notify(item.name)
         report.add_pass(item(working), item.name)
     _collect_skips(report)
     candidate = graph_utils.export_model(working)
-    report.set_figures(before, metrics.measure(candidate, shapes))
+    report.set_figures(before, metrics.measure(candidate, shapes.input_shapes))
     if verify:
         notify("verify")
         _verify(original, candidate, options, report)

@@ -34,7 +34,7 @@ class AtomParams:
     @property
     def producer_norm(self) -> np.ndarray:
         """L2 norm of each atom's scaled vector."""
-        return np.linalg.norm(self.scaled, axis=1)
+        return np.linalg.norm(self.scaled, axis=1).astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Merge:
 
 
 def _by_atom(group: ChannelGroup, tensor: str, rows: np.ndarray) -> np.ndarray:
-    out = np.zeros((group.n_atoms, rows.shape[1]))
+    out = np.zeros((group.n_atoms, rows.shape[1]), np.result_type(rows.dtype, np.float32))
     out[group.tensors[tensor].atoms] = rows
     return out
 
@@ -109,12 +109,13 @@ def atom_params(group: ChannelGroup, ranks: dict[str, int]) -> AtomParams:
         group: A (not frozen) channel group.
         ranks: Rank of each group tensor.
     """
-    scaled_parts = [np.zeros((group.n_atoms, 0))]
-    equal_parts = [np.zeros((group.n_atoms, 0))]
+    scaled_parts = [np.zeros((group.n_atoms, 0), np.float32)]
+    equal_parts = [np.zeros((group.n_atoms, 0), np.float32)]
     for producer in group.producers:
         rows = producer_rows(producer.node)
         bias = producer_bias(producer.node, rows.shape[0])
-        scaled_parts.append(_by_atom(group, producer.tensor, np.hstack([rows, bias[:, None]])))
+        scaled_parts.append(_by_atom(group, producer.tensor, rows))
+        scaled_parts.append(_by_atom(group, producer.tensor, bias[:, None].astype(rows.dtype)))
     for node in group.path:
         equal, scaled = _path_params(group, node, ranks)
         equal_parts += [_by_atom(group, name, rows) for name, rows in equal]
@@ -149,14 +150,15 @@ def exact_merges(params: AtomParams, homogeneous: bool, excluded: np.ndarray) ->
         return merges
     removed = {m.source for m in merges}
     remaining = np.array([a for a in candidates if a not in removed], np.int64)
-    norms = params.producer_norm
+    norms = params.producer_norm.astype(np.float64)
     remaining = remaining[norms[remaining] > 0]
     unit = np.zeros_like(params.scaled)
     unit[remaining] = params.scaled[remaining] / norms[remaining, None]
 
     def scaled(rep: int, others: np.ndarray) -> np.ndarray:
         scale = norms[others] / norms[rep]
-        residual = params.scaled[others] - scale[:, None] * params.scaled[rep]
+        reference = params.scaled[rep].astype(np.float64)
+        residual = params.scaled[others].astype(np.float64) - scale[:, None] * reference
         close = np.linalg.norm(residual, axis=1) <= EXACT_SCALE_RTOL * norms[others]
         same = (params.equal[others] == params.equal[rep]).all(axis=1)
         return close & same & (params.signature[others] == params.signature[rep])
@@ -178,7 +180,7 @@ def _cluster(
     if len(atoms) < 2:
         return []
     direction = np.random.default_rng(0).standard_normal(vectors.shape[1])
-    projection = vectors[atoms] @ direction
+    projection = (vectors @ direction.astype(vectors.dtype))[atoms]
     order = np.argsort(projection, kind="stable")
     sorted_projection = projection[order]
     margin = 1e-6 * (np.abs(sorted_projection).max() + 1e-30)

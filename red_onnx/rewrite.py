@@ -83,8 +83,8 @@ def _rewire_consumer(plan: GroupPlan, consumer: Consumer) -> None:
     member = plan.group.tensors[consumer.tensor]
     weight = constant_values(node.inputs[1])
     axis = consumer_axis(node)
-    moved = np.moveaxis(weight, axis, 0).astype(np.float64)
-    rows = moved.reshape(member.channels, member.block, *moved.shape[1:])
+    moved = np.moveaxis(weight, axis, 0)
+    rows = moved.reshape(member.channels, member.block, *moved.shape[1:]).copy()
     local = plan.group.atom_index(consumer.tensor)
     sources = [m for m in plan.merges if local[m.source] >= 0]
     if sources:
@@ -92,8 +92,9 @@ def _rewire_consumer(plan: GroupPlan, consumer: Consumer) -> None:
         dst = np.array([local[m.target] for m in sources])
         scale = np.array([m.scale for m in sources])
         flat = rows.reshape(member.channels, -1)
-        transfer = csr_matrix((scale, (dst, src)), shape=(member.channels, member.channels))
-        flat += transfer @ flat
+        targets, slot = np.unique(dst, return_inverse=True)
+        transfer = csr_matrix((scale, (slot, np.arange(len(src)))), shape=(len(targets), len(src)))
+        flat[targets] = flat[targets] + (transfer @ flat[src].astype(np.float64)).astype(flat.dtype)
     _absorb_constants(plan, consumer, rows, local)
     keep = _keep(plan, member)
     new = np.moveaxis(rows[keep].reshape(-1, *moved.shape[1:]), 0, axis).astype(weight.dtype)

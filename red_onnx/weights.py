@@ -55,9 +55,11 @@ def producer_bias(node: gs.Node, channels: int) -> np.ndarray:
 
 
 def producer_rows(node: gs.Node) -> np.ndarray:
-    """The producer's weight as ``[out_channels, ...]`` rows, scaled by Gemm's alpha (float64)."""
-    weight = constant_values(node.inputs[1]).astype(np.float64)
-    return channel_rows(weight, producer_axis(node)) * output_scale(node)
+    """The producer's weight as ``[out_channels, ...]`` rows, scaled by Gemm's alpha (weight dtype)."""
+    weight = constant_values(node.inputs[1])
+    rows = channel_rows(weight, producer_axis(node))
+    scale = output_scale(node)
+    return rows * np.asarray(scale, rows.dtype) if scale != 1.0 else rows
 
 
 def conv_has_padding(node: gs.Node) -> bool:

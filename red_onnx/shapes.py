@@ -1,0 +1,115 @@
+"""Static shapes of every tensor at the run's concrete inputs: the shape service passes ask.
+
+ONNX shape inference first; tensors it cannot tell (Reshape fed by Shape arithmetic, custom export
+patterns) are measured by one onnxruntime run on the verification inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from red_onnx.graph import WorkingModel, export_model
+
+logger = logging.getLogger(__name__)
+
+Shapes = dict[str, "tuple[int, ...] | None"]
+
+
+class ShapeService:
+    """Shapes of a working model's tensors for fixed concrete inputs.
+
+    Args:
+        feed: The inputs the run works at (the seed-0 verification inputs), by graph input name.
+    """
+
+    def __init__(self, feed: Mapping[str, np.ndarray]) -> None:
+        self.feed = dict(feed)
+        self.input_shapes = {name: tuple(array.shape) for name, array in self.feed.items()}
+        self.runs = 0
+
+    def __call__(self, working: WorkingModel) -> Shapes:
+        """Shapes by tensor name (None where neither inference nor a run could tell)."""
+        model = export_model(working)
+        shapes = _inferred(model, self.input_shapes)
+        unknown = [
+            t.name
+            for t in working.graph.tensors().values()
+            if isinstance(t, gs.Variable) and t.name and shapes.get(t.name) is None and t.inputs
+        ]
+        if unknown:
+            shapes.update(self._measured(model, unknown))
+        return shapes
+
+    def _measured(self, model: onnx.ModelProto, names: list[str]) -> Shapes:
+        known = {o.name for o in model.graph.output}
+        for name in names:
+            if name not in known:
+                model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(
+                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
+            values = session.run(names, self.feed)
+        except Exception as error:
+            logger.warning("could not measure %d tensor shapes: %s", len(names), str(error).splitlines()[0])
+            return {}
+        self.runs += 1
+        return {name: tuple(np.shape(value)) for name, value in zip(names, values, strict=True)}
+
+
+def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without large float payloads: shape inference needs only their dims."""
+    graph = model.graph
+    heavy = [t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.raw_data) > 4096]
+    saved = [t.raw_data for t in heavy]
+    for tensor in heavy:
+        tensor.ClearField("raw_data")
+    try:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+    finally:
+        for tensor, data in zip(heavy, saved, strict=True):
+            tensor.raw_data = data
+    return probe
+
+
+def _inferred(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> Shapes:
+    probe = _light_copy(model)
+    for value in probe.graph.input:
+        if value.name in input_shapes:
+            dims = value.type.tensor_type.shape.dim
+            shape = input_shapes[value.name]
+            if len(dims) == len(shape):
+                for dim, size in zip(dims, shape, strict=True):
+                    dim.Clear()
+                    dim.dim_value = int(size)
+    del probe.graph.value_info[:]
+    try:
+        probe = onnx.shape_inference.infer_shapes(probe, strict_mode=False, data_prop=True)
+    except Exception as error:
+        logger.info("shape inference failed: %s", str(error).splitlines()[0] if str(error) else error)
+    shapes: Shapes = {}
+    for value in [*probe.graph.input, *probe.graph.value_info, *probe.graph.output]:
+        shapes[value.name] = _static(value)
+    for init in probe.graph.initializer:
+        shapes[init.name] = tuple(int(d) for d in init.dims)
+    return shapes
+
+
+def _static(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    dims = tensor_type.shape.dim
+    if not all(d.HasField("dim_value") for d in dims):
+        return None
+    return tuple(int(d.dim_value) for d in dims)

@@ -1,0 +1,98 @@
+"""Real models from the offline zoo (``python bench/zoo.py``) through ``--exact``.
+
+Skipped with a reason when the zoo is absent; ``.ci/run`` fetches it first.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from zoo import zoo_dir  # noqa: E402
+
+import red_onnx  # noqa: E402
+from red_onnx.verify import InputSpec  # noqa: E402
+
+ZOO = zoo_dir()
+
+
+def zoo_model(name: str) -> Path:
+    path = ZOO / name
+    if not path.is_file():
+        pytest.skip(f"model zoo absent ({path}); run `python bench/zoo.py` to fetch it")
+    return path
+
+
+def conv_zero_rows(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Per Conv node name: the output channels whose weights are all zero (read independently)."""
+    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+                 if n.op_type == "Constant" and n.attribute[0].type == onnx.AttributeProto.TENSOR}
+    constants.update({t.name: numpy_helper.to_array(t) for t in model.graph.initializer})
+    zero = {}
+    for node in model.graph.node:
+        if node.op_type == "Conv" and node.input[1] in constants:
+            weight = constants[node.input[1]]
+            rows = np.flatnonzero(~weight.reshape(weight.shape[0], -1).any(axis=1))
+            if len(rows):
+                zero[node.name] = rows
+    return zero
+
+
+@pytest.fixture(scope="module")
+def rec_result():
+    path = zoo_model("ppocrv4_rec.onnx")
+    spec = InputSpec(shapes={"x": (1, 3, 48, 320)})
+    return onnx.load(path), red_onnx.compress(path, exact=True, input_spec=spec)
+
+
+def test_ppocr_rec_loses_exactly_the_removable_zero_channels(rec_result):
+    original, result = rec_result
+    zero = conv_zero_rows(original)
+    assert sum(len(rows) for rows in zero.values()) == 19
+    layers = {layer.name: layer for layer in result.report.layers}
+    depthwise = [name for name, rows in zero.items() if len(rows) == 14]
+    assert len(depthwise) == 1
+    changed = {name: layer.channels_before - layer.channels_after for name, layer in layers.items()
+               if layer.channels_after != layer.channels_before}
+    # the 14 channels go from the depthwise conv and from the 1x1 conv that feeds it (one group)
+    assert changed[depthwise[0]] == 14
+    assert sum(changed.values()) == 28 and len(changed) == 2
+    assert result.verified
+
+
+def test_ppocr_rec_names_a_reason_for_every_other_zero_row(rec_result):
+    original, result = rec_result
+    kept = {entry["channel"]: entry["reason"] for entry in result.report.kept_zero_channels}
+    others = [f"{name}[{row}]" for name, rows in conv_zero_rows(original).items() if len(rows) != 14
+              for row in rows]
+    assert len(others) == 5
+    for channel in others:
+        assert channel in kept, f"no reason reported for zero row {channel}"
+        assert "padding" in kept[channel] or "non-constant tensor in Mul" in kept[channel]
+
+
+@pytest.mark.parametrize("name,shape", [("ppocrv4_det.onnx", (1, 3, 96, 128)),
+                                        ("ppocr_mobile_cls.onnx", (1, 3, 48, 192))])
+def test_ppocr_det_and_cls_exact_outputs_unchanged(name, shape):
+    path = zoo_model(name)
+    model = onnx.load(path)
+    input_name = model.graph.input[0].name
+    result = red_onnx.compress(path, exact=True, input_spec=InputSpec(shapes={input_name: shape}))
+    # verified = every element within 1e-6·max(1, max|y|) + 1e-5·|y| at both ORT optimisation levels
+    assert result.verified
+    for output in result.report.verification["outputs"]:
+        assert output["passed"] and output["needed_rtol"] <= 1e-5
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_zoo_location_is_reported_when_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("RED_ONNX_ZOO", str(tmp_path / "nowhere"))
+    assert zoo_dir() == tmp_path / "nowhere"
+    assert os.environ["RED_ONNX_ZOO"].endswith("nowhere")
