@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from red_onnx import graph as graph_utils
-from red_onnx import io, metrics
+from red_onnx import io, metrics, verify
 from red_onnx._version import __version__
 from red_onnx.errors import InputError, VerificationError
 from red_onnx.pass_infra import Pass
@@ -38,6 +39,7 @@ EXACT_ATOL = 1e-6
 VERIFY_SEEDS = (0, 1)
 
 Progress = Callable[[str], None]
+ModelSource = onnx.ModelProto | str | os.PathLike
 
 
 @dataclass(frozen=True)
@@ -76,15 +78,16 @@ class Result:
         return bool(self.report.verification and self.report.verification.get("passed"))
 
 
-def _load(model_or_path: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, int]:
+def _load(model_or_path: ModelSource) -> tuple[onnx.ModelProto, int, Path | None]:
+    """The model, its size, and its path when it came from a file (verification reads it there)."""
     if isinstance(model_or_path, onnx.ModelProto):
         io.validate_model(model_or_path)
-        return model_or_path, io.model_nbytes(model_or_path)
+        return model_or_path, io.model_nbytes(model_or_path), None
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise InputError(f"expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}")
     path = Path(model_or_path)
     model = io.load_model(path)
-    return model, io.model_nbytes(model)
+    return model, io.model_nbytes(model), path
 
 
 def default_passes(options: Options, shapes: ShapeService) -> list[Pass]:
@@ -125,7 +128,7 @@ def compress(
     notify = progress or (lambda stage: None)
     options = Options(exact=exact, freeze=tuple(freeze), input_spec=input_spec or InputSpec(), verify=verify)
     notify("load")
-    original, size_before = _load(model_or_path)
+    original, size_before, source = _load(model_or_path)
     shapes = ShapeService(make_inputs(original, options.input_spec, VERIFY_SEEDS[0]))
     working = graph_utils.import_model(original)
     report = Report(
@@ -145,7 +148,7 @@ def compress(
     report.set_figures(before, metrics.measure(candidate, shapes.input_shapes))
     if verify:
         notify("verify")
-        _verify(original, candidate, options, report)
+        _verify(source if source is not None else original, candidate, options, report)
     candidate = graph_utils.export_model(working, metadata=_provenance(options, report))
     report.size_after = io.model_nbytes(candidate)
     result = Result(candidate, report)
@@ -167,11 +170,24 @@ def _collect_skips(report: Report) -> None:
                 report.frozen.append(FrozenGroup(skip["subject"], skip["reason"]))
 
 
-def _verify(original: onnx.ModelProto, candidate: onnx.ModelProto, options: Options, report: Report) -> None:
-    verifier = Verifier(original, options.input_spec, seeds=VERIFY_SEEDS)
-    result = verifier.check(candidate, rtol=EXACT_RTOL, atol=EXACT_ATOL)
-    io.check_model(candidate)
-    report.verification = result.to_dict()
+def _verify(original: ModelSource, candidate: onnx.ModelProto, options: Options, report: Report) -> None:
+    """Verify ``candidate`` against ``original``; models over the protobuf limit go by path."""
+    with tempfile.TemporaryDirectory(prefix="red-onnx-") as scratch:
+        reference = _as_source(original, Path(scratch) / "reference.onnx")
+        target = _as_source(candidate, Path(scratch) / "candidate.onnx")
+        verifier = Verifier(reference, options.input_spec, seeds=VERIFY_SEEDS)
+        result = verifier.check(target, rtol=EXACT_RTOL, atol=EXACT_ATOL)
+        report.verification = result.to_dict()
+        if result.passed:
+            io.check_model(target)
+
+
+def _as_source(model: ModelSource, scratch: Path) -> ModelSource:
+    """The model itself, or a path to it when it is too large to hand over serialized."""
+    if isinstance(model, onnx.ModelProto) and io.model_nbytes(model) > verify.MAX_PROTO_BYTES:
+        io.save_model(model, scratch)
+        return scratch
+    return model
 
 
 def _provenance(options: Options, report: Report) -> dict[str, str]:

@@ -145,15 +145,13 @@ def exact_merges(params: AtomParams, homogeneous: bool, excluded: np.ndarray) ->
         same = (full[others] == full[rep]).all(axis=1)
         return same & (params.signature[others] == params.signature[rep])
 
-    merges = [Merge(int(s), int(t), 1.0) for s, t in _cluster(candidates, full, identical)]
+    pairs = _cluster(candidates, project(full)[candidates], identical)
+    merges = [Merge(s, t, 1.0) for s, t in pairs]
     if not homogeneous:
         return merges
     removed = {m.source for m in merges}
-    remaining = np.array([a for a in candidates if a not in removed], np.int64)
-    norms = params.producer_norm.astype(np.float64)
-    remaining = remaining[norms[remaining] > 0]
-    unit = np.zeros_like(params.scaled)
-    unit[remaining] = params.scaled[remaining] / norms[remaining, None]
+    norms = params.producer_norm
+    remaining = np.array([a for a in candidates if a not in removed and norms[a] > 0], np.int64)
 
     def scaled(rep: int, others: np.ndarray) -> np.ndarray:
         scale = norms[others] / norms[rep]
@@ -163,24 +161,33 @@ def exact_merges(params: AtomParams, homogeneous: bool, excluded: np.ndarray) ->
         same = (params.equal[others] == params.equal[rep]).all(axis=1)
         return close & same & (params.signature[others] == params.signature[rep])
 
-    for source, target in _cluster(remaining, unit, scaled):
-        merges.append(Merge(int(source), int(target), float(norms[source] / norms[target])))
+    unit_projection = project(params.scaled)[remaining] / norms[remaining]
+    for source, target in _cluster(remaining, unit_projection, scaled):
+        merges.append(Merge(source, target, float(norms[source] / norms[target])))
     return merges
 
 
-def _cluster(
-    atoms: np.ndarray, vectors: np.ndarray, matches: Callable[[int, np.ndarray], np.ndarray]
-) -> list[tuple[int, int]]:
-    """Pairs ``(source, target)`` of atoms whose vectors ``matches`` says are interchangeable.
+def project(vectors: np.ndarray, *, chunk_elements: int = 1 << 22) -> np.ndarray:
+    """Projection of every row on one fixed random direction, accumulated in float64 (chunked)."""
+    direction = np.random.default_rng(0).standard_normal(vectors.shape[1])
+    step = max(1, chunk_elements // max(1, vectors.shape[1]))
+    out = np.empty(vectors.shape[0])
+    for start in range(0, vectors.shape[0], step):
+        out[start : start + step] = vectors[start : start + step].astype(np.float64) @ direction
+    return out
 
-    Candidates are found by sorting a random projection of the vectors and cutting runs where
-    consecutive projections differ by more than a rounding margin: O(n·D + n log n), never all pairs.
-    Within a run, each atom is checked against the run's first unmatched atom.
+
+def _cluster(
+    atoms: np.ndarray, projection: np.ndarray, matches: Callable[[int, np.ndarray], np.ndarray]
+) -> list[tuple[int, int]]:
+    """Pairs ``(source, target)`` of atoms that ``matches`` says are interchangeable.
+
+    Candidates are found by sorting a random projection of the atoms' vectors and cutting runs
+    where consecutive projections differ by more than a rounding margin: O(n·D + n log n), never
+    all pairs. Within a run, each atom is checked exactly against the run's first unmatched atom.
     """
     if len(atoms) < 2:
         return []
-    direction = np.random.default_rng(0).standard_normal(vectors.shape[1])
-    projection = (vectors @ direction.astype(vectors.dtype))[atoms]
     order = np.argsort(projection, kind="stable")
     sorted_projection = projection[order]
     margin = 1e-6 * (np.abs(sorted_projection).max() + 1e-30)

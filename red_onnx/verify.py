@@ -692,6 +692,8 @@ class Verifier:
         """
         source = _model_source(candidate)
         per_output: dict[str, list[OutputCheck]] = {}
+        for level in sorted({*self.levels, "disable_all"}):
+            self.reference_outputs(level)  # a broken input model is the input's fault: InputError first
         for level in self.levels:
             got = self._run_source(source, level, reference=False)
             for ref_level in sorted({level, "disable_all"}):
