@@ -26,26 +26,23 @@ def _variable_side(node: gs.Node) -> int | None:
     return None
 
 
-def _affine(node: gs.Node, side: int, channels: int, rank: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(factor, shift) per channel of ``node`` as a function of its variable input, or None.
-
-    None when the constant is not a scalar or per-channel on axis 1 (it would change the shape).
-    """
+def _affine(node: gs.Node, side: int, channels: int, rank: int) -> tuple[np.ndarray, np.ndarray] | str:
+    """(factor, shift) per channel of ``node`` as a function of its variable input, or why not."""
     values = constant_values(node.inputs[1 - side]).astype(np.float64)
     if values.ndim > rank:
-        return None
+        return "its constant is not per channel (more dims than the conv output)"
     if values.size == 1:
         column = np.full(channels, float(values.reshape(-1)[0]))
     else:
         rows = per_channel_constant(values, rank, 1, channels)
         if rows is None or rows.shape[1] != 1:
-            return None
+            return "its constant is not per channel (nor a scalar)"
         column = rows[:, 0]
     ones, zeros = np.ones(channels), np.zeros(channels)
     if node.op == "Mul":
         return column, zeros
     if node.op == "Div":
-        return (1.0 / column, zeros) if np.all(column != 0) else None
+        return (1.0 / column, zeros) if np.all(column != 0) else "its divisor has zeros"
     if node.op == "Add":
         return ones, column
     return (ones, -column) if side == 0 else (-ones, column)  # x - c, or c - x
@@ -68,8 +65,8 @@ class FoldAffine(Pass):
                 continue  # Gemm/ConvTranspose outputs rarely meet a per-channel affine op: left alone
             weight = constant_values(producer.inputs[1])
             affine = _affine(node, side, weight.shape[0], weight.ndim)
-            if affine is None:
-                skips.append(Skip(node.name, f"{node.op} not folded: its constant is not per channel"))
+            if isinstance(affine, str):
+                skips.append(Skip(node.name, f"{node.op} not folded: {affine}"))
                 continue
             scale_producer(producer, *affine)
             bypass(graph, node, side)

@@ -489,45 +489,36 @@ def _binary_homogeneous(op: str, roles: list[str]) -> bool:
     return "broadcast" not in roles
 
 
-def _visit_concat(node: gs.Node, member: GroupTensor, context: GraphContext) -> NodeMap | str:
-    rank = context.rank(node.outputs[0])
+def _offset_map(
+    node: gs.Node, member: GroupTensor, context: GraphContext, whole: gs.Tensor, parts: list[gs.Tensor]
+) -> NodeMap | str:
+    """Concat/Split: ``whole`` is ``parts`` laid end to end on the node's axis."""
+    rank = context.rank(whole)
     if rank is None:
-        return Reason.UNKNOWN_SHAPE.format(tensor=node.outputs[0].name)
+        return Reason.UNKNOWN_SHAPE.format(tensor=whole.name)
     axis = int(node.attrs.get("axis", 0)) % rank
-    if any(isinstance(t, gs.Constant) for t in node.inputs):
+    if any(isinstance(t, gs.Constant) for t in [whole, *parts]):
         return _fmt(Reason.VARIABLE_PARAMETER, node, tensor=node.inputs[0].name)
-    if axis != member.axis:
-        links = [Link(t, member.axis, member.block) for t in [*node.inputs, node.outputs[0]]]
+    if axis != member.axis:  # joined along another axis: channel c of every piece is channel c
+        links = [Link(t, member.axis, member.block) for t in [whole, *parts]]
         return _arange_map("path", *links, channels=member.channels)
-    counts = [context.channels(t, axis, member.block) for t in node.inputs]
+    counts = [context.channels(t, axis, member.block) for t in parts]
     if any(c is None for c in counts):
-        return Reason.UNKNOWN_SHAPE.format(tensor=node.outputs[0].name)
+        return Reason.UNKNOWN_SHAPE.format(tensor=whole.name)
     offsets = np.concatenate([[0], np.cumsum(counts)])
-    links = [
-        (Link(t, axis, member.block), offsets[k] + np.arange(counts[k])) for k, t in enumerate(node.inputs)
-    ]
-    links.append((Link(node.outputs[0], axis, member.block), np.arange(int(offsets[-1]))))
+    links = [(Link(t, axis, member.block), offsets[k] + np.arange(counts[k])) for k, t in enumerate(parts)]
+    links.append((Link(whole, axis, member.block), np.arange(int(offsets[-1]))))
     return NodeMap("path", links)
+
+
+def _visit_concat(node: gs.Node, member: GroupTensor, context: GraphContext) -> NodeMap | str:
+    return _offset_map(node, member, context, node.outputs[0], list(node.inputs))
 
 
 def _visit_split(node: gs.Node, member: GroupTensor, context: GraphContext) -> NodeMap | str:
-    rank = context.rank(node.inputs[0])
-    if rank is None:
-        return Reason.UNKNOWN_SHAPE.format(tensor=node.inputs[0].name)
-    axis = int(node.attrs.get("axis", 0)) % rank
-    in_axis = member.axis
-    if axis != in_axis:
-        links = [Link(t, in_axis, member.block) for t in [node.inputs[0], *node.outputs]]
-        return _arange_map("path", *links, channels=member.channels)
-    counts = [context.channels(t, axis, member.block) for t in node.outputs]
-    if any(c is None for c in counts):
-        return Reason.UNKNOWN_SHAPE.format(tensor=node.inputs[0].name)
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    links = [
-        (Link(t, axis, member.block), offsets[k] + np.arange(counts[k])) for k, t in enumerate(node.outputs)
-    ]
-    links.append((Link(node.inputs[0], axis, member.block), np.arange(int(offsets[-1]))))
-    return NodeMap("path", links)
+    if len(node.inputs) > 1 and node.inputs[1].name and member.tensor is node.inputs[1]:
+        return _fmt(Reason.VARIABLE_PARAMETER, node, tensor=node.inputs[1].name)
+    return _offset_map(node, member, context, node.inputs[0], list(node.outputs))
 
 
 def slice_params(node: gs.Node, rank: int) -> tuple[list[int], list[int], list[int], list[int]] | None:

@@ -12,6 +12,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import onnx
+from onnx import external_data_helper
+
 from red_onnx import demo, io
 from red_onnx._version import __version__
 from red_onnx.errors import RedOnnxError, UsageError, VerificationError
@@ -85,17 +88,41 @@ def _input_spec(args: argparse.Namespace) -> InputSpec:
     )
 
 
+def _input_files(path: Path) -> set[Path]:
+    """The input model and the external data files it reads (all must stay untouched)."""
+    files = {path.resolve()}
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return files
+    for tensor in external_data_helper._get_all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            location = {e.key: e.value for e in tensor.external_data}.get("location")
+            if location:
+                files.add((path.parent / location).resolve())
+    return files
+
+
 def _check_paths(args: argparse.Namespace) -> None:
-    if args.input is None:
-        return
-    if args.output is None and not args.dry_run:
+    """Refuse, before any work, outputs that would overwrite an input or land nowhere."""
+    protected = _input_files(Path(args.input)) if args.input else set()
+    if args.input is not None and args.output is None and not args.dry_run:
         raise UsageError("give an output path (red-onnx IN.onnx OUT.onnx), or --dry-run to only report")
-    if args.output is not None:
-        same = Path(args.output).resolve() == Path(args.input).resolve()
-        if same:
-            raise UsageError(f"the output {args.output} is the input; the input is never overwritten")
-        if Path(args.output).is_dir():
-            raise UsageError(f"the output {args.output} is a directory; give a file path")
+    targets = {"--json": args.json}
+    if args.output is not None and not args.dry_run:
+        targets |= {"the output": args.output, "the output's external data": f"{args.output}.data"}
+    for label, target in targets.items():
+        if target is None:
+            continue
+        path = Path(target)
+        if path.resolve() in protected:
+            raise UsageError(f"{label} {target} is an input file; the input is never overwritten")
+        if path.is_dir():
+            raise UsageError(f"{label} {target} is a directory; give a file path")
+        if not path.resolve().parent.is_dir():
+            raise UsageError(f"cannot write {label} {target}: directory {path.parent} does not exist")
+    if args.json and args.output and Path(args.json).resolve() == Path(args.output).resolve():
+        raise UsageError(f"--json {args.json} is the output model path; give the report its own file")
 
 
 class _ProgressBar:
@@ -139,11 +166,10 @@ def _run(args: argparse.Namespace) -> int:
     progress.close()
     if args.input is None:
         _add_demo_accuracy(result, source)
+    if args.output and not args.dry_run:
+        result.report.size_after = io.save_model(result.model, args.output)
     if args.json:
         _write_json(result, Path(args.json))
-    if args.output and not args.dry_run:
-        written = io.save_model(result.model, args.output)
-        result.report.size_after = written
     if not args.quiet:
         print(render_table(result.report))
         if args.output and not args.dry_run:
@@ -158,8 +184,6 @@ def _add_demo_accuracy(result: Result, source: Path) -> None:
 
 
 def _write_json(result: Result, path: Path) -> None:
-    if not path.parent.exists():
-        raise UsageError(f"cannot write --json {path}: directory {path.parent} does not exist")
     temp = path.with_name(f".{path.name}.tmp")
     temp.write_text(result.report.to_json() + "\n")
     temp.replace(path)

@@ -142,7 +142,9 @@ def _unconstant_overridable(graph: gs.Graph, names: frozenset[str], infos: list)
             continue
         var = gs.Variable(info.name, dtype=const.dtype, shape=list(const.shape))
         for node in list(const.outputs):
-            node.inputs[:] = [var if t is const else t for t in node.inputs]
+            for index, tensor in enumerate(list(node.inputs)):
+                if tensor is const:
+                    node.inputs[index] = var
         graph.inputs.append(var)
         var.red_default = const  # keeps the default value for export
 

@@ -109,7 +109,7 @@ def _layer(node: onnx.NodeProto, shapes: dict, weights: dict) -> LayerFigures | 
         channels, depth = (weight[0], weight[1]) if trans_b else (weight[1], weight[0])
         macs = math.prod(out) * depth if out else 0
     else:
-        channels, macs = weight[-1], (math.prod(out) * weight[0] if out else 0)
+        channels, macs = weight[-1], (math.prod(out) * weight[-2] if out else 0)
     return LayerFigures(node.name, node.op_type, int(channels), int(macs))
 
 

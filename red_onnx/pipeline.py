@@ -30,7 +30,7 @@ from red_onnx.shapes import ShapeService
 from red_onnx.verify import InputSpec, Verifier, make_inputs
 
 logger = logging.getLogger(__name__)
-ort.set_default_logger_severity(3)
+ort.set_default_logger_severity(4)
 
 #: Exact-mode tolerances: element-wise |y' - y| <= atol·max(1, max|y|) + rtol·|y|.
 EXACT_RTOL = 1e-5

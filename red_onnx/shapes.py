@@ -53,7 +53,7 @@ class ShapeService:
                 model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
+        options.log_severity_level = 4
         try:
             session = ort.InferenceSession(
                 model.SerializeToString(), options, providers=["CPUExecutionProvider"]

@@ -270,6 +270,10 @@ def _rng(seed: int, name: str) -> np.random.Generator:
 
 
 def _generate(vi: onnx.ValueInfoProto, spec: InputSpec, seed: int) -> np.ndarray:
+    return np.asarray(_generate_values(vi, spec, seed))
+
+
+def _generate_values(vi: onnx.ValueInfoProto, spec: InputSpec, seed: int) -> np.ndarray:
     dtype, shape, name = _input_dtype(vi), _resolve_shape(vi, spec), vi.name
     if name in spec.values:
         return _filled(name, float(spec.values[name]), shape, dtype)
@@ -736,7 +740,7 @@ class Verifier:
     def _session(self, source: bytes | str, level: str, *, reference: bool) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.graph_optimization_level = LEVELS[level]
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # errors reach the user as one line, not ORT's log
         try:
             session = ort.InferenceSession(source, sess_options=options, providers=self.providers)
         except Exception as exc:  # onnxruntime's pybind errors share no base class but Exception

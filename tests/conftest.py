@@ -16,18 +16,23 @@ for _path in (TESTS_DIR, ROOT):  # `import graphs` and `import red_onnx` without
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--runslow", action="store_true", default=False,
-                     help="also run tests marked slow (or set RED_ONNX_SLOW=1)")
+    parser.addoption(
+        "--runslow",
+        action="store_true",
+        default=False,
+        help="also run tests marked slow (or set RED_ONNX_SLOW=1)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: takes more than ~10 s on 2 cores; skipped unless "
-                                       "--runslow or RED_ONNX_SLOW=1")
+    config.addinivalue_line(
+        "markers", "slow: takes more than ~10 s on 2 cores; skipped unless --runslow or RED_ONNX_SLOW=1"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--runslow") or os.environ.get("RED_ONNX_SLOW") == "1":
-        return
+    if config.getoption("--runslow") or os.environ.get("RED_ONNX_SLOW") == "1" or os.environ.get("CI"):
+        return  # CI (CI=true, as .ci/run is run) always runs them
     skip = pytest.mark.skip(reason="slow: run with --runslow or RED_ONNX_SLOW=1")
     for item in items:
         if "slow" in item.keywords:

@@ -28,8 +28,7 @@ LEAKY_ALPHA = 0.1
 #: Activations that are positively homogeneous (scaled merges pass them).
 HOMOGENEOUS_ACTS = frozenset({"Relu", "LeakyRelu", "Identity", "None"})
 #: Activations the scaled_act builder covers.
-SCALED_ACTS = ("Relu", "LeakyRelu", "Identity", "Sigmoid", "Tanh", "Clip", "HardSigmoid",
-               "HardSwish", "SiLU")
+SCALED_ACTS = ("Relu", "LeakyRelu", "Identity", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish", "SiLU")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,34 +86,39 @@ def _session(model: onnx.ModelProto, optimize: bool = False) -> ort.InferenceSes
     opts.intra_op_num_threads = 2
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def input_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Shapes of the real graph inputs (initializers listed as inputs excluded; free dims: 1)."""
     inits = {i.name for i in model.graph.initializer}
-    return {vi.name: [d.dim_value if d.dim_value > 0 else 1 for d in vi.type.tensor_type.shape.dim]
-            for vi in model.graph.input if vi.name not in inits}
+    return {
+        vi.name: [d.dim_value if d.dim_value > 0 else 1 for d in vi.type.tensor_type.shape.dim]
+        for vi in model.graph.input
+        if vi.name not in inits
+    }
 
 
 def random_feeds(model: onnx.ModelProto, seed: int) -> dict[str, np.ndarray]:
     """Seeded standard-normal float32 feeds for every real graph input."""
     rng = np.random.default_rng(seed)
-    return {name: rng.standard_normal(shape).astype(np.float32)
-            for name, shape in input_shapes(model).items()}
+    return {
+        name: rng.standard_normal(shape).astype(np.float32) for name, shape in input_shapes(model).items()
+    }
 
 
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
-        optimize: bool = False) -> dict[str, np.ndarray]:
+def run(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], optimize: bool = False
+) -> dict[str, np.ndarray]:
     """Run ``model`` in onnxruntime (CPU) and return every graph output by name."""
     sess = _session(model, optimize)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds), strict=True))
 
 
-def assert_outputs_close(ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
-                         rtol: float = 1e-5, atol_frac: float = 1e-6) -> None:
+def assert_outputs_close(
+    ref: dict[str, np.ndarray], got: dict[str, np.ndarray], rtol: float = 1e-5, atol_frac: float = 1e-6
+) -> None:
     """Assert every output of ``got`` matches ``ref`` (atol = atol_frac · max|ref|)."""
     assert set(ref) == set(got), f"outputs differ: {sorted(ref)} vs {sorted(got)}"
     for name, y in ref.items():
@@ -207,8 +211,7 @@ class Net:
         self.inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape)))
         return name
 
-    def const(self, name: str, value: np.ndarray | Sequence[float] | float,
-              dtype: type = np.float32) -> str:
+    def const(self, name: str, value: np.ndarray | Sequence[float] | float, dtype: type = np.float32) -> str:
         self.arrays[name] = np.array(value, dtype=dtype)
         return name
 
@@ -226,8 +229,19 @@ class Net:
     def uniform(self, shape: Sequence[int], lo: float, hi: float) -> np.ndarray:
         return np.asarray(self.rng.uniform(lo, hi, shape), np.float32)
 
-    def conv(self, name: str, x: str, cin: int, cout: int, k: int = 3, pad: int | None = None,
-             stride: int = 1, group: int = 1, bias: bool = True, weight: str = "") -> str:
+    def conv(
+        self,
+        name: str,
+        x: str,
+        cin: int,
+        cout: int,
+        k: int = 3,
+        pad: int | None = None,
+        stride: int = 1,
+        group: int = 1,
+        bias: bool = True,
+        weight: str = "",
+    ) -> str:
         """Conv; ``pad`` defaults to k // 2; ``weight`` reuses an existing W (and B) pair."""
         pad = k // 2 if pad is None else pad
         w_name = weight or f"{name}.W"
@@ -238,19 +252,36 @@ class Net:
                 self.arrays[b_name] = self.small([cout])
         self.layout[name] = (w_name, 0, b_name, 0)
         inputs = [x, w_name] + ([b_name] if bias else [])
-        return self.op("Conv", inputs, name, kernel_shape=[k, k], pads=[pad] * 4,
-                       strides=[stride, stride], group=group)
+        return self.op(
+            "Conv", inputs, name, kernel_shape=[k, k], pads=[pad] * 4, strides=[stride, stride], group=group
+        )
 
     def conv_t(self, name: str, x: str, cin: int, cout: int, k: int = 3, stride: int = 2) -> str:
         """ConvTranspose (group 1, pads 1, output_padding stride-1): W is [cin, cout, k, k]."""
         self.arrays[f"{name}.W"] = self.he([cin, cout, k, k], cin * k * k)
         self.arrays[f"{name}.B"] = self.small([cout])
         self.layout[name] = (f"{name}.W", 1, f"{name}.B", 0)
-        return self.op("ConvTranspose", [x, f"{name}.W", f"{name}.B"], name, kernel_shape=[k, k],
-                       strides=[stride, stride], pads=[1] * 4, output_padding=[stride - 1] * 2)
+        return self.op(
+            "ConvTranspose",
+            [x, f"{name}.W", f"{name}.B"],
+            name,
+            kernel_shape=[k, k],
+            strides=[stride, stride],
+            pads=[1] * 4,
+            output_padding=[stride - 1] * 2,
+        )
 
-    def gemm(self, name: str, x: str, k: int, n: int, trans_b: int = 1, alpha: float = 1.0,
-             beta: float = 1.0, c_shape: Sequence[int] | None = None) -> str:
+    def gemm(
+        self,
+        name: str,
+        x: str,
+        k: int,
+        n: int,
+        trans_b: int = 1,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        c_shape: Sequence[int] | None = None,
+    ) -> str:
         """Gemm; ``c_shape`` defaults to [n]; () makes C a scalar."""
         c_shape = [n] if c_shape is None else list(c_shape)
         self.arrays[f"{name}.W"] = self.he([n, k] if trans_b else [k, n], k)
@@ -258,8 +289,7 @@ class Net:
         bias = f"{name}.C" if c_shape and c_shape[-1] == n else ""
         self.layout[name] = (f"{name}.W", 0 if trans_b else 1, bias, len(c_shape) - 1)
         self.bias_factor[name] = beta
-        return self.op("Gemm", [x, f"{name}.W", f"{name}.C"], name, transB=trans_b, alpha=alpha,
-                       beta=beta)
+        return self.op("Gemm", [x, f"{name}.W", f"{name}.C"], name, transB=trans_b, alpha=alpha, beta=beta)
 
     def matmul(self, name: str, x: str, k: int, n: int, bias_first: bool = False) -> str:
         """MatMul with a [k, n] weight followed by an Add of a [n] bias (node ``<name>_bias``)."""
@@ -271,11 +301,16 @@ class Net:
         return self.op("Add", ins, f"{name}_bias")
 
     def bn(self, name: str, x: str, c: int) -> str:
-        for role, arr in (("scale", self.uniform([c], 0.5, 1.5)), ("bias", self.small([c])),
-                          ("mean", self.small([c])), ("var", self.uniform([c], 0.5, 1.5))):
+        for role, arr in (
+            ("scale", self.uniform([c], 0.5, 1.5)),
+            ("bias", self.small([c])),
+            ("mean", self.small([c])),
+            ("var", self.uniform([c], 0.5, 1.5)),
+        ):
             self.arrays[f"{name}.{role}"] = arr
-        return self.op("BatchNormalization", [x] + [f"{name}.{r}" for r in
-                                                    ("scale", "bias", "mean", "var")], name)
+        return self.op(
+            "BatchNormalization", [x] + [f"{name}.{r}" for r in ("scale", "bias", "mean", "var")], name
+        )
 
     def act(self, kind: str, x: str, name: str) -> str:
         """Apply an activation by name (``None`` returns x unchanged)."""
@@ -326,16 +361,22 @@ class Net:
     def build(self, outputs: Sequence[str]) -> onnx.ModelProto:
         inits = [numpy_helper.from_array(a, name) for name, a in self.arrays.items()]
         graph = helper.make_graph(
-            self.nodes, "g", self.inputs,
+            self.nodes,
+            "g",
+            self.inputs,
             [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
-            initializer=inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  ir_version=IR_VERSION, producer_name="red_onnx-tests")
+            initializer=inits,
+        )
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET)],
+            ir_version=IR_VERSION,
+            producer_name="red_onnx-tests",
+        )
         model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
         del model.graph.value_info[:]
         onnx.checker.check_model(model, full_check=True)
         return model
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,9 +414,12 @@ def conv_chain_identical(seed: int = 0) -> BuiltGraph:
     y = net.conv("conv2", h, 8, 6)
     for j, i in ((5, 1), (6, 1), (7, 3)):
         net.plant("conv1", j, i)
-    return BuiltGraph(net.build([y]), {"conv1": 3},
-                      (_ident(h, 5, 1), _ident(h, 6, 1), _ident(h, 7, 3)),
-                      "conv-relu-conv; conv1 rows 5, 6 = row 1 (a set of 3) and 7 = row 3")
+    return BuiltGraph(
+        net.build([y]),
+        {"conv1": 3},
+        (_ident(h, 5, 1), _ident(h, 6, 1), _ident(h, 7, 3)),
+        "conv-relu-conv; conv1 rows 5, 6 = row 1 (a set of 3) and 7 = row 3",
+    )
 
 
 def scaled_relu_pool(seed: int = 0) -> BuiltGraph:
@@ -386,8 +430,12 @@ def scaled_relu_pool(seed: int = 0) -> BuiltGraph:
     y = net.conv("conv2", p, 8, 6)
     net.plant("conv1", 4, 0, 2.0)
     net.plant("conv1", 6, 2, 0.5)
-    return BuiltGraph(net.build([y]), {"conv1": 2}, (_scaled(p, 4, 0, 2.0), _scaled(p, 6, 2, 0.5)),
-                      "conv-relu-maxpool-conv; conv1 row 4 = 2·row 0, row 6 = 0.5·row 2")
+    return BuiltGraph(
+        net.build([y]),
+        {"conv1": 2},
+        (_scaled(p, 4, 0, 2.0), _scaled(p, 6, 2, 0.5)),
+        "conv-relu-maxpool-conv; conv1 row 4 = 2·row 0, row 6 = 0.5·row 2",
+    )
 
 
 def scaled_act(act: str, seed: int = 0) -> BuiltGraph:
@@ -399,9 +447,13 @@ def scaled_act(act: str, seed: int = 0) -> BuiltGraph:
     net.plant("conv1", 5, 1)
     homog = act in HOMOGENEOUS_ACTS
     check = _scaled(h, 4, 0, 2.0) if homog else _not_scaled(h, 4, 0, 2.0)
-    return BuiltGraph(net.build([y]), {"conv1": 2 if homog else 1}, (_ident(h, 5, 1), check),
-                      f"conv-{act}-conv; row 5 = row 1 (removed), row 4 = 2·row 0 "
-                      f"({'removed' if homog else 'kept: not homogeneous'})")
+    return BuiltGraph(
+        net.build([y]),
+        {"conv1": 2 if homog else 1},
+        (_ident(h, 5, 1), check),
+        f"conv-{act}-conv; row 5 = row 1 (removed), row 4 = 2·row 0 "
+        f"({'removed' if homog else 'kept: not homogeneous'})",
+    )
 
 
 def scaled_path(seed: int = 0) -> BuiltGraph:
@@ -423,9 +475,13 @@ def scaled_path(seed: int = 0) -> BuiltGraph:
     net.plant("conv1", 6, 0)
     net.plant("conv2", 6, 2, 2.0)
     planted = (_scaled(m, 3, 1, 2.0), _scaled(m, 7, 5, 0.5), _ident(m, 6, 0), _scaled(f, 6, 2, 2.0))
-    return BuiltGraph(net.build([y]), {"conv1": 3, "conv2": 1}, planted,
-                      "scaled rows through Relu, zero Pad, AveragePool, Dropout, LeakyRelu, "
-                      "MaxPool; and through Relu, GlobalAveragePool, Flatten into a Gemm")
+    return BuiltGraph(
+        net.build([y]),
+        {"conv1": 3, "conv2": 1},
+        planted,
+        "scaled rows through Relu, zero Pad, AveragePool, Dropout, LeakyRelu, "
+        "MaxPool; and through Relu, GlobalAveragePool, Flatten into a Gemm",
+    )
 
 
 def prelu_mul_add(seed: int = 0) -> BuiltGraph:
@@ -445,10 +501,13 @@ def prelu_mul_add(seed: int = 0) -> BuiltGraph:
         cv[j], dv[j], sv[j] = cv[i], dv[i], sv[i]
     sv[6] += 0.2
     dv[7] += 0.3
-    return BuiltGraph(net.build([y]), {"conv1": 1},
-                      (_ident(h, 5, 1), _distinct(h, 6, 2), _distinct(h, 7, 3)),
-                      "conv-Mul-Add-PRelu-conv; rows 5=1 with equal per-channel params (removed); "
-                      "6=2 with another slope, 7=3 with another Add constant (kept)")
+    return BuiltGraph(
+        net.build([y]),
+        {"conv1": 1},
+        (_ident(h, 5, 1), _distinct(h, 6, 2), _distinct(h, 7, 3)),
+        "conv-Mul-Add-PRelu-conv; rows 5=1 with equal per-channel params (removed); "
+        "6=2 with another slope, 7=3 with another Add constant (kept)",
+    )
 
 
 def batchnorm_after(seed: int = 0) -> BuiltGraph:
@@ -463,10 +522,13 @@ def batchnorm_after(seed: int = 0) -> BuiltGraph:
         for r, arr in p.items():
             arr[j] = arr[i] * (s if r in ("mean", "bias") else 1.0)
     p["scale"][6] *= 1.5
-    return BuiltGraph(net.build([y]), {"conv1": 2},
-                      (_ident(h, 5, 1), _distinct(h, 6, 2), _scaled(h, 7, 3, 2.0)),
-                      "conv-BN-relu-conv; row 5=1 with equal BN params (removed), 6=2 with another "
-                      "BN scale (kept), 7=2·row 3 with BN mean/bias doubled (scaled after folding)")
+    return BuiltGraph(
+        net.build([y]),
+        {"conv1": 2},
+        (_ident(h, 5, 1), _distinct(h, 6, 2), _scaled(h, 7, 3, 2.0)),
+        "conv-BN-relu-conv; row 5=1 with equal BN params (removed), 6=2 with another "
+        "BN scale (kept), 7=2·row 3 with BN mean/bias doubled (scaled after folding)",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,9 +548,13 @@ def residual_identity(seed: int = 0) -> BuiltGraph:
         net.plant(node, 5, 2, 2.0)
     net.plant("convA", 7, 3)
     planted = (_ident(r, 4, 1), _scaled(r, 5, 2, 2.0), _ident(r0, 4, 1), _ident(a, 7, 3))
-    return BuiltGraph(net.build([y]), {"conv0": 2, "convB": 2, "convA": 1}, planted,
-                      "identity residual Add(relu(conv0), convB(...)); rows 4=1 and 5=2·row 2 in "
-                      "both producers; convA row 7=3")
+    return BuiltGraph(
+        net.build([y]),
+        {"conv0": 2, "convB": 2, "convA": 1},
+        planted,
+        "identity residual Add(relu(conv0), convB(...)); rows 4=1 and 5=2·row 2 in "
+        "both producers; convA row 7=3",
+    )
 
 
 def residual_projection(both: bool, seed: int = 0) -> BuiltGraph:
@@ -509,9 +575,13 @@ def residual_projection(both: bool, seed: int = 0) -> BuiltGraph:
     else:
         planted = (_distinct(r, 5, 1), _not_scaled(r, 6, 2, 2.0))
         expected = {}
-    return BuiltGraph(net.build([y]), expected, planted,
-                      "projection residual Add(convP, convB); rows 5=1 and 6=2·row 2 planted in "
-                      + ("both producers (removed)" if both else "convB only (kept)"))
+    return BuiltGraph(
+        net.build([y]),
+        expected,
+        planted,
+        "projection residual Add(convP, convB); rows 5=1 and 6=2·row 2 planted in "
+        + ("both producers (removed)" if both else "convB only (kept)"),
+    )
 
 
 def residual_graph_input(seed: int = 0) -> BuiltGraph:
@@ -522,8 +592,12 @@ def residual_graph_input(seed: int = 0) -> BuiltGraph:
     y = net.conv("conv3", net.act("Relu", s, "relu_add"), 8, 5)
     net.plant("conv2", 5, 1)
     net.plant("conv1", 3, 0)
-    return BuiltGraph(net.build([y]), {"conv1": 1}, (_ident(h, 3, 0),),
-                      "residual Add with the graph input (conv2's group frozen); conv1 row 3=0")
+    return BuiltGraph(
+        net.build([y]),
+        {"conv1": 1},
+        (_ident(h, 3, 0),),
+        "residual Add with the graph input (conv2's group frozen); conv1 row 3=0",
+    )
 
 
 def se_gate(seed: int = 0) -> BuiltGraph:
@@ -540,10 +614,13 @@ def se_gate(seed: int = 0) -> BuiltGraph:
     net.plant("se1", 3, 0)
     net.plant("conv1", 6, 2)
     net.plant("se2", 6, 2, -1.0)  # gate 6 = 1 - gate 2: visibly different from gate 2
-    return BuiltGraph(net.build([y]), {"conv1": 1, "se2": 1, "se1": 1},
-                      (_ident(m, 5, 1), _ident(s1, 3, 0), _distinct(m, 6, 2)),
-                      "SE gate x·sigmoid(se2(relu(se1(gap(x))))); conv1 and se2 rows 5=1 "
-                      "(removed), conv1 row 6=2 with another gate (kept), se1 row 3=0")
+    return BuiltGraph(
+        net.build([y]),
+        {"conv1": 1, "se2": 1, "se1": 1},
+        (_ident(m, 5, 1), _ident(s1, 3, 0), _distinct(m, 6, 2)),
+        "SE gate x·sigmoid(se2(relu(se1(gap(x))))); conv1 and se2 rows 5=1 "
+        "(removed), conv1 row 6=2 with another gate (kept), se1 row 3=0",
+    )
 
 
 def concat_conv(seed: int = 0) -> BuiltGraph:
@@ -557,9 +634,12 @@ def concat_conv(seed: int = 0) -> BuiltGraph:
     net.plant("convA", 3, 0)
     net.plant("convB", 4, 1)
     net.plant("convB", 5, 2, 2.0)
-    return BuiltGraph(net.build([y]), {"convA": 1, "convB": 2},
-                      (_ident(c, 3, 0), _ident(c, 8, 5), _scaled(c, 9, 6, 2.0)),
-                      "Concat(convA, convB)-maxpool-conv; convA row 3=0, convB rows 4=1, 5=2·row 2")
+    return BuiltGraph(
+        net.build([y]),
+        {"convA": 1, "convB": 2},
+        (_ident(c, 3, 0), _ident(c, 8, 5), _scaled(c, 9, 6, 2.0)),
+        "Concat(convA, convB)-maxpool-conv; convA row 3=0, convB rows 4=1, 5=2·row 2",
+    )
 
 
 def split_consumers(seed: int = 0) -> BuiltGraph:
@@ -567,16 +647,18 @@ def split_consumers(seed: int = 0) -> BuiltGraph:
     x = net.input("x", [1, 4, 8, 8])
     h = net.act("Relu", net.conv("conv1", x, 4, 8), "relu1")
     sizes = net.const("split.sizes", [4, 4], np.int64)
-    net.nodes.append(helper.make_node("Split", [h, sizes], ["split_y0", "split_y1"],
-                                      name="split", axis=1))
+    net.nodes.append(helper.make_node("Split", [h, sizes], ["split_y0", "split_y1"], name="split", axis=1))
     p = net.conv("convP", "split_y0", 4, 5)
     q = net.conv("convQ", "split_y1", 4, 5, k=1)
     y = net.op("Add", [p, q], "add")
     net.plant("conv1", 1, 0)
     net.plant("conv1", 6, 5, 2.0)
-    return BuiltGraph(net.build([y]), {"conv1": 2}, (_ident(h, 1, 0), _scaled(h, 6, 5, 2.0)),
-                      "Split of conv1's output into two consumers; row 1=0 (first half), "
-                      "row 6=2·row 5 (second half)")
+    return BuiltGraph(
+        net.build([y]),
+        {"conv1": 2},
+        (_ident(h, 1, 0), _scaled(h, 6, 5, 2.0)),
+        "Split of conv1's output into two consumers; row 1=0 (first half), row 6=2·row 5 (second half)",
+    )
 
 
 def depthwise_m1(seed: int = 0) -> BuiltGraph:
@@ -589,10 +671,13 @@ def depthwise_m1(seed: int = 0) -> BuiltGraph:
     net.plant("dw", 5, 1)
     net.plant("conv1", 7, 3)
     net.arrays["dw.W"][3] = np.abs(net.arrays["dw.W"][3])  # channel 3 alive after relu_dw
-    return BuiltGraph(net.build([y]), {"conv1": 1, "dw": 1},
-                      (_ident(d, 5, 1), _ident(h, 7, 3), _distinct(d, 7, 3)),
-                      "depthwise (multiplier 1) in the chain; conv1+dw row 5=1 (removed), conv1 "
-                      "row 7=3 with another dw kernel (kept)")
+    return BuiltGraph(
+        net.build([y]),
+        {"conv1": 1, "dw": 1},
+        (_ident(d, 5, 1), _ident(h, 7, 3), _distinct(d, 7, 3)),
+        "depthwise (multiplier 1) in the chain; conv1+dw row 5=1 (removed), conv1 "
+        "row 7=3 with another dw kernel (kept)",
+    )
 
 
 def depthwise_zero_kernel(seed: int = 0) -> BuiltGraph:
@@ -602,10 +687,12 @@ def depthwise_zero_kernel(seed: int = 0) -> BuiltGraph:
     d = net.act("Relu", net.conv("dw", h, 8, 8, group=8), "relu_dw")
     y = net.conv("conv2", d, 8, 6, k=1)
     net.zero_row("dw", 6, 0.0)
-    return BuiltGraph(net.build([y]), {"conv1": 1, "dw": 1},
-                      (_const(d, 6, 0.0), Plant("unused", producer="conv1", channel=6)),
-                      "depthwise kernel 6 and bias 6 zero: channel 6 is zero after dw, unused "
-                      "from conv1")
+    return BuiltGraph(
+        net.build([y]),
+        {"conv1": 1, "dw": 1},
+        (_const(d, 6, 0.0), Plant("unused", producer="conv1", channel=6)),
+        "depthwise kernel 6 and bias 6 zero: channel 6 is zero after dw, unused from conv1",
+    )
 
 
 def depthwise_m2(seed: int = 0) -> BuiltGraph:
@@ -615,8 +702,12 @@ def depthwise_m2(seed: int = 0) -> BuiltGraph:
     d = net.act("Relu", net.conv("dw2", h, 4, 8, group=4), "relu_dw")
     y = net.conv("conv2", d, 8, 6, k=1)
     net.plant("conv1", 3, 1)
-    return BuiltGraph(net.build([y]), {}, (_ident(h, 3, 1),),
-                      "depthwise multiplier 2 consumer freezes conv1's group (row 3=1 kept)")
+    return BuiltGraph(
+        net.build([y]),
+        {},
+        (_ident(h, 3, 1),),
+        "depthwise multiplier 2 consumer freezes conv1's group (row 3=1 kept)",
+    )
 
 
 def grouped_consumer(seed: int = 0) -> BuiltGraph:
@@ -625,8 +716,12 @@ def grouped_consumer(seed: int = 0) -> BuiltGraph:
     h = net.act("Relu", net.conv("conv1", x, 4, 8), "relu1")
     y = net.conv("gconv", h, 8, 6, group=2)
     net.plant("conv1", 1, 0)
-    return BuiltGraph(net.build([y]), {}, (_ident(h, 1, 0),),
-                      "grouped (g=2, not depthwise) consumer freezes conv1's group (row 1=0 kept)")
+    return BuiltGraph(
+        net.build([y]),
+        {},
+        (_ident(h, 1, 0),),
+        "grouped (g=2, not depthwise) consumer freezes conv1's group (row 1=0 kept)",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -647,10 +742,12 @@ def flatten_gemm(reshape: bool = False, seed: int = 0) -> BuiltGraph:
     net.plant("conv1", 5, 2, 2.0)
     net.plant("fc1", 7, 3)
     op = "Reshape [2, 54]" if reshape else "Flatten"
-    return BuiltGraph(net.build([y]), {"conv1": 2, "fc1": 1},
-                      (_ident(h, 4, 1), _scaled(h, 5, 2, 2.0), _ident(g, 7, 3)),
-                      f"conv-relu-{op}-Gemm-relu-Gemm; conv1 rows 4=1, 5=2·row 2 (feature blocks "
-                      "of 9), fc1 row 7=3")
+    return BuiltGraph(
+        net.build([y]),
+        {"conv1": 2, "fc1": 1},
+        (_ident(h, 4, 1), _scaled(h, 5, 2, 2.0), _ident(g, 7, 3)),
+        f"conv-relu-{op}-Gemm-relu-Gemm; conv1 rows 4=1, 5=2·row 2 (feature blocks of 9), fc1 row 7=3",
+    )
 
 
 def reshape_not_flatten(seed: int = 0) -> BuiltGraph:
@@ -660,8 +757,12 @@ def reshape_not_flatten(seed: int = 0) -> BuiltGraph:
     r = net.op("Reshape", [h, net.const("reshape.shape", [1, 3, 16, 8], np.int64)], "reshape")
     y = net.conv("conv2", r, 3, 5)
     net.plant("conv1", 1, 0)
-    return BuiltGraph(net.build([y]), {}, (_ident(h, 1, 0),),
-                      "Reshape [1,6,8,8]->[1,3,16,8] mixes channels into rows: freezes (row 1=0)")
+    return BuiltGraph(
+        net.build([y]),
+        {},
+        (_ident(h, 1, 0),),
+        "Reshape [1,6,8,8]->[1,3,16,8] mixes channels into rows: freezes (row 1=0)",
+    )
 
 
 def nhwc_matmul(seed: int = 0) -> BuiltGraph:
@@ -674,10 +775,12 @@ def nhwc_matmul(seed: int = 0) -> BuiltGraph:
     net.plant("conv1", 4, 1)
     net.plant("mm1", 6, 2)
     net.plant("mm1", 7, 3, 2.0)
-    return BuiltGraph(net.build([y]), {"conv1": 1, "mm1": 2},
-                      (_ident(h, 4, 1), _ident(m, 6, 2, -1), _scaled(m, 7, 3, 2.0, -1)),
-                      "conv-relu-Transpose(0,2,3,1)-MatMul[6,8]+Add-relu-MatMul; conv1 row 4=1, "
-                      "mm1 columns 6=2, 7=2·col 3")
+    return BuiltGraph(
+        net.build([y]),
+        {"conv1": 1, "mm1": 2},
+        (_ident(h, 4, 1), _ident(m, 6, 2, -1), _scaled(m, 7, 3, 2.0, -1)),
+        "conv-relu-Transpose(0,2,3,1)-MatMul[6,8]+Add-relu-MatMul; conv1 row 4=1, mm1 columns 6=2, 7=2·col 3",
+    )
 
 
 #: C shapes of :func:`gemm_mlp`: per-channel [N], [1, N], scalar, full [M, N].
@@ -705,9 +808,13 @@ def gemm_mlp(trans_b: int, c: str, seed: int = 0) -> BuiltGraph:
     else:  # C [M, N] is not a per-channel bias: columns of C stay different
         planted, n1 = (_distinct(h1, 7, 3), _not_scaled(h1, 9, 5, 2.0)), 0
     expected = {"fc1": n1, "fc2": 1} if n1 else {"fc2": 1}
-    return BuiltGraph(net.build([y]), expected, (*planted, _ident(h2, 6, 1)),
-                      f"Gemm MLP, fc1 transB={trans_b} alpha .5 beta 2 C {c}, fc2 transB="
-                      f"{1 - trans_b}; fc1 channels 7=3, 9=2·ch 5; fc2 row 6=1")
+    return BuiltGraph(
+        net.build([y]),
+        expected,
+        (*planted, _ident(h2, 6, 1)),
+        f"Gemm MLP, fc1 transB={trans_b} alpha .5 beta 2 C {c}, fc2 transB="
+        f"{1 - trans_b}; fc1 channels 7=3, 9=2·ch 5; fc2 row 6=1",
+    )
 
 
 def matmul_add(seed: int = 0) -> BuiltGraph:
@@ -717,9 +824,12 @@ def matmul_add(seed: int = 0) -> BuiltGraph:
     y = net.matmul("mm2", h, 8, 4)
     net.plant("mm1", 6, 2)
     net.plant("mm1", 7, 1, 0.5)
-    return BuiltGraph(net.build([y]), {"mm1": 2}, (_ident(h, 6, 2, -1), _scaled(h, 7, 1, 0.5, -1)),
-                      "batched MatMul[10,8] + Add(bias, ·) -> relu -> MatMul; columns 6=2, "
-                      "7=0.5·col 1")
+    return BuiltGraph(
+        net.build([y]),
+        {"mm1": 2},
+        (_ident(h, 6, 2, -1), _scaled(h, 7, 1, 0.5, -1)),
+        "batched MatMul[10,8] + Add(bias, ·) -> relu -> MatMul; columns 6=2, 7=0.5·col 1",
+    )
 
 
 def conv_transpose(seed: int = 0) -> BuiltGraph:
@@ -731,10 +841,13 @@ def conv_transpose(seed: int = 0) -> BuiltGraph:
     net.plant("conv0", 3, 0)
     net.plant("convT", 5, 1)
     net.plant("convT", 7, 3, 2.0)
-    return BuiltGraph(net.build([y]), {"conv0": 1, "convT": 2},
-                      (_ident(h0, 3, 0), _ident(t, 5, 1), _scaled(t, 7, 3, 2.0)),
-                      "conv-relu-ConvTranspose(W[4,8,3,3], stride 2)-relu-conv; conv0 row 3=0 "
-                      "(consumer rows W[o]), convT W[:,5]=W[:,1], W[:,7]=2·W[:,3]")
+    return BuiltGraph(
+        net.build([y]),
+        {"conv0": 1, "convT": 2},
+        (_ident(h0, 3, 0), _ident(t, 5, 1), _scaled(t, 7, 3, 2.0)),
+        "conv-relu-ConvTranspose(W[4,8,3,3], stride 2)-relu-conv; conv0 row 3=0 "
+        "(consumer rows W[o]), convT W[:,5]=W[:,1], W[:,7]=2·W[:,3]",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -749,8 +862,12 @@ def shared_weight(seed: int = 0) -> BuiltGraph:
     b = net.act("Relu", net.conv("convB", a, 8, 8, weight="convA.W"), "reluB")
     y = net.conv("conv_out", b, 8, 5)
     net.plant("convA", 5, 1)
-    return BuiltGraph(net.build([y]), {}, (_ident(a, 5, 1), _ident(b, 5, 1)),
-                      "convA and convB share one W/B initializer with rows 5=1: both frozen")
+    return BuiltGraph(
+        net.build([y]),
+        {},
+        (_ident(a, 5, 1), _ident(b, 5, 1)),
+        "convA and convB share one W/B initializer with rows 5=1: both frozen",
+    )
 
 
 def output_in_middle(seed: int = 0) -> BuiltGraph:
@@ -761,8 +878,12 @@ def output_in_middle(seed: int = 0) -> BuiltGraph:
     y = net.conv("conv3", h2, 8, 5)
     net.plant("conv1", 5, 1)
     net.plant("conv2", 6, 2)
-    return BuiltGraph(net.build([h1, y]), {"conv2": 1}, (_ident(h1, 5, 1), _ident(h2, 6, 2)),
-                      "relu1 is also a graph output: conv1 (row 5=1) frozen; conv2 row 6=2 removed")
+    return BuiltGraph(
+        net.build([h1, y]),
+        {"conv2": 1},
+        (_ident(h1, 5, 1), _ident(h2, 6, 2)),
+        "relu1 is also a graph output: conv1 (row 5=1) frozen; conv2 row 6=2 removed",
+    )
 
 
 def softmax_channels(seed: int = 0) -> BuiltGraph:
@@ -771,8 +892,9 @@ def softmax_channels(seed: int = 0) -> BuiltGraph:
     h = net.op("Softmax", [net.conv("conv1", x, 4, 8)], "softmax", axis=1)
     y = net.conv("conv2", h, 8, 5)
     net.plant("conv1", 1, 0)
-    return BuiltGraph(net.build([y]), {}, (_ident(h, 1, 0),),
-                      "Softmax over channels freezes conv1's group (row 1=0 kept)")
+    return BuiltGraph(
+        net.build([y]), {}, (_ident(h, 1, 0),), "Softmax over channels freezes conv1's group (row 1=0 kept)"
+    )
 
 
 def lrn_consumer(seed: int = 0) -> BuiltGraph:
@@ -782,8 +904,9 @@ def lrn_consumer(seed: int = 0) -> BuiltGraph:
     n = net.op("LRN", [h], "lrn", size=3)
     y = net.conv("conv2", n, 8, 5)
     net.plant("conv1", 1, 0)
-    return BuiltGraph(net.build([y]), {}, (_ident(h, 1, 0),),
-                      "LRN mixes channels: freezes conv1's group (row 1=0 kept)")
+    return BuiltGraph(
+        net.build([y]), {}, (_ident(h, 1, 0),), "LRN mixes channels: freezes conv1's group (row 1=0 kept)"
+    )
 
 
 def constant_channels(padded: bool, seed: int = 0) -> BuiltGraph:
@@ -793,11 +916,13 @@ def constant_channels(padded: bool, seed: int = 0) -> BuiltGraph:
     y = net.conv("conv2", h, 8, 6, pad=1 if padded else 0)
     for j, b in ((3, 0.7), (5, 0.0), (6, -0.5)):
         net.zero_row("conv1", j, b)
-    return BuiltGraph(net.build([y]), {"conv1": 2 if padded else 3},
-                      (_const(h, 3, 0.7), _const(h, 5, 0.0), _const(h, 6, 0.0)),
-                      "conv1 rows 3, 5, 6 zero with bias .7, 0, -.5 (relu: .7, 0, 0) before a "
-                      + ("padded 3x3 conv: the .7 channel stays" if padded
-                         else "valid 3x3 conv: all three go"))
+    return BuiltGraph(
+        net.build([y]),
+        {"conv1": 2 if padded else 3},
+        (_const(h, 3, 0.7), _const(h, 5, 0.0), _const(h, 6, 0.0)),
+        "conv1 rows 3, 5, 6 zero with bias .7, 0, -.5 (relu: .7, 0, 0) before a "
+        + ("padded 3x3 conv: the .7 channel stays" if padded else "valid 3x3 conv: all three go"),
+    )
 
 
 def constant_gemm(seed: int = 0) -> BuiltGraph:
@@ -807,10 +932,12 @@ def constant_gemm(seed: int = 0) -> BuiltGraph:
     y = net.gemm("fc1", net.op("Flatten", [h], "flatten"), 54, 5)
     net.zero_row("conv1", 2, 0.7)
     net.zero_row("conv1", 4, -0.3)
-    return BuiltGraph(net.build([y]), {"conv1": 2},
-                      (_const(h, 2, 0.7), _const(h, 4, -0.3 * LEAKY_ALPHA)),
-                      "nonzero constant channels (.7 and LeakyRelu(-.3)) before Flatten-Gemm: "
-                      "folded into the Gemm bias")
+    return BuiltGraph(
+        net.build([y]),
+        {"conv1": 2},
+        (_const(h, 2, 0.7), _const(h, 4, -0.3 * LEAKY_ALPHA)),
+        "nonzero constant channels (.7 and LeakyRelu(-.3)) before Flatten-Gemm: folded into the Gemm bias",
+    )
 
 
 def unused_channels(seed: int = 0) -> BuiltGraph:
@@ -823,11 +950,12 @@ def unused_channels(seed: int = 0) -> BuiltGraph:
     for node in ("conv2", "conv3"):
         net.zero_input(node, 4)
     net.zero_input("conv2", 6)
-    return BuiltGraph(net.build([y]), {"conv1": 1},
-                      (Plant("unused", producer="conv1", channel=4),
-                       Plant("used", producer="conv1", channel=6)),
-                      "conv1 channel 4 read by nobody (both consumer slices zero); channel 6 zero "
-                      "in conv2 only (kept)")
+    return BuiltGraph(
+        net.build([y]),
+        {"conv1": 1},
+        (Plant("unused", producer="conv1", channel=4), Plant("used", producer="conv1", channel=6)),
+        "conv1 channel 4 read by nobody (both consumer slices zero); channel 6 zero in conv2 only (kept)",
+    )
 
 
 BUILDERS: dict[str, Callable[[], BuiltGraph]] = {
@@ -907,12 +1035,10 @@ def _perturb_row(model: onnx.ModelProto, producer: str, j: int, seed: int) -> on
 
 
 def _outputs_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
-    return all(np.allclose(a[k], b[k], rtol=1e-5, atol=1e-6 * max(1.0, np.abs(a[k]).max()))
-               for k in a)
+    return all(np.allclose(a[k], b[k], rtol=1e-5, atol=1e-6 * max(1.0, np.abs(a[k]).max())) for k in a)
 
 
-def check_planted(built: BuiltGraph, seeds: Sequence[int] = (0, 1),
-                  require_live: bool = True) -> None:
+def check_planted(built: BuiltGraph, seeds: Sequence[int] = (0, 1), require_live: bool = True) -> None:
     """Verify with onnxruntime that every planted fact of ``built`` holds (else AssertionError).
 
     Args:
@@ -993,8 +1119,7 @@ class _Group:
     consumers: list[tuple[str, bool]] = dataclasses.field(default_factory=list)
 
 
-def _layer(net: Net, kind: str, name: str, x: str, cin: int, cout: int,
-           flavour: int) -> tuple[str, bool]:
+def _layer(net: Net, kind: str, name: str, x: str, cin: int, cout: int, flavour: int) -> tuple[str, bool]:
     """Add one producer layer; returns (output, whether it pads its input)."""
     if kind == "conv":
         k = 1 if flavour == 0 else 3
@@ -1005,8 +1130,9 @@ def _layer(net: Net, kind: str, name: str, x: str, cin: int, cout: int,
     return net.gemm(name, x, cin, cout, trans_b=flavour, alpha=alpha, beta=beta), False
 
 
-def _stage(net: Net, spec: NetSpec, k: int, x: str, group: _Group,
-           groups: list[_Group]) -> tuple[str, _Group]:
+def _stage(
+    net: Net, spec: NetSpec, k: int, x: str, group: _Group, groups: list[_Group]
+) -> tuple[str, _Group]:
     """Add stage k reading ``x`` (channels of ``group``); returns the new tensor and group."""
     st = spec.stages[k]
     if not st.residual:
@@ -1058,8 +1184,9 @@ def _assign(group: _Group, rng: np.random.Generator) -> list[tuple[str, int, int
     return out
 
 
-def _plant_group(net: Net, group: _Group, plan: list[tuple[str, int, int]],
-                 rng: np.random.Generator) -> tuple[int, list[Plant]]:
+def _plant_group(
+    net: Net, group: _Group, plan: list[tuple[str, int, int]], rng: np.random.Generator
+) -> tuple[int, list[Plant]]:
     """Apply the row plants of one group; returns (provable removals, planted facts)."""
     homog = all(a in HOMOGENEOUS_ACTS for a in group.acts)
     removed, facts = 0, []
@@ -1125,8 +1252,17 @@ def random_planted_net(spec: NetSpec) -> BuiltGraph:
 # The onnx package's light model zoo (opset 9, IR 3, weights as ConstantOfShape fills)
 
 LIGHT_DIR = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
-LIGHT_MODELS = ("bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50",
-                "shufflenet", "squeezenet", "vgg19", "zfnet512")
+LIGHT_MODELS = (
+    "bvlc_alexnet",
+    "densenet121",
+    "inception_v1",
+    "inception_v2",
+    "resnet50",
+    "shufflenet",
+    "squeezenet",
+    "vgg19",
+    "zfnet512",
+)
 
 
 def light_model_path(name: str) -> str:
@@ -1144,8 +1280,10 @@ def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     for node in graph.node:
         if node.op_type == "ConstantOfShape" and node.input[0] in values:
-            fill = next((numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"),
-                        np.zeros(1, np.float32))
+            fill = next(
+                (numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"),
+                np.zeros(1, np.float32),
+            )
             values[node.output[0]] = np.full(values[node.input[0]].astype(np.int64), fill[0])
         elif node.op_type == "Reshape" and all(i in values for i in node.input):
             values[node.output[0]] = _reshape(values[node.input[0]], values[node.input[1]])
@@ -1157,8 +1295,7 @@ def _drop_folded(graph: onnx.GraphProto, materialised: set[str]) -> None:
     nodes = [n for n in graph.node if not set(n.output) <= materialised]
     while True:
         used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in nodes if n.op_type in ("ConstantOfShape", "Reshape")
-                and not set(n.output) & used]
+        dead = [n for n in nodes if n.op_type in ("ConstantOfShape", "Reshape") and not set(n.output) & used]
         if not dead:
             break
         nodes = [n for n in nodes if n not in dead]
@@ -1166,8 +1303,7 @@ def _drop_folded(graph: onnx.GraphProto, materialised: set[str]) -> None:
     graph.node.extend(nodes)
 
 
-def _per_channel_source(graph: onnx.GraphProto, tensor: str,
-                        values: dict[str, np.ndarray]) -> str | None:
+def _per_channel_source(graph: onnx.GraphProto, tensor: str, values: dict[str, np.ndarray]) -> str | None:
     """The constant behind ``tensor`` (itself or the input of the Unsqueeze making it)."""
     if tensor in values:
         return tensor
@@ -1177,8 +1313,7 @@ def _per_channel_source(graph: onnx.GraphProto, tensor: str,
     return None
 
 
-def _weight_roles(graph: onnx.GraphProto,
-                  values: dict[str, np.ndarray]) -> dict[str, tuple[str, int, int]]:
+def _weight_roles(graph: onnx.GraphProto, values: dict[str, np.ndarray]) -> dict[str, tuple[str, int, int]]:
     """Constant tensors that are weights: name -> (role, output-channel axis, fan_in)."""
     roles: dict[str, tuple[str, int, int]] = {}
     for node in graph.node:
@@ -1197,8 +1332,7 @@ def _weight_roles(graph: onnx.GraphProto,
             if len(ins) > 2 and ins[2]:
                 roles[ins[2]] = ("bias", -1, 0)
         elif node.op_type == "BatchNormalization":
-            for role, name in zip(("bn_scale", "bn_bias", "bn_mean", "bn_var"), ins[1:5],
-                                  strict=True):
+            for role, name in zip(("bn_scale", "bn_bias", "bn_mean", "bn_var"), ins[1:5], strict=True):
                 roles[name] = (role, 0, 0)
         elif node.op_type in ("Mul", "Add", "PRelu"):
             for tensor in node.input[1:] if node.op_type == "PRelu" else node.input:
@@ -1211,8 +1345,7 @@ def _weight_roles(graph: onnx.GraphProto,
     return roles
 
 
-def _random_weight(rng: np.random.Generator, role: str, shape: tuple[int, ...],
-                   fan_in: int) -> np.ndarray:
+def _random_weight(rng: np.random.Generator, role: str, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
     size = tuple(int(d) for d in shape)
     if role == "weight":
         return rng.standard_normal(size, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
@@ -1245,8 +1378,10 @@ def light_duplicated_variant(model: onnx.ModelProto, seed: int) -> onnx.ModelPro
     graph = out.graph
     values = _constant_values(graph)
     roles = _weight_roles(graph, values)
-    new = {name: duplicate_pairs(_random_weight(rng, role, values[name].shape, fan_in), axis)
-           for name, (role, axis, fan_in) in roles.items()}
+    new = {
+        name: duplicate_pairs(_random_weight(rng, role, values[name].shape, fan_in), axis)
+        for name, (role, axis, fan_in) in roles.items()
+    }
     _drop_folded(graph, set(new))
     used = {i for n in graph.node for i in n.input}
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name in used}
@@ -1257,8 +1392,10 @@ def light_duplicated_variant(model: onnx.ModelProto, seed: int) -> onnx.ModelPro
     del graph.input[:]
     graph.input.extend(real)
     if out.ir_version < 4:
-        graph.input.extend(helper.make_tensor_value_info(
-            name, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape) for name, a in inits.items())
+        graph.input.extend(
+            helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+            for name, a in inits.items()
+        )
     return out
 
 
@@ -1268,8 +1405,7 @@ def light_duplicated_variant(model: onnx.ModelProto, seed: int) -> onnx.ModelPro
 
 def removed_by_report(report: object) -> dict[str, int]:
     """Channels removed per layer name, as ``report.layers`` states them."""
-    return {layer.name: layer.channels_before - layer.channels_after
-            for layer in report.layers}  # type: ignore[attr-defined]
+    return {layer.name: layer.channels_before - layer.channels_after for layer in report.layers}  # type: ignore[attr-defined]
 
 
 def assert_removed(original: onnx.ModelProto, expected: dict[str, int], result: object) -> None:
@@ -1284,8 +1420,7 @@ def assert_removed(original: onnx.ModelProto, expected: dict[str, int], result: 
     after = producer_channels(model)
     op_before = {n.name: n.op_type for n in original.graph.node}
     op_after = {n.name: n.op_type for n in model.graph.node}
-    errors = [f"expected_removed names a non-producer {name!r}"
-              for name in expected if name not in before]
+    errors = [f"expected_removed names a non-producer {name!r}" for name in expected if name not in before]
     for name, n in before.items():
         want = expected.get(name, 0)
         if reported.get(name, 0) != want:

@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper, numpy_helper
+from red_onnx.passes.fold_affine import FoldAffine
+from red_onnx.passes.fold_batchnorm import FoldBatchNorm
 
 from red_onnx.graph import export_model, import_model
 from red_onnx.pass_infra import Pass, PassResult
-from red_onnx.passes.fold_affine import FoldAffine
-from red_onnx.passes.fold_batchnorm import FoldBatchNorm
 
 OPSET = 17
 C = 4  # output channels of the producers below
@@ -87,8 +87,9 @@ def conv_transpose_bn(seed: int = 0, group: int = 1) -> onnx.ModelProto:
         **_bn_params(rng),
     }
     nodes = [
-        helper.make_node("ConvTranspose", ["x", "deconv.w", "deconv.b"], ["h"], name="deconv",
-                         strides=[2, 2], group=group),
+        helper.make_node(
+            "ConvTranspose", ["x", "deconv.w", "deconv.b"], ["h"], name="deconv", strides=[2, 2], group=group
+        ),
         _bn("h", "y"),
     ]
     return _make(nodes, [("x", [1, 4, 5, 5])], [("y", [1, C, 11, 11])], inits)

@@ -28,8 +28,12 @@ from graphs import (
 SLOW = {"vgg19", "zfnet512", "bvlc_alexnet"}  # 61-144 M parameters
 #: Operators that legitimately freeze parts of a model (method.md): LRN mixes channels; AlexNet has
 #: grouped convs; ShuffleNet is grouped 1x1 convs around a Reshape-Transpose-Reshape shuffle.
-BLOCKERS = {"bvlc_alexnet": ("LRN", "group"), "zfnet512": ("LRN",), "inception_v1": ("LRN",),
-            "shufflenet": ("group", "Reshape", "Transpose")}
+BLOCKERS = {
+    "bvlc_alexnet": ("LRN", "group"),
+    "zfnet512": ("LRN",),
+    "inception_v1": ("LRN",),
+    "shufflenet": ("group", "Reshape", "Transpose"),
+}
 RTOL, ATOL_FRAC = 1e-3, 1e-5  # ORT's own kernel choices move these nets by ~1e-6 of max|y|
 
 
@@ -40,8 +44,7 @@ def _params(names: tuple[str, ...]) -> list[object]:
 def _with_logits(model: onnx.ModelProto) -> onnx.ModelProto:
     """Also expose the input of a final Softmax, so saturated probabilities hide nothing."""
     outputs = {o.name for o in model.graph.output}
-    logits = [n.input[0] for n in model.graph.node if n.op_type == "Softmax"
-              and n.output[0] in outputs]
+    logits = [n.input[0] for n in model.graph.node if n.op_type == "Softmax" and n.output[0] in outputs]
     return with_outputs(model, logits)
 
 
@@ -58,15 +61,19 @@ def test_light_variant_selfcheck(name: str) -> None:
     """The variant is valid, finite, and every ungrouped Conv/Gemm output is pairwise equal."""
     variant = light_duplicated_variant(onnx.load(light_model_path(name)), seed=0)
     onnx.checker.check_model(variant, full_check=True)
-    layers = [n for n in variant.graph.node if n.op_type in ("Conv", "Gemm")
-              and all(a.name != "group" or a.i == 1 for a in n.attribute)]
+    layers = [
+        n
+        for n in variant.graph.node
+        if n.op_type in ("Conv", "Gemm") and all(a.name != "group" or a.i == 1 for a in n.attribute)
+    ]
     out = run(with_outputs(variant, [n.output[0] for n in layers]), random_feeds(variant, 0))
     for node in layers:
         y = out[node.output[0]]
         assert np.isfinite(y).all(), node.name
         n = y.shape[1] - y.shape[1] % 2
-        np.testing.assert_allclose(y[:, 0:n:2], y[:, 1:n:2], rtol=1e-5,
-                                   atol=1e-5 * float(np.abs(y).max()), err_msg=node.name)
+        np.testing.assert_allclose(
+            y[:, 0:n:2], y[:, 1:n:2], rtol=1e-5, atol=1e-5 * float(np.abs(y).max()), err_msg=node.name
+        )
 
 
 @pytest.mark.parametrize("name", _params(LIGHT_MODELS))
@@ -90,4 +97,5 @@ def test_light_variant_compresses(name: str, compress: Callable[..., object]) ->
     blockers = BLOCKERS.get(name, ())
     assert any(op.lower() in reasons for op in blockers), (
         f"{name}: only {1 - report['params_after'] / report['params_before']:.1%} of the "
-        f"parameters removed and no frozen reason names {blockers or 'a known blocker'}")
+        f"parameters removed and no frozen reason names {blockers or 'a known blocker'}"
+    )

@@ -33,8 +33,7 @@ SEEDS = (0, 1, 2)
 def _outputs_unchanged(original: onnx.ModelProto, rewritten: onnx.ModelProto) -> None:
     for seed in SEEDS:
         feeds = random_feeds(original, seed)
-        assert_outputs_close(run(original, feeds), run(rewritten, feeds), rtol=1e-5,
-                             atol_frac=1e-6)
+        assert_outputs_close(run(original, feeds), run(rewritten, feeds), rtol=1e-5, atol_frac=1e-6)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -45,8 +45,17 @@ def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:
 def test_conv_macs_with_group_and_stride(group: int, stride: int) -> None:
     n, cin, cout, size, k, pad = 2, 4, 8, 10, 3, 1
     model = _model(
-        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", group=group,
-                          strides=[stride, stride], pads=[pad] * 4)],
+        [
+            helper.make_node(
+                "Conv",
+                ["x", "w", "b"],
+                ["y"],
+                name="conv",
+                group=group,
+                strides=[stride, stride],
+                pads=[pad] * 4,
+            )
+        ],
         [("x", ["N", cin, size, size])],
         "y",
         [("w", _weights(cout, cin // group, k, k)), ("b", _weights(cout))],
@@ -63,8 +72,11 @@ def test_conv_macs_with_group_and_stride(group: int, stride: int) -> None:
 def test_conv_transpose_macs(group: int) -> None:
     n, cin, per_group, size, k, stride = 1, 4, 3, 5, 3, 2
     model = _model(
-        [helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="deconv", group=group,
-                          strides=[stride, stride])],
+        [
+            helper.make_node(
+                "ConvTranspose", ["x", "w"], ["y"], name="deconv", group=group, strides=[stride, stride]
+            )
+        ],
         [("x", [n, cin, size, size])],
         "y",
         [("w", _weights(cin, per_group, k, k))],
@@ -103,11 +115,6 @@ def test_matmul_with_constant_b() -> None:
     assert (layer.channels, layer.macs) == (5, 2 * 3 * 5 * 6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="metrics._layer takes K of a constant MatMul B as weight[0]; for a batched 3-D B "
-    "[G, K, N] that is G, not K (should be weight[-2])",
-)
 def test_matmul_with_batched_constant_b() -> None:
     model = _model(
         [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
@@ -166,7 +173,11 @@ def test_params_count_float_initializers_and_constant_nodes_not_shapes() -> None
         ],
         [("x", [1, 3, 5, 5])],
         "y",
-        [("w", _weights(4, 3, 3, 3)), ("b", _weights(4).astype(np.float16)), ("steps", np.arange(7, dtype=np.int64))],
+        [
+            ("w", _weights(4, 3, 3, 3)),
+            ("b", _weights(4).astype(np.float16)),
+            ("steps", np.arange(7, dtype=np.int64)),
+        ],
         out_rank=2,
     )
     expected = 4 * 27 + 4 + 4  # conv weight, float16 bias, Constant scale; int64 tensors excluded

@@ -70,7 +70,7 @@ def test_planted_channels_go_at_every_opset(opset: int) -> None:
     model = build(opset)
     try:
         ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         pytest.skip(f"onnxruntime {ort.__version__} cannot run opset {opset}: {str(error)[:80]}")
     result = red_onnx.compress(model, exact=True)
     layers = {layer.name: layer for layer in result.report.layers}

@@ -15,10 +15,10 @@ import pytest
 from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from zoo import zoo_dir  # noqa: E402
+from zoo import zoo_dir
 
-import red_onnx  # noqa: E402
-from red_onnx.verify import InputSpec  # noqa: E402
+import red_onnx
+from red_onnx.verify import InputSpec
 
 ZOO = zoo_dir()
 
