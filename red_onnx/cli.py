@@ -42,6 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("input", nargs="?", help="the .onnx model to compress (never modified)")
     parser.add_argument("output", nargs="?", help="where to write the compressed model")
     parser.add_argument("--exact", action="store_true", help="only function-preserving rewrites")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        metavar="T",
+        help="approximate merging: largest relative L2 error allowed on every output "
+        "(experimental; without it or --target-macs the run is exact)",
+    )
+    parser.add_argument(
+        "--target-macs",
+        type=float,
+        metavar="F",
+        help="approximate merging: fraction of MACs to keep (overrides --tolerance)",
+    )
+    parser.add_argument(
+        "--channel-multiple",
+        type=int,
+        metavar="N",
+        help="round kept channel counts to multiples of N (default 8)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
     parser.add_argument("--dry-run", action="store_true", help="report without writing the model")
     parser.add_argument(
@@ -151,12 +170,10 @@ def _run(args: argparse.Namespace) -> int:
     progress = _ProgressBar(not args.quiet)
     try:
         result = compress(
-            source,
-            exact=args.exact,
-            freeze=args.freeze,
-            input_spec=_input_spec(args),
+            source, exact=args.exact, tolerance=args.tolerance, target_macs=args.target_macs,
+            channel_multiple=args.channel_multiple, freeze=args.freeze, input_spec=_input_spec(args),
             progress=progress,
-        )
+        )  # fmt: skip
     except VerificationError as error:
         progress.close()
         failed: Result | None = getattr(error, "result", None)

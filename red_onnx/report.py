@@ -60,6 +60,7 @@ class Report:
     verification: dict[str, Any] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     accuracy: dict[str, float] | None = None
+    budget: dict[str, Any] | None = None
 
     def add_pass(self, result: PassResult, name: str) -> None:
         """Record a pass result."""
@@ -136,6 +137,13 @@ def render_table(report: Report, *, max_layers: int = 40) -> str:
         stats = ", ".join(f"{k}={v}" for k, v in item.stats.items())
         lines.append(f"  {item.name:16} {item.seconds:7.2f}s  {stats}")
     lines += _render_frozen(report, max_layers)
+    if report.budget:
+        budget = report.budget
+        lines.append(
+            f"budget search: {budget['evaluations']} measurements in {budget['seconds']:.1f}s; error "
+            f"{budget['error']:.3g} on search inputs, {budget['heldout_error']:.3g} held out; "
+            f"MACs kept {budget['macs_fraction']:.3f}"
+        )
     if report.verification:
         lines.append(_render_verification(report.verification))
     if report.accuracy:
@@ -162,9 +170,10 @@ def _render_frozen(report: Report, limit: int) -> list[str]:
 
 def _render_verification(verification: dict[str, Any]) -> str:
     verdict = "PASSED" if verification.get("passed") else "FAILED"
+    criterion = f" [{verification['criterion']}]" if verification.get("criterion") else ""
     worst = max((o.get("rel_l2_err") or 0.0 for o in verification.get("outputs", [])), default=0.0)
     return (
         f"verification {verdict} (onnxruntime, levels {', '.join(verification.get('levels', []))}, "
         f"seeds {verification.get('seeds')}): max abs err {verification.get('max_abs_err'):.3g}, "
-        f"max rel err {verification.get('max_rel_err'):.3g}, worst rel L2 {worst:.3g}"
+        f"max rel err {verification.get('max_rel_err'):.3g}, worst rel L2 {worst:.3g}{criterion}"
     )

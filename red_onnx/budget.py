@@ -1,0 +1,263 @@
+"""The fidelity budget search (orchestration): how many channels each group may lose.
+
+One knob: the largest allowed relative L2 error of every model output on the verification inputs
+(``--tolerance``), or the fraction of MACs to keep (``--target-macs``). The search
+
+1. ranks, per channel group, the merge candidates (``red_onnx.similarity``) and the MACs each atom costs;
+2. measures each group's error alone at a few removal levels (kept counts rounded to the channel
+   multiple), stopping at the first level over budget;
+3. orders the level steps greedily by MACs saved per squared error added (errors of independent
+   groups add roughly in squares);
+4. bisects the prefix of that order whose *measured* joint error fits the budget (or whose MACs reach the
+   target), and re-checks the choice on a seed the search did not use, backing off if needed.
+
+Every measurement applies the merges to a fresh copy of the base model and runs onnxruntime through
+the verification service; nothing here edits the caller's model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import onnx
+
+from red_onnx import graph as graph_utils
+from red_onnx import metrics
+from red_onnx.errors import VerificationError
+from red_onnx.passes.merge_near import MergeNear, group_candidates
+from red_onnx.shapes import ShapeService
+from red_onnx.similarity import atom_macs, resolve_merges
+from red_onnx.verify import InputSpec, Verifier
+
+logger = logging.getLogger(__name__)
+
+#: Seeds of the inputs the search measures on; the held-out check uses another one.
+SEARCH_SEEDS = (100, 101, 102, 103)
+HELDOUT_SEEDS = (200, 201, 202, 203)
+#: Fractions of a group's channels tried as removal levels (rounded to the channel multiple).
+LEVEL_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
+#: Joint error above which a candidate is hopeless even for --target-macs.
+DESTROYED = 1.0
+
+Counts = dict[str, int]
+
+
+@dataclass
+class GroupOption:
+    """One group's removal levels with their measured error alone and estimated MACs saved."""
+
+    name: str
+    n_atoms: int
+    levels: list[int]
+    macs_saved: list[float]
+    errors: list[float] = field(default_factory=list)
+
+
+@dataclass
+class BudgetResult:
+    """What the search chose and what it saw on the way."""
+
+    counts: Counts
+    error: float
+    heldout_error: float
+    macs_fraction: float
+    evaluations: int
+    curve: list[tuple[float, float]]
+    groups: list[GroupOption]
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready summary."""
+        return {
+            "error": self.error,
+            "heldout_error": self.heldout_error,
+            "macs_fraction": self.macs_fraction,
+            "evaluations": self.evaluations,
+            "curve": [{"macs_fraction": m, "error": e} for m, e in self.curve],
+            "groups": [
+                {"group": g.name, "channels": g.n_atoms, "removed": self.counts.get(g.name, 0),
+                 "levels": g.levels, "errors": g.errors}
+                for g in self.groups
+            ],
+        }  # fmt: skip
+
+
+def _key(counts: Counts, *, heldout: bool = False) -> tuple:
+    return (heldout, tuple(sorted((k, v) for k, v in counts.items() if v)))
+
+
+def removal_levels(n_atoms: int, available: int, multiple: int) -> list[int]:
+    """Removal counts to try: 0, then fractions of ``n_atoms`` with kept counts on the multiple."""
+    levels = {0}
+    for fraction in LEVEL_FRACTIONS:
+        kept = n_atoms - round(n_atoms * fraction)
+        if multiple > 1 and n_atoms >= 2 * multiple:
+            kept = max(multiple, math.ceil(kept / multiple) * multiple)
+        removed = n_atoms - kept
+        if 0 < removed <= available:
+            levels.add(removed)
+    return sorted(levels)
+
+
+class BudgetSearch:
+    """Search per-group merge counts on ``base`` against ``reference`` (the user's original model).
+
+    Args:
+        base: The model after exact rewrites (what approximate merging starts from).
+        reference: The original model the error is measured against.
+        spec: How verification inputs are built.
+        shapes: The shape service (at the run's concrete inputs).
+        freeze: Node-name glob patterns of protected layers.
+        channel_multiple: Kept channel counts are multiples of this (where a group has enough).
+        progress: Called with a short label for every measurement.
+    """
+
+    def __init__(
+        self,
+        base: onnx.ModelProto,
+        reference: onnx.ModelProto,
+        spec: InputSpec,
+        shapes: ShapeService,
+        *,
+        freeze: Sequence[str] = (),
+        channel_multiple: int = 1,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.base = base
+        self.freeze = tuple(freeze)
+        self.progress = progress or (lambda label: None)
+        working = graph_utils.import_model(base)
+        self.shapes = shapes(working)
+        self.verifier = Verifier(reference, spec, seeds=SEARCH_SEEDS, levels=("disable_all",))
+        self.heldout = Verifier(reference, spec, seeds=HELDOUT_SEEDS, levels=("disable_all",))
+        self.input_shapes = shapes.input_shapes
+        figures = metrics.measure(base, shapes.input_shapes)
+        self.total_macs = max(figures.macs, 1)
+        layer_macs = {name: layer.macs for name, layer in figures.layers.items()}
+        self.candidates = {}
+        self.options: list[GroupOption] = []
+        for item in group_candidates(working, self.shapes, self.freeze):
+            cost = atom_macs(item.group, layer_macs)
+            levels = removal_levels(item.group.n_atoms, len(item.candidates), channel_multiple)
+            saved = [
+                float(cost[[m.source for m in resolve_merges(item.candidates, k)]].sum()) for k in levels
+            ]
+            self.candidates[item.group.name] = item.candidates
+            self.options.append(GroupOption(item.group.name, item.group.n_atoms, levels, saved))
+        self.cache: dict[tuple, float] = {}
+
+    # -- measurements --------------------------------------------------------------------------
+
+    def apply(self, counts: Counts) -> onnx.ModelProto:
+        """The base model with ``counts`` merges per group applied."""
+        working = graph_utils.import_model(self.base)
+        MergeNear(shapes=lambda _: self.shapes, counts=counts, freeze=self.freeze)(working)
+        return graph_utils.export_model(working)
+
+    def error(self, counts: Counts, *, verifier: Verifier | None = None) -> float:
+        """Worst relative L2 error over outputs and search inputs (cached)."""
+        key = _key(counts, heldout=verifier is not None)
+        if key not in self.cache:
+            self.progress(f"measure {len(self.cache) + 1}")
+            try:
+                errors = (verifier or self.verifier).rel_l2_errors(self.apply(counts), level="disable_all")
+                self.cache[key] = max(errors.values(), default=0.0)
+            except VerificationError as error:
+                logger.warning("candidate could not run: %s", error)
+                self.cache[key] = math.inf
+        return self.cache[key]
+
+    def macs_fraction(self, counts: Counts) -> float:
+        """Estimated fraction of MACs kept."""
+        saved = sum(o.macs_saved[o.levels.index(counts[o.name])] for o in self.options if counts.get(o.name))
+        return 1.0 - saved / self.total_macs
+
+    # -- the search -----------------------------------------------------------------------------
+
+    def _sensitivity(self, cap: float) -> None:
+        for option in self.options:
+            option.errors = [0.0]
+            for level in option.levels[1:]:
+                value = self.error({option.name: level})
+                option.errors.append(value)
+                if value > cap:
+                    break
+
+    def _greedy_order(self, cap: float) -> list[Counts]:
+        state = {o.name: 0 for o in self.options}
+        order: list[Counts] = [{}]
+        while True:
+            best, best_score = None, -1.0
+            for option in self.options:
+                step = state[option.name] + 1
+                if step >= len(option.errors) or option.errors[step] > cap:
+                    continue
+                gained = option.macs_saved[step] - option.macs_saved[step - 1]
+                added = max(option.errors[step] ** 2 - option.errors[step - 1] ** 2, 1e-12)
+                if gained / added > best_score:
+                    best, best_score = option, gained / added
+            if best is None:
+                return order
+            state[best.name] += 1
+            order.append({o.name: o.levels[state[o.name]] for o in self.options if state[o.name]})
+
+    def _largest_within(self, order: list[Counts], tolerance: float) -> int:
+        low, high = 0, len(order) - 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.error(order[middle]) <= tolerance:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    def _result(self, order: list[Counts], index: int, heldout: float) -> BudgetResult:
+        counts = order[index]
+        curve = sorted({(self.macs_fraction(c), self.cache[k]) for k, c in self._measured(order)})
+        return BudgetResult(
+            counts=counts, error=self.error(counts), heldout_error=heldout,
+            macs_fraction=self.macs_fraction(counts), evaluations=len(self.cache), curve=curve,
+            groups=self.options,
+        )  # fmt: skip
+
+    def _measured(self, order: list[Counts]) -> list[tuple[tuple, Counts]]:
+        return [(_key(c), c) for c in order if _key(c) in self.cache]
+
+    def within_tolerance(self, tolerance: float) -> BudgetResult:
+        """The most MACs removed with every output's relative L2 error within ``tolerance``."""
+        self._sensitivity(tolerance)
+        order = self._greedy_order(tolerance)
+        index = self._largest_within(order, tolerance)
+        heldout = self.error(order[index], verifier=self.heldout)
+        while index > 0 and heldout > tolerance:  # over budget on unseen inputs: step back
+            index -= max(1, index // 5)
+            heldout = self.error(order[index], verifier=self.heldout)
+        return self._result(order, index, heldout)
+
+    def measured_fraction(self, counts: Counts) -> float:
+        """The fraction of MACs kept, counted on the rewritten model (estimates double-count)."""
+        key = ("macs", *_key(counts))
+        if key not in self.cache:
+            self.cache[key] = metrics.measure(self.apply(counts), self.input_shapes).macs / self.total_macs
+        return self.cache[key]
+
+    def to_target(self, fraction: float) -> tuple[BudgetResult, float]:
+        """The smallest error reaching ``fraction`` of the MACs; also the lowest fraction reachable."""
+        self._sensitivity(DESTROYED)
+        order = self._greedy_order(DESTROYED)
+        reachable = self.measured_fraction(order[-1])
+        if reachable > fraction:
+            return self._result(order, len(order) - 1, math.inf), reachable
+        low, high = 0, len(order) - 1  # the shortest prefix that reaches the target
+        while low < high:
+            middle = (low + high) // 2
+            if self.measured_fraction(order[middle]) <= fraction:
+                high = middle
+            else:
+                low = middle + 1
+        heldout = self.error(order[low], verifier=self.heldout)
+        result = self._result(order, low, heldout)
+        result.macs_fraction = self.measured_fraction(order[low])
+        return result, reachable

@@ -1,0 +1,150 @@
+"""Near-duplicate channels of a group: which atom could merge into which, at what cost (analysis, pure).
+
+For atoms j, i of a group, with ``s`` the proportional part and ``e`` the equal part of their vectors
+(``red_onnx.redundancy``): the merge ``j → i`` uses ``λ = ⟨s_j, s_i⟩ / ‖s_i‖²`` (λ = 1 when the group
+is not positively homogeneous) and costs the relative distance
+
+    d(j → i) = sqrt( ‖s_j − λ·s_i‖² / ‖s_j‖²  +  ‖e_j − e_i‖² / ē² ),   ē = median row norm of e,
+
+the compensation being ``V_i += λ·V_j`` in every consumer, as for exact merges. Candidates come from a
+neighbour search (scikit-learn) on normalised rows, never from all pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.neighbors import NearestNeighbors
+
+from red_onnx.channels import ChannelGroup
+from red_onnx.redundancy import AtomParams, Merge
+
+#: Neighbours examined per atom; the best by exact distance wins.
+NEIGHBOURS = 4
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Each eligible atom's best merge, sorted by increasing distance."""
+
+    source: np.ndarray
+    target: np.ndarray
+    scale: np.ndarray
+    distance: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+def _median_norm(rows: np.ndarray) -> float:
+    if rows.shape[1] == 0:
+        return 1.0
+    norms = np.linalg.norm(rows, axis=1)
+    positive = norms[norms > 0]
+    return float(np.median(positive)) if len(positive) else 1.0
+
+
+def _features(params: AtomParams, atoms: np.ndarray, homogeneous: bool) -> np.ndarray:
+    scaled = params.scaled[atoms].astype(np.float64)
+    if homogeneous:
+        norms = np.linalg.norm(scaled, axis=1, keepdims=True)
+        scaled = scaled / np.where(norms > 0, norms, 1.0)
+    else:
+        scaled = scaled / _median_norm(scaled)
+    equal = params.equal[atoms].astype(np.float64) / _median_norm(params.equal[atoms])
+    return np.hstack([scaled, equal])
+
+
+def pair_distance(
+    params: AtomParams, source: np.ndarray, target: np.ndarray, homogeneous: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(scale, distance)`` of merging each ``source`` atom into the matching ``target`` atom."""
+    s_j = params.scaled[source].astype(np.float64)
+    s_i = params.scaled[target].astype(np.float64)
+    norm_j = np.einsum("ij,ij->i", s_j, s_j)
+    norm_i = np.einsum("ij,ij->i", s_i, s_i)
+    if homogeneous:
+        scale = np.einsum("ij,ij->i", s_j, s_i) / np.where(norm_i > 0, norm_i, np.inf)
+    else:
+        scale = np.ones(len(source))
+    residual = np.einsum("ij,ij->i", s_j - scale[:, None] * s_i, s_j - scale[:, None] * s_i)
+    relative = residual / np.where(norm_j > 0, norm_j, 1.0)
+    e_gap = params.equal[source].astype(np.float64) - params.equal[target]
+    equal_term = np.einsum("ij,ij->i", e_gap, e_gap) / _median_norm(params.equal) ** 2
+    distance = np.sqrt(relative + equal_term)
+    distance[(scale <= 0) | (params.signature[source] != params.signature[target])] = np.inf
+    return scale, distance
+
+
+def near_candidates(params: AtomParams, homogeneous: bool, eligible: np.ndarray) -> Candidates:
+    """The best merge target of every eligible atom (by exact distance among its nearest neighbours).
+
+    Args:
+        params: The group's atom vectors.
+        homogeneous: Whether scaled merges are valid in this group.
+        eligible: Boolean mask of atoms that may take part.
+    """
+    atoms = np.flatnonzero(eligible)
+    if len(atoms) < 2:
+        empty = np.zeros(0, np.int64)
+        return Candidates(empty, empty, np.zeros(0), np.zeros(0))
+    features = _features(params, atoms, homogeneous)
+    k = min(NEIGHBOURS + 1, len(atoms))
+    _, neighbours = NearestNeighbors(n_neighbors=k).fit(features).kneighbors(features)
+    source = np.repeat(atoms, k - 1)
+    target = atoms[neighbours[:, 1:]].reshape(-1)
+    scale, distance = pair_distance(params, source, target, homogeneous)
+    best = distance.reshape(len(atoms), k - 1).argmin(axis=1)
+    pick = np.arange(len(atoms)) * (k - 1) + best
+    keep = np.isfinite(distance[pick])
+    pick = pick[keep]
+    order = np.argsort(distance[pick], kind="stable")
+    pick = pick[order]
+    return Candidates(source[pick], target[pick], scale[pick], distance[pick])
+
+
+def resolve_merges(candidates: Candidates, count: int) -> list[Merge]:
+    """The first ``count`` candidates as merges into kept atoms (chains composed, cycles skipped).
+
+    A candidate ``j → i`` whose target was already merged into ``r`` becomes ``j → r`` with the scales
+    multiplied; earlier merges into ``j`` follow ``j`` the same way. Returns fewer than ``count`` merges
+    when cycles are skipped.
+    """
+    parent: dict[int, tuple[int, float]] = {}
+
+    def root(atom: int) -> tuple[int, float]:
+        scale = 1.0
+        while atom in parent:
+            atom, step = parent[atom]
+            scale *= step
+        return atom, scale
+
+    taken = 0
+    for j, i, lam in zip(candidates.source, candidates.target, candidates.scale, strict=True):
+        if taken >= count:
+            break
+        target, through = root(int(i))
+        if target == int(j) or int(j) in parent:
+            continue
+        parent[int(j)] = (target, float(lam) * through)
+        taken += 1
+    merges = []
+    for source in parent:
+        target, scale = root(source)
+        merges.append(Merge(source, target, scale))
+    return merges
+
+
+def atom_macs(group: ChannelGroup, layer_macs: dict[str, int]) -> np.ndarray:
+    """MACs each atom costs: its share of every producer, consumer and depthwise conv it touches."""
+    cost = np.zeros(group.n_atoms)
+    touching = [(p.node.name, p.tensor) for p in group.producers]
+    touching += [(c.node.name, c.tensor) for c in group.consumers]
+    touching += [(n.name, n.outputs[0].name) for n in group.path if n.op == "Conv"]
+    for name, tensor in touching:
+        member = group.tensors.get(tensor)
+        if member is None or name not in layer_macs or member.channels == 0:
+            continue
+        np.add.at(cost, member.atoms, layer_macs[name] / member.channels)
+    return cost
