@@ -1,8 +1,9 @@
 """Approximate merging: apply chosen near-duplicate merges, group by group (RED's merging step).
 
-The pass decides nothing about the budget: it receives, per group name, how many of the group's best
-merge candidates to apply (the budget search in ``red_onnx.budget`` chooses), computes the candidates
-from the analysis and hands the merges to ``red_onnx.rewrite``.
+The pass decides nothing: it receives, per group name, the merges to apply (the budget search in
+``red_onnx.budget`` chooses them from the candidates ``group_candidates`` ranks) and hands them to
+``red_onnx.rewrite``. It reports how much each changed consumer's weight range widened (λ-merges add
+scaled rows, which matters for a later int8 quantization).
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from red_onnx.channels import ChannelAnalysis, ChannelGroup, analyse
-from red_onnx.graph import WorkingModel, clear_intermediate_shapes, subgraph_outer_references
+from red_onnx.graph import WorkingModel, clear_intermediate_shapes, constant_values, subgraph_outer_references
 from red_onnx.pass_infra import Pass, PassResult
-from red_onnx.redundancy import atom_params
+from red_onnx.redundancy import Merge, atom_params
 from red_onnx.rewrite import GroupPlan, apply_plan, attach_graph
-from red_onnx.similarity import Candidates, near_candidates, resolve_merges
+from red_onnx.similarity import Candidates, near_candidates
 
 Shapes = Mapping[str, "tuple[int, ...] | None"]
 
@@ -49,7 +51,7 @@ def analyse_model(model: WorkingModel, shapes: Shapes, freeze: Sequence[str]) ->
 
 
 class MergeNear(Pass):
-    """Merge the first ``counts[group]`` candidates of each named group (others untouched)."""
+    """Apply the given merges to the named groups (others untouched)."""
 
     name = "merge_near"
 
@@ -57,37 +59,50 @@ class MergeNear(Pass):
         self,
         *,
         shapes: Callable[[WorkingModel], Shapes],
-        counts: Mapping[str, int],
+        merges: Mapping[str, Sequence[Merge]],
         freeze: Sequence[str] = (),
     ) -> None:
         """Configure the pass.
 
         Args:
             shapes: The shape service.
-            counts: Number of merges to apply per group name.
-            freeze: Node-name glob patterns of layers to protect.
+            merges: Per group name, the merges to apply (from ``similarity.resolve_merges`` on the
+                candidates of ``group_candidates`` for the same model).
+            freeze: Node-name glob patterns of layers to protect (their groups are never touched).
         """
         self.shapes = shapes
-        self.counts = dict(counts)
+        self.merges = {name: list(items) for name, items in merges.items() if items}
         self.freeze = tuple(freeze)
 
     def call(self, model: WorkingModel) -> PassResult:
-        """Apply the merges; report how many channels went per group."""
-        removed: dict[str, int] = {}
+        """Apply the merges; report how many channels went and how much the weight ranges widened."""
         plans = []
-        for item in group_candidates(model, self.shapes(model), self.freeze):
-            count = self.counts.get(item.group.name, 0)
-            if count <= 0:
+        for group in analyse_model(model, self.shapes(model), self.freeze).groups:
+            merges = self.merges.get(group.name)
+            if not merges or group.frozen:
                 continue
-            merges = resolve_merges(item.candidates, count)
-            delete = np.zeros(item.group.n_atoms, bool)
+            delete = np.zeros(group.n_atoms, bool)
             delete[[m.source for m in merges]] = True
-            plans.append(GroupPlan(item.group, delete, merges))
-            removed[item.group.name] = len(merges)
+            plans.append(GroupPlan(group, delete, merges))
+        before = _consumer_ranges(plans)
         attach_graph(model.graph)
         for plan in plans:
             apply_plan(plan)
+        widening = {
+            name: round(_weight_range(node) / span, 4) for name, (node, span) in before.items() if span
+        }
         clear_intermediate_shapes(model)
         model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        stats = {"removed": sum(removed.values()), "groups_changed": len(removed)}
-        return PassResult(model, bool(removed), stats)
+        removed = sum(plan.removed for plan in plans)
+        stats = {"removed": removed, "groups_changed": len(plans), "weight_range_ratio": widening}
+        return PassResult(model, removed > 0, stats)
+
+
+def _weight_range(node: gs.Node) -> float:
+    values = constant_values(node.inputs[1])
+    return float(values.max() - values.min()) if values is not None and values.size else 0.0
+
+
+def _consumer_ranges(plans: list[GroupPlan]) -> dict[str, tuple[gs.Node, float]]:
+    """Weight range of every consumer a merge will change (λ-merges widen it; int8 cares)."""
+    return {c.node.name: (c.node, _weight_range(c.node)) for plan in plans for c in plan.group.consumers}

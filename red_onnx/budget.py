@@ -28,6 +28,7 @@ from red_onnx import graph as graph_utils
 from red_onnx import metrics
 from red_onnx.errors import VerificationError
 from red_onnx.passes.merge_near import MergeNear, group_candidates
+from red_onnx.redundancy import Merge
 from red_onnx.shapes import ShapeService
 from red_onnx.similarity import atom_macs, resolve_merges
 from red_onnx.verify import InputSpec, Verifier
@@ -96,7 +97,7 @@ def removal_levels(n_atoms: int, available: int, multiple: int) -> list[int]:
         if multiple > 1 and n_atoms >= 2 * multiple:
             kept = max(multiple, math.ceil(kept / multiple) * multiple)
         removed = n_atoms - kept
-        if 0 < removed <= available:
+        if 0 < removed <= available and kept >= 1:
             levels.add(removed)
     return sorted(levels)
 
@@ -136,15 +137,15 @@ class BudgetSearch:
         figures = metrics.measure(base, shapes.input_shapes)
         self.total_macs = max(figures.macs, 1)
         layer_macs = {name: layer.macs for name, layer in figures.layers.items()}
-        self.candidates = {}
+        self.merges: dict[str, dict[int, list[Merge]]] = {}
         self.options: list[GroupOption] = []
         for item in group_candidates(working, self.shapes, self.freeze):
             cost = atom_macs(item.group, layer_macs)
-            levels = removal_levels(item.group.n_atoms, len(item.candidates), channel_multiple)
-            saved = [
-                float(cost[[m.source for m in resolve_merges(item.candidates, k)]].sum()) for k in levels
-            ]
-            self.candidates[item.group.name] = item.candidates
+            achievable = len(resolve_merges(item.candidates, item.group.n_atoms))  # cycles are skipped
+            levels = removal_levels(item.group.n_atoms, achievable, channel_multiple)
+            merges = {k: resolve_merges(item.candidates, k) for k in levels}
+            saved = [float(cost[[m.source for m in merges[k]]].sum()) for k in levels]
+            self.merges[item.group.name] = merges
             self.options.append(GroupOption(item.group.name, item.group.n_atoms, levels, saved))
         self.cache: dict[tuple, float] = {}
 
@@ -153,7 +154,8 @@ class BudgetSearch:
     def apply(self, counts: Counts) -> onnx.ModelProto:
         """The base model with ``counts`` merges per group applied."""
         working = graph_utils.import_model(self.base)
-        MergeNear(shapes=lambda _: self.shapes, counts=counts, freeze=self.freeze)(working)
+        plan = {name: self.merges[name][count] for name, count in counts.items() if count}
+        MergeNear(shapes=lambda _: self.shapes, merges=plan, freeze=self.freeze)(working)
         return graph_utils.export_model(working)
 
     def error(self, counts: Counts, *, verifier: Verifier | None = None) -> float:
@@ -234,7 +236,9 @@ class BudgetSearch:
         while index > 0 and heldout > tolerance:  # over budget on unseen inputs: step back
             index -= max(1, index // 5)
             heldout = self.error(order[index], verifier=self.heldout)
-        return self._result(order, index, heldout)
+        result = self._result(order, index, heldout)
+        result.macs_fraction = self.measured_fraction(order[index])
+        return result
 
     def measured_fraction(self, counts: Counts) -> float:
         """The fraction of MACs kept, counted on the rewritten model (estimates double-count)."""

@@ -249,7 +249,8 @@ def _approximate(
                 f"this model reaches is {reachable:.3f}; nothing was written"
             )
     report.budget = {**outcome.to_dict(), "seconds": round(time.perf_counter() - started, 3)}
-    merge = MergeNear(shapes=shapes, counts=outcome.counts, freeze=options.freeze)
+    merges = {name: search.merges[name][count] for name, count in outcome.counts.items() if count}
+    merge = MergeNear(shapes=shapes, merges=merges, freeze=options.freeze)
     notify(merge.name)
     report.add_pass(merge(working), merge.name)
 

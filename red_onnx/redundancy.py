@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from red_onnx.channels import ChannelGroup
 from red_onnx.graph import constant_values, is_empty_input
-from red_onnx.weights import producer_bias, producer_rows
+from red_onnx.weights import consumer_axis, producer_bias, producer_rows
 
 #: Relative residual under which ``scaled_j`` counts as ``λ·scaled_i`` in exact mode (fp32 rounding).
 EXACT_SCALE_RTOL = 1e-6
@@ -30,6 +30,7 @@ class AtomParams:
     scaled: np.ndarray
     equal: np.ndarray
     signature: np.ndarray  # class id: atoms present in the same set of tensors
+    outgoing: np.ndarray | None = None  # per atom: L2 norm of every consumer slice that reads it
 
     @property
     def producer_norm(self) -> np.ndarray:
@@ -124,7 +125,19 @@ def atom_params(group: ChannelGroup, ranks: dict[str, int]) -> AtomParams:
     for column, member in enumerate(group.tensors.values()):
         membership[member.atoms, column] = True
     _, signature = np.unique(membership, axis=0, return_inverse=True)
-    return AtomParams(np.hstack(scaled_parts), np.hstack(equal_parts), signature.reshape(-1))
+    scaled, equal = np.hstack(scaled_parts), np.hstack(equal_parts)
+    return AtomParams(scaled, equal, signature.reshape(-1), outgoing_norms(group))
+
+
+def outgoing_norms(group: ChannelGroup) -> np.ndarray:
+    """Per atom: the L2 norm of all consumer weight slices that read it (how much it matters downstream)."""
+    squared = np.zeros(group.n_atoms)
+    for consumer in group.consumers:
+        member = group.tensors[consumer.tensor]
+        weight = constant_values(consumer.node.inputs[1])
+        rows = np.moveaxis(weight, consumer_axis(consumer.node), 0).reshape(member.channels, -1)
+        np.add.at(squared, member.atoms, np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
+    return np.sqrt(squared)
 
 
 def exact_merges(params: AtomParams, homogeneous: bool, excluded: np.ndarray) -> list[Merge]:

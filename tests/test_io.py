@@ -19,9 +19,7 @@ OPSET = [helper.make_opsetid("", 17)]
 IR_VERSION = 8
 
 
-def make_model(
-    nodes: list[onnx.NodeProto] | None = None, **model_kwargs: object
-) -> onnx.ModelProto:
+def make_model(nodes: list[onnx.NodeProto] | None = None, **model_kwargs: object) -> onnx.ModelProto:
     """Conv (weights 2304 bytes: external-data sized) -> Relu; bias 64 bytes (stays inline)."""
     rng = np.random.default_rng(0)
     weight = numpy_helper.from_array(rng.standard_normal((16, 4, 3, 3)).astype(np.float32), "W")
@@ -99,9 +97,7 @@ def test_save_to_missing_directory(tmp_path: Path) -> None:
 
 
 def test_save_refuses_unloaded_external_data(tmp_path: Path) -> None:
-    onnx.save_model(
-        make_model(), tmp_path / "e.onnx", save_as_external_data=True, location="e.data"
-    )
+    onnx.save_model(make_model(), tmp_path / "e.onnx", save_as_external_data=True, location="e.data")
     unloaded = onnx.load(tmp_path / "e.onnx", load_external_data=False)
     with pytest.raises(InputError, match="still refers to external data"):
         io.save_model(unloaded, tmp_path / "out.onnx")
@@ -274,9 +270,7 @@ def test_custom_domain_op_inside_if_subgraph(tmp_path: Path) -> None:
         [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)],
     )
     cond = numpy_helper.from_array(np.array(True), "cond")
-    node = helper.make_node(
-        "If", ["cond"], ["y"], name="if", then_branch=branch, else_branch=branch
-    )
+    node = helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch, else_branch=branch)
     model = make_model(
         nodes=[helper.make_node("Constant", [], ["cond"], value=cond), node],
         opset_imports=[*OPSET, helper.make_opsetid("my.company", 1)],
@@ -331,9 +325,7 @@ def test_ml_and_microsoft_domains_are_accepted(tmp_path: Path) -> None:
 
 def _save_with_onnx_external(tmp_path: Path, location: str = "m.onnx.data") -> Path:
     path = tmp_path / "m.onnx"
-    onnx.save_model(
-        make_model(), path, save_as_external_data=True, location=location, size_threshold=1024
-    )
+    onnx.save_model(make_model(), path, save_as_external_data=True, location=location, size_threshold=1024)
     return path
 
 
@@ -382,9 +374,7 @@ def test_external_data_outside_model_directory(tmp_path: Path) -> None:
     assert_bad_input(path, "'../w.data'", "outside the model's directory")
 
 
-def test_large_model_is_saved_with_external_data(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_large_model_is_saved_with_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The > 1.8 GB path, with the threshold lowered instead of allocating gigabytes."""
     monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 1000)
     model = make_model()

@@ -56,8 +56,11 @@ def build(opset: int) -> onnx.ModelProto:
         helper.make_node("GlobalAveragePool", ["z"], ["y"], name="gap"),
     ]
     graph = helper.make_graph(
-        nodes, "opsets", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 6, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 1, 1])], inits,
+        nodes,
+        "opsets",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 1, 1])],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = min(onnx.IR_VERSION, 10) if opset >= 21 else 7

@@ -151,9 +151,7 @@ def test_inputs_deterministic_per_seed_and_differ_across_seeds() -> None:
         make_inputs(one, InputSpec(default_dim=8), 1),
     )
     assert not np.array_equal(a["x"], b["x"])
-    assert not (
-        np.array_equal(first["ids"], other["ids"]) and np.array_equal(first["mask"], other["mask"])
-    )
+    assert not (np.array_equal(first["ids"], other["ids"]) and np.array_equal(first["mask"], other["mask"]))
     verifier = Verifier(one, InputSpec(), seeds=(0, 1))
     assert not np.array_equal(verifier.inputs[0]["x"], verifier.inputs[1]["x"])
 
@@ -389,9 +387,7 @@ def test_nonfinite_rules() -> None:
 
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, width=32)
-arrays = hnp.arrays(
-    np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=6), elements=finite
-)
+arrays = hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=6), elements=finite)
 
 
 @settings(max_examples=60, deadline=None)

@@ -32,8 +32,11 @@ def zoo_model(name: str) -> Path:
 
 def conv_zero_rows(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Per Conv node name: the output channels whose weights are all zero (read independently)."""
-    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
-                 if n.op_type == "Constant" and n.attribute[0].type == onnx.AttributeProto.TENSOR}
+    constants = {
+        n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+        for n in model.graph.node
+        if n.op_type == "Constant" and n.attribute[0].type == onnx.AttributeProto.TENSOR
+    }
     constants.update({t.name: numpy_helper.to_array(t) for t in model.graph.initializer})
     zero = {}
     for node in model.graph.node:
@@ -59,8 +62,11 @@ def test_ppocr_rec_loses_exactly_the_removable_zero_channels(rec_result):
     layers = {layer.name: layer for layer in result.report.layers}
     depthwise = [name for name, rows in zero.items() if len(rows) == 14]
     assert len(depthwise) == 1
-    changed = {name: layer.channels_before - layer.channels_after for name, layer in layers.items()
-               if layer.channels_after != layer.channels_before}
+    changed = {
+        name: layer.channels_before - layer.channels_after
+        for name, layer in layers.items()
+        if layer.channels_after != layer.channels_before
+    }
     # the 14 channels go from the depthwise conv and from the 1x1 conv that feeds it (one group)
     assert changed[depthwise[0]] == 14
     assert sum(changed.values()) == 28 and len(changed) == 2
@@ -70,16 +76,18 @@ def test_ppocr_rec_loses_exactly_the_removable_zero_channels(rec_result):
 def test_ppocr_rec_names_a_reason_for_every_other_zero_row(rec_result):
     original, result = rec_result
     kept = {entry["channel"]: entry["reason"] for entry in result.report.kept_zero_channels}
-    others = [f"{name}[{row}]" for name, rows in conv_zero_rows(original).items() if len(rows) != 14
-              for row in rows]
+    others = [
+        f"{name}[{row}]" for name, rows in conv_zero_rows(original).items() if len(rows) != 14 for row in rows
+    ]
     assert len(others) == 5
     for channel in others:
         assert channel in kept, f"no reason reported for zero row {channel}"
         assert "padding" in kept[channel] or "non-constant tensor in Mul" in kept[channel]
 
 
-@pytest.mark.parametrize("name,shape", [("ppocrv4_det.onnx", (1, 3, 96, 128)),
-                                        ("ppocr_mobile_cls.onnx", (1, 3, 48, 192))])
+@pytest.mark.parametrize(
+    "name,shape", [("ppocrv4_det.onnx", (1, 3, 96, 128)), ("ppocr_mobile_cls.onnx", (1, 3, 48, 192))]
+)
 def test_ppocr_det_and_cls_exact_outputs_unchanged(name, shape):
     path = zoo_model(name)
     model = onnx.load(path)
