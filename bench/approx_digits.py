@@ -21,14 +21,16 @@ RUNS = [
 def main() -> None:
     """Print one markdown row per run."""
     before, samples = accuracy(demo_path())
-    print(f"| run | MACs kept | error (search / held out) | test accuracy (before {before:.4f}, n={samples}) |")
+    header = f"test accuracy (before {before:.4f}, n={samples})"
+    print(f"| run | MACs kept | error (search / held out) | {header} |")
     print("|---|---|---|---|")
     for label, options in RUNS:
         result = red_onnx.compress(demo_path(), input_spec=SPEC, raise_on_failure=False, **options)
         budget = result.report.budget
         kept = result.report.macs_after / result.report.macs_before
         after, _ = accuracy(result.model)
-        print(f"| {label} | {kept:.3f} | {budget['error']:.3g} / {budget['heldout_error']:.3g} | {after:.4f} |")
+        errors = f"{budget['error']:.3g} / {budget['heldout_error']:.3g}"
+        print(f"| {label} | {kept:.3f} | {errors} | {after:.4f} |")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from red_onnx.channels import ChannelAnalysis, ChannelGroup, analyse
 from red_onnx.graph import WorkingModel, clear_intermediate_shapes, constant_values, subgraph_outer_references
 from red_onnx.pass_infra import Pass, PassResult
-from red_onnx.redundancy import Merge, atom_params
+from red_onnx.redundancy import AtomParams, Merge, atom_params
 from red_onnx.rewrite import GroupPlan, apply_plan, attach_graph
 from red_onnx.similarity import Candidates, near_candidates
 
@@ -30,6 +30,7 @@ class GroupCandidates:
 
     group: ChannelGroup
     candidates: Candidates
+    params: AtomParams
 
 
 def group_candidates(model: WorkingModel, shapes: Shapes, freeze: Sequence[str]) -> list[GroupCandidates]:
@@ -41,7 +42,7 @@ def group_candidates(model: WorkingModel, shapes: Shapes, freeze: Sequence[str])
             continue
         params = atom_params(group, {name: m.rank for name, m in group.tensors.items()})
         eligible = np.ones(group.n_atoms, bool)
-        found.append(GroupCandidates(group, near_candidates(params, group.homogeneous, eligible)))
+        found.append(GroupCandidates(group, near_candidates(params, group.homogeneous, eligible), params))
     return found
 
 

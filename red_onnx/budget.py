@@ -17,20 +17,23 @@ the verification service; nothing here edits the caller's model.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from red_onnx import graph as graph_utils
 from red_onnx import metrics
 from red_onnx.errors import VerificationError
-from red_onnx.passes.merge_near import MergeNear, group_candidates
+from red_onnx.kde import bandwidth_ladder, hash_weights
+from red_onnx.passes.merge_near import GroupCandidates, MergeNear, group_candidates
 from red_onnx.redundancy import Merge
 from red_onnx.shapes import ShapeService
-from red_onnx.similarity import atom_macs, resolve_merges
+from red_onnx.similarity import Candidates, atom_macs, near_candidates, pair_distance, resolve_merges
 from red_onnx.verify import InputSpec, Verifier
 
 logger = logging.getLogger(__name__)
@@ -40,6 +43,9 @@ SEARCH_SEEDS = (100, 101, 102, 103)
 HELDOUT_SEEDS = (200, 201, 202, 203)
 #: Fractions of a group's channels tried as removal levels (rounded to the channel multiple).
 LEVEL_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
+#: Rungs of a HASH_LADDER-step bandwidth ladder (tiny ... Scott) tried as hashed rankings.
+HASH_LADDER = 8
+HASH_RUNGS = (2, 4, 6)
 #: Joint error above which a candidate is hopeless even for --target-macs.
 DESTROYED = 1.0
 
@@ -55,6 +61,30 @@ class GroupOption:
     levels: list[int]
     macs_saved: list[float]
     errors: list[float] = field(default_factory=list)
+    orderings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Ordering:
+    """One ranking of a group's merge candidates: by the weights, or by the KDE-hashed weights.
+
+    Hashing (``red_onnx.kde``) snaps each weight to its basin's representative at ``bandwidth``; rows
+    that hashing makes identical or close rank first. The merges themselves always use the original
+    weights: hashing chooses *which* neurons merge, it never replaces a kept neuron's weights.
+    """
+
+    label: str
+    bandwidth: float
+    basins: int
+    candidates: Candidates
+
+    def merges(self, count: int) -> list[Merge]:
+        """The first ``count`` merges of this ranking."""
+        return resolve_merges(self.candidates, count)
+
+    def achievable(self, n_atoms: int) -> int:
+        """How many merges this ranking can make at most."""
+        return len(resolve_merges(self.candidates, n_atoms))
 
 
 @dataclass
@@ -79,10 +109,37 @@ class BudgetResult:
             "curve": [{"macs_fraction": m, "error": e} for m, e in self.curve],
             "groups": [
                 {"group": g.name, "channels": g.n_atoms, "removed": self.counts.get(g.name, 0),
-                 "levels": g.levels, "errors": g.errors}
+                 "levels": g.levels, "errors": g.errors, "orderings": g.orderings,
+                 "ordering": _chosen(g, self.counts.get(g.name, 0))}
                 for g in self.groups
             ],
         }  # fmt: skip
+
+
+def _chosen(option: GroupOption, count: int) -> str:
+    """The ranking used at the chosen level ("-" when nothing was removed)."""
+    if not count or option.levels.index(count) >= len(option.orderings):
+        return "-"
+    return option.orderings[option.levels.index(count)]
+
+
+def hashed_orderings(item: GroupCandidates, rungs: Sequence[int] = HASH_RUNGS) -> list[Ordering]:
+    """Rankings of the group's candidates on its KDE-hashed atom vectors, at a few bandwidths."""
+    params = item.params
+    ladder = bandwidth_ladder(params.scaled, HASH_LADDER)
+    found = []
+    for rung in rungs:
+        hashed, basins = hash_weights(params.scaled, float(ladder[rung]))
+        view = dataclasses.replace(params, scaled=hashed.astype(params.scaled.dtype))
+        ranked = near_candidates(view, item.group.homogeneous, np.ones(item.group.n_atoms, bool))
+        scale, distance = pair_distance(params, ranked.source, ranked.target, item.group.homogeneous)
+        usable = np.isfinite(distance)
+        candidates = Candidates(
+            ranked.source[usable], ranked.target[usable], scale[usable], distance[usable], ranked.cost[usable]
+        )
+        label = f"hashed h={ladder[rung]:.3g} ({len(basins.representatives)} basins)"
+        found.append(Ordering(label, float(ladder[rung]), len(basins.representatives), candidates))
+    return found
 
 
 def _key(counts: Counts, *, heldout: bool = False) -> tuple:
@@ -112,6 +169,8 @@ class BudgetSearch:
         shapes: The shape service (at the run's concrete inputs).
         freeze: Node-name glob patterns of protected layers.
         channel_multiple: Kept channel counts are multiples of this (where a group has enough).
+        hashing: Also rank merge candidates on KDE-hashed weights and keep, per group and level,
+            whichever ranking measures better (off: the ablation without hashing).
         progress: Called with a short label for every measurement.
     """
 
@@ -124,6 +183,7 @@ class BudgetSearch:
         *,
         freeze: Sequence[str] = (),
         channel_multiple: int = 1,
+        hashing: bool = True,
         progress: Callable[[str], None] | None = None,
     ) -> None:
         self.base = base
@@ -138,33 +198,51 @@ class BudgetSearch:
         self.total_macs = max(figures.macs, 1)
         layer_macs = {name: layer.macs for name, layer in figures.layers.items()}
         self.merges: dict[str, dict[int, list[Merge]]] = {}
+        self.orderings: dict[str, list[Ordering]] = {}
+        self.atom_cost: dict[str, np.ndarray] = {}
         self.options: list[GroupOption] = []
         for item in group_candidates(working, self.shapes, self.freeze):
-            cost = atom_macs(item.group, layer_macs)
-            achievable = len(resolve_merges(item.candidates, item.group.n_atoms))  # cycles are skipped
-            levels = removal_levels(item.group.n_atoms, achievable, channel_multiple)
-            merges = {k: resolve_merges(item.candidates, k) for k in levels}
-            saved = [float(cost[[m.source for m in merges[k]]].sum()) for k in levels]
-            self.merges[item.group.name] = merges
-            self.options.append(GroupOption(item.group.name, item.group.n_atoms, levels, saved))
+            name, n_atoms = item.group.name, item.group.n_atoms
+            orderings = [Ordering("weights", 0.0, 0, item.candidates)]
+            if hashing:
+                orderings += hashed_orderings(item)
+            achievable = max(o.achievable(n_atoms) for o in orderings)
+            levels = removal_levels(n_atoms, achievable, channel_multiple)
+            self.orderings[name] = orderings
+            self.atom_cost[name] = atom_macs(item.group, layer_macs)
+            self.merges[name] = {level: orderings[0].merges(level) for level in levels}
+            option = GroupOption(name, n_atoms, levels, [self._saved(name, level) for level in levels])
+            self.options.append(option)
         self.cache: dict[tuple, float] = {}
+
+    def _saved(self, name: str, level: int) -> float:
+        return float(self.atom_cost[name][[m.source for m in self.merges[name][level]]].sum())
 
     # -- measurements --------------------------------------------------------------------------
 
     def apply(self, counts: Counts) -> onnx.ModelProto:
         """The base model with ``counts`` merges per group applied."""
+        return self.apply_plan({name: self.merges[name][count] for name, count in counts.items() if count})
+
+    def apply_plan(self, plan: dict[str, list[Merge]]) -> onnx.ModelProto:
+        """The base model with the given merges applied."""
         working = graph_utils.import_model(self.base)
-        plan = {name: self.merges[name][count] for name, count in counts.items() if count}
         MergeNear(shapes=lambda _: self.shapes, merges=plan, freeze=self.freeze)(working)
         return graph_utils.export_model(working)
 
     def error(self, counts: Counts, *, verifier: Verifier | None = None) -> float:
         """Worst relative L2 error over outputs and search inputs (cached)."""
-        key = _key(counts, heldout=verifier is not None)
+        plan = {name: self.merges[name][count] for name, count in counts.items() if count}
+        return self.plan_error(plan, heldout=verifier is not None)
+
+    def plan_error(self, plan: dict[str, list[Merge]], *, heldout: bool = False) -> float:
+        """Worst relative L2 error of the base model with ``plan`` applied (cached by content)."""
+        key = (heldout, tuple(sorted((name, tuple(merges)) for name, merges in plan.items() if merges)))
         if key not in self.cache:
             self.progress(f"measure {len(self.cache) + 1}")
+            verifier = self.heldout if heldout else self.verifier
             try:
-                errors = (verifier or self.verifier).rel_l2_errors(self.apply(counts), level="disable_all")
+                errors = verifier.rel_l2_errors(self.apply_plan(plan), level="disable_all")
                 self.cache[key] = max(errors.values(), default=0.0)
             except VerificationError as error:
                 logger.warning("candidate could not run: %s", error)
@@ -179,11 +257,19 @@ class BudgetSearch:
     # -- the search -----------------------------------------------------------------------------
 
     def _sensitivity(self, cap: float) -> None:
+        """Each group's error alone per level, with the best ordering (weights or hashed) per level."""
         for option in self.options:
-            option.errors = [0.0]
+            option.errors, option.orderings = [0.0], ["-"]
             for level in option.levels[1:]:
-                value = self.error({option.name: level})
+                tried = [(o, o.merges(level)) for o in self.orderings[option.name]]
+                scored = [
+                    (self.plan_error({option.name: merges}), o, merges) for o, merges in tried if merges
+                ]
+                value, ordering, merges = min(scored, key=lambda item: item[0])
+                self.merges[option.name][level] = merges
+                option.macs_saved[option.levels.index(level)] = self._saved(option.name, level)
                 option.errors.append(value)
+                option.orderings.append(ordering.label)
                 if value > cap:
                     break
 
@@ -217,15 +303,20 @@ class BudgetSearch:
 
     def _result(self, order: list[Counts], index: int, heldout: float) -> BudgetResult:
         counts = order[index]
-        curve = sorted({(self.macs_fraction(c), self.cache[k]) for k, c in self._measured(order)})
+        curve = sorted({(self.macs_fraction(c), value) for value, c in self._measured(order)})
         return BudgetResult(
             counts=counts, error=self.error(counts), heldout_error=heldout,
             macs_fraction=self.macs_fraction(counts), evaluations=len(self.cache), curve=curve,
             groups=self.options,
         )  # fmt: skip
 
-    def _measured(self, order: list[Counts]) -> list[tuple[tuple, Counts]]:
-        return [(_key(c), c) for c in order if _key(c) in self.cache]
+    def _measured(self, order: list[Counts]) -> list[tuple[float, Counts]]:
+        return [(self.error(c), c) for c in order if self._is_measured(c)]
+
+    def _is_measured(self, counts: Counts) -> bool:
+        plan = {name: self.merges[name][count] for name, count in counts.items() if count}
+        key = (False, tuple(sorted((name, tuple(merges)) for name, merges in plan.items() if merges)))
+        return key in self.cache
 
     def within_tolerance(self, tolerance: float) -> BudgetResult:
         """The most MACs removed with every output's relative L2 error within ``tolerance``."""
@@ -242,7 +333,7 @@ class BudgetSearch:
 
     def measured_fraction(self, counts: Counts) -> float:
         """The fraction of MACs kept, counted on the rewritten model (estimates double-count)."""
-        key = ("macs", *_key(counts))
+        key = ("macs", *_key(counts), tuple(len(self.merges[n][c]) for n, c in sorted(counts.items()) if c))
         if key not in self.cache:
             self.cache[key] = metrics.measure(self.apply(counts), self.input_shapes).macs / self.total_macs
         return self.cache[key]

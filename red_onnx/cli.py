@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="round kept channel counts to multiples of N (default 8)",
     )
+    parser.add_argument(
+        "--no-hashing",
+        action="store_true",
+        help="rank merge candidates on the raw weights only (the ablation without KDE hashing)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
     parser.add_argument("--dry-run", action="store_true", help="report without writing the model")
     parser.add_argument(
@@ -171,8 +176,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         result = compress(
             source, exact=args.exact, tolerance=args.tolerance, target_macs=args.target_macs,
-            channel_multiple=args.channel_multiple, freeze=args.freeze, input_spec=_input_spec(args),
-            progress=progress,
+            channel_multiple=args.channel_multiple, hashing=not args.no_hashing, freeze=args.freeze,
+            input_spec=_input_spec(args), progress=progress,
         )  # fmt: skip
     except VerificationError as error:
         progress.close()

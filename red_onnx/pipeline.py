@@ -61,6 +61,7 @@ class Options:
         tolerance: Largest allowed relative L2 error of each output (approximate mode).
         target_macs: Fraction of MACs to keep; overrides ``tolerance`` (approximate mode).
         channel_multiple: Kept channel counts are rounded to multiples of this (approximate mode).
+        hashing: Let KDE-hashed weights rank merge candidates too (approximate mode; off = ablation).
         freeze: Node-name glob patterns of layers to protect.
         input_spec: How verification inputs are built.
         verify: Whether to verify with onnxruntime (on by default; off only for analysis tools).
@@ -71,6 +72,7 @@ class Options:
     tolerance: float = DEFAULT_TOLERANCE
     target_macs: float | None = None
     channel_multiple: int = DEFAULT_CHANNEL_MULTIPLE
+    hashing: bool = True
     freeze: tuple[str, ...] = ()
     input_spec: InputSpec = field(default_factory=InputSpec)
     verify: bool = True
@@ -82,7 +84,7 @@ class Options:
         recorded: dict[str, object] = {"exact": self.exact, "freeze": list(self.freeze), "input_spec": spec}
         if self.approximate:
             recorded |= {"tolerance": self.tolerance, "target_macs": self.target_macs,
-                         "channel_multiple": self.channel_multiple}  # fmt: skip
+                         "channel_multiple": self.channel_multiple, "hashing": self.hashing}  # fmt: skip
         return recorded
 
 
@@ -95,6 +97,7 @@ def make_options(
     freeze: Sequence[str],
     input_spec: InputSpec | None,
     verify: bool,
+    hashing: bool = True,
 ) -> Options:
     """Validate option combinations (one-line UsageError) and fill defaults."""
     if exact and (tolerance is not None or target_macs is not None):
@@ -111,6 +114,7 @@ def make_options(
         tolerance=DEFAULT_TOLERANCE if tolerance is None else float(tolerance),
         target_macs=target_macs,
         channel_multiple=DEFAULT_CHANNEL_MULTIPLE if channel_multiple is None else int(channel_multiple),
+        hashing=hashing,
         freeze=tuple(freeze),
         input_spec=input_spec or InputSpec(),
         verify=verify,
@@ -154,6 +158,7 @@ def compress(
     tolerance: float | None = None,
     target_macs: float | None = None,
     channel_multiple: int | None = None,
+    hashing: bool = True,
     freeze: Sequence[str] = (),
     input_spec: InputSpec | None = None,
     verify: bool = True,
@@ -170,6 +175,7 @@ def compress(
             either, the run is exact (until the hashing issue's benchmarks set a default).
         target_macs: Fraction of MACs to keep (overrides ``tolerance``; the error reached is reported).
         channel_multiple: Kept channel counts are multiples of this (default ``DEFAULT_CHANNEL_MULTIPLE``).
+        hashing: Let KDE-hashed weights rank merge candidates too (False: the ablation without it).
         freeze: Node-name glob patterns of layers whose channels must not change.
         input_spec: Shapes, ranges, values or an ``.npz`` for the verification inputs.
         verify: Verify the result with onnxruntime (graph optimisations off and at ORT_ENABLE_ALL).
@@ -187,7 +193,7 @@ def compress(
     """
     options = make_options(
         exact=exact, tolerance=tolerance, target_macs=target_macs, channel_multiple=channel_multiple,
-        freeze=freeze, input_spec=input_spec, verify=verify,
+        freeze=freeze, input_spec=input_spec, verify=verify, hashing=hashing,
     )  # fmt: skip
     notify = progress or (lambda stage: None)
     notify("load")
@@ -237,7 +243,8 @@ def _approximate(
     started = time.perf_counter()
     search = BudgetSearch(
         graph_utils.export_model(working), original, options.input_spec, shapes,
-        freeze=options.freeze, channel_multiple=options.channel_multiple, progress=notify,
+        freeze=options.freeze, channel_multiple=options.channel_multiple, hashing=options.hashing,
+        progress=notify,
     )  # fmt: skip
     if options.target_macs is None:
         outcome = search.within_tolerance(options.tolerance)
