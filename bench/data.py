@@ -1,0 +1,227 @@
+"""Benchmark data and metrics: natural-image views, labelled test splits, agreement, bootstrap CIs.
+
+Everything here is offline. The natural images come bundled with scikit-image and scikit-learn; the
+MNIST-1D test split is written by ``python bench/models/train_mnist1d.py`` into the bench cache
+(``RED_ONNX_BENCH``, default ``~/.cache/red-onnx/bench``); the digits split ships with red_onnx.
+
+Heavy imports (scikit-image, scikit-learn, red_onnx) happen inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from red_onnx.errors import InputError
+
+DEFAULT_CACHE = Path.home() / ".cache" / "red-onnx" / "bench"
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+#: skimage.data functions bundled with the wheel (no download). ``cat`` is ``chelsea`` again: left out.
+SKIMAGE_NAMES: tuple[str, ...] = (
+    "astronaut", "chelsea", "coffee", "rocket", "camera", "brick", "grass", "gravel", "horse",
+    "hubble_deep_field", "immunohistochemistry", "moon", "page", "clock", "coins", "colorwheel",
+    "logo", "text", "retina", "microaneurysms", "cell", "stereo_motorcycle",
+)  # fmt: skip
+SKLEARN_NAMES: tuple[str, ...] = ("china.jpg", "flower.jpg")
+
+
+class Interval(NamedTuple):
+    """A point estimate and its two-sided confidence interval."""
+
+    estimate: float
+    low: float
+    high: float
+
+
+def cache_dir() -> Path:
+    """The bench cache: ``RED_ONNX_BENCH`` if set, else ``~/.cache/red-onnx/bench``."""
+    return Path(os.environ.get("RED_ONNX_BENCH", DEFAULT_CACHE))
+
+
+def _to_rgb_float(image: np.ndarray) -> np.ndarray:
+    """Any bundled image (bool, gray, RGB, RGBA; uint8 or float) as float32 [H, W, 3] in [0, 1]."""
+    if image.dtype == bool:
+        pixels = image.astype(np.float32)
+    elif np.issubdtype(image.dtype, np.integer):
+        pixels = image.astype(np.float32) / 255.0
+    else:
+        pixels = np.clip(image.astype(np.float32), 0.0, 1.0)
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+    if pixels.shape[2] == 4:  # composite RGBA on white
+        alpha = pixels[:, :, 3:]
+        pixels = pixels[:, :, :3] * alpha + (1.0 - alpha)
+    return pixels
+
+
+def natural_images() -> dict[str, np.ndarray]:
+    """The bundled natural images, by name, as float32 RGB [H, W, 3] in [0, 1].
+
+    Raises:
+        InputError: If scikit-image is not installed.
+    """
+    os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="mpl-"))  # skimage imports matplotlib
+    try:
+        import skimage.data
+    except ImportError as error:
+        hint = "run `pip install scikit-image`"
+        raise InputError(f"natural images need scikit-image ({error}); {hint}") from error
+    from sklearn.datasets import load_sample_image
+
+    images = {}
+    for name in SKIMAGE_NAMES:
+        image = getattr(skimage.data, name)()
+        images[name] = _to_rgb_float(image[0] if isinstance(image, tuple) else image)
+    for name in SKLEARN_NAMES:
+        images[name.removesuffix(".jpg")] = _to_rgb_float(load_sample_image(name))
+    return images
+
+
+def _view_recipes(count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` crop recipes ``(side fraction, y position, x position, flip)``, rows of floats.
+
+    The first two are the whole centred square and its mirror; the rest are random crops of 40-90 %
+    of the shorter side at random positions, half of them mirrored.
+    """
+    fixed = np.array([[1.0, 0.5, 0.5, 0.0], [1.0, 0.5, 0.5, 1.0]])
+    extra = max(count - 2, 0)
+    fraction, place = rng.uniform(0.4, 0.9, extra), rng.uniform(0.0, 1.0, (extra, 2))
+    random = np.column_stack([fraction, place, rng.integers(0, 2, extra)])
+    return np.concatenate([fixed, random])[:count]
+
+
+def _crop(image: np.ndarray, recipe: np.ndarray, size: int, resize: Callable) -> np.ndarray:
+    """One square view of ``image`` [H, W, 3] per ``recipe``, resized to [size, size, 3]."""
+    height, width = image.shape[:2]
+    fraction, y_pos, x_pos, flip = recipe
+    side = max(round(float(fraction) * min(height, width)), 1)
+    top, left = round(float(y_pos) * (height - side)), round(float(x_pos) * (width - side))
+    patch = image[top : top + side, left : left + side]
+    patch = patch[:, ::-1] if flip else patch
+    return resize(patch, (size, size), order=1, anti_aliasing=side > size, preserve_range=True)
+
+
+def natural_image_views(n_min: int = 100, size: int = 224, seed: int = 0) -> np.ndarray:
+    """At least ``n_min`` deterministic square views of the bundled natural images, ImageNet-normalised.
+
+    Every image gets the same number of views, ``ceil(n_min / images)``: the whole centred square,
+    its mirror, then seeded random crops (40-90 % of the shorter side, random place, random mirror).
+
+    Args:
+        n_min: Least number of views wanted.
+        size: Side of each view in pixels.
+        seed: Seed of the random crops.
+
+    Returns:
+        float32 [N, 3, size, size], N >= n_min, normalised with the ImageNet mean and std.
+    """
+    from skimage.transform import resize
+
+    images = natural_images()
+    per_image = max(math.ceil(n_min / len(images)), 1)
+    rng = np.random.default_rng(seed)
+    views = [
+        _crop(image, recipe, size, resize)
+        for image in images.values()
+        for recipe in _view_recipes(per_image, rng)
+    ]
+    stacked = (np.stack(views).astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD
+    return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2))
+
+
+def _load_split(path: Path, key: str, hint: str) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise InputError(f"{path} is missing; {hint}")
+    with np.load(path) as split:
+        return split[key], split["label"]
+
+
+def load_mnist1d_test() -> tuple[np.ndarray, np.ndarray]:
+    """The MNIST-1D test split: signals float32 [1000, 1, 40] and labels int64 [1000].
+
+    Raises:
+        InputError: If ``python bench/models/train_mnist1d.py`` has not written the cache yet.
+    """
+    path = cache_dir() / "mnist1d_test.npz"
+    return _load_split(path, "signal", "run `python bench/models/train_mnist1d.py` first")
+
+
+def load_digits_test() -> tuple[np.ndarray, np.ndarray]:
+    """The bundled digits test split: images float32 [360, 1, 8, 8] and labels int64 [360]."""
+    from red_onnx.demo import demo_path
+
+    return _load_split(demo_path("digits_test.npz"), "image", "reinstall red-onnx")
+
+
+def _check_logits(logits: np.ndarray, name: str) -> np.ndarray:
+    logits = np.asarray(logits)
+    if logits.ndim != 2 or len(logits) == 0:
+        raise InputError(f"{name} must be a non-empty [N, classes] array, got shape {logits.shape}")
+    return logits
+
+
+def top1_agreement(logits_a: np.ndarray, logits_b: np.ndarray) -> float:
+    """Fraction of rows whose arg-max class is the same in both ``[N, classes]`` logit arrays."""
+    a, b = _check_logits(logits_a, "logits_a"), _check_logits(logits_b, "logits_b")
+    if a.shape[0] != b.shape[0]:
+        raise InputError(f"logits_a has {a.shape[0]} rows but logits_b has {b.shape[0]}; pass paired outputs")
+    return float(np.mean(a.argmax(axis=1) == b.argmax(axis=1)))
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of ``[N, classes]`` logits against ``[N]`` integer labels."""
+    logits = _check_logits(logits, "logits")
+    labels = np.asarray(labels).reshape(-1)
+    if labels.shape[0] != logits.shape[0]:
+        raise InputError(f"{logits.shape[0]} rows of logits but {labels.shape[0]} labels; pass paired arrays")
+    return float(np.mean(logits.argmax(axis=1) == labels))
+
+
+def paired_bootstrap_ci(
+    correct_a: np.ndarray,
+    correct_b: np.ndarray,
+    n_boot: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> Interval:
+    """Percentile bootstrap interval of ``mean(correct_a) - mean(correct_b)`` over paired samples.
+
+    Resampling pairs of 0/1 values only changes how many pairs are (1, 0), (0, 1) or tied, so each
+    bootstrap replicate is one multinomial draw of those three counts: exact, and O(n_boot) memory.
+
+    Args:
+        correct_a: 0/1 (or bool) per sample for system A.
+        correct_b: 0/1 (or bool) per sample for system B, same samples in the same order.
+        n_boot: Number of bootstrap replicates.
+        seed: Seed of the resampling.
+        confidence: Two-sided coverage of the interval.
+
+    Returns:
+        ``Interval(estimate, low, high)`` of the difference A - B.
+
+    Raises:
+        InputError: If the vectors differ in length, are empty, or hold values other than 0 and 1.
+    """
+    a, b = np.asarray(correct_a).reshape(-1), np.asarray(correct_b).reshape(-1)
+    if a.shape != b.shape or a.size == 0:
+        sizes = f"correct_a has {a.size} values and correct_b {b.size}"
+        raise InputError(f"{sizes}; pass two equal-length, non-empty vectors")
+    if not (np.isin(a, (0, 1)).all() and np.isin(b, (0, 1)).all()):
+        raise InputError("correct_a and correct_b must hold only 0/1 (or bool) values")
+    if n_boot < 1 or not 0.0 < confidence < 1.0:
+        raise InputError(f"n_boot={n_boot} must be >= 1 and confidence={confidence} in (0, 1)")
+    diff = a.astype(np.int64) - b.astype(np.int64)
+    probabilities = np.array([np.mean(diff == 1), np.mean(diff == -1), np.mean(diff == 0)])
+    counts = np.random.default_rng(seed).multinomial(a.size, probabilities, size=n_boot)
+    replicates = (counts[:, 0] - counts[:, 1]) / a.size
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(replicates, [tail, 1.0 - tail])
+    return Interval(float(diff.mean()), float(low), float(high))

@@ -1,0 +1,70 @@
+"""KDE hashing inside the budget search: the hashed rankings, their choice per level, the ablation."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from test_budget import conv_net, deep_net
+
+import red_onnx
+from red_onnx import graph as graph_utils
+from red_onnx.budget import BudgetSearch, hashed_orderings
+from red_onnx.passes.merge_near import group_candidates
+from red_onnx.shapes import ShapeService
+from red_onnx.verify import InputSpec, make_inputs
+
+
+def _search(model: onnx.ModelProto, *, hashing: bool) -> BudgetSearch:
+    base = red_onnx.compress(model, exact=True).model
+    spec = InputSpec()
+    return BudgetSearch(base, model, spec, ShapeService(make_inputs(model, spec, 0)), hashing=hashing)
+
+
+def test_hashed_orderings_are_valid_rankings() -> None:
+    model = deep_net()
+    working = graph_utils.import_model(red_onnx.compress(model, exact=True).model)
+    shapes = ShapeService(make_inputs(model, InputSpec(), 0))(working)
+    for item in group_candidates(working, shapes, ()):
+        orderings = hashed_orderings(item)
+        assert len(orderings) == 3
+        bandwidths = [o.bandwidth for o in orderings]
+        assert bandwidths == sorted(bandwidths) and bandwidths[0] > 0
+        assert [o.basins for o in orderings] == sorted((o.basins for o in orderings), reverse=True)
+        for ordering in orderings:
+            candidates = ordering.candidates
+            assert np.isfinite(candidates.distance).all() and (candidates.source != candidates.target).all()
+            merges = ordering.merges(item.group.n_atoms)
+            sources = [m.source for m in merges]
+            assert len(set(sources)) == len(sources)
+            assert not {m.target for m in merges} & set(sources)  # targets are kept atoms
+            assert "basins" in ordering.label
+
+
+def test_search_keeps_the_better_ranking_per_level() -> None:
+    search = _search(deep_net(), hashing=True)
+    search._sensitivity(cap=10.0)
+    for option in search.options:
+        for position, level in enumerate(option.levels[1 : len(option.errors)], start=1):
+            tried = [search.plan_error({option.name: o.merges(level)}) for o in search.orderings[option.name]]
+            assert option.errors[position] == pytest.approx(min(tried))
+            assert option.orderings[position] in [o.label for o in search.orderings[option.name]]
+
+
+def test_ablation_uses_the_weights_only() -> None:
+    search = _search(deep_net(), hashing=False)
+    search._sensitivity(cap=10.0)
+    assert all(len(search.orderings[o.name]) == 1 for o in search.options)
+    assert {label for o in search.options for label in o.orderings[1:]} <= {"weights"}
+
+
+@pytest.mark.parametrize("hashing", [True, False])
+def test_compress_reports_the_ranking_it_used(hashing: bool) -> None:
+    result = red_onnx.compress(conv_net(1e-3), tolerance=0.05, channel_multiple=1, hashing=hashing)
+    groups = result.report.budget["groups"]
+    used = {g["ordering"] for g in groups if g["removed"]}
+    assert used, "the planted near-duplicates should be merged"
+    if not hashing:
+        assert used == {"weights"}
+    assert result.report.options["hashing"] is hashing
+    assert result.verified
