@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from red_onnx.passes.merge_near import group_candidates
 from test_budget import conv_net, deep_net
 
 import red_onnx
 from red_onnx import graph as graph_utils
 from red_onnx.budget import BudgetSearch, hashed_orderings
-from red_onnx.passes.merge_near import group_candidates
 from red_onnx.shapes import ShapeService
 from red_onnx.verify import InputSpec, make_inputs
 
