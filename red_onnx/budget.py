@@ -46,6 +46,8 @@ LEVEL_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
 #: Rungs of a HASH_LADDER-step bandwidth ladder (tiny ... Scott) tried as hashed rankings.
 HASH_LADDER = 8
 HASH_RUNGS = (2, 4, 6)
+#: Prefixes of the greedy order measured for the reported MACs-vs-error curve.
+CURVE_POINTS = 8
 #: Joint error above which a candidate is hopeless even for --target-macs.
 DESTROYED = 1.0
 
@@ -62,6 +64,8 @@ class GroupOption:
     macs_saved: list[float]
     errors: list[float] = field(default_factory=list)
     orderings: list[str] = field(default_factory=list)
+    producers: list[str] = field(default_factory=list)
+    bandwidths: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,8 @@ class BudgetResult:
             "groups": [
                 {"group": g.name, "channels": g.n_atoms, "removed": self.counts.get(g.name, 0),
                  "levels": g.levels, "errors": g.errors, "orderings": g.orderings,
-                 "ordering": _chosen(g, self.counts.get(g.name, 0))}
+                 "ordering": _chosen(g, self.counts.get(g.name, 0)), "producers": g.producers,
+                 "bandwidth": _chosen_bandwidth(g, self.counts.get(g.name, 0))}
                 for g in self.groups
             ],
         }  # fmt: skip
@@ -140,6 +145,11 @@ def hashed_orderings(item: GroupCandidates, rungs: Sequence[int] = HASH_RUNGS) -
         label = f"hashed h={ladder[rung]:.3g} ({len(basins.representatives)} basins)"
         found.append(Ordering(label, float(ladder[rung]), len(basins.representatives), candidates))
     return found
+
+
+def _chosen_bandwidth(option: GroupOption, count: int) -> float:
+    """KDE bandwidth of the ranking used at the chosen level (0: the raw weights)."""
+    return option.bandwidths.get(_chosen(option, count), 0.0)
 
 
 def _key(counts: Counts, *, heldout: bool = False) -> tuple:
@@ -212,6 +222,8 @@ class BudgetSearch:
             self.atom_cost[name] = atom_macs(item.group, layer_macs)
             self.merges[name] = {level: orderings[0].merges(level) for level in levels}
             option = GroupOption(name, n_atoms, levels, [self._saved(name, level) for level in levels])
+            option.producers = [p.node.name for p in item.group.producers]
+            option.bandwidths = {o.label: o.bandwidth for o in orderings}
             self.options.append(option)
         self.cache: dict[tuple, float] = {}
 
@@ -303,20 +315,19 @@ class BudgetSearch:
 
     def _result(self, order: list[Counts], index: int, heldout: float) -> BudgetResult:
         counts = order[index]
-        curve = sorted({(self.macs_fraction(c), value) for value, c in self._measured(order)})
         return BudgetResult(
             counts=counts, error=self.error(counts), heldout_error=heldout,
-            macs_fraction=self.macs_fraction(counts), evaluations=len(self.cache), curve=curve,
-            groups=self.options,
+            macs_fraction=self.measured_fraction(counts), evaluations=len(self.cache),
+            curve=self._curve(order, index), groups=self.options,
         )  # fmt: skip
 
-    def _measured(self, order: list[Counts]) -> list[tuple[float, Counts]]:
-        return [(self.error(c), c) for c in order if self._is_measured(c)]
-
-    def _is_measured(self, counts: Counts) -> bool:
-        plan = {name: self.merges[name][count] for name, count in counts.items() if count}
-        key = (False, tuple(sorted((name, tuple(merges)) for name, merges in plan.items() if merges)))
-        return key in self.cache
+    def _curve(
+        self, order: list[Counts], chosen: int, points: int = CURVE_POINTS
+    ) -> list[tuple[float, float]]:
+        """(MACs kept, error) along the greedy order: a few evenly spaced prefixes and the chosen one."""
+        picks = {int(k) for k in np.linspace(0, len(order) - 1, min(points, len(order)))} | {chosen}
+        finite = [(self.measured_fraction(order[k]), self.error(order[k])) for k in sorted(picks)]
+        return sorted((m, e) for m, e in finite if math.isfinite(e))
 
     def within_tolerance(self, tolerance: float) -> BudgetResult:
         """The most MACs removed with every output's relative L2 error within ``tolerance``."""
@@ -327,9 +338,7 @@ class BudgetSearch:
         while index > 0 and heldout > tolerance:  # over budget on unseen inputs: step back
             index -= max(1, index // 5)
             heldout = self.error(order[index], verifier=self.heldout)
-        result = self._result(order, index, heldout)
-        result.macs_fraction = self.measured_fraction(order[index])
-        return result
+        return self._result(order, index, heldout)
 
     def measured_fraction(self, counts: Counts) -> float:
         """The fraction of MACs kept, counted on the rewritten model (estimates double-count)."""
@@ -353,6 +362,4 @@ class BudgetSearch:
             else:
                 low = middle + 1
         heldout = self.error(order[low], verifier=self.heldout)
-        result = self._result(order, low, heldout)
-        result.macs_fraction = self.measured_fraction(order[low])
-        return result, reachable
+        return self._result(order, low, heldout), reachable

@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="rank merge candidates on the raw weights only (the ablation without KDE hashing)",
     )
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    parser.add_argument(
+        "--plot",
+        metavar="DIR",
+        help="write PNGs: the MACs-vs-error curve and merged layers' weight densities "
+        "(approximate runs; needs matplotlib)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="report without writing the model")
     parser.add_argument(
         "--freeze",
@@ -192,6 +198,10 @@ def _run(args: argparse.Namespace) -> int:
         result.report.size_after = io.save_model(result.model, args.output)
     if args.json:
         _write_json(result, Path(args.json))
+    if args.plot:
+        from red_onnx.plots import write_plots
+
+        write_plots(args.plot, result.report, onnx.load(str(source)))
     if not args.quiet:
         print(render_table(result.report))
         if args.output and not args.dry_run:

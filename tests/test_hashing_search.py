@@ -68,3 +68,17 @@ def test_compress_reports_the_ranking_it_used(hashing: bool) -> None:
         assert used == {"weights"}
     assert result.report.options["hashing"] is hashing
     assert result.verified
+
+
+def test_plot_writes_the_curve_and_densities(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("matplotlib", reason="--plot needs the optional matplotlib")
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+    from red_onnx import cli
+
+    model_path = tmp_path / "net.onnx"
+    onnx.save(conv_net(1e-3), model_path)
+    argv = [str(model_path), str(tmp_path / "out.onnx"), "--tolerance", "0.05", "--channel-multiple", "1"]
+    assert cli.main([*argv, "--plot", str(tmp_path / "plots"), "-q"]) == 0
+    written = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert written[0] == "budget_curve.png" and any(name.startswith("density_") for name in written)
+    assert all((tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG" for name in written)
