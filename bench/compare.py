@@ -174,10 +174,14 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["digits", "mnist1d", "mobilenetv2"])
     parser.add_argument("--grid", nargs="+", type=float, default=list(GRID))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--render", nargs="+", type=Path, metavar="JSON",
+                        help="only redraw the table and plot from earlier compare.json files")  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name, item in _models(args.models).items():
+    if args.render:
+        rows = [row for path in args.render for row in json.loads(path.read_text())]
+    for name, item in ({} if args.render else _models(args.models)).items():
         rows += run_model(name, item, tuple(args.grid))
     (args.out / "compare.json").write_text(json.dumps(rows, indent=1, default=float) + "\n")
     plot(rows, args.out / "compare.png")

@@ -28,12 +28,20 @@ import onnx
 
 from red_onnx import graph as graph_utils
 from red_onnx import metrics
+from red_onnx.activations import capture
 from red_onnx.errors import VerificationError
 from red_onnx.kde import bandwidth_ladder, hash_weights
 from red_onnx.passes.merge_near import GroupCandidates, MergeNear, group_candidates
 from red_onnx.redundancy import Merge
 from red_onnx.shapes import ShapeService
-from red_onnx.similarity import Candidates, atom_macs, near_candidates, pair_distance, resolve_merges
+from red_onnx.similarity import (
+    Candidates,
+    activation_candidates,
+    atom_macs,
+    near_candidates,
+    pair_distance,
+    resolve_merges,
+)
 from red_onnx.verify import InputSpec, Verifier
 
 logger = logging.getLogger(__name__)
@@ -181,6 +189,8 @@ class BudgetSearch:
         channel_multiple: Kept channel counts are multiples of this (where a group has enough).
         hashing: Also rank merge candidates on KDE-hashed weights and keep, per group and level,
             whichever ranking measures better (off: the ablation without hashing).
+        activations: Also rank candidates by a least-squares fit of channel activations on the
+            synthetic search inputs (``red_onnx.similarity.activation_candidates``).
         progress: Called with a short label for every measurement.
     """
 
@@ -194,6 +204,7 @@ class BudgetSearch:
         freeze: Sequence[str] = (),
         channel_multiple: int = 1,
         hashing: bool = True,
+        activations: bool = True,
         progress: Callable[[str], None] | None = None,
     ) -> None:
         self.base = base
@@ -211,11 +222,17 @@ class BudgetSearch:
         self.orderings: dict[str, list[Ordering]] = {}
         self.atom_cost: dict[str, np.ndarray] = {}
         self.options: list[GroupOption] = []
-        for item in group_candidates(working, self.shapes, self.freeze):
+        items = group_candidates(working, self.shapes, self.freeze)
+        samples = self._activations(items) if activations else {}
+        for item in items:
             name, n_atoms = item.group.name, item.group.n_atoms
             orderings = [Ordering("weights", 0.0, 0, item.candidates)]
             if hashing:
                 orderings += hashed_orderings(item)
+            if name in samples:
+                tensor, rows = samples[name]
+                found = activation_candidates(item.group, tensor, rows, item.params.outgoing)
+                orderings.append(Ordering("activations", 0.0, 0, found))
             achievable = max(o.achievable(n_atoms) for o in orderings)
             levels = removal_levels(n_atoms, achievable, channel_multiple)
             self.orderings[name] = orderings
@@ -226,6 +243,16 @@ class BudgetSearch:
             option.bandwidths = {o.label: o.bandwidth for o in orderings}
             self.options.append(option)
         self.cache: dict[tuple, float] = {}
+
+    def _activations(self, items: list[GroupCandidates]) -> dict[str, tuple[str, np.ndarray]]:
+        """Per group: the tensor its first consumer reads, and that tensor's sampled activations."""
+        wanted = {}
+        for item in items:
+            if item.group.consumers:
+                member = item.group.tensors[item.group.consumers[0].tensor]
+                wanted[item.group.name] = (member.tensor.name, member.axis, member.block)
+        captured = capture(self.base, self.verifier.inputs, {t: (a, b) for t, a, b in wanted.values()})
+        return {name: (t, captured[t]) for name, (t, _, _) in wanted.items() if t in captured}
 
     def _saved(self, name: str, level: int) -> float:
         return float(self.atom_cost[name][[m.source for m in self.merges[name][level]]].sum())

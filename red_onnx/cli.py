@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rank merge candidates on the raw weights only (the ablation without KDE hashing)",
     )
+    parser.add_argument(
+        "--no-activations",
+        action="store_true",
+        help="do not rank merge candidates by fits of activations on the synthetic inputs",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
     parser.add_argument(
         "--plot",
@@ -182,7 +187,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         result = compress(
             source, exact=args.exact, tolerance=args.tolerance, target_macs=args.target_macs,
-            channel_multiple=args.channel_multiple, hashing=not args.no_hashing, freeze=args.freeze,
+            channel_multiple=args.channel_multiple, hashing=not args.no_hashing,
+            activations=not args.no_activations, freeze=args.freeze,
             input_spec=_input_spec(args), progress=progress,
         )  # fmt: skip
     except VerificationError as error:

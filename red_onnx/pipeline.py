@@ -62,6 +62,8 @@ class Options:
         target_macs: Fraction of MACs to keep; overrides ``tolerance`` (approximate mode).
         channel_multiple: Kept channel counts are rounded to multiples of this (approximate mode).
         hashing: Let KDE-hashed weights rank merge candidates too (approximate mode; off = ablation).
+        activations: Let least-squares fits of activations on the synthetic search inputs rank merge
+            candidates too (approximate mode; off = ablation).
         freeze: Node-name glob patterns of layers to protect.
         input_spec: How verification inputs are built.
         verify: Whether to verify with onnxruntime (on by default; off only for analysis tools).
@@ -73,6 +75,7 @@ class Options:
     target_macs: float | None = None
     channel_multiple: int = DEFAULT_CHANNEL_MULTIPLE
     hashing: bool = True
+    activations: bool = True
     freeze: tuple[str, ...] = ()
     input_spec: InputSpec = field(default_factory=InputSpec)
     verify: bool = True
@@ -84,7 +87,8 @@ class Options:
         recorded: dict[str, object] = {"exact": self.exact, "freeze": list(self.freeze), "input_spec": spec}
         if self.approximate:
             recorded |= {"tolerance": self.tolerance, "target_macs": self.target_macs,
-                         "channel_multiple": self.channel_multiple, "hashing": self.hashing}  # fmt: skip
+                         "channel_multiple": self.channel_multiple, "hashing": self.hashing,
+                         "activations": self.activations}  # fmt: skip
         return recorded
 
 
@@ -98,6 +102,7 @@ def make_options(
     input_spec: InputSpec | None,
     verify: bool,
     hashing: bool = True,
+    activations: bool = True,
 ) -> Options:
     """Validate option combinations (one-line UsageError) and fill defaults."""
     if exact and (tolerance is not None or target_macs is not None):
@@ -115,6 +120,7 @@ def make_options(
         target_macs=target_macs,
         channel_multiple=DEFAULT_CHANNEL_MULTIPLE if channel_multiple is None else int(channel_multiple),
         hashing=hashing,
+        activations=activations,
         freeze=tuple(freeze),
         input_spec=input_spec or InputSpec(),
         verify=verify,
@@ -159,6 +165,7 @@ def compress(
     target_macs: float | None = None,
     channel_multiple: int | None = None,
     hashing: bool = True,
+    activations: bool = True,
     freeze: Sequence[str] = (),
     input_spec: InputSpec | None = None,
     verify: bool = True,
@@ -176,6 +183,7 @@ def compress(
         target_macs: Fraction of MACs to keep (overrides ``tolerance``; the error reached is reported).
         channel_multiple: Kept channel counts are multiples of this (default ``DEFAULT_CHANNEL_MULTIPLE``).
         hashing: Let KDE-hashed weights rank merge candidates too (False: the ablation without it).
+        activations: Let fits of activations on the synthetic search inputs rank candidates too.
         freeze: Node-name glob patterns of layers whose channels must not change.
         input_spec: Shapes, ranges, values or an ``.npz`` for the verification inputs.
         verify: Verify the result with onnxruntime (graph optimisations off and at ORT_ENABLE_ALL).
@@ -193,7 +201,7 @@ def compress(
     """
     options = make_options(
         exact=exact, tolerance=tolerance, target_macs=target_macs, channel_multiple=channel_multiple,
-        freeze=freeze, input_spec=input_spec, verify=verify, hashing=hashing,
+        freeze=freeze, input_spec=input_spec, verify=verify, hashing=hashing, activations=activations,
     )  # fmt: skip
     notify = progress or (lambda stage: None)
     notify("load")
@@ -244,7 +252,7 @@ def _approximate(
     search = BudgetSearch(
         graph_utils.export_model(working), original, options.input_spec, shapes,
         freeze=options.freeze, channel_multiple=options.channel_multiple, hashing=options.hashing,
-        progress=notify,
+        activations=options.activations, progress=notify,
     )  # fmt: skip
     if options.target_macs is None:
         outcome = search.within_tolerance(options.tolerance)

@@ -40,11 +40,16 @@ class AtomParams:
 
 @dataclass(frozen=True)
 class Merge:
-    """Delete atom ``source``; its consumers' slices are added, times ``scale``, into ``target``'s."""
+    """Delete atom ``source``; its consumers' slices are added, times ``scale``, into ``target``'s.
+
+    ``offset`` (approximate merges fitted on activations: ``y_source ≈ scale·y_target + offset``) is
+    folded into the consumers' biases like a constant channel.
+    """
 
     source: int
     target: int
     scale: float
+    offset: float = 0.0
 
 
 def _by_atom(group: ChannelGroup, tensor: str, rows: np.ndarray) -> np.ndarray:

@@ -102,14 +102,14 @@ def _rewire_consumer(plan: GroupPlan, consumer: Consumer) -> None:
 
 
 def _absorb_constants(plan: GroupPlan, consumer: Consumer, rows: np.ndarray, local: np.ndarray) -> None:
-    """Fold deleted constant channels into the consumer's bias: bias += Σ V_j · c_j."""
+    """Fold deleted constant channels and merge offsets into the consumer's bias: bias += Σ V_j · c_j."""
     values = plan.constants.get(consumer.tensor)
-    if values is None:
-        return
     merged = {m.source for m in plan.merges}
-    atoms = [a for a in np.flatnonzero(plan.delete) if a not in merged and local[a] >= 0]
-    picked = [(local[a], values[local[a]]) for a in atoms if np.isfinite(values[local[a]])]
-    picked = [(index, value) for index, value in picked if value != 0.0]
+    picked = [(local[m.source], m.offset) for m in plan.merges if m.offset and local[m.source] >= 0]
+    if values is not None:
+        atoms = [a for a in np.flatnonzero(plan.delete) if a not in merged and local[a] >= 0]
+        constant = [(local[a], values[local[a]]) for a in atoms if np.isfinite(values[local[a]])]
+        picked += [(index, value) for index, value in constant if value != 0.0]
     if not picked:
         return
     index = np.array([i for i, _ in picked])

@@ -38,6 +38,7 @@ class Candidates:
     scale: np.ndarray
     distance: np.ndarray
     cost: np.ndarray
+    offset: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.source)
@@ -127,8 +128,10 @@ def resolve_merges(candidates: Candidates, count: int) -> list[Merge]:
             scale *= step
         return atom, scale
 
+    offsets = candidates.offset if candidates.offset is not None else np.zeros(len(candidates))
+    shift: dict[int, float] = {}
     taken = 0
-    for j, i, lam in zip(candidates.source, candidates.target, candidates.scale, strict=True):
+    for j, i, lam, off in zip(candidates.source, candidates.target, candidates.scale, offsets, strict=True):
         if taken >= count:
             break
         if int(j) in parent:
@@ -137,12 +140,20 @@ def resolve_merges(candidates: Candidates, count: int) -> list[Merge]:
         if target == int(j):
             continue
         parent[int(j)] = (target, float(lam) * through)
+        shift[int(j)] = float(off)
         taken += 1
-    merges = []
-    for source in parent:
-        target, scale = root(source)
-        merges.append(Merge(source, target, scale))
-    return merges
+    return [_composed(source, parent, shift) for source in parent]
+
+
+def _composed(source: int, parent: dict[int, tuple[int, float]], shift: dict[int, float]) -> Merge:
+    """Follow ``source`` to its kept root: y_s ≈ λ_s·y_p + c_s and y_p ≈ λ_p·y_r + c_p compose."""
+    scale, offset, atom = 1.0, 0.0, source
+    while atom in parent:
+        atom_next, step = parent[atom]
+        offset += scale * shift.get(atom, 0.0)
+        scale *= step
+        atom = atom_next
+    return Merge(source, atom, scale, offset)
 
 
 def atom_macs(group: ChannelGroup, layer_macs: dict[str, int]) -> np.ndarray:
@@ -157,3 +168,66 @@ def atom_macs(group: ChannelGroup, layer_macs: dict[str, int]) -> np.ndarray:
             continue
         np.add.at(cost, member.atoms, layer_macs[name] / member.channels)
     return cost
+
+
+def activation_candidates(
+    group: ChannelGroup, tensor: str, samples: np.ndarray, outgoing: np.ndarray
+) -> Candidates:
+    """Merge candidates fitted on a group tensor's sampled activations (synthetic inputs).
+
+    For atoms j, i with activation rows a_j, a_i the merge fits ``a_j ≈ λ·a_i + c`` by least squares
+    (c goes into the consumers' biases); its cost is the residual energy times ‖V_j‖². Channels that
+    never vary on these inputs cost nothing: they merge into the most active channel with λ = 0.
+
+    Args:
+        group: The group.
+        tensor: A group tensor the consumers read (rows of ``samples`` follow its channels).
+        samples: ``[channels, samples]`` activations of ``tensor``.
+        outgoing: Per atom, the norm of the consumer slices reading it.
+    """
+    local = group.atom_index(tensor)
+    atoms = np.flatnonzero(local >= 0)
+    if len(atoms) < 2:
+        empty = np.zeros(0, np.int64)
+        return Candidates(empty, empty, np.zeros(0), np.zeros(0), np.zeros(0))
+    centred = samples[local[atoms]] - samples[local[atoms]].mean(axis=1, keepdims=True)
+    spread = np.linalg.norm(centred, axis=1)
+    live = spread > 1e-12 * max(float(spread.max()), 1e-30)
+    found = [_dead_merges(atoms, live, spread)] if (~live).any() else []
+    if live.sum() >= 2:
+        found.append(_live_merges(atoms[live], centred[live], spread[live]))
+    source, target, scale = (np.concatenate(parts) for parts in zip(*found, strict=True))
+    mean = samples[local].mean(axis=1)
+    offset = mean[source] - scale * mean[target]
+    residual = _residual(samples, local, source, target, scale)
+    norm = np.linalg.norm(samples[local[source]] - mean[source, None], axis=1)
+    cost = residual * outgoing[source] ** 2
+    order = np.argsort(cost, kind="stable")
+    distance = np.sqrt(residual) / np.where(norm > 0, norm, 1.0)
+    return Candidates(source[order], target[order], scale[order], distance[order], cost[order], offset[order])
+
+
+def _dead_merges(atoms: np.ndarray, live: np.ndarray, spread: np.ndarray) -> tuple[np.ndarray, ...]:
+    dead = atoms[~live]
+    anchor = atoms[int(np.argmax(spread))]
+    return dead, np.full(len(dead), anchor), np.zeros(len(dead))
+
+
+def _live_merges(atoms: np.ndarray, centred: np.ndarray, spread: np.ndarray) -> tuple[np.ndarray, ...]:
+    features = centred / spread[:, None]
+    k = min(NEIGHBOURS, len(atoms) - 1)
+    _, neighbours = NearestNeighbors(n_neighbors=k).fit(features).kneighbors()
+    source = np.repeat(np.arange(len(atoms)), k)
+    target = neighbours.reshape(-1)
+    scale = np.einsum("ij,ij->i", centred[source], centred[target]) / spread[target] ** 2
+    return atoms[source], atoms[target], scale
+
+
+def _residual(
+    samples: np.ndarray, local: np.ndarray, source: np.ndarray, target: np.ndarray, scale: np.ndarray
+) -> np.ndarray:
+    """‖(a_j − mean_j) − λ·(a_i − mean_i)‖² per candidate (the offset absorbs the means)."""
+    a_j = samples[local[source]] - samples[local[source]].mean(axis=1, keepdims=True)
+    a_i = samples[local[target]] - samples[local[target]].mean(axis=1, keepdims=True)
+    gap = a_j - scale[:, None] * a_i
+    return np.einsum("ij,ij->i", gap, gap)

@@ -15,10 +15,11 @@ from red_onnx.shapes import ShapeService
 from red_onnx.verify import InputSpec, make_inputs
 
 
-def _search(model: onnx.ModelProto, *, hashing: bool) -> BudgetSearch:
+def _search(model: onnx.ModelProto, *, hashing: bool, activations: bool = False) -> BudgetSearch:
     base = red_onnx.compress(model, exact=True).model
     spec = InputSpec()
-    return BudgetSearch(base, model, spec, ShapeService(make_inputs(model, spec, 0)), hashing=hashing)
+    shapes = ShapeService(make_inputs(model, spec, 0))
+    return BudgetSearch(base, model, spec, shapes, hashing=hashing, activations=activations)
 
 
 def test_hashed_orderings_are_valid_rankings() -> None:
@@ -60,7 +61,9 @@ def test_ablation_uses_the_weights_only() -> None:
 
 @pytest.mark.parametrize("hashing", [True, False])
 def test_compress_reports_the_ranking_it_used(hashing: bool) -> None:
-    result = red_onnx.compress(conv_net(1e-3), tolerance=0.05, channel_multiple=1, hashing=hashing)
+    result = red_onnx.compress(
+        conv_net(1e-3), tolerance=0.05, channel_multiple=1, hashing=hashing, activations=False
+    )
     groups = result.report.budget["groups"]
     used = {g["ordering"] for g in groups if g["removed"]}
     assert used, "the planted near-duplicates should be merged"
@@ -82,3 +85,9 @@ def test_plot_writes_the_curve_and_densities(tmp_path, monkeypatch) -> None:
     written = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert written[0] == "budget_curve.png" and any(name.startswith("density_") for name in written)
     assert all((tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG" for name in written)
+
+
+def test_activation_rankings_join_the_search() -> None:
+    search = _search(deep_net(), hashing=False, activations=True)
+    labels = {o.name: [ordering.label for ordering in search.orderings[o.name]] for o in search.options}
+    assert all(found == ["weights", "activations"] for found in labels.values()), labels

@@ -1,0 +1,59 @@
+"""Candidates fitted on synthetic activations: affine fits, offsets folded into biases, chains."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+import red_onnx
+from red_onnx.similarity import Candidates, resolve_merges
+
+
+def _candidates(rows: list[tuple[int, int, float, float]]) -> Candidates:
+    source, target, scale, offset = (np.array(column) for column in zip(*rows, strict=True))
+    zeros = np.zeros(len(rows))
+    return Candidates(source.astype(np.int64), target.astype(np.int64), scale, zeros, zeros, offset)
+
+
+def test_chains_compose_scale_and_offset() -> None:
+    merges = resolve_merges(_candidates([(2, 1, 2.0, 1.0), (1, 0, 3.0, 0.5)]), 2)
+    by_source = {m.source: m for m in merges}
+    assert by_source[1].target == 0 and by_source[1].scale == 3.0 and by_source[1].offset == 0.5
+    # y2 = 2·y1 + 1 and y1 = 3·y0 + 0.5  →  y2 = 6·y0 + 2
+    assert by_source[2].target == 0 and by_source[2].scale == 6.0 and by_source[2].offset == 2.0
+
+
+def affine_pair_net(seed: int = 0) -> onnx.ModelProto:
+    """conv1 (8 channels, no activation; channel 5 = 2·channel 2 + 0.5) → unpadded 1x1 conv2."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    b1 = rng.standard_normal(8).astype(np.float32)
+    w1[5], b1[5] = 2 * w1[2], 2 * b1[2] + 0.5
+    w2 = rng.standard_normal((4, 8, 1, 1)).astype(np.float32)
+    b2 = rng.standard_normal(4).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Conv", ["h", "w2", "b2"], ["y"], name="conv2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "affine", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_affine_duplicate_goes_with_its_offset_in_the_bias() -> None:
+    model = affine_pair_net()
+    result = red_onnx.compress(model, tolerance=1e-4, channel_multiple=1, hashing=False)
+    layers = {layer.name: layer for layer in result.report.layers}
+    assert (layers["conv1"].channels_before, layers["conv1"].channels_after) == (8, 7)
+    chosen = {g["ordering"] for g in result.report.budget["groups"] if g["removed"]}
+    assert chosen == {"activations"}
+    feed = {"x": np.random.default_rng(5).standard_normal((1, 3, 6, 6)).astype(np.float32)}
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, feed)[0]
+    got = ort.InferenceSession(result.model.SerializeToString()).run(None, feed)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    onnx.checker.check_model(result.model, full_check=True)
