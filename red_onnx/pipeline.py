@@ -62,8 +62,10 @@ class Options:
         target_macs: Fraction of MACs to keep; overrides ``tolerance`` (approximate mode).
         channel_multiple: Kept channel counts are rounded to multiples of this (approximate mode).
         hashing: Let KDE-hashed weights rank merge candidates too (approximate mode; off = ablation).
-        activations: Let least-squares fits of activations on the synthetic search inputs rank merge
-            candidates too (approximate mode; off = ablation).
+        activations: Let least-squares fits of channel activations on the verification inputs rank
+            merge candidates too. Off by default: on synthetic inputs it picks channels that are idle
+            on noise but matter on real data (measured: MobileNetV2 top-1 agreement 0.39 at 95% of
+            the MACs with a synthetic error of 0.0); on by default when ``--inputs`` gives real inputs.
         freeze: Node-name glob patterns of layers to protect.
         input_spec: How verification inputs are built.
         verify: Whether to verify with onnxruntime (on by default; off only for analysis tools).
@@ -75,7 +77,7 @@ class Options:
     target_macs: float | None = None
     channel_multiple: int = DEFAULT_CHANNEL_MULTIPLE
     hashing: bool = True
-    activations: bool = True
+    activations: bool = False
     freeze: tuple[str, ...] = ()
     input_spec: InputSpec = field(default_factory=InputSpec)
     verify: bool = True
@@ -102,7 +104,7 @@ def make_options(
     input_spec: InputSpec | None,
     verify: bool,
     hashing: bool = True,
-    activations: bool = True,
+    activations: bool | None = None,
 ) -> Options:
     """Validate option combinations (one-line UsageError) and fill defaults."""
     if exact and (tolerance is not None or target_macs is not None):
@@ -120,7 +122,9 @@ def make_options(
         target_macs=target_macs,
         channel_multiple=DEFAULT_CHANNEL_MULTIPLE if channel_multiple is None else int(channel_multiple),
         hashing=hashing,
-        activations=activations,
+        activations=(input_spec is not None and input_spec.npz is not None)
+        if activations is None
+        else activations,
         freeze=tuple(freeze),
         input_spec=input_spec or InputSpec(),
         verify=verify,
@@ -165,7 +169,7 @@ def compress(
     target_macs: float | None = None,
     channel_multiple: int | None = None,
     hashing: bool = True,
-    activations: bool = True,
+    activations: bool | None = None,
     freeze: Sequence[str] = (),
     input_spec: InputSpec | None = None,
     verify: bool = True,
@@ -183,7 +187,8 @@ def compress(
         target_macs: Fraction of MACs to keep (overrides ``tolerance``; the error reached is reported).
         channel_multiple: Kept channel counts are multiples of this (default ``DEFAULT_CHANNEL_MULTIPLE``).
         hashing: Let KDE-hashed weights rank merge candidates too (False: the ablation without it).
-        activations: Let fits of activations on the synthetic search inputs rank candidates too.
+        activations: Let fits of channel activations rank candidates too (None: only when
+            ``input_spec.npz`` gives real inputs; on synthetic inputs it measured worse on real data).
         freeze: Node-name glob patterns of layers whose channels must not change.
         input_spec: Shapes, ranges, values or an ``.npz`` for the verification inputs.
         verify: Verify the result with onnxruntime (graph optimisations off and at ORT_ENABLE_ALL).

@@ -63,6 +63,8 @@ GENERATED_TYPES = frozenset({
 })  # fmt: skip
 
 DEFAULT_INT_RANGE = (0.0, 10.0)
+#: Ways of drawing float inputs (InputSpec.prior).
+PRIORS = ("normal", "pink")
 _REL_FLOOR = 1e-30
 _TINY = float(np.finfo(np.float64).tiny)
 
@@ -83,6 +85,9 @@ class InputSpec:
         values: Constant fill per input (``--input-value``).
         npz: A ``.npz`` file of arrays by input name (``--inputs``), used as given; wins over all.
         default_dim: Size given to dynamic dims not covered by ``shapes``.
+        prior: How float inputs are drawn: ``"normal"`` (i.i.d. standard normal) or ``"pink"``
+            (spatially correlated 1/f noise over the trailing axes of inputs of rank ≥ 3, scaled to unit
+            variance — closer to images and signals than white noise; ``--input-prior``).
     """
 
     shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
@@ -90,8 +95,11 @@ class InputSpec:
     values: Mapping[str, float] = field(default_factory=dict)
     npz: Path | None = None
     default_dim: int = 1
+    prior: str = "normal"
 
     def __post_init__(self) -> None:
+        if self.prior not in PRIORS:
+            raise UsageError(f"input prior {self.prior!r} is not one of {', '.join(PRIORS)}")
         if self.default_dim < 1:
             raise UsageError(f"default dim {self.default_dim} is not a positive integer; use >= 1")
         both = sorted(set(self.ranges) & set(self.values))
@@ -273,6 +281,23 @@ def _generate(vi: onnx.ValueInfoProto, spec: InputSpec, seed: int) -> np.ndarray
     return np.asarray(_generate_values(vi, spec, seed))
 
 
+def pink_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Gaussian noise with a 1/f amplitude spectrum over the axes after the first two, unit variance.
+
+    For an image batch [N, C, H, W] each channel is a smooth random field (like natural images'
+    spectra); for [N, C, L] a 1/f signal. Each (n, c) slice is normalised to zero mean, unit variance.
+    """
+    white = rng.standard_normal(shape)
+    axes = tuple(range(2, len(shape)))
+    spectrum = np.fft.rfftn(white, axes=axes)
+    grids = np.meshgrid(*[np.fft.fftfreq(n) for n in shape[2:-1]], np.fft.rfftfreq(shape[-1]), indexing="ij")
+    radius = np.sqrt(sum(g**2 for g in grids))
+    radius.flat[0] = np.inf  # no DC: the mean is removed anyway
+    field_ = np.fft.irfftn(spectrum / np.maximum(radius, 1.0 / max(shape[2:])), s=shape[2:], axes=axes)
+    field_ -= field_.mean(axis=axes, keepdims=True)
+    return field_ / np.maximum(field_.std(axis=axes, keepdims=True), 1e-12)
+
+
 def _generate_values(vi: onnx.ValueInfoProto, spec: InputSpec, seed: int) -> np.ndarray:
     dtype, shape, name = _input_dtype(vi), _resolve_shape(vi, spec), vi.name
     if name in spec.values:
@@ -280,8 +305,12 @@ def _generate_values(vi: onnx.ValueInfoProto, spec: InputSpec, seed: int) -> np.
     rng = _rng(seed, name)
     bounds = spec.ranges.get(name)
     if dtype.kind == "f":
+        pink = spec.prior == "pink" and len(shape) >= 3
         if bounds is None:
-            return rng.standard_normal(shape).astype(dtype)
+            return (pink_noise(rng, shape) if pink else rng.standard_normal(shape)).astype(dtype)
+        if pink:  # the same field squashed into the range
+            field_ = 0.5 * (1.0 + np.tanh(pink_noise(rng, shape)))
+            return (bounds[0] + (bounds[1] - bounds[0]) * field_).astype(dtype)
         return rng.uniform(bounds[0], bounds[1], size=shape).astype(dtype)
     if dtype.kind == "b" and bounds is None:
         return rng.random(shape) < 0.5

@@ -47,7 +47,7 @@ def affine_pair_net(seed: int = 0) -> onnx.ModelProto:
 
 def test_affine_duplicate_goes_with_its_offset_in_the_bias() -> None:
     model = affine_pair_net()
-    result = red_onnx.compress(model, tolerance=1e-4, channel_multiple=1, hashing=False)
+    result = red_onnx.compress(model, tolerance=1e-4, channel_multiple=1, hashing=False, activations=True)
     layers = {layer.name: layer for layer in result.report.layers}
     assert (layers["conv1"].channels_before, layers["conv1"].channels_after) == (8, 7)
     chosen = {g["ordering"] for g in result.report.budget["groups"] if g["removed"]}
@@ -57,3 +57,29 @@ def test_affine_duplicate_goes_with_its_offset_in_the_bias() -> None:
     got = ort.InferenceSession(result.model.SerializeToString()).run(None, feed)[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_activation_ranking_is_off_on_synthetic_inputs_and_on_with_real_ones(tmp_path) -> None:
+    model = affine_pair_net()
+    synthetic = red_onnx.compress(model, tolerance=1e-4, channel_multiple=1)
+    assert synthetic.report.options["activations"] is False
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, x=np.random.default_rng(3).standard_normal((1, 3, 6, 6)).astype(np.float32))
+    spec = red_onnx.InputSpec(npz=inputs)
+    real = red_onnx.compress(model, tolerance=1e-4, channel_multiple=1, input_spec=spec)
+    assert real.report.options["activations"] is True
+
+
+def test_pink_prior_is_smooth_unit_variance_noise() -> None:
+    from red_onnx.verify import make_inputs
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 64, 64])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 64, 64])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "id", [value], [out])
+    identity = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    image = make_inputs(identity, red_onnx.InputSpec(prior="pink"), 0)["x"]
+    assert image.shape == (1, 3, 64, 64) and image.dtype == np.float32
+    np.testing.assert_allclose(image.std(axis=(2, 3)), 1.0, rtol=1e-4)
+    white = make_inputs(identity, red_onnx.InputSpec(), 0)["x"]
+    neighbours = [np.corrcoef(a[0, 0, :, :-1].ravel(), a[0, 0, :, 1:].ravel())[0, 1] for a in (image, white)]
+    assert neighbours[0] > neighbours[1] + 0.3  # neighbouring pixels correlate
