@@ -143,6 +143,28 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def predictiveness(rows: list[dict]) -> str:
+    """How well the synthetic-input error (what the search sees) predicts the real fidelity loss."""
+    lines = ["| model | RED runs | Spearman ρ(synthetic error, real loss) | synthetic error → real loss |",
+             "|---|---|---|---|"]  # fmt: skip
+    for name in sorted({r["model"] for r in rows}):
+        cells = [
+            (r, cell)
+            for r in rows
+            if r["model"] == name
+            for key, cell in r["cells"].items()
+            if key.startswith("red") and "fidelity" in cell and cell.get("synthetic_error") is not None
+        ]
+        pairs = [(cell["synthetic_error"], r["original"] - cell["fidelity"]) for r, cell in cells]
+        if len(pairs) < 3:
+            continue
+        errors, losses = (np.array(column) for column in zip(*pairs, strict=True))
+        rho = np.corrcoef(np.argsort(np.argsort(errors)), np.argsort(np.argsort(losses)))[0, 1]
+        shown = ", ".join(f"{e:.2f}→{loss:+.3f}" for e, loss in sorted(pairs)[:: max(1, len(pairs) // 5)])
+        lines.append(f"| {name} | {len(pairs)} | {rho:.2f} | {shown} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """Fidelity against MACs kept, one panel per model."""
     os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp())
@@ -186,6 +208,8 @@ def main() -> int:
     (args.out / "compare.json").write_text(json.dumps(rows, indent=1, default=float) + "\n")
     plot(rows, args.out / "compare.png")
     print(markdown(rows))
+    print()
+    print(predictiveness(rows))
     return 0
 
 
