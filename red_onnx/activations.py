@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+
+from red_onnx.verify import run_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -51,19 +52,9 @@ def capture(
     Returns:
         Tensor name → ``[channels, samples]`` (float64); empty when the run fails.
     """
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
     names = list(tensors)
-    for name in names:
-        if name not in known:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        runs = [session.run(names, dict(feed)) for feed in feeds]
+        runs = run_tensors(model, names, feeds)
     except Exception as error:
         logger.warning("could not capture activations: %s", str(error).splitlines()[0])
         return {}

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
 from red_onnx.graph import WorkingModel, export_model
+from red_onnx.verify import run_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -47,18 +47,8 @@ class ShapeService:
         return shapes
 
     def _measured(self, model: onnx.ModelProto, names: list[str]) -> Shapes:
-        known = {o.name for o in model.graph.output}
-        for name in names:
-            if name not in known:
-                model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 4
         try:
-            session = ort.InferenceSession(
-                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-            )
-            values = session.run(names, self.feed)
+            (values,) = run_tensors(model, names, [self.feed])
         except Exception as error:
             logger.warning("could not measure %d tensor shapes: %s", len(names), str(error).splitlines()[0])
             return {}
