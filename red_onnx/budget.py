@@ -225,7 +225,9 @@ class BudgetSearch:
         self.total_macs = max(figures.macs, 1)
         layer_macs = {name: layer.macs for name, layer in figures.layers.items()}
         self.merges: dict[str, dict[int, list[Merge]]] = {}
+        self.channel_multiple = channel_multiple
         self.orderings: dict[str, list[Ordering]] = {}
+        self.chosen: dict[tuple[str, int], Ordering] = {}
         self.atom_cost: dict[str, np.ndarray] = {}
         self.options: list[GroupOption] = []
         items = group_candidates(working, self.shapes, self.freeze)
@@ -312,6 +314,7 @@ class BudgetSearch:
                 ]
                 value, ordering, merges = min(scored, key=lambda item: item[0])
                 self.merges[option.name][level] = merges
+                self.chosen[(option.name, level)] = ordering
                 option.macs_saved[option.levels.index(level)] = self._saved(option.name, level)
                 option.errors.append(value)
                 option.orderings.append(ordering.label)
@@ -394,5 +397,41 @@ class BudgetSearch:
                 high = middle
             else:
                 low = middle + 1
+        order[low] = self._refine(order[low - 1] if low else {}, order[low], fraction)
         heldout = self.error(order[low], verifier=self.heldout)
         return self._result(order, low, heldout), reachable
+
+    def _refine(self, before: Counts, after: Counts, fraction: float) -> Counts:
+        """Land just under ``fraction``: the fewest merges of the last step's group that still reach it.
+
+        The greedy order moves in whole levels (fractions of a group); the step that crosses the target
+        is cut to the smallest merge count in between, with the same ranking, that reaches it.
+        """
+        changed = [name for name in after if after[name] != before.get(name, 0)]
+        if len(changed) != 1:
+            return after
+        name = changed[0]
+        ordering = self.chosen.get((name, after[name]))
+        if ordering is None:
+            return after
+        option = next(o for o in self.options if o.name == name)
+        counts = [k for k in range(before.get(name, 0) + 1, after[name] + 1)
+                  if self.channel_multiple <= 1 or option.n_atoms < 2 * self.channel_multiple
+                  or (option.n_atoms - k) % self.channel_multiple == 0]  # fmt: skip
+        low, high = 0, len(counts) - 1
+        while low < high:
+            middle = (low + high) // 2
+            self.merges[name].setdefault(counts[middle], ordering.merges(counts[middle]))
+            if self.measured_fraction({**after, name: counts[middle]}) <= fraction:
+                high = middle
+            else:
+                low = middle + 1
+        low = counts[low]
+        self.merges[name].setdefault(low, ordering.merges(low))
+        if low not in option.levels:
+            position = next(k for k, level in enumerate(option.levels) if level > low)
+            option.levels.insert(position, low)
+            option.macs_saved.insert(position, self._saved(name, low))
+            option.errors.insert(position, self.error({name: low}))
+            option.orderings.insert(position, ordering.label)
+        return {**after, name: low}
