@@ -164,10 +164,6 @@ def _chosen_bandwidth(option: GroupOption, count: int) -> float:
     return option.bandwidths.get(_chosen(option, count), 0.0)
 
 
-def _key(counts: Counts, *, heldout: bool = False) -> tuple:
-    return (heldout, tuple(sorted((k, v) for k, v in counts.items() if v)))
-
-
 def removal_levels(n_atoms: int, available: int, multiple: int) -> list[int]:
     """Removal counts to try: 0, then fractions of ``n_atoms`` with kept counts on the multiple."""
     levels = {0}
@@ -378,7 +374,7 @@ class BudgetSearch:
 
     def measured_fraction(self, counts: Counts) -> float:
         """The fraction of MACs kept, counted on the rewritten model (estimates double-count)."""
-        key = ("macs", *_key(counts), tuple(len(self.merges[n][c]) for n, c in sorted(counts.items()) if c))
+        key = ("macs", tuple(sorted((n, len(self.merges[n][c])) for n, c in counts.items() if c)))
         if key not in self.cache:
             self.cache[key] = metrics.measure(self.apply(counts), self.input_shapes).macs / self.total_macs
         return self.cache[key]

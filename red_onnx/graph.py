@@ -16,8 +16,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from red_onnx.errors import InputError
-
 logger = logging.getLogger(__name__)
 
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
@@ -281,9 +279,3 @@ def clear_intermediate_shapes(working: WorkingModel) -> None:
     for tensor in working.graph.tensors().values():
         if isinstance(tensor, gs.Variable) and tensor.name not in keep:
             tensor.shape = None
-
-
-def require_graph(model: onnx.ModelProto) -> None:
-    """Raise InputError when the proto holds no graph to work on."""
-    if not model.graph.node:
-        raise InputError("the model has no nodes; pass an exported ONNX model with a graph")

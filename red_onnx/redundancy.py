@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from red_onnx.channels import ChannelGroup
 from red_onnx.graph import constant_values, is_empty_input
-from red_onnx.weights import consumer_axis, producer_bias, producer_rows
+from red_onnx.weights import channel_rows, consumer_axis, producer_bias, producer_rows
 
 #: Relative residual under which ``scaled_j`` counts as ``λ·scaled_i`` in exact mode (fp32 rounding).
 EXACT_SCALE_RTOL = 1e-6
@@ -64,13 +64,7 @@ def per_channel_constant(values: np.ndarray, out_rank: int, axis: int, channels:
     values = values.reshape(shape)
     if shape[axis] != channels or channels == 1:
         return None
-    return channel_rows_of(values, axis)
-
-
-def channel_rows_of(values: np.ndarray, axis: int) -> np.ndarray:
-    """``values`` with ``axis`` first, flattened to rows (float64)."""
-    moved = np.moveaxis(values.astype(np.float64), axis, 0)
-    return moved.reshape(moved.shape[0], -1)
+    return channel_rows(values.astype(np.float64), axis)
 
 
 def _path_params(group: ChannelGroup, node: gs.Node, ranks: dict[str, int]) -> tuple[list, list]:
