@@ -175,7 +175,7 @@ class _ProgressBar:
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=7, desc="red-onnx", unit="stage", leave=False, file=sys.stderr)
+            self.bar = tqdm(desc="red-onnx", unit="step", leave=False, file=sys.stderr)
 
     def __call__(self, stage: str) -> None:
         if self.bar is not None:
