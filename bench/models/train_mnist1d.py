@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from export import export_classifier
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `bench` and `red_onnx` from a checkout
@@ -47,7 +48,6 @@ LEARNING_RATE = 9e-3
 WEIGHT_DECAY = 0.05
 LABEL_SMOOTHING = 0.05
 MIN_TEST_ACCURACY = 0.97
-OPSET = 17
 METADATA = {"source": "bench/models/train_mnist1d.py", "dataset": "mnist1d make_dataset(get_dataset_args())"}
 
 
@@ -116,31 +116,15 @@ def train(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray) -> None:
 
 
 def export_onnx(model: nn.Module, path: Path) -> onnx.ModelProto:
-    """Export ``model`` (BN folded, dynamic batch), strip run-dependent text, add metadata, save."""
-    model.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.part")
-    torch.onnx.export(
+    """Export the model with its metadata (see ``export.export_classifier``)."""
+    return export_classifier(
         model,
-        (torch.zeros(1, 1, 40),),
-        str(temp),
-        input_names=["signal"],
-        output_names=["logits"],
-        dynamic_axes={"signal": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=OPSET,
-        dynamo=False,
+        torch.zeros(1, 1, 40),
+        "signal",
+        path,
+        "MNIST-1D 1-D CNN for red_onnx benchmarks; test split: mnist1d_test.npz",
+        METADATA,
     )
-    proto = onnx.load(str(temp))
-    for node in proto.graph.node:
-        node.doc_string = ""
-    proto.doc_string = "MNIST-1D 1-D CNN for red_onnx benchmarks; test split: mnist1d_test.npz"
-    del proto.metadata_props[:]
-    for key, value in METADATA.items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(temp))
-    temp.replace(path)
-    return proto
 
 
 def onnxruntime_logits(path: Path, signals: np.ndarray) -> np.ndarray:
