@@ -31,6 +31,21 @@ ENTRIES: list[tuple[str, dict[str, str]]] = [
             "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx": "ppocr_mobile_cls.onnx",
         },
     ),
+    ("nudenet==3.4.2", {"nudenet/320n.onnx": "yolov8n_320n.onnx"}),
+    (
+        "silero-vad==6.2.3",
+        {
+            f"silero_vad/data/{name}.onnx": f"{name}.onnx"
+            for name in (
+                "silero_vad",
+                "silero_vad_16k_op15",
+                "silero_vad_16k_sequence",
+                "silero_vad_half",
+                "silero_vad_op18_ifless",
+                "silero_vad_openvino_16k",
+            )
+        },
+    ),
 ]
 
 

@@ -237,7 +237,7 @@ def _write_json(result: Result, path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``red-onnx`` console script."""
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_intermixed_args(argv)
         logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(name)s: %(message)s")
         return _run(args)
     except RedOnnxError as error:

@@ -517,3 +517,9 @@ def test_missing_output_directory_writes_no_report(
     assert cli.main(["model.onnx", "nodir/out.onnx", "--json", "r.json", "-q"]) == 2
     assert_one_error_line(capfd.readouterr().err)
     assert listing(model_path.parent) == before
+
+
+def test_options_may_come_between_the_paths(model_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "between.onnx"
+    assert cli.main([str(model_path), "--exact", "--input-shape", "x:2,3,8,8", str(out), "-q"]) == 0
+    onnx.checker.check_model(str(out), full_check=True)

@@ -104,3 +104,30 @@ def test_zoo_location_is_reported_when_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("RED_ONNX_ZOO", str(tmp_path / "nowhere"))
     assert zoo_dir() == tmp_path / "nowhere"
     assert os.environ["RED_ONNX_ZOO"].endswith("nowhere")
+
+
+SILERO_STATE = {"state": (2, 1, 128)}
+REAL_MODELS = [
+    ("yolov8n_320n.onnx", {"images": (1, 3, 320, 320)}, {}),
+    ("silero_vad.onnx", {"input": (1, 512), **SILERO_STATE}, {"sr": 16000.0}),
+    ("silero_vad.onnx", {"input": (1, 256), **SILERO_STATE}, {"sr": 8000.0}),
+    ("silero_vad_16k_op15.onnx", {"input": (1, 512), **SILERO_STATE}, {"sr": 16000.0}),
+    ("silero_vad_16k_sequence.onnx", {"input": (4, 576)}, {}),
+    ("silero_vad_half.onnx", {"input": (1, 512), **SILERO_STATE}, {}),
+    ("silero_vad_op18_ifless.onnx", {"input": (1, 512), **SILERO_STATE}, {"sr": 16000.0}),
+    ("silero_vad_openvino_16k.onnx", {}, {}),
+]
+
+
+@pytest.mark.parametrize(
+    "name,shapes,values", REAL_MODELS, ids=[f"{m[0]}-{i}" for i, m in enumerate(REAL_MODELS)]
+)
+def test_yolo_and_silero_exact_outputs_unchanged(name, shapes, values):
+    """Both If branches of silero (sr 16000 and 8000) run; YOLOv8n's C2f concats freeze with a reason."""
+    path = zoo_model(name)
+    result = red_onnx.compress(path, exact=True, input_spec=InputSpec(shapes=shapes, values=values))
+    assert result.verified
+    for output in result.report.verification["outputs"]:
+        assert output["passed"] and output["needed_rtol"] <= 1e-5
+    onnx.checker.check_model(result.model, full_check=True)
+    assert all(group.reason for group in result.report.frozen)
