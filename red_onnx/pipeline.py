@@ -211,6 +211,7 @@ def compress(
     notify = progress or (lambda stage: None)
     notify("load")
     original, size_before, source = _load(model_or_path)
+    _check_runs(source if source is not None else original, options)
     shapes = ShapeService(make_inputs(original, options.input_spec, VERIFY_SEEDS[0]))
     working = graph_utils.import_model(original)
     report = Report(
@@ -241,6 +242,15 @@ def compress(
         error.result = result
         raise error
     return result
+
+
+def _check_runs(model: ModelSource, options: Options) -> None:
+    """Fail early (InputError) when onnxruntime cannot run the input model on the verification inputs."""
+    if isinstance(model, onnx.ModelProto) and io.model_nbytes(model) > verify.MAX_PROTO_BYTES:
+        return  # checked by path at verification time
+    Verifier(model, options.input_spec, seeds=VERIFY_SEEDS[:1], levels=("disable_all",)).reference_outputs(
+        "disable_all"
+    )
 
 
 def _approximate(
