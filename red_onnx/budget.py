@@ -78,6 +78,7 @@ class GroupOption:
     orderings: list[str] = field(default_factory=list)
     producers: list[str] = field(default_factory=list)
     bandwidths: dict[str, float] = field(default_factory=dict)
+    basins: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -123,13 +124,7 @@ class BudgetResult:
             "macs_fraction": self.macs_fraction,
             "evaluations": self.evaluations,
             "curve": [{"macs_fraction": m, "error": e} for m, e in self.curve],
-            "groups": [
-                {"group": g.name, "channels": g.n_atoms, "removed": self.counts.get(g.name, 0),
-                 "levels": g.levels, "errors": g.errors, "orderings": g.orderings,
-                 "ordering": _chosen(g, self.counts.get(g.name, 0)), "producers": g.producers,
-                 "bandwidth": _chosen_bandwidth(g, self.counts.get(g.name, 0))}
-                for g in self.groups
-            ],
+            "groups": [_group_summary(g, self.counts.get(g.name, 0)) for g in self.groups],
         }  # fmt: skip
 
 
@@ -159,9 +154,16 @@ def hashed_orderings(item: GroupCandidates, rungs: Sequence[int] = HASH_RUNGS) -
     return found
 
 
-def _chosen_bandwidth(option: GroupOption, count: int) -> float:
-    """KDE bandwidth of the ranking used at the chosen level (0: the raw weights)."""
-    return option.bandwidths.get(_chosen(option, count), 0.0)
+def _group_summary(option: GroupOption, count: int) -> dict[str, object]:
+    """One group in the report: channels before/after, the ranking used, its own error share."""
+    position = option.levels.index(count) if count in option.levels else 0
+    return {
+        "group": option.name, "producers": option.producers, "channels": option.n_atoms, "removed": count,
+        "ordering": _chosen(option, count), "bandwidth": option.bandwidths.get(_chosen(option, count), 0.0),
+        "basins": option.basins.get(_chosen(option, count), 0),
+        "error_alone": option.errors[position] if position < len(option.errors) else None,
+        "levels": option.levels, "errors": option.errors, "orderings": option.orderings,
+    }  # fmt: skip
 
 
 def removal_levels(n_atoms: int, available: int, multiple: int) -> list[int]:
@@ -245,6 +247,7 @@ class BudgetSearch:
             option = GroupOption(name, n_atoms, levels, [self._saved(name, level) for level in levels])
             option.producers = [p.node.name for p in item.group.producers]
             option.bandwidths = {o.label: o.bandwidth for o in orderings}
+            option.basins = {o.label: o.basins for o in orderings}
             self.options.append(option)
         self.cache: dict[tuple, float] = {}
 

@@ -139,6 +139,14 @@ def render_table(report: Report, *, max_layers: int = 40) -> str:
     lines += _render_frozen(report, max_layers)
     if report.budget:
         budget = report.budget
+        merged = [g for g in budget["groups"] if g["removed"]]
+        lines.append(f"merged groups: {len(merged)} (channels, ranking used, error of that group alone)")
+        for group in merged[:max_layers]:
+            alone = group["error_alone"]
+            kept = group["channels"] - group["removed"]
+            shown = "-" if alone is None else format(alone, ".3g")
+            name, ranking = group["group"][:40], group["ordering"][:32]
+            lines.append(f"  {name:40} {group['channels']:>5} -> {kept:<5} {ranking:32} {shown}")
         lines.append(
             f"budget search: {budget['evaluations']} measurements in {budget['seconds']:.1f}s; error "
             f"{budget['error']:.3g} on search inputs, {budget['heldout_error']:.3g} held out; "
