@@ -213,7 +213,7 @@ def compress(
     notify = progress or (lambda stage: None)
     notify("load")
     original, size_before, source = _load(model_or_path)
-    _check_runs(source if source is not None else original, options)
+    reference = _reference_verifier(source if source is not None else original, options)
     shapes = ShapeService(make_inputs(original, options.input_spec, VERIFY_SEEDS[0]))
     working = graph_utils.import_model(original)
     report = Report(
@@ -235,7 +235,7 @@ def compress(
     report.set_figures(before, metrics.measure(candidate, shapes.input_shapes))
     if verify:
         notify("verify")
-        _verify(source if source is not None else original, candidate, options, report)
+        _verify(source if source is not None else original, candidate, options, report, reference)
     candidate = graph_utils.export_model(working, metadata=_provenance(options, report))
     report.size_after = io.model_nbytes(candidate)
     result = Result(candidate, report)
@@ -246,13 +246,17 @@ def compress(
     return result
 
 
-def _check_runs(model: ModelSource, options: Options) -> None:
-    """Fail early (InputError) when onnxruntime cannot run the input model on the verification inputs."""
+def _reference_verifier(model: ModelSource, options: Options) -> Verifier | None:
+    """The verifier of the input model, its unoptimised outputs computed now.
+
+    Fails early (InputError) when onnxruntime cannot run the input model on the verification inputs;
+    the final verification reuses it. None for a proto over the protobuf limit (verified by path later).
+    """
     if isinstance(model, onnx.ModelProto) and io.model_nbytes(model) > verify.MAX_PROTO_BYTES:
-        return  # checked by path at verification time
-    Verifier(model, options.input_spec, seeds=VERIFY_SEEDS[:1], levels=("disable_all",)).reference_outputs(
-        "disable_all"
-    )
+        return None
+    verifier = Verifier(model, options.input_spec, seeds=VERIFY_SEEDS)
+    verifier.reference_outputs("disable_all")
+    return verifier
 
 
 def _approximate(
@@ -298,17 +302,24 @@ def _collect_skips(report: Report) -> None:
                 report.frozen.append(FrozenGroup(skip["subject"], skip["reason"]))
 
 
-def _verify(original: ModelSource, candidate: onnx.ModelProto, options: Options, report: Report) -> None:
-    """Verify ``candidate`` against ``original``; models over the protobuf limit go by path.
+def _verify(
+    original: ModelSource,
+    candidate: onnx.ModelProto,
+    options: Options,
+    report: Report,
+    verifier: Verifier | None = None,
+) -> None:
+    """Verify ``candidate`` against ``original`` (with ``verifier`` when given); large models go by path.
 
     Exact mode passes when every element is within ``EXACT_ATOL·max(1, max|y|) + EXACT_RTOL·|y|``;
     the tolerance mode when every output's relative L2 error is within the tolerance; the target-MACs
     mode reports the error reached and passes when the model runs with finite outputs.
     """
     with tempfile.TemporaryDirectory(prefix="red-onnx-") as scratch:
-        reference = _as_source(original, Path(scratch) / "reference.onnx")
         target = _as_source(candidate, Path(scratch) / "candidate.onnx")
-        verifier = Verifier(reference, options.input_spec, seeds=VERIFY_SEEDS)
+        if verifier is None:
+            reference = _as_source(original, Path(scratch) / "reference.onnx")
+            verifier = Verifier(reference, options.input_spec, seeds=VERIFY_SEEDS)
         result = verifier.check(target, rtol=EXACT_RTOL, atol=EXACT_ATOL)
         checked = result.to_dict()
         if not options.approximate:

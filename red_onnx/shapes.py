@@ -37,10 +37,15 @@ class ShapeService:
         """Shapes by tensor name (None where neither inference nor a run could tell)."""
         model = export_model(working)
         shapes = _inferred(model, self.input_shapes)
+        outputs = {t.name for t in working.graph.outputs}
         unknown = [
             t.name
             for t in working.graph.tensors().values()
-            if isinstance(t, gs.Variable) and t.name and shapes.get(t.name) is None and t.inputs
+            if isinstance(t, gs.Variable)
+            and t.name
+            and shapes.get(t.name) is None
+            and t.inputs
+            and (t.outputs or t.name in outputs)  # an unread tensor (a Dropout mask) needs no shape
         ]
         if unknown:
             shapes.update(self._measured(model, unknown))
