@@ -43,6 +43,9 @@ EXACT_ATOL = 1e-6
 VERIFY_SEEDS = (0, 1)
 #: Default fidelity budget: relative L2 error of every output on the verification inputs.
 DEFAULT_TOLERANCE = 0.02
+#: The search aims this fraction under --tolerance: the final check adds ORT_ENABLE_ALL and other seeds
+#: (YOLOv8n at T = 0.05 measured 0.049 in the search and failed the final check without it).
+SEARCH_MARGIN = 0.8
 #: Default channel multiple. Measured here (bench/channel_multiple.py, six 3x3 convs at 56x56, ORT CPU):
 #: odd inner widths ran 1.10-1.27x slower than 64, multiples of 4 cost nothing extra, and latency only
 #: dropped at multiples of 16 (48: 0.63x, 32: 0.34x). 8 never slows a layer down and keeps steps fine.
@@ -229,18 +232,17 @@ def compress(
         notify(item.name)
         report.add_pass(item(working), item.name)
     _collect_skips(report)
-    if options.approximate:
-        _approximate(working, original, options, shapes, report, notify)
+    merged = options.approximate and _approximate(working, original, options, shapes, report, notify)
     candidate = graph_utils.export_model(working)
     report.set_figures(before, metrics.measure(candidate, shapes.input_shapes))
     if verify:
         notify("verify")
-        _verify(source if source is not None else original, candidate, options, report, reference)
+        _verify(source if source is not None else original, candidate, options, report, reference, merged)
     candidate = graph_utils.export_model(working, metadata=_provenance(options, report))
     report.size_after = io.model_nbytes(candidate)
     result = Result(candidate, report)
     if raise_on_failure and verify and not result.verified:
-        error = VerificationError(_failure_message(report, options))
+        error = VerificationError(_failure_message(report, options, merged))
         error.result = result
         raise error
     return result
@@ -266,8 +268,12 @@ def _approximate(
     shapes: ShapeService,
     report: Report,
     notify: Progress,
-) -> None:
-    """Search the merge budget on the exact-rewritten model, then apply the chosen merges."""
+) -> bool:
+    """Search the merge budget on the exact-rewritten model, then apply the chosen merges.
+
+    Returns:
+        Whether anything was merged (when not, the result is verified as an exact rewrite).
+    """
     notify("budget")
     started = time.perf_counter()
     search = BudgetSearch(
@@ -276,7 +282,7 @@ def _approximate(
         activations=options.activations, progress=notify,
     )  # fmt: skip
     if options.target_macs is None:
-        outcome = search.within_tolerance(options.tolerance)
+        outcome = search.within_tolerance(options.tolerance * SEARCH_MARGIN)
     else:
         outcome, reachable = search.to_target(options.target_macs)
         if reachable > options.target_macs:
@@ -286,9 +292,12 @@ def _approximate(
             )
     report.budget = {**outcome.to_dict(), "seconds": round(time.perf_counter() - started, 3)}
     merges = {name: search.merges[name][count] for name, count in outcome.counts.items() if count}
+    if not merges:
+        return False
     merge = MergeNear(shapes=shapes, merges=merges, freeze=options.freeze)
     notify(merge.name)
     report.add_pass(merge(working), merge.name)
+    return True
 
 
 def _collect_skips(report: Report) -> None:
@@ -308,6 +317,7 @@ def _verify(
     options: Options,
     report: Report,
     verifier: Verifier | None = None,
+    merged: bool = False,
 ) -> None:
     """Verify ``candidate`` against ``original`` (with ``verifier`` when given); large models go by path.
 
@@ -322,7 +332,7 @@ def _verify(
             verifier = Verifier(reference, options.input_spec, seeds=VERIFY_SEEDS)
         result = verifier.check(target, rtol=EXACT_RTOL, atol=EXACT_ATOL)
         checked = result.to_dict()
-        if not options.approximate:
+        if not merged:  # exact rewrites only (also when the budget search merged nothing)
             checked["criterion"] = (
                 f"element-wise within atol {EXACT_ATOL}·max(1,max|y|) + rtol {EXACT_RTOL}·|y|"
             )
@@ -353,10 +363,10 @@ def _provenance(options: Options, report: Report) -> dict[str, str]:
     }
 
 
-def _failure_message(report: Report, options: Options) -> str:
+def _failure_message(report: Report, options: Options, merged: bool) -> str:
     verification = report.verification or {}
     outputs = verification.get("outputs", [])
-    if not options.approximate:
+    if not merged:
         worst = next((o for o in outputs if not o.get("passed")), {})
         return (
             f"verification failed: output '{worst.get('name')}' differs by max rel err "
