@@ -405,3 +405,34 @@ def test_metric_properties(ref: np.ndarray, data: st.DataObject) -> None:
     assert check.max_abs_err == pytest.approx(diff.max())
     if np.isfinite(check.needed_rtol):
         assert compare_outputs("o", cand, ref, rtol=check.needed_rtol * 1.01 + 1e-300).passed
+
+
+def test_scale_slices_split_a_detection_head_only() -> None:
+    from red_onnx.verify import scale_slices
+
+    rng = np.random.default_rng(0)
+    head = np.concatenate([rng.random((1, 4, 50)) * 300, rng.random((1, 80, 50)) * 0.01], axis=1)
+    assert scale_slices(head) == [slice(0, 4), slice(4, 84)]
+    assert scale_slices(rng.standard_normal((2, 16, 5))) == [slice(0, 16)]
+
+
+def test_small_part_of_a_packed_output_is_measured_on_its_own() -> None:
+    """Noise on the class scores only: invisible in the whole output's relative L2, not in its slice."""
+    shape = [1, 84, 50]
+    scale = np.concatenate([np.full(4, 300.0), np.full(80, 0.01)]).astype(np.float32).reshape(1, 84, 1)
+    noise = np.zeros((1, 84, 50), np.float32)
+    noise[:, 4:] = 0.005
+
+    def head(extra: np.ndarray) -> onnx.ModelProto:
+        nodes = [helper.make_node("Mul", ["x", "s"], ["m"]), helper.make_node("Add", ["m", "e"], ["y"])]
+        inits = [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(extra, "e")]
+        graph = helper.make_graph(
+            nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits,
+        )  # fmt: skip
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    spec = InputSpec(ranges={"x": (0.0, 1.0)})
+    errors = Verifier(head(np.zeros_like(noise)), spec).rel_l2_errors(head(noise), level="disable_all")
+    assert errors["y"] < 1e-3
+    assert errors["y[4:84]"] > 0.3 and errors["y[0:4]"] == 0.0
