@@ -190,20 +190,24 @@ def activation_candidates(
     if len(atoms) < 2:
         empty = np.zeros(0, np.int64)
         return Candidates(empty, empty, np.zeros(0), np.zeros(0), np.zeros(0))
-    centred = samples[local[atoms]] - samples[local[atoms]].mean(axis=1, keepdims=True)
+    rows = samples[local[atoms]]
+    means = rows.mean(axis=1)
+    centred = rows - means[:, None]
     spread = np.linalg.norm(centred, axis=1)
     live = spread > 1e-12 * max(float(spread.max()), 1e-30)
     found = [_dead_merges(atoms, live, spread)] if (~live).any() else []
     if live.sum() >= 2:
         found.append(_live_merges(atoms[live], centred[live], spread[live]))
     source, target, scale = (np.concatenate(parts) for parts in zip(*found, strict=True))
-    mean = samples[local].mean(axis=1)
-    offset = mean[source] - scale * mean[target]
-    residual = _residual(samples, local, source, target, scale)
-    norm = np.linalg.norm(samples[local[source]] - mean[source, None], axis=1)
+    row_of = np.full(group.n_atoms, -1)
+    row_of[atoms] = np.arange(len(atoms))
+    j, i = row_of[source], row_of[target]
+    offset = means[j] - scale * means[i]
+    gap = centred[j] - scale[:, None] * centred[i]  # the offset absorbs the means
+    residual = np.einsum("ij,ij->i", gap, gap)
     cost = residual * outgoing[source] ** 2
     order = np.argsort(cost, kind="stable")
-    distance = np.sqrt(residual) / np.where(norm > 0, norm, 1.0)
+    distance = np.sqrt(residual) / np.where(spread[j] > 0, spread[j], 1.0)
     return Candidates(source[order], target[order], scale[order], distance[order], cost[order], offset[order])
 
 
@@ -221,13 +225,3 @@ def _live_merges(atoms: np.ndarray, centred: np.ndarray, spread: np.ndarray) -> 
     target = neighbours.reshape(-1)
     scale = np.einsum("ij,ij->i", centred[source], centred[target]) / spread[target] ** 2
     return atoms[source], atoms[target], scale
-
-
-def _residual(
-    samples: np.ndarray, local: np.ndarray, source: np.ndarray, target: np.ndarray, scale: np.ndarray
-) -> np.ndarray:
-    """‖(a_j − mean_j) − λ·(a_i − mean_i)‖² per candidate (the offset absorbs the means)."""
-    a_j = samples[local[source]] - samples[local[source]].mean(axis=1, keepdims=True)
-    a_i = samples[local[target]] - samples[local[target]].mean(axis=1, keepdims=True)
-    gap = a_j - scale[:, None] * a_i
-    return np.einsum("ij,ij->i", gap, gap)
