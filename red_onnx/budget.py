@@ -249,7 +249,8 @@ class BudgetSearch:
             option.bandwidths = {o.label: o.bandwidth for o in orderings}
             option.basins = {o.label: o.basins for o in orderings}
             self.options.append(option)
-        self.cache: dict[tuple, float] = {}
+        self.cache: dict[tuple, float] = {}  # errors measured (their count is the report's evaluations)
+        self.macs_cache: dict[tuple, float] = {}
 
     def _activations(self, items: list[GroupCandidates]) -> dict[str, tuple[str, np.ndarray]]:
         """Per group: the tensor its first consumer reads, and that tensor's sampled activations."""
@@ -266,9 +267,13 @@ class BudgetSearch:
 
     # -- measurements --------------------------------------------------------------------------
 
+    def _plan(self, counts: Counts) -> dict[str, list[Merge]]:
+        """The merges ``counts`` stands for."""
+        return {name: self.merges[name][count] for name, count in counts.items() if count}
+
     def apply(self, counts: Counts) -> onnx.ModelProto:
         """The base model with ``counts`` merges per group applied."""
-        return self.apply_plan({name: self.merges[name][count] for name, count in counts.items() if count})
+        return self.apply_plan(self._plan(counts))
 
     def apply_plan(self, plan: dict[str, list[Merge]]) -> onnx.ModelProto:
         """The base model with the given merges applied."""
@@ -276,10 +281,9 @@ class BudgetSearch:
         MergeNear(shapes=lambda _: self.shapes, merges=plan, freeze=self.freeze)(working)
         return graph_utils.export_model(working)
 
-    def error(self, counts: Counts, *, verifier: Verifier | None = None) -> float:
-        """Worst relative L2 error over outputs and search inputs (cached)."""
-        plan = {name: self.merges[name][count] for name, count in counts.items() if count}
-        return self.plan_error(plan, heldout=verifier is not None)
+    def error(self, counts: Counts, *, heldout: bool = False) -> float:
+        """Worst relative L2 error over outputs and the search (or held-out) inputs (cached)."""
+        return self.plan_error(self._plan(counts), heldout=heldout)
 
     def plan_error(self, plan: dict[str, list[Merge]], *, heldout: bool = False) -> float:
         """Worst relative L2 error of the base model with ``plan`` applied (cached by content)."""
@@ -294,13 +298,6 @@ class BudgetSearch:
                 logger.warning("candidate could not run: %s", error)
                 self.cache[key] = math.inf
         return self.cache[key]
-
-    def macs_fraction(self, counts: Counts) -> float:
-        """Estimated fraction of MACs kept."""
-        saved = sum(o.macs_saved[o.levels.index(counts[o.name])] for o in self.options if counts.get(o.name))
-        return 1.0 - saved / self.total_macs
-
-    # -- the search -----------------------------------------------------------------------------
 
     def _sensitivity(self, cap: float) -> None:
         """Each group's error alone per level, with the best ordering (weights or hashed) per level."""
@@ -369,18 +366,20 @@ class BudgetSearch:
         self._sensitivity(tolerance)
         order = self._greedy_order(tolerance)
         index = self._largest_within(order, tolerance)
-        heldout = self.error(order[index], verifier=self.heldout)
+        heldout = self.error(order[index], heldout=True)
         while index > 0 and heldout > tolerance:  # over budget on unseen inputs: step back
             index -= max(1, index // 5)
-            heldout = self.error(order[index], verifier=self.heldout)
+            heldout = self.error(order[index], heldout=True)
         return self._result(order, index, heldout)
 
     def measured_fraction(self, counts: Counts) -> float:
         """The fraction of MACs kept, counted on the rewritten model (estimates double-count)."""
-        key = ("macs", tuple(sorted((n, len(self.merges[n][c])) for n, c in counts.items() if c)))
-        if key not in self.cache:
-            self.cache[key] = metrics.measure(self.apply(counts), self.input_shapes).macs / self.total_macs
-        return self.cache[key]
+        key = tuple(sorted((name, len(merges)) for name, merges in self._plan(counts).items()))
+        if key not in self.macs_cache:
+            self.macs_cache[key] = (
+                metrics.measure(self.apply(counts), self.input_shapes).macs / self.total_macs
+            )
+        return self.macs_cache[key]
 
     def to_target(self, fraction: float) -> tuple[BudgetResult, float]:
         """The smallest error reaching ``fraction`` of the MACs; also the lowest fraction reachable."""
@@ -397,7 +396,7 @@ class BudgetSearch:
             else:
                 low = middle + 1
         order[low] = self._refine(order[low - 1] if low else {}, order[low], fraction)
-        heldout = self.error(order[low], verifier=self.heldout)
+        heldout = self.error(order[low], heldout=True)
         return self._result(order, low, heldout), reachable
 
     def _refine(self, before: Counts, after: Counts, fraction: float) -> Counts:
