@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from red_onnx.channels import ChannelAnalysis, ChannelGroup, analyse
+from red_onnx.channels import ChannelAnalysis, ChannelGroup, analyse_model
 from red_onnx.constants import (
     ChannelConstants,
     analyse_constants,
@@ -23,7 +23,6 @@ from red_onnx.graph import (
     WorkingModel,
     clear_intermediate_shapes,
     constant_values,
-    subgraph_outer_references,
 )
 from red_onnx.pass_infra import Pass, PassResult, Skip
 from red_onnx.reasons import Reason
@@ -98,7 +97,7 @@ class MergeExact(Pass):
         first: ChannelAnalysis | None = None
         kept: dict[tuple[str, int], str] = {}
         for _ in range(self.max_rounds):
-            analysis = self._analyse(model)
+            analysis = analyse_model(model, self.shapes(model), self.freeze)
             first = first or analysis
             plans, kept = self._plans(model, analysis, counts)
             if not plans:
@@ -117,11 +116,6 @@ class MergeExact(Pass):
         stats["groups"] = len(first.groups) if first else 0
         stats["frozen_groups"] = len(first.frozen) if first else 0
         return PassResult(model, stats["removed"] > 0, stats, skips)
-
-    def _analyse(self, model: WorkingModel) -> ChannelAnalysis:
-        shapes = self.shapes(model)
-        outer = subgraph_outer_references(model.graph)
-        return analyse(model.graph, shapes, outer_refs=outer, freeze=self.freeze)
 
     def _plans(
         self, model: WorkingModel, analysis: ChannelAnalysis, counts: Counter[str]

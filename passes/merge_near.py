@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from red_onnx.channels import ChannelAnalysis, ChannelGroup, analyse
-from red_onnx.graph import WorkingModel, clear_intermediate_shapes, constant_values, subgraph_outer_references
+from red_onnx.channels import ChannelGroup, analyse_model
+from red_onnx.graph import WorkingModel, clear_intermediate_shapes, constant_values
 from red_onnx.pass_infra import Pass, PassResult
 from red_onnx.redundancy import AtomParams, Merge, atom_params
 from red_onnx.rewrite import GroupPlan, apply_plan, attach_graph
@@ -44,11 +44,6 @@ def group_candidates(model: WorkingModel, shapes: Shapes, freeze: Sequence[str])
         eligible = np.ones(group.n_atoms, bool)
         found.append(GroupCandidates(group, near_candidates(params, group.homogeneous, eligible), params))
     return found
-
-
-def analyse_model(model: WorkingModel, shapes: Shapes, freeze: Sequence[str]) -> ChannelAnalysis:
-    """Channel analysis of ``model`` with known shapes."""
-    return analyse(model.graph, shapes, outer_refs=subgraph_outer_references(model.graph), freeze=freeze)
 
 
 class MergeNear(Pass):

@@ -26,6 +26,7 @@ from scipy.sparse.csgraph import connected_components
 
 from red_onnx import channel_ops
 from red_onnx.channel_ops import Link, Reason
+from red_onnx.graph import WorkingModel, subgraph_outer_references
 
 logger = logging.getLogger(__name__)
 
@@ -263,3 +264,10 @@ def _apply_user_freeze(group: ChannelGroup, patterns: Sequence[str]) -> None:
         for pattern in patterns:
             if fnmatch.fnmatchcase(producer.node.name, pattern):
                 group.freeze(Reason.USER_FROZEN.format(node=producer.node.name, pattern=pattern))
+
+
+def analyse_model(
+    model: WorkingModel, shapes: Mapping[str, tuple[int, ...] | None], freeze: Sequence[str] = ()
+) -> ChannelAnalysis:
+    """Channel analysis of a working model, with its If/Loop bodies' outer reads frozen."""
+    return analyse(model.graph, shapes, outer_refs=subgraph_outer_references(model.graph), freeze=freeze)
