@@ -174,11 +174,16 @@ def export_model(working: WorkingModel, metadata: Mapping[str, str] | None = Non
     for func in working.functions:
         if all(f.name != func.name or f.domain != func.domain for f in model.functions):
             model.functions.append(copy.deepcopy(func))
+    set_metadata(model, working, metadata)
+    return model
+
+
+def set_metadata(model: onnx.ModelProto, working: WorkingModel, extra: Mapping[str, str] | None) -> None:
+    """Write the input's ``metadata_props``, then ``extra`` (provenance) over them, into ``model``."""
     del model.metadata_props[:]
     merged = dict(working.metadata)
-    merged.update(metadata or {})
+    merged.update(extra or {})
     onnx.helper.set_model_props(model, merged)
-    return model
 
 
 def constant_values(tensor: gs.Tensor) -> np.ndarray | None:

@@ -238,7 +238,7 @@ def compress(
     if verify:
         notify("verify")
         _verify(source if source is not None else original, candidate, options, report, reference, merged)
-    candidate = graph_utils.export_model(working, metadata=_provenance(options, report))
+    graph_utils.set_metadata(candidate, working, _provenance(options, report))
     report.size_after = io.model_nbytes(candidate)
     result = Result(candidate, report)
     if raise_on_failure and verify and not result.verified:
