@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import onnx
@@ -17,6 +18,7 @@ from onnx import external_data_helper
 
 from red_onnx import demo, io
 from red_onnx._version import __version__
+from red_onnx.benchmark import benchmark
 from red_onnx.errors import RedOnnxError, UsageError, VerificationError
 from red_onnx.pipeline import Result, compress
 from red_onnx.report import render_table
@@ -72,6 +74,30 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="rank merge candidates by fits of channel activations too (auto: only with --inputs, "
         "since on synthetic inputs it measured worse on real data)",
+    )
+    parser.add_argument(
+        "--no-separation",
+        action="store_true",
+        help="never rewrite k×k convs as Gather + depthwise + pointwise (uneven depthwise separation)",
+    )
+    parser.add_argument(
+        "--provider",
+        default="CPUExecutionProvider",
+        metavar="NAME",
+        help="onnxruntime execution provider that separation candidates are timed on (default CPU)",
+    )
+    parser.add_argument(
+        "--no-latency-check",
+        action="store_true",
+        help="separate wherever it cuts MACs, without timing it (a CPU result never stands for a GPU)",
+    )
+    parser.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="time the input and the output with onnxruntime (median of 20 runs, batch 1 and 16)",
+    )
+    parser.add_argument(
+        "--threads", type=int, metavar="N", help="onnxruntime intra-op threads for --benchmark (default: all)"
     )
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
     parser.add_argument(
@@ -187,8 +213,19 @@ class _ProgressBar:
             self.bar.close()
 
 
+def _add_latency(result: Result, source: Path, args: argparse.Namespace) -> None:
+    """Time the input and the output (``--benchmark``) into the report."""
+    original = io.load_model(source)
+    figures = benchmark(
+        original, result.model, _input_spec(args), provider=args.provider, threads=args.threads
+    )
+    result.report.latency = asdict(figures)
+
+
 def _run(args: argparse.Namespace) -> int:
     _check_paths(args)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
     source = Path(args.input) if args.input else demo.demo_path()
     progress = _ProgressBar(not args.quiet)
     try:
@@ -196,7 +233,8 @@ def _run(args: argparse.Namespace) -> int:
             source, exact=args.exact, tolerance=args.tolerance, target_macs=args.target_macs,
             channel_multiple=args.channel_multiple, hashing=not args.no_hashing,
             activations={"auto": None, "on": True, "off": False}[args.activations], freeze=args.freeze,
-            input_spec=_input_spec(args), progress=progress,
+            input_spec=_input_spec(args), separation=not args.no_separation, provider=args.provider,
+            latency_check=not args.no_latency_check, progress=progress,
         )  # fmt: skip
     except VerificationError as error:
         progress.close()
@@ -207,6 +245,8 @@ def _run(args: argparse.Namespace) -> int:
     progress.close()
     if args.input is None:
         _add_demo_accuracy(result, source)
+    if args.benchmark:
+        _add_latency(result, source, args)
     if args.output and not args.dry_run:
         result.report.size_after = io.save_model(result.model, args.output)
     if args.json:

@@ -24,11 +24,13 @@ from red_onnx import io, metrics, verify
 from red_onnx._version import __version__
 from red_onnx.budget import BudgetSearch
 from red_onnx.errors import InputError, UsageError, VerificationError
+from red_onnx.latency import CPU_PROVIDER, LatencyProbe, LatencyService, check_provider
 from red_onnx.pass_infra import Pass
 from red_onnx.passes.fold_affine import FoldAffine
 from red_onnx.passes.fold_batchnorm import FoldBatchNorm
 from red_onnx.passes.merge_exact import MergeExact
 from red_onnx.passes.merge_near import MergeNear
+from red_onnx.passes.separate_depthwise import SeparateDepthwise
 from red_onnx.report import FrozenGroup, Report
 from red_onnx.shapes import ShapeService
 from red_onnx.verify import InputSpec, Verifier, make_inputs
@@ -74,6 +76,9 @@ class Options:
         freeze: Node-name glob patterns of layers to protect.
         input_spec: How verification inputs are built.
         verify: Whether to verify with onnxruntime (on by default; off only for analysis tools).
+        separation: Try uneven depthwise separation of k×k convs (exact; kept where it pays).
+        provider: The onnxruntime execution provider separation decisions are measured on.
+        latency_check: Measure before separating (False: decide on MACs alone).
     """
 
     exact: bool = False
@@ -86,12 +91,20 @@ class Options:
     freeze: tuple[str, ...] = ()
     input_spec: InputSpec = field(default_factory=InputSpec)
     verify: bool = True
+    separation: bool = True
+    provider: str = CPU_PROVIDER
+    latency_check: bool = True
 
     def provenance(self) -> dict[str, object]:
         """The options as recorded in the output model (no paths that differ between machines)."""
         spec = asdict(self.input_spec)
         spec["npz"] = Path(spec["npz"]).name if spec["npz"] else None
         recorded: dict[str, object] = {"exact": self.exact, "freeze": list(self.freeze), "input_spec": spec}
+        recorded |= {
+            "separation": self.separation,
+            "provider": self.provider,
+            "latency_check": self.latency_check,
+        }
         if self.approximate:
             recorded |= {"tolerance": self.tolerance, "target_macs": self.target_macs,
                          "channel_multiple": self.channel_multiple, "hashing": self.hashing,
@@ -110,6 +123,9 @@ def make_options(
     verify: bool,
     hashing: bool = True,
     activations: bool | None = None,
+    separation: bool = True,
+    provider: str = CPU_PROVIDER,
+    latency_check: bool = True,
 ) -> Options:
     """Validate option combinations (one-line UsageError) and fill defaults."""
     if exact and (tolerance is not None or target_macs is not None):
@@ -120,6 +136,8 @@ def make_options(
         raise UsageError(f"--target-macs is the fraction of MACs to keep, in (0, 1], got {target_macs}")
     if channel_multiple is not None and channel_multiple < 1:
         raise UsageError(f"--channel-multiple must be at least 1, got {channel_multiple}")
+    if separation and latency_check:
+        check_provider(provider)
     return Options(
         exact=exact,
         approximate=not exact and (tolerance is not None or target_macs is not None),
@@ -133,6 +151,9 @@ def make_options(
         freeze=tuple(freeze),
         input_spec=input_spec or InputSpec(),
         verify=verify,
+        separation=separation,
+        provider=provider,
+        latency_check=latency_check,
     )
 
 
@@ -178,6 +199,10 @@ def compress(
     freeze: Sequence[str] = (),
     input_spec: InputSpec | None = None,
     verify: bool = True,
+    separation: bool = True,
+    provider: str = CPU_PROVIDER,
+    latency_check: bool = True,
+    latency: LatencyProbe | None = None,
     raise_on_failure: bool = True,
     progress: Progress | None = None,
 ) -> Result:
@@ -197,6 +222,11 @@ def compress(
         freeze: Node-name glob patterns of layers whose channels must not change.
         input_spec: Shapes, ranges, values or an ``.npz`` for the verification inputs.
         verify: Verify the result with onnxruntime (graph optimisations off and at ORT_ENABLE_ALL).
+        separation: Try uneven depthwise separation of k×k convs (exact; only where it is measured
+            faster, or cuts MACs when ``latency_check`` is False).
+        provider: onnxruntime execution provider that separation candidates are timed on.
+        latency_check: Time separation candidates (False: decide on MACs alone).
+        latency: A latency oracle to use instead of a ``LatencyService`` on ``provider`` (tests).
         raise_on_failure: Raise :class:`VerificationError` (with ``.result``) when verification fails.
         progress: Called with the name of each stage as it starts.
 
@@ -212,6 +242,7 @@ def compress(
     options = make_options(
         exact=exact, tolerance=tolerance, target_macs=target_macs, channel_multiple=channel_multiple,
         freeze=freeze, input_spec=input_spec, verify=verify, hashing=hashing, activations=activations,
+        separation=separation, provider=provider, latency_check=latency_check,
     )  # fmt: skip
     notify = progress or (lambda stage: None)
     notify("load")
@@ -233,6 +264,8 @@ def compress(
         report.add_pass(item(working), item.name)
     _collect_skips(report)
     merged = options.approximate and _approximate(working, original, options, shapes, report, notify)
+    if options.separation:
+        _separate(working, options, shapes, report, notify, latency)
     candidate = graph_utils.export_model(working)
     report.set_figures(before, metrics.measure(candidate, shapes.input_shapes))
     if verify:
@@ -298,6 +331,24 @@ def _approximate(
     notify(merge.name)
     report.add_pass(merge(working), merge.name)
     return True
+
+
+def _separate(
+    working: graph_utils.WorkingModel,
+    options: Options,
+    shapes: ShapeService,
+    report: Report,
+    notify: Progress,
+    latency: LatencyProbe | None,
+) -> None:
+    """Uneven depthwise separation of the k×k convs where it is measured faster (or cuts MACs)."""
+    if latency is None and options.latency_check:
+        latency = LatencyService(provider=options.provider)
+    separation = SeparateDepthwise(
+        shapes=shapes, latency=latency if options.latency_check else None, freeze=options.freeze
+    )
+    notify(separation.name)
+    report.add_pass(separation(working), separation.name)
 
 
 def _collect_skips(report: Report) -> None:

@@ -17,6 +17,11 @@ class Reason:
     CUSTOM_DOMAIN = "{op} node '{node}' is from domain '{domain}'"
     MIXES_CHANNELS = "{op} node '{node}' mixes channels"
     WEIGHT_NOT_CONSTANT = "the weight of {op} node '{node}' is not a constant"
+    QUANTIZED_WEIGHT = (
+        "the weight of {op} node '{node}' is dequantized by DequantizeLinear node '{source}' "
+        "(quantized layers are kept as they are)"
+    )
+    QUANTIZED_OP = "{op} node '{node}' computes on quantized integers (quantized layers are kept as they are)"
     WEIGHT_OVERRIDABLE = "the weight '{tensor}' of {op} node '{node}' is an initializer a caller may override"
     SHARED_WEIGHT = "the weight '{tensor}' of {op} node '{node}' is shared by {count} nodes"
     GROUPED_CONV = "{op} node '{node}' is a grouped convolution (group={group})"
@@ -35,3 +40,19 @@ class Reason:
     CONST_MIXED = "constant channel is combined with a non-constant tensor in {op} node '{node}'"
     CONST_UNKNOWN_OP = "constant channel passes {op} node '{node}', whose effect on constants is not modelled"
     CONST_CONSUMER = "constant channel reaches {op} node '{node}', which cannot absorb a constant input"
+
+    # Why a k×k conv is not separated (uneven depthwise separation, passes/separate_depthwise.py).
+    SEP_NOT_GROUP1 = "grouped Conv (group={group}): only group-1 convs are separated"
+    SEP_WEIGHT = "its weight is not a constant"
+    SEP_SHAPE = "the shape of its input or output is unknown"
+    SEP_ZERO = "all its kernels are zero (its output is its bias: the constant-channel rule's case)"
+    SEP_INEXACT = "its kernels do not factor exactly (worst relative error {error:.1e})"
+    SEP_NO_MACS = "U = {units} unit kernels; separation needs U < {break_even:.1f} to cut MACs"
+    SEP_NO_MACS_RANK = (
+        "U >= {units} (sum of its kernel matrices' ranks); separation needs U < {break_even:.1f} to cut MACs"
+    )
+    SEP_SLOWER = (
+        "measured {after_ms:.3f} ms separated vs {before_ms:.3f} ms on {provider}: not {gain:.0%} faster"
+    )
+    SEP_DONE_MACS = "separated on MACs alone (--no-latency-check)"
+    SEP_DONE = "separated: measured {after_ms:.3f} ms vs {before_ms:.3f} ms on {provider}"

@@ -8,6 +8,7 @@ from typing import Any
 
 from red_onnx.metrics import ModelFigures
 from red_onnx.pass_infra import PassResult
+from red_onnx.rewrite_separation import SUFFIX as SEPARATION_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Report:
     options: dict[str, Any] = field(default_factory=dict)
     accuracy: dict[str, float] | None = None
     budget: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
 
     def add_pass(self, result: PassResult, name: str) -> None:
         """Record a pass result."""
@@ -74,7 +76,7 @@ class Report:
         self.layers = []
         for name, layer in before.layers.items():
             new = after.layers.get(name)
-            channels, macs = (new.channels, new.macs) if new else (0, 0)
+            channels, macs = (new.channels, new.macs) if new else _separated_figures(after, name)
             self.layers.append(LayerReport(name, layer.op, layer.channels, channels, layer.macs, macs))
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,6 +100,14 @@ class Report:
             "verified": verification.get("passed"),
             "max_rel_err": verification.get("max_rel_err"),
         }
+
+
+def _separated_figures(after: ModelFigures, name: str) -> tuple[int, int]:
+    """Channels and MACs of a conv rewritten as Gather → depthwise → pointwise (0, 0: removed)."""
+    parts = [after.layers.get(f"{name}_{SEPARATION_SUFFIX}_{part}") for part in ("dw", "pw")]
+    if parts[1] is None:
+        return 0, 0
+    return parts[1].channels, sum(part.macs for part in parts if part is not None)
 
 
 def _ratio(after: int, before: int) -> str:
@@ -134,9 +144,10 @@ def render_table(report: Report, *, max_layers: int = 40) -> str:
         lines.append(f"  ... {len(changed) - max_layers} more (see --json)")
     lines.append("passes:")
     for item in report.passes:
-        stats = ", ".join(f"{k}={v}" for k, v in item.stats.items())
-        lines.append(f"  {item.name:16} {item.seconds:7.2f}s  {stats}")
+        stats = ", ".join(f"{k}={v}" for k, v in item.stats.items() if not isinstance(v, (list, dict)))
+        lines.append(f"  {item.name:18} {item.seconds:7.2f}s  {stats}")
     lines += _render_frozen(report, max_layers)
+    lines += _render_separation(report, max_layers)
     if report.budget:
         budget = report.budget
         merged = [g for g in budget["groups"] if g["removed"]]
@@ -154,6 +165,7 @@ def render_table(report: Report, *, max_layers: int = 40) -> str:
         )
     if report.verification:
         lines.append(_render_verification(report.verification))
+    lines += _render_latency(report.latency)
     if report.accuracy:
         acc = report.accuracy
         lines.append(
@@ -173,6 +185,44 @@ def _render_frozen(report: Report, limit: int) -> list[str]:
         lines += [f"  {k['channel'][:40]:40} {k['reason']}" for k in report.kept_zero_channels[:limit]]
     if report.overridable_initializers:
         lines.append(f"initializers a caller may override (frozen): {len(report.overridable_initializers)}")
+    return lines
+
+
+def _render_separation(report: Report, limit: int) -> list[str]:
+    """Per k×k conv that would cut MACs: U, MACs, latency and the decision; the rest summed up."""
+    item = next((p for p in report.passes if p.name == "separate_depthwise"), None)
+    if item is None or not item.stats.get("candidates"):
+        return []
+    convs = item.stats["convs"]
+    paying = [c for c in convs if c["macs_after"] < c["macs_before"]]
+    probe = item.stats.get("provider", "MACs only: --no-latency-check")
+    lines = [
+        f"depthwise separation ({probe}): {item.stats['separated']} of {len(convs)} k×k convs separated; "
+        f"{len(convs) - len(paying)} have too many distinct kernels to cut MACs (U >= break-even)"
+    ]
+    for conv in paying[:limit]:
+        timed = ""
+        if conv["latency_before_ms"] is not None:
+            timed = f" {conv['latency_before_ms']:.3f} -> {conv['latency_after_ms']:.3f} ms"
+        macs = _ratio(conv["macs_after"], conv["macs_before"])
+        verdict = "separated" if conv["separated"] else "kept"
+        lines.append(f"  {conv['name'][:40]:40} U={conv['units']:<5} MACs {macs}{timed}: {verdict}")
+    return lines
+
+
+def _render_latency(latency: dict[str, Any] | None) -> list[str]:
+    """The --benchmark figures: median latency before/after per batch."""
+    if not latency:
+        return []
+    lines = [
+        f"latency (onnxruntime {latency['provider']}, threads {latency['threads']}, median of "
+        f"{latency['runs']} runs after warm-up):"
+    ]
+    for batch, row in latency["batches"].items():
+        lines.append(
+            f"  batch {batch:>3}: {row['before_ms']:.3f} ms -> {row['after_ms']:.3f} ms (x{row['ratio']:.3f})"
+        )
+    lines += [f"  batch {batch:>3}: not measured: {why}" for batch, why in latency["skipped"].items()]
     return lines
 
 

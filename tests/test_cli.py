@@ -168,7 +168,12 @@ def test_json_report_has_the_documented_keys(model_path: Path) -> None:
     for key in ("max_abs_err", "max_rel_err", "rel_l2_err", "cosine", "top1_agreement", "needed_rtol"):
         assert key in output, key
     assert output["cosine"] > 0.999999
-    assert [p["name"] for p in report["passes"]] == ["fold_batchnorm", "fold_affine", "merge_exact"]
+    assert [p["name"] for p in report["passes"]] == [
+        "fold_batchnorm",
+        "fold_affine",
+        "merge_exact",
+        "separate_depthwise",
+    ]
     for item in report["passes"]:
         assert {"name", "seconds", "stats", "skips"} <= set(item)
         assert item["seconds"] >= 0

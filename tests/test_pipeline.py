@@ -243,7 +243,12 @@ def test_report_figures_and_layers() -> None:
     assert report.macs_after == 64 * (7 * 27 + 4 * 7 * 9)
     layers = {layer.name: (layer.channels_before, layer.channels_after) for layer in report.layers}
     assert layers == {"c1": (8, 7), "c2": (4, 4)}
-    assert [p.name for p in report.passes] == ["fold_batchnorm", "fold_affine", "merge_exact"]
+    assert [p.name for p in report.passes] == [
+        "fold_batchnorm",
+        "fold_affine",
+        "merge_exact",
+        "separate_depthwise",
+    ]
     assert report.input_shapes == {"x": [1, 3, 8, 8]}
     data = json.loads(report.to_json())
     assert data["verification"]["passed"] is True
@@ -252,7 +257,9 @@ def test_report_figures_and_layers() -> None:
 def test_progress_reports_every_stage_in_order() -> None:
     stages: list[str] = []
     red_onnx.compress(planted_conv(), exact=True, progress=stages.append)
-    assert stages == ["load", "normalise", "fold_batchnorm", "fold_affine", "merge_exact", "verify"]
+    assert stages == [
+        "load", "normalise", "fold_batchnorm", "fold_affine", "merge_exact", "separate_depthwise", "verify",
+    ]  # fmt: skip
 
 
 def test_default_mode_is_exact_for_now() -> None:

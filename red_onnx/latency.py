@@ -1,0 +1,124 @@
+"""The latency service: measures models on the execution target with onnxruntime, cached.
+
+Passes that need a cost oracle (``passes/separate_depthwise.py``) receive a :class:`LatencyProbe` and
+never build sessions themselves, so tests can hand them a double. :class:`LatencyService` is the real
+one: one onnxruntime provider (CPU by default), graph optimisations on (as deployed), a few warm-up
+runs, then ``runs`` timed runs **interleaved** between the two models it compares, so that drift of
+the machine (another process, frequency scaling) hits both alike; the median of each is returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from red_onnx.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+CPU_PROVIDER = "CPUExecutionProvider"
+#: Timed runs per model (the issue asks for the median of at least 20).
+DEFAULT_RUNS = 20
+DEFAULT_WARMUP = 3
+
+Feed = Mapping[str, np.ndarray]
+
+
+class LatencyProbe(Protocol):
+    """What a pass asks of a latency oracle."""
+
+    provider: str
+
+    def compare(self, before: onnx.ModelProto, after: onnx.ModelProto, feed: Feed) -> tuple[float, float]:
+        """Median seconds per run of ``before`` and of ``after`` on ``feed``."""
+        ...
+
+
+def check_provider(provider: str) -> str:
+    """``provider`` when this onnxruntime build has it; a one-line UsageError naming the ones it has."""
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise UsageError(
+            f"--provider {provider} is not available in this onnxruntime; it has: {', '.join(available)}"
+        )
+    return provider
+
+
+@dataclass
+class LatencyService:
+    """Measures onnxruntime latency of small models (probes) or whole models, with a cache.
+
+    Attributes:
+        provider: The execution provider measured.
+        runs: Timed runs per model, after ``warmup`` untimed ones.
+        warmup: Untimed runs first.
+        threads: ``intra_op_num_threads`` (None: onnxruntime's default, all cores).
+        probes: How many comparisons were measured (cache hits not counted).
+        seconds: Wall time spent measuring.
+    """
+
+    provider: str = CPU_PROVIDER
+    runs: int = DEFAULT_RUNS
+    warmup: int = DEFAULT_WARMUP
+    threads: int | None = None
+    probes: int = 0
+    seconds: float = 0.0
+    _cache: dict[tuple, tuple[float, float]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        check_provider(self.provider)
+        if self.runs < 1 or self.warmup < 0:
+            raise UsageError(f"latency runs must be >= 1 and warm-up >= 0, got {self.runs} and {self.warmup}")
+
+    def session(self, model: onnx.ModelProto | str) -> ort.InferenceSession:
+        """A session on the measured provider with graph optimisations on (as deployed)."""
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 4
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+        source = model if isinstance(model, str) else model.SerializeToString()
+        return ort.InferenceSession(source, options, providers=[self.provider])
+
+    def compare(self, before: onnx.ModelProto, after: onnx.ModelProto, feed: Feed) -> tuple[float, float]:
+        """Median seconds per run of each model, timed in interleaved runs (cached by content)."""
+        key = (_digest(before), _digest(after), _shapes(feed), self.provider, self.threads, self.runs)
+        if key not in self._cache:
+            started = time.perf_counter()
+            self._cache[key] = self.time_sessions([self.session(before), self.session(after)], feed)
+            self.probes += 1
+            self.seconds += time.perf_counter() - started
+        return self._cache[key]
+
+    def time_sessions(self, sessions: list[ort.InferenceSession], feed: Feed) -> tuple[float, ...]:
+        """Median seconds per run of each session: warm-up, then the runs interleaved across sessions."""
+        feeds = [{i.name: feed[i.name] for i in s.get_inputs()} for s in sessions]
+        for _ in range(self.warmup):
+            for session, inputs in zip(sessions, feeds, strict=True):
+                session.run(None, inputs)
+        times: list[list[float]] = [[] for _ in sessions]
+        for _ in range(self.runs):
+            for session, inputs, record in zip(sessions, feeds, times, strict=True):
+                start = time.perf_counter()
+                session.run(None, inputs)
+                record.append(time.perf_counter() - start)
+        return tuple(statistics.median(record) for record in times)
+
+
+def _digest(model: onnx.ModelProto) -> str:
+    return hashlib.sha256(model.SerializeToString()).hexdigest()
+
+
+def _shapes(feed: Feed) -> tuple:
+    return tuple(
+        sorted((name, tuple(np.shape(value)), str(np.asarray(value).dtype)) for name, value in feed.items())
+    )
