@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 __all__ = ["GraphContext", "Link", "NodeMap", "Reason", "Relation", "producer_seed", "visit"]
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+#: Weighted ops on quantized integers: their groups start, and freeze, so the report names them.
+QUANTIZED_OPS = frozenset({"ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul"})
 #: Per-channel unary ops that commute with a positive scale: f(λx) = λ f(x) for λ > 0.
 HOMOGENEOUS_UNARY = frozenset({"Relu", "LeakyRelu", "Identity", "Dropout", "Abs"})
 #: Per-channel unary ops that do not: only identical merges pass them.
@@ -211,6 +213,9 @@ def _fmt(reason: str, node: gs.Node, **extra: object) -> str:
 
 def producer_seed(node: gs.Node, context: GraphContext) -> Link | None:
     """The output link of a weighted node that starts a group, or None."""
+    if node.op in QUANTIZED_OPS and node.outputs:
+        rank = context.rank(node.outputs[0])
+        return Link(node.outputs[0], rank - 1 if "MatMul" in node.op else 1) if rank else None
     if node.op not in WEIGHTED_OPS or not node.outputs:
         return None
     if node.op == "MatMul":
@@ -238,6 +243,10 @@ def _weight_problem(node: gs.Node, index: int) -> str | None:
         reason = Reason.WEIGHT_NOT_CONSTANT
         if hasattr(tensor, "red_default"):
             return _fmt(Reason.WEIGHT_OVERRIDABLE, node, tensor=tensor.name)
+        if tensor.inputs and tensor.inputs[0].op == "DequantizeLinear":
+            return _fmt(Reason.QUANTIZED_WEIGHT, node, source=tensor.inputs[0].name)
+        if not tensor.inputs:
+            return _fmt(Reason.WEIGHT_GRAPH_INPUT, node, tensor=tensor.name)
         return _fmt(reason, node)
     if len(tensor.outputs) > 1:
         return _fmt(Reason.SHARED_WEIGHT, node, tensor=tensor.name, count=len(tensor.outputs))
@@ -257,6 +266,8 @@ def visit(node: gs.Node, member: GroupTensor, context: GraphContext) -> Outcome 
     """
     if node.domain not in (None, "", "ai.onnx"):
         return _fmt(Reason.CUSTOM_DOMAIN, node, domain=node.domain)
+    if node.op in QUANTIZED_OPS:
+        return _fmt(Reason.QUANTIZED_OP, node)
     handler = HANDLERS.get(node.op)
     if handler is None:
         if node.op in CHANNEL_MIXERS:

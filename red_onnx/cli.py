@@ -25,6 +25,8 @@ from red_onnx.report import render_table
 from red_onnx.verify import InputSpec, parse_input_range, parse_input_shape, parse_input_value
 
 logger = logging.getLogger("red_onnx")
+#: Exit code of an unexpected exception (a bug), next to 0 done, 1 verification failed, 2 bad input/usage.
+INTERNAL_ERROR = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -286,6 +288,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("red-onnx: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug: one line (traceback with -v), never a half-written output
+        logger.debug("internal error", exc_info=True)
+        first = str(error).splitlines()[0] if str(error) else ""
+        print(
+            f"red-onnx: internal error: {type(error).__name__}: {first}; "
+            "nothing was written — please report it (run with -v for the traceback)",
+            file=sys.stderr,
+        )
+        return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -54,6 +54,23 @@ FOLDABLE_OPS = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class StoredAs:
+    """How a float32 weight constant was stored in the input: ``source`` of ``dtype``, cast by ``cast``.
+
+    Weights stored in float16 and cast to float32 before use are folded into float32 constants on
+    import (analysis and rewrites compute in float32) and written back as ``dtype`` plus a Cast on export.
+    """
+
+    dtype: np.dtype
+    source: str
+    cast: str
+
+
+#: Storage types of weights that a Cast widens to float32 (their widened values are exact in float32).
+NARROW_STORAGE = frozenset({np.dtype(np.float16)})
+
+
 @dataclass
 class WorkingModel:
     """A model being rewritten: the graph and what is needed to export it faithfully.
@@ -115,6 +132,7 @@ def import_model(model: onnx.ModelProto) -> WorkingModel:
     graph = gs.import_onnx(model)
     if overridable:
         _unconstant_overridable(graph, overridable, overridable_inputs)
+    _fold_stored_weights(graph)
     ir_version = max(int(model.ir_version), OVERRIDABLE_IR_VERSION)
     return WorkingModel(
         graph=graph,
@@ -147,6 +165,82 @@ def _unconstant_overridable(graph: gs.Graph, names: frozenset[str], infos: list)
         var.red_default = const  # keeps the default value for export
 
 
+def _fold_stored_weights(graph: gs.Graph) -> None:
+    """Replace ``Cast(to=FLOAT)`` of a float16 constant by a float32 constant that remembers its storage."""
+    folded = False
+    for node in graph.nodes:
+        if node.op != "Cast" or int(node.attrs.get("to", 0)) != onnx.TensorProto.FLOAT:
+            continue
+        source, out = node.inputs[0], node.outputs[0]
+        values = _narrow_values(source)
+        if values is None or any(t is out for t in graph.outputs):
+            continue
+        const = gs.Constant(out.name, values.astype(np.float32))
+        const.red_stored_as = StoredAs(values.dtype, source.name, node.name)
+        for reader in list(out.outputs):
+            for index, tensor in enumerate(list(reader.inputs)):
+                if tensor is out:
+                    reader.inputs[index] = const
+        node.outputs.clear()
+        folded = True
+    if folded:
+        graph.cleanup(remove_unused_graph_inputs=False)
+
+
+def _narrow_values(tensor: gs.Tensor) -> np.ndarray | None:
+    """The values of a float16 constant (an initializer or a Constant node's output), else None."""
+    if isinstance(tensor, gs.Constant):
+        values = np.asarray(tensor.values)
+    elif len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        value = tensor.inputs[0].attrs.get("value")
+        values = np.asarray(value.values) if isinstance(value, gs.Constant) else None
+    else:
+        return None
+    return values if values is not None and values.dtype in NARROW_STORAGE else None
+
+
+def _restore_storage(model: onnx.ModelProto, graph: gs.Graph) -> None:
+    """Write weights folded by :func:`_fold_stored_weights` back in their storage type, behind a Cast.
+
+    A weight whose values overflow the storage type (a fold scaled it up) stays float32.
+    """
+    stored = {
+        name: tensor.red_stored_as
+        for name, tensor in graph.tensors().items()
+        if isinstance(tensor, gs.Constant) and hasattr(tensor, "red_stored_as")
+    }
+    if not stored:
+        return
+    taken = {t.name for t in model.graph.initializer} | {n.name for n in model.graph.node}
+    taken |= {name for n in model.graph.node for name in [*n.input, *n.output]}
+    taken |= {v.name for v in [*model.graph.input, *model.graph.output]}
+    casts = []
+    for init in model.graph.initializer:
+        storage = stored.get(init.name)
+        narrow = onnx.numpy_helper.to_array(init).astype(storage.dtype) if storage else None
+        if narrow is None or not np.isfinite(narrow).all():
+            continue
+        source = _free_name(storage.source, f"{init.name}_{storage.dtype.name}", taken)
+        cast = _free_name(storage.cast, f"{init.name}_cast", taken)
+        casts.append(
+            onnx.helper.make_node("Cast", [source], [init.name], name=cast, to=onnx.TensorProto.FLOAT)
+        )
+        init.CopyFrom(onnx.numpy_helper.from_array(narrow, source))
+    nodes = [*casts, *model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def _free_name(wanted: str, fallback: str, taken: set[str]) -> str:
+    """``wanted`` if no tensor or node uses it, else ``fallback`` made unique; the name is then taken."""
+    name, count = (wanted, 0) if wanted not in taken else (fallback, 0)
+    while name in taken:
+        count += 1
+        name = f"{fallback}_{count}"
+    taken.add(name)
+    return name
+
+
 def export_model(working: WorkingModel, metadata: Mapping[str, str] | None = None) -> onnx.ModelProto:
     """Export the working model to an ONNX proto.
 
@@ -161,6 +255,7 @@ def export_model(working: WorkingModel, metadata: Mapping[str, str] | None = Non
     graph = working.graph
     defaults = {t.name: t.red_default for t in graph.inputs if hasattr(t, "red_default")}
     model = gs.export_onnx(graph, do_type_check=False, opset_imports=working.opset_imports)
+    _restore_storage(model, graph)
     if defaults:
         existing = {t.name for t in model.graph.initializer}
         for name, const in defaults.items():
@@ -231,6 +326,8 @@ def set_constant_input(node: gs.Node, index: int, values: np.ndarray, *, suffix:
         return
     base = old.name if old.name else f"{node.name}_{index}"
     node.inputs[index] = gs.Constant(f"{base}_{suffix}_{node.name}", np.ascontiguousarray(values))
+    if hasattr(old, "red_stored_as"):  # a copy of a float16-stored weight is stored in float16 too
+        node.inputs[index].red_stored_as = old.red_stored_as
 
 
 def normalise_constants(working: WorkingModel) -> int:

@@ -140,6 +140,11 @@ def _parse(path: Path, data: bytes) -> onnx.ModelProto:
     """Parse ``data`` as a ModelProto without touching external data."""
     if not data:
         raise InputError(f"{path} is empty or not an ONNX model (0 bytes); re-export or re-download it")
+    if data.lstrip()[:1] == b"{":  # no ModelProto starts so: '{' would be field 15, which it lacks
+        raise InputError(
+            f"{path} is JSON text, not a binary ONNX model; convert it with "
+            "onnx.save(google.protobuf.json_format.Parse(text, onnx.ModelProto()), path) or re-export it"
+        )
     try:
         return onnx.load_model_from_string(data)
     except (DecodeError, ValueError, RuntimeError) as error:
@@ -325,10 +330,13 @@ def _refuse_unloaded_external(model: onnx.ModelProto) -> None:
             )
 
 
-def _fsync(path: Path) -> int:
-    """Flush a written file to disk and return its size."""
+def _finish_file(path: Path) -> int:
+    """Give a written file the mode plain ``open`` gives (temporaries are 0600); flush it; return its size."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it back at once
+    os.umask(mask)
     fd = os.open(path, os.O_RDONLY)
     try:
+        os.fchmod(fd, 0o666 & ~mask)
         os.fsync(fd)
         return os.fstat(fd).st_size
     finally:
@@ -342,7 +350,7 @@ def _save_inline(model: onnx.ModelProto, destination: Path) -> int:
     temp = Path(temp_name)
     try:
         onnx.save_model(model, temp)
-        nbytes = _fsync(temp)
+        nbytes = _finish_file(temp)
         os.replace(temp, destination)
     except BaseException:
         temp.unlink(missing_ok=True)
@@ -385,7 +393,7 @@ def _save_external(model: onnx.ModelProto, destination: Path) -> int:
         onnx.save_model(_externalized_copy(model, data_name), temp_model)
         if not temp_data.exists():  # no tensor was large enough: write an empty data file
             temp_data.touch()
-        nbytes = _fsync(temp_model) + _fsync(temp_data)
+        nbytes = _finish_file(temp_model) + _finish_file(temp_data)
         _replace_pair(temp_model, temp_data, destination, temp_dir / "previous.data")
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -20,6 +20,10 @@ FLOAT_TYPES = frozenset(
 )
 
 
+#: Ops that turn a stored weight into the one a layer reads, shape unchanged (float16 storage, QDQ).
+SAME_SHAPE_WEIGHT_OPS = frozenset({"Cast", "DequantizeLinear"})
+
+
 @dataclass(frozen=True)
 class LayerFigures:
     """One weighted layer: output channels and MACs at the measured input shapes."""
@@ -72,6 +76,8 @@ def _weights(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
             and node.attribute[0].type == onnx.AttributeProto.TENSOR
         ):
             weights[node.output[0]] = tuple(node.attribute[0].t.dims)
+        elif node.op_type in SAME_SHAPE_WEIGHT_OPS and node.input and node.input[0] in weights:
+            weights[node.output[0]] = weights[node.input[0]]
     return weights
 
 

@@ -33,7 +33,7 @@ from red_onnx.passes.merge_near import MergeNear
 from red_onnx.passes.separate_depthwise import SeparateDepthwise
 from red_onnx.report import FrozenGroup, Report
 from red_onnx.shapes import ShapeService
-from red_onnx.verify import InputSpec, Verifier, make_inputs
+from red_onnx.verify import MAX_PROTO_BYTES, InputSpec, Verifier, make_inputs
 
 logger = logging.getLogger(__name__)
 ort.set_default_logger_severity(4)
@@ -247,6 +247,12 @@ def compress(
     notify = progress or (lambda stage: None)
     notify("load")
     original, size_before, source = _load(model_or_path)
+    if options.approximate and size_before > MAX_PROTO_BYTES:
+        raise UsageError(
+            f"approximate merging (--tolerance, --target-macs) cannot measure models over "
+            f"{MAX_PROTO_BYTES / 2**30:.1f} GB yet (this one: {size_before / 2**30:.1f} GB); "
+            "use --exact"
+        )
     reference = _reference_verifier(source if source is not None else original, options)
     shapes = ShapeService(make_inputs(original, options.input_spec, VERIFY_SEEDS[0]))
     working = graph_utils.import_model(original)
@@ -387,6 +393,8 @@ def _verify(
             checked["criterion"] = (
                 f"element-wise within atol {EXACT_ATOL}·max(1,max|y|) + rtol {EXACT_RTOL}·|y|"
             )
+            if result.rounding_floor:
+                checked["criterion"] += f" + {result.rounding_floor:.3g}·(max|y| + |y|) (float16 rounding)"
         elif options.target_macs is None:
             parts: dict[str, float] = {}
             for level in verifier.levels:

@@ -17,6 +17,7 @@ class Reason:
     CUSTOM_DOMAIN = "{op} node '{node}' is from domain '{domain}'"
     MIXES_CHANNELS = "{op} node '{node}' mixes channels"
     WEIGHT_NOT_CONSTANT = "the weight of {op} node '{node}' is not a constant"
+    WEIGHT_GRAPH_INPUT = "the weight '{tensor}' of {op} node '{node}' is a graph input (fed at run time)"
     QUANTIZED_WEIGHT = (
         "the weight of {op} node '{node}' is dequantized by DequantizeLinear node '{source}' "
         "(quantized layers are kept as they are)"

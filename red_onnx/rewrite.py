@@ -61,8 +61,11 @@ def apply_plan(plan: GroupPlan) -> None:
     for consumer in group.consumers:
         _rewire_consumer(plan, consumer)
     for producer in group.producers:
-        member = group.tensors[producer.tensor]
-        _delete_producer_channels(producer.node, _keep(plan, member))
+        keep = _keep(plan, group.tensors[producer.tensor])
+        _delete_producer_channels(producer.node, keep)
+        added = _inserted_bias_add(producer.node)
+        if added is not None and not any(node is added for node in group.path):
+            _take_bias_add(added, keep)  # inserted by an earlier plan of this round: not on the path
     for node in group.path:
         _rewrite_path_node(plan, node)
 
@@ -94,7 +97,8 @@ def _rewire_consumer(plan: GroupPlan, consumer: Consumer) -> None:
         flat = rows.reshape(member.channels, -1)
         targets, slot = np.unique(dst, return_inverse=True)
         transfer = csr_matrix((scale, (slot, np.arange(len(src)))), shape=(len(targets), len(src)))
-        flat[targets] = flat[targets] + (transfer @ flat[src].astype(np.float64)).astype(flat.dtype)
+        merged = flat[targets].astype(np.float64) + transfer @ flat[src].astype(np.float64)
+        flat[targets] = merged.astype(flat.dtype)  # one rounding to the weight's type (float16 too)
     _absorb_constants(plan, consumer, rows, local)
     keep = _keep(plan, member)
     new = np.moveaxis(rows[keep].reshape(-1, *moved.shape[1:]), 0, axis).astype(weight.dtype)
@@ -141,13 +145,39 @@ def _add_output_bias(node: gs.Node, contribution: np.ndarray) -> None:
     set_constant_input(node, 2, (bias + contribution).astype(dtype), suffix=SUFFIX)
 
 
+def _bias_add_name(node: gs.Node) -> str:
+    return f"{node.name}_{SUFFIX}_bias_add"
+
+
+def _inserted_bias_add(node: gs.Node) -> gs.Node | None:
+    """The Add that :func:`_add_after_matmul` put after MatMul ``node``, if any."""
+    if node.op != "MatMul" or not node.outputs:
+        return None
+    return next((n for n in node.outputs[0].outputs if n.name == _bias_add_name(node)), None)
+
+
+def _take_bias_add(add: gs.Node, keep: np.ndarray) -> None:
+    """Keep only the ``keep`` channels of an inserted bias Add (its producer lost the others)."""
+    set_constant_input(add, 1, constant_values(add.inputs[1])[..., keep], suffix=SUFFIX)
+
+
 def _add_after_matmul(node: gs.Node, contribution: np.ndarray) -> None:
-    out = node.outputs[0]
+    """Add ``contribution`` after MatMul ``node``: into the bias Add inserted earlier, else a new one.
+
+    The inserted Add is not on the path of the MatMul's own group as analysed this round, so
+    :func:`apply_plan` slices its bias when a later plan deletes the MatMul's output channels.
+    """
     dtype = constant_values(node.inputs[1]).dtype
+    added = _inserted_bias_add(node)
+    if added is not None:  # a second fold (a later round): one Add, one bias
+        bias = constant_values(added.inputs[1])
+        set_constant_input(added, 1, (bias + contribution).astype(dtype), suffix=SUFFIX)
+        return
+    out = node.outputs[0]
     bias = gs.Constant(f"{node.name}_{SUFFIX}_bias", contribution.astype(dtype))
     inner = gs.Variable(f"{out.name}_{SUFFIX}_matmul", dtype=out.dtype)
     node.outputs[0] = inner
-    add = gs.Node("Add", name=f"{node.name}_{SUFFIX}_bias_add", inputs=[inner, bias], outputs=[out])
+    add = gs.Node("Add", name=_bias_add_name(node), inputs=[inner, bias], outputs=[out])
     _graph_of(node).nodes.append(add)
 
 

@@ -28,9 +28,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "slow: takes more than ~10 s on 2 cores; skipped unless --runslow or RED_ONNX_SLOW=1"
     )
+    config.addinivalue_line(
+        "markers",
+        "huge: needs ~20 GB of memory and minutes (the 3 GB model); only with RED_ONNX_HUGE=1, not in CI",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("RED_ONNX_HUGE") != "1":
+        huge = pytest.mark.skip(reason="huge (3 GB model, ~20 GB RAM, ~12 min): run with RED_ONNX_HUGE=1")
+        for item in items:
+            if "huge" in item.keywords:
+                item.add_marker(huge)
     if config.getoption("--runslow") or os.environ.get("RED_ONNX_SLOW") == "1" or os.environ.get("CI"):
         return  # CI (CI=true, as .ci/run is run) always runs them
     skip = pytest.mark.skip(reason="slow: run with --runslow or RED_ONNX_SLOW=1")

@@ -528,3 +528,21 @@ def test_options_may_come_between_the_paths(model_path: Path, tmp_path: Path) ->
     out = tmp_path / "between.onnx"
     assert cli.main([str(model_path), "--exact", "--input-shape", "x:2,3,8,8", str(out), "-q"]) == 0
     onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_an_internal_error_is_one_line_exit_3_and_writes_nothing(
+    model_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("simulated bug\nsecond line")
+
+    monkeypatch.setattr(cli, "compress", broken)
+    out = model_path.parent / "out.onnx"
+    code = cli.main([str(model_path), str(out)])
+    err = capfd.readouterr().err.strip()
+    assert code == cli.INTERNAL_ERROR == 3
+    assert err == (
+        "red-onnx: internal error: RuntimeError: simulated bug; nothing was written — please report it "
+        "(run with -v for the traceback)"
+    )
+    assert not out.exists()
