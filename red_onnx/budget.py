@@ -56,6 +56,14 @@ HELDOUT_SEEDS = tuple(range(200, 216))
 LARGE_SAMPLE = 100_000
 #: Fractions of a group's channels tried as removal levels (rounded to the channel multiple).
 LEVEL_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
+#: Models above this many MACs per verification sample get the large-model search: LARGE_SEEDS samples,
+#: LARGE_LEVEL_FRACTIONS and LARGE_HASH_RUNGS, so that its measurements (each a full onnxruntime run of
+#: every sample) stay in the hundreds, not thousands (a 25M-parameter ResNet-50 at --target-macs 0.8 took
+#: 53 min on 2 cores with the small-model settings).
+LARGE_MODEL_MACS = 1_000_000_000
+LARGE_SEEDS = 4
+LARGE_LEVEL_FRACTIONS = (1 / 8, 1 / 4, 1 / 2)
+LARGE_HASH_RUNGS = (4,)
 #: Rungs of a HASH_LADDER-step bandwidth ladder (tiny ... Scott) tried as hashed rankings.
 HASH_LADDER = 8
 HASH_RUNGS = (2, 4, 6)
@@ -172,10 +180,12 @@ def _group_summary(option: GroupOption, count: int) -> dict[str, object]:
     }  # fmt: skip
 
 
-def removal_levels(n_atoms: int, available: int, multiple: int) -> list[int]:
+def removal_levels(
+    n_atoms: int, available: int, multiple: int, fractions: Sequence[float] = LEVEL_FRACTIONS
+) -> list[int]:
     """Removal counts to try: 0, then fractions of ``n_atoms`` with kept counts on the multiple."""
     levels = {0}
-    for fraction in LEVEL_FRACTIONS:
+    for fraction in fractions:
         kept = n_atoms - round(n_atoms * fraction)
         if multiple > 1 and n_atoms >= 2 * multiple:
             kept = max(multiple, math.ceil(kept / multiple) * multiple)
@@ -230,12 +240,14 @@ class BudgetSearch:
         working = graph_utils.import_model(base)
         self.shapes = shapes(working)
         volume = sum(math.prod(shape) for shape in shapes.input_shapes.values())
+        figures = metrics.measure(base, shapes.input_shapes)
+        self.total_macs = max(figures.macs, 1)
+        self.large = figures.macs > LARGE_MODEL_MACS
         count = len(SEARCH_SEEDS) if volume <= LARGE_SAMPLE else len(SEARCH_SEEDS) // 2
+        count = LARGE_SEEDS if self.large else count
         self.verifier = Verifier(reference, spec, seeds=SEARCH_SEEDS[:count], levels=("disable_all",))
         self.heldout = Verifier(reference, spec, seeds=HELDOUT_SEEDS[:count], levels=("disable_all",))
         self.input_shapes = shapes.input_shapes
-        figures = metrics.measure(base, shapes.input_shapes)
-        self.total_macs = max(figures.macs, 1)
         layer_macs = {name: layer.macs for name, layer in figures.layers.items()}
         self.merges: dict[str, dict[int, list[Merge]]] = {}
         self.channel_multiple = channel_multiple
@@ -249,13 +261,14 @@ class BudgetSearch:
             name, n_atoms = item.group.name, item.group.n_atoms
             orderings = [Ordering("weights", 0.0, 0, item.candidates)]
             if hashing:
-                orderings += hashed_orderings(item)
+                orderings += hashed_orderings(item, LARGE_HASH_RUNGS if self.large else HASH_RUNGS)
             if name in samples:
                 tensor, rows = samples[name]
                 found = activation_candidates(item.group, tensor, rows, item.params.outgoing)
                 orderings.append(Ordering("activations", 0.0, 0, found))
             achievable = max(o.achievable(n_atoms) for o in orderings)
-            levels = removal_levels(n_atoms, achievable, channel_multiple)
+            fractions = LARGE_LEVEL_FRACTIONS if self.large else LEVEL_FRACTIONS
+            levels = removal_levels(n_atoms, achievable, channel_multiple, fractions)
             self.orderings[name] = orderings
             self.atom_cost[name] = atom_macs(item.group, layer_macs)
             self.merges[name] = {level: orderings[0].merges(level) for level in levels}

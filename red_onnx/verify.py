@@ -815,7 +815,7 @@ class Verifier:
                 actual = cand.get(name)
                 pieces = {name: (actual, expected)}
                 if actual is not None and actual.shape == expected.shape and expected.ndim >= 3:
-                    parts = scale_slices(expected)  # a head packing quantities of different scale
+                    parts = measured_parts(expected)  # a head packing quantities of different scale
                     if len(parts) > 1:
                         pieces |= {
                             f"{name}[{part.start}:{part.stop}]": (actual[:, part], expected[:, part])
@@ -951,6 +951,27 @@ def run_tensors(
 
 #: Neighbouring axis-1 entries of an output whose RMS differ by more than this start a new slice.
 SCALE_GAP = 10.0
+#: In a packed output, slices this narrow are measured entry by entry (box coordinates).
+ENTRY_SLICE_MAX = 4
+
+
+def measured_parts(reference: np.ndarray) -> list[slice]:
+    """The parts of axis 1 measured on their own: :func:`scale_slices`, split further in a packed output.
+
+    Every entry of a slice of at most ``ENTRY_SLICE_MAX`` entries is measured on its own (YOLO's x, y,
+    w, h: x and y are several times larger than w and h, so measured together a 4-7% change of w and h
+    hid under a 2% budget and moved detections' IoU below 0.9 on natural images).
+    """
+    parts = scale_slices(reference)
+    if len(parts) == 1:
+        return parts
+    split = []
+    for part in parts:
+        width = part.stop - part.start
+        split += (
+            [slice(k, k + 1) for k in range(part.start, part.stop)] if width <= ENTRY_SLICE_MAX else [part]
+        )
+    return split
 
 
 def scale_slices(reference: np.ndarray, gap: float = SCALE_GAP) -> list[slice]:
