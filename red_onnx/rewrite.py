@@ -9,6 +9,7 @@ bounds, Reshape targets) and the consumers' input slices.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,20 +90,35 @@ def _rewire_consumer(plan: GroupPlan, consumer: Consumer) -> None:
     moved = np.moveaxis(weight, axis, 0)
     rows = moved.reshape(member.channels, member.block, *moved.shape[1:]).copy()
     local = plan.group.atom_index(consumer.tensor)
-    sources = [m for m in plan.merges if local[m.source] >= 0]
-    if sources:
-        src = np.array([local[m.source] for m in sources])
-        dst = np.array([local[m.target] for m in sources])
-        scale = np.array([m.scale for m in sources])
-        flat = rows.reshape(member.channels, -1)
-        targets, slot = np.unique(dst, return_inverse=True)
-        transfer = csr_matrix((scale, (slot, np.arange(len(src)))), shape=(len(targets), len(src)))
-        merged = flat[targets].astype(np.float64) + transfer @ flat[src].astype(np.float64)
-        flat[targets] = merged.astype(flat.dtype)  # one rounding to the weight's type (float16 too)
+    add_merged_rows(rows.reshape(member.channels, -1), local, plan.merges)
     _absorb_constants(plan, consumer, rows, local)
     keep = _keep(plan, member)
     new = np.moveaxis(rows[keep].reshape(-1, *moved.shape[1:]), 0, axis).astype(weight.dtype)
     set_constant_input(node, 1, new, suffix=SUFFIX)
+
+
+def add_merged_rows(flat: np.ndarray, local: np.ndarray, merges: Sequence[Merge]) -> np.ndarray:
+    """``V_target += scale·V_source`` in place for each merge inside this tensor; the source rows.
+
+    Args:
+        flat: A consumer's weight as ``[channels, rest]`` (edited in place; summed in float64 and
+            rounded once to its dtype, float16 too).
+        local: Local channel index of each atom in the tensor the consumer reads (-1: absent).
+        merges: The merges of the group.
+
+    Returns:
+        The local indices of the merged (source) rows.
+    """
+    inside = [m for m in merges if local[m.source] >= 0]
+    if not inside:
+        return np.zeros(0, np.int64)
+    src = np.array([local[m.source] for m in inside])
+    dst = np.array([local[m.target] for m in inside])
+    targets, slot = np.unique(dst, return_inverse=True)
+    transfer = csr_matrix(([m.scale for m in inside], (slot, np.arange(len(src)))), (len(targets), len(src)))
+    merged = flat[targets].astype(np.float64) + transfer @ flat[src].astype(np.float64)
+    flat[targets] = merged.astype(flat.dtype)
+    return src
 
 
 def _absorb_constants(plan: GroupPlan, consumer: Consumer, rows: np.ndarray, local: np.ndarray) -> None:

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnxruntime as ort
-from scipy.sparse import csr_matrix
 
 from red_onnx.channels import ChannelGroup
 from red_onnx.graph import constant_values
 from red_onnx.redundancy import Merge
+from red_onnx.rewrite import add_merged_rows
 from red_onnx.weights import consumer_axis
 
 logger = logging.getLogger(__name__)
@@ -60,18 +60,8 @@ def _slots(group: ChannelGroup) -> list[ConsumerSlot]:
 def merged_weight(slot: ConsumerSlot, merges: Sequence[Merge]) -> np.ndarray:
     """The consumer weight with ``V_target += scale·V_source`` and ``V_source = 0`` for each merge."""
     moved = np.moveaxis(slot.values, slot.axis, 0)
-    channels = moved.shape[0] // slot.block
-    flat = moved.reshape(channels, -1).astype(np.float64)
-    inside = [m for m in merges if slot.local[m.source] >= 0]
-    if inside:
-        src = np.array([slot.local[m.source] for m in inside])
-        dst = np.array([slot.local[m.target] for m in inside])
-        targets, where = np.unique(dst, return_inverse=True)
-        transfer = csr_matrix(
-            ([m.scale for m in inside], (where, np.arange(len(src)))), (len(targets), len(src))
-        )
-        flat[targets] += transfer @ flat[src]
-        flat[src] = 0.0
+    flat = moved.reshape(moved.shape[0] // slot.block, -1).astype(np.float64)
+    flat[add_merged_rows(flat, slot.local, merges)] = 0.0
     return np.moveaxis(flat.reshape(moved.shape), 0, slot.axis).astype(slot.values.dtype)
 
 
