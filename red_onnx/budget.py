@@ -240,7 +240,7 @@ class BudgetSearch:
         working = graph_utils.import_model(base)
         self.shapes = shapes(working)
         volume = sum(math.prod(shape) for shape in shapes.input_shapes.values())
-        figures = metrics.measure(base, shapes.input_shapes)
+        figures = metrics.measure(base, shapes.input_shapes, self.shapes)
         self.total_macs = max(figures.macs, 1)
         self.large = figures.macs > LARGE_MODEL_MACS
         count = len(SEARCH_SEEDS) if volume <= LARGE_SAMPLE else len(SEARCH_SEEDS) // 2

@@ -119,9 +119,22 @@ def _layer(node: onnx.NodeProto, shapes: dict, weights: dict) -> LayerFigures | 
     return LayerFigures(node.name, node.op_type, int(channels), int(macs))
 
 
-def measure(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> ModelFigures:
-    """Parameters, MACs and per-layer channels of ``model`` at the given input shapes."""
-    shapes = _shape_map(model, input_shapes)
+def measure(
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int]],
+    known: Mapping[str, Sequence[int] | None] | None = None,
+) -> ModelFigures:
+    """Parameters, MACs and per-layer channels of ``model`` at the given input shapes.
+
+    Args:
+        model: The model.
+        input_shapes: Concrete shapes of its inputs.
+        known: Tensor shapes already measured (the shape service's onnxruntime run), used where ONNX
+            shape inference cannot tell (a dynamic-batch attention Reshape stops it: a transformer's
+            MACs then counted only its first three MatMuls).
+    """
+    shapes = {name: tuple(shape) for name, shape in (known or {}).items() if shape is not None}
+    shapes |= _shape_map(model, input_shapes)
     weights = _weights(model)
     layers = {}
     for index, node in enumerate(model.graph.node):

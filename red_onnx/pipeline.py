@@ -264,7 +264,7 @@ def compress(
     report.overridable_initializers = sorted(working.overridable)
     notify("normalise")
     graph_utils.normalise_constants(working)
-    before = metrics.measure(graph_utils.export_model(working), shapes.input_shapes)
+    before = metrics.measure(graph_utils.export_model(working), shapes.input_shapes, shapes(working))
     for item in exact_passes(options, shapes):
         notify(item.name)
         report.add_pass(item(working), item.name)
@@ -273,7 +273,7 @@ def compress(
     if options.separation:
         _separate(working, options, shapes, report, notify, latency)
     candidate = graph_utils.export_model(working)
-    report.set_figures(before, metrics.measure(candidate, shapes.input_shapes))
+    report.set_figures(before, metrics.measure(candidate, shapes.input_shapes, shapes(working)))
     if verify:
         notify("verify")
         _verify(source if source is not None else original, candidate, options, report, reference, merged)
