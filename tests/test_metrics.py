@@ -185,3 +185,25 @@ def test_params_count_float_initializers_and_constant_nodes_not_shapes() -> None
     figures = measure(model, {"x": (1, 3, 5, 5)})
     assert figures.params == expected
     assert figures.layers["conv"].macs == 4 * 3 * 3 * 27
+
+
+def test_measured_shapes_fill_in_where_inference_stops() -> None:
+    """A Reshape to a runtime shape stops ONNX inference; the shape service's measured shapes count."""
+    weight = np.ones((6, 5), np.float32)
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Reshape", ["x", "target"], ["r"], name="reshape"),
+            onnx.helper.make_node("MatMul", ["r", "w"], ["y"], name="fc"),
+        ],
+        "g",
+        [
+            onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 4]),
+            onnx.helper.make_tensor_value_info("target", onnx.TensorProto.INT64, [2]),
+        ],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(weight, "w")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    shapes = {"x": [2, 3, 4], "target": [2]}
+    assert measure(model, shapes).macs == 0  # inference cannot tell the shape of r
+    assert measure(model, shapes, {"y": (4, 5)}).macs == 4 * 5 * 6
