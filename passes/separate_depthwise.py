@@ -11,7 +11,6 @@ exact mode applies it too; on trained weights kernels rarely repeat and the repo
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from red_onnx.channels import user_frozen
 from red_onnx.graph import WorkingModel, constant_values, is_empty_input
 from red_onnx.latency import LatencyProbe
 from red_onnx.pass_infra import Pass, PassResult, Skip
@@ -133,9 +133,9 @@ class SeparateDepthwise(Pass):
 
     def _unsupported(self, conv: gs.Node, weight: np.ndarray | None, shapes: Shapes) -> str | None:
         """Why ``conv`` cannot be a candidate, or None."""
-        for pattern in self.freeze:
-            if fnmatch.fnmatchcase(conv.name, pattern):
-                return Reason.USER_FROZEN.format(node=conv.name, pattern=pattern)
+        frozen = user_frozen(conv.name, self.freeze)
+        if frozen:
+            return frozen
         if weight is None or weight.ndim < 3:
             return Reason.SEP_WEIGHT
         if int(conv.attrs.get("group", 1)) != 1:

@@ -302,10 +302,6 @@ class BudgetSearch:
         """The merges ``counts`` stands for."""
         return {name: self.merges[name][count] for name, count in counts.items() if count}
 
-    def apply(self, counts: Counts) -> onnx.ModelProto:
-        """The base model with ``counts`` merges per group applied."""
-        return self.apply_plan(self._plan(counts))
-
     def apply_plan(self, plan: dict[str, list[Merge]]) -> onnx.ModelProto:
         """The base model with the given merges applied."""
         working = graph_utils.import_model(self.base)

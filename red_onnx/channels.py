@@ -259,11 +259,17 @@ def analyse(
     return ChannelAnalysis(groups)
 
 
+def user_frozen(node: str, patterns: Sequence[str]) -> str | None:
+    """The ``--freeze`` reason when a pattern matches the node's name, else None."""
+    pattern = next((p for p in patterns if fnmatch.fnmatchcase(node, p)), None)
+    return None if pattern is None else Reason.USER_FROZEN.format(node=node, pattern=pattern)
+
+
 def _apply_user_freeze(group: ChannelGroup, patterns: Sequence[str]) -> None:
     for producer in group.producers:
-        for pattern in patterns:
-            if fnmatch.fnmatchcase(producer.node.name, pattern):
-                group.freeze(Reason.USER_FROZEN.format(node=producer.node.name, pattern=pattern))
+        reason = user_frozen(producer.node.name, patterns)
+        if reason:
+            group.freeze(reason)
 
 
 def analyse_model(

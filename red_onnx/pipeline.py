@@ -264,7 +264,8 @@ def compress(
     report.overridable_initializers = sorted(working.overridable)
     notify("normalise")
     graph_utils.normalise_constants(working)
-    before = metrics.measure(graph_utils.export_model(working), shapes.input_shapes, shapes(working))
+    normalised = graph_utils.export_model(working)
+    before = metrics.measure(normalised, shapes.input_shapes, shapes(working, normalised))
     for item in exact_passes(options, shapes):
         notify(item.name)
         report.add_pass(item(working), item.name)
@@ -273,7 +274,7 @@ def compress(
     if options.separation:
         _separate(working, options, shapes, report, notify, latency)
     candidate = graph_utils.export_model(working)
-    report.set_figures(before, metrics.measure(candidate, shapes.input_shapes, shapes(working)))
+    report.set_figures(before, metrics.measure(candidate, shapes.input_shapes, shapes(working, candidate)))
     if verify:
         notify("verify")
         _verify(source if source is not None else original, candidate, options, report, reference, merged)

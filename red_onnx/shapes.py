@@ -33,9 +33,14 @@ class ShapeService:
         self.input_shapes = {name: tuple(array.shape) for name, array in self.feed.items()}
         self.runs = 0
 
-    def __call__(self, working: WorkingModel) -> Shapes:
-        """Shapes by tensor name (None where neither inference nor a run could tell)."""
-        model = export_model(working)
+    def __call__(self, working: WorkingModel, exported: onnx.ModelProto | None = None) -> Shapes:
+        """Shapes by tensor name (None where neither inference nor a run could tell).
+
+        Args:
+            working: The working model.
+            exported: ``working`` already exported, when the caller has it (saves exporting it again).
+        """
+        model = exported if exported is not None else export_model(working)
         shapes = _inferred(model, self.input_shapes)
         outputs = {t.name for t in working.graph.outputs}
         unknown = [
