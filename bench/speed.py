@@ -59,7 +59,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_MODELS = ("conv1m", "conv5m", "conv25m", "transformer25m")
 LARGE_MODELS = ("conv100m", "transformer85m")
-MODES = {"target": ["--target-macs", "{target}"], "exact": ["--exact"]}
+#: ``target`` lets ``--sensitivity auto`` choose (calibrated above 1 GMAC per input, measured below);
+#: the ``target-*`` modes force one way of finding each group's error (``red_onnx.budget``).
+MODES = {
+    "target": ["--target-macs", "{target}"],
+    "target-measured": ["--target-macs", "{target}", "--sensitivity", "measured"],
+    "target-calibrated": ["--target-macs", "{target}", "--sensitivity", "calibrated"],
+    "target-local": ["--target-macs", "{target}", "--sensitivity", "local"],
+    "exact": ["--exact"],
+}
 SAMPLE_SECONDS = 0.02
 #: Fitted against parameter count: process wall and ``cli.main`` (no interpreter start and imports, whose
 #: fixed ~2-4 s flatten the small sizes) without latency probes, CPU seconds, peak RSS over the baseline.
@@ -286,9 +294,10 @@ def stage_times(events: list[dict[str, Any]], summary: dict[str, Any] | None, ba
         stages[-1]["peak_mb"] = round((summary["rss_after_import"] - baseline) / MB, 1)
     for event, following in itertools.pairwise(events):
         label = event["stage"]
-        if label.startswith("measure") and stages and stages[-1]["stage"] == "budget":
+        inside = label.startswith("measure") or label == "capture activations"  # budget sub-steps
+        if inside and stages and stages[-1]["stage"] == "budget":
             current = stages[-1]
-            current["measurements"] += 1
+            current["measurements"] += label.startswith("measure")
         else:
             current = {
                 "stage": STAGE_NAMES.get(label, label),
@@ -324,7 +333,8 @@ def report_figures(report: dict[str, Any]) -> dict[str, Any]:
         "passes_s": {p["name"]: p["seconds"] for p in report.get("passes", [])},
         "budget_s": budget.get("seconds"), "budget_evaluations": budget.get("evaluations"),
         "budget_error": budget.get("error"), "heldout_error": budget.get("heldout_error"),
-        "verified": verification.get("passed"), "worst_rel_l2": _worst_rel_l2(verification),
+        "sensitivity": budget.get("sensitivity"), "verified": verification.get("passed"),
+        "worst_rel_l2": _worst_rel_l2(verification),
         "separated": separation["stats"].get("separated") if separation else None,
         "separation_candidates": separation["stats"].get("candidates") if separation else None,
     }  # fmt: skip
@@ -477,8 +487,8 @@ def runs_table(runs: list[dict[str, Any]], infos: dict[str, dict[str, Any]]) -> 
     """The main table: one row per red-onnx run."""
     lines = [
         "| model | params | file MB | mode | run | exit | wall s | main s | CPU s | wall excl. probes s"
-        " | probes s | budget s (measurements) | verify s | MACs kept | error | peak RSS over baseline MB"
-        " (× file) | onnxsim s | main / onnxsim | wall / onnxsim wall |",
+        " | probes s | budget s (measurements) | verify s | MACs kept | error (verification)"
+        " | peak RSS over baseline MB (× file) | onnxsim s | main / onnxsim | wall / onnxsim wall |",
         "|" + "---|" * 19,
     ]
     for run in runs:

@@ -24,8 +24,8 @@ from bench.tasks import TaskCheck
 #: What the calibration (verification) inputs say and what the task check says: different texts and voices.
 CALIBRATION_SPEECH = ("Data free compression keeps every output close to the original.", "en")
 TEST_SPEECH = ("Please call Stella. Ask her to bring these things with her from the store.", "en-us+f3")
-#: Chunks of the calibration stream packed into the verification batch.
-CALIBRATION_CHUNKS = 32
+#: Calls the sequence variant's calibration windows are cut into (the state carried between them).
+SEQUENCE_STEPS = 2
 ESPEAK_RATE = 22050
 
 
@@ -74,7 +74,7 @@ def vad_windows(audio: np.ndarray, rate: int) -> np.ndarray:
 
 
 def stream(model: Path, audio: np.ndarray, rate: int) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
-    """Speech probability per chunk, and the feed of every call (for verification inputs)."""
+    """Speech probability per chunk, and the feed of every call."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
@@ -101,25 +101,25 @@ def real_inputs(
 ) -> Path:
     """Write real inputs for ``model`` (``--inputs``) to ``target``, an ``.npz``, and return it.
 
-    ``speech`` (text, espeak-ng voice), then a quarter second of silence, streamed through the
-    original: the batch holds ``CALIBRATION_CHUNKS`` evenly spaced chunks with the state the original
-    carried into each. A variant with a fixed batch of 1 gets its single most speech-like chunk; the
-    sequence variant the whole window sequence.
+    ``speech`` (text, espeak-ng voice), then a quarter second of silence, as a stream in the step
+    semantics of ``red_onnx.verify.InputSpec``: ``input`` holds every chunk in order ``[steps, 1, 576]``
+    (one call each), ``state`` the zero state the stream starts from, ``sr`` the rate where the model
+    takes it — so the verification carries the state through the real stream, each model its own. The
+    sequence variant (its LSTM runs over the windows inside one call and returns ``hn``/``cn``) gets the
+    windows in ``SEQUENCE_STEPS`` calls of equal length, ``h``/``c`` zero.
     """
     audio = np.concatenate([speak(speech[0], rate, speech[1]), np.zeros(rate // 4, np.float32)])
-    probabilities, feeds = stream(model, audio, rate)
-    declared = {vi.name: vi for vi in onnx.load(str(model), load_external_data=False).graph.input}
-    fixed = declared["input"].type.tensor_type.shape.dim[0].dim_value == 1
-    if len(feeds) == 1:
-        arrays = feeds[0]
-    elif fixed:
-        arrays = feeds[int(np.argmax(probabilities))]
+    windows = vad_windows(audio, rate)
+    names = {vi.name for vi in onnx.load(str(model), load_external_data=False).graph.input}
+    if "h" in names:
+        per_call = len(windows) // SEQUENCE_STEPS
+        zeros = np.zeros((1, 1, 128), np.float32)
+        arrays = {"input": windows[: per_call * SEQUENCE_STEPS].reshape(SEQUENCE_STEPS, per_call, -1),
+                  "h": zeros, "c": zeros}  # fmt: skip
     else:
-        picked = [feeds[i] for i in np.linspace(0, len(feeds) - 1, CALIBRATION_CHUNKS).round().astype(int)]
-        arrays = {"input": np.concatenate([f["input"] for f in picked]),
-                  "state": np.concatenate([f["state"] for f in picked], axis=1)}  # fmt: skip
-        if "sr" in feeds[0]:
-            arrays["sr"] = feeds[0]["sr"]
+        arrays = {"input": windows[:, None, :], "state": np.zeros((2, 1, 128), np.float32)}
+        if "sr" in names:
+            arrays["sr"] = np.array(rate, dtype=np.int64)
     np.savez(target, **arrays)
     return target
 

@@ -33,6 +33,7 @@ from red_onnx.errors import VerificationError
 from red_onnx.kde import bandwidth_ladder, hash_weights
 from red_onnx.passes.merge_near import GroupCandidates, MergeNear, group_candidates
 from red_onnx.redundancy import Merge
+from red_onnx.sensitivity import LocalSensitivity, consumer_inputs, session_fetch
 from red_onnx.shapes import ShapeService
 from red_onnx.similarity import (
     Candidates,
@@ -76,6 +77,11 @@ DESTROYED = 1.0
 #: every level measured up to DESTROYED).
 TARGET_START_CAP = 0.05
 TARGET_CAP_GROWTH = 4.0
+#: How each group's error alone is found: "measured" (a full run per group, level and ranking),
+#: "local" (estimated from one activation capture: ``red_onnx.sensitivity``; only the bisected
+#: prefixes are measured), "calibrated" (local, scaled per group by one measured run), "auto"
+#: (calibrated for models above LARGE_MODEL_MACS per sample, measured below).
+SENSITIVITY_MODES = ("auto", "measured", "calibrated", "local")
 
 Counts = dict[str, int]
 
@@ -129,6 +135,7 @@ class BudgetResult:
     evaluations: int
     curve: list[tuple[float, float]]
     groups: list[GroupOption]
+    sensitivity: str = "measured"
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready summary."""
@@ -137,6 +144,7 @@ class BudgetResult:
             "heldout_error": self.heldout_error,
             "macs_fraction": self.macs_fraction,
             "evaluations": self.evaluations,
+            "sensitivity": self.sensitivity,
             "curve": [{"macs_fraction": m, "error": e} for m, e in self.curve],
             "groups": [_group_summary(g, self.counts.get(g.name, 0)) for g in self.groups],
         }  # fmt: skip
@@ -195,10 +203,10 @@ def removal_levels(
     return sorted(levels)
 
 
-def _simulator(base: onnx.ModelProto, groups: list) -> MergeSimulator | None:
-    """The one-session merge simulator, or None (then every measurement rebuilds the model)."""
+def _simulator(base: onnx.ModelProto, groups: list, capture: Sequence[str] = ()) -> MergeSimulator | None:
+    """The one-session merge simulator (able to fetch ``capture``), or None (then measurements rebuild)."""
     try:
-        return MergeSimulator(base, groups)
+        return MergeSimulator(base, groups, extra_outputs=capture)
     except Exception as error:  # onnxruntime's errors share no base class; the rebuild path still works
         logger.warning("measuring by rebuilding the model (the one-session simulator failed: %s)", error)
         return None
@@ -209,7 +217,7 @@ class BudgetSearch:
 
     Args:
         base: The model after exact rewrites (what approximate merging starts from).
-        reference: The original model the error is measured against.
+        reference: The original model the error is measured against (a path keeps no copy in memory).
         spec: How verification inputs are built.
         shapes: The shape service (at the run's concrete inputs).
         freeze: Node-name glob patterns of protected layers.
@@ -218,13 +226,14 @@ class BudgetSearch:
             whichever ranking measures better (off: the ablation without hashing).
         activations: Also rank candidates by a least-squares fit of channel activations on the
             synthetic search inputs (``red_onnx.similarity.activation_candidates``).
+        sensitivity: One of SENSITIVITY_MODES.
         progress: Called with a short label for every measurement.
     """
 
     def __init__(
         self,
         base: onnx.ModelProto,
-        reference: onnx.ModelProto,
+        reference: onnx.ModelProto | str,
         spec: InputSpec,
         shapes: ShapeService,
         *,
@@ -232,8 +241,11 @@ class BudgetSearch:
         channel_multiple: int = 1,
         hashing: bool = True,
         activations: bool = True,
+        sensitivity: str = "auto",
         progress: Callable[[str], None] | None = None,
     ) -> None:
+        if sensitivity not in SENSITIVITY_MODES:
+            raise ValueError(f"sensitivity {sensitivity!r} is not one of {', '.join(SENSITIVITY_MODES)}")
         self.base = base
         self.freeze = tuple(freeze)
         self.progress = progress or (lambda label: None)
@@ -247,6 +259,8 @@ class BudgetSearch:
         count = LARGE_SEEDS if self.large else count
         self.verifier = Verifier(reference, spec, seeds=SEARCH_SEEDS[:count], levels=("disable_all",))
         self.heldout = Verifier(reference, spec, seeds=HELDOUT_SEEDS[:count], levels=("disable_all",))
+        self.reference, self.spec = reference, spec
+        self.calibration_verifier: Verifier | None = None
         self.input_shapes = shapes.input_shapes
         layer_macs = {name: layer.macs for name, layer in figures.layers.items()}
         self.merges: dict[str, dict[int, list[Merge]]] = {}
@@ -281,7 +295,11 @@ class BudgetSearch:
         self.macs_cache: dict[tuple, float] = {}
         groups = [item.group for item in items]
         self.macs_counter = MacsCounter(layer_macs, groups)
-        self.simulator = _simulator(base, groups)
+        local = sensitivity in ("local", "calibrated") or (sensitivity == "auto" and self.large)
+        self.simulator = _simulator(base, groups, list(consumer_inputs(groups)) if local else [])
+        self.local = self._local_sensitivity(groups) if local else None
+        self.calibrate = sensitivity != "local"
+        self.gain: dict[str, float] = {}  # per group: measured / estimated error ("calibrated")
 
     def _activations(self, items: list[GroupCandidates]) -> dict[str, tuple[str, np.ndarray]]:
         """Per group: the tensor its first consumer reads, and that tensor's sampled activations."""
@@ -292,6 +310,24 @@ class BudgetSearch:
                 wanted[item.group.name] = (member.tensor.name, member.axis, member.block)
         captured = capture(self.base, self.verifier.inputs, {t: (a, b) for t, a, b in wanted.values()})
         return {name: (t, captured[t]) for name, (t, _, _) in wanted.items() if t in captured}
+
+    def _local_sensitivity(self, groups: list) -> LocalSensitivity | None:
+        """The capture-based estimate of every group's error (None: measure instead, with the reason)."""
+        self.progress("capture activations")
+        try:
+            names = list(consumer_inputs(groups))
+            fetch = self.simulator.tensors if self.simulator else session_fetch(self.base, names)
+            return LocalSensitivity(fetch, groups, self.verifier.inputs)
+        except Exception as error:  # onnxruntime's errors share no base class; measuring still works
+            logger.warning("measuring each group's error (the activation capture failed: %s)", error)
+            return None
+
+    @property
+    def sensitivity(self) -> str:
+        """How the groups' errors alone were found ("local" estimate or "measured")."""
+        if self.local is None:
+            return "measured"
+        return "calibrated" if self.calibrate else "local"
 
     def _saved(self, name: str, level: int) -> float:
         return float(self.atom_cost[name][[m.source for m in self.merges[name][level]]].sum())
@@ -308,16 +344,25 @@ class BudgetSearch:
         MergeNear(shapes=lambda _: self.shapes, merges=plan, freeze=self.freeze)(working)
         return graph_utils.export_model(working)
 
+    def _measured(self, counts: Counts) -> float | None:
+        """The error of ``counts`` on the search inputs if it was measured already, else None."""
+        plan = self._plan(counts)
+        return self.cache.get(("search", tuple(sorted((n, tuple(m)) for n, m in plan.items() if m))))
+
     def error(self, counts: Counts, *, heldout: bool = False) -> float:
         """Worst relative L2 error over outputs and the search (or held-out) inputs (cached)."""
         return self.plan_error(self._plan(counts), heldout=heldout)
 
     def plan_error(self, plan: dict[str, list[Merge]], *, heldout: bool = False) -> float:
         """Worst relative L2 error of the base model with ``plan`` applied (cached by content)."""
-        key = (heldout, tuple(sorted((name, tuple(merges)) for name, merges in plan.items() if merges)))
+        return self._plan_error(plan, "heldout" if heldout else "search")
+
+    def _plan_error(self, plan: dict[str, list[Merge]], role: str) -> float:
+        """:meth:`plan_error` on the inputs of ``role``: "search", "heldout" or "calibration" (one sample)."""
+        key = (role, tuple(sorted((name, tuple(merges)) for name, merges in plan.items() if merges)))
         if key not in self.cache:
             self.progress(f"measure {len(self.cache) + 1}")
-            verifier = self.heldout if heldout else self.verifier
+            verifier = {"search": self.verifier, "heldout": self.heldout}.get(role) or self._calibrator()
             try:
                 got = self._simulated(plan, verifier)
                 if got is not None:
@@ -330,12 +375,24 @@ class BudgetSearch:
                 self.cache[key] = math.inf
         return self.cache[key]
 
+    def _calibrator(self) -> Verifier:
+        """The one-sample verifier that calibrates local estimates (built on first use)."""
+        if self.calibration_verifier is None:
+            self.calibration_verifier = Verifier(
+                self.reference, self.spec, seeds=SEARCH_SEEDS[:1], levels=("disable_all",)
+            )
+        return self.calibration_verifier
+
     def _simulated(self, plan: dict[str, list[Merge]], verifier: Verifier) -> list[dict] | None:
-        """The plan's outputs from the one-session simulator, or None (then the model is rebuilt)."""
+        """The plan's outputs from the one-session simulator, or None (then the model is rebuilt).
+
+        Through ``verifier.outputs_of``: a recurrent model's streams carry the simulated model's own state.
+        """
         if self.simulator is None or not self.simulator.supports(plan):
             return None
+        simulator = self.simulator
         try:
-            return self.simulator.run(plan, verifier.inputs)
+            return verifier.outputs_of(lambda feeds: simulator.run(plan, feeds))
         except Exception as error:  # onnxruntime's errors share no base class
             logger.warning("measuring by rebuilding the model (the simulator failed: %s)", error)
             self.simulator = None
@@ -344,8 +401,12 @@ class BudgetSearch:
     def _sensitivity(self, cap: float) -> None:
         """Each group's error alone per level, with the best ordering (weights or hashed) per level.
 
-        Incremental: a later call with a larger cap goes on from the last level measured.
+        Incremental: a later call with a larger cap goes on from the last level measured. With the
+        local estimate every level is estimated at once (no run; the cap does not apply).
         """
+        if self.local is not None:
+            self._estimate_levels()
+            return
         for option in self.options:
             if not option.errors:
                 option.errors, option.orderings = [0.0], ["-"]
@@ -365,7 +426,47 @@ class BudgetSearch:
                 if value > cap:
                     break
 
+    def _estimate_levels(self) -> None:
+        """Each group's local error estimate per level, with the best ranking per level.
+
+        In "calibrated" mode each group's estimates are then scaled by its measured/estimated ratio at
+        one level (one run per group), which carries the estimate from the consumers to the outputs.
+        """
+        assert self.local is not None
+        for option in self.options:
+            if option.errors:
+                continue
+            option.errors, option.orderings = [0.0], ["-"]
+            for position, level in enumerate(option.levels[1:], start=1):
+                tried = [(o, o.merges(level)) for o in self.orderings[option.name]]
+                scored = [(self.local.error(option.name, merges), o, merges) for o, merges in tried if merges]
+                value, ordering, merges = min(scored, key=lambda item: item[0])
+                self.merges[option.name][level] = merges
+                self.chosen[(option.name, level)] = ordering
+                option.macs_saved[position] = self._saved(option.name, level)
+                option.errors.append(value)
+                option.orderings.append(ordering.label)
+            if self.calibrate and len(option.levels) > 1:
+                self.gain[option.name] = self._calibration(option)
+                option.errors = [self.gain[option.name] * value for value in option.errors]
+
+    def _calibration(self, option: GroupOption) -> float:
+        """Measured (on one sample) over estimated error of one group at its middle level (1 when 0)."""
+        level = option.levels[len(option.levels) // 2]
+        estimate = option.errors[option.levels.index(level)]
+        measured = self._plan_error({option.name: self.merges[option.name][level]}, "calibration")
+        if estimate <= 0.0 or measured <= 0.0:
+            return 1.0
+        return measured / estimate if math.isfinite(measured) else DESTROYED / estimate
+
+    def _alone(self, name: str, count: int) -> float:
+        """One group's error alone at ``count`` merges: estimated (local) or measured."""
+        if self.local is not None:
+            return self.gain.get(name, 1.0) * self.local.error(name, self.merges[name][count])
+        return self.error({name: count})
+
     def _greedy_order(self, cap: float) -> list[Counts]:
+        cap = DESTROYED if self.local is not None else cap  # estimates: every level short of destroyed
         state = {o.name: 0 for o in self.options}
         order: list[Counts] = [{}]
         while True:
@@ -398,7 +499,7 @@ class BudgetSearch:
         return BudgetResult(
             counts=counts, error=self.error(counts), heldout_error=heldout,
             macs_fraction=self.measured_fraction(counts), evaluations=len(self.cache),
-            curve=self._curve(order, index), groups=self.options,
+            curve=self._curve(order, index), groups=self.options, sensitivity=self.sensitivity,
         )  # fmt: skip
 
     def _curve(
@@ -406,6 +507,8 @@ class BudgetSearch:
     ) -> list[tuple[float, float]]:
         """(MACs kept, error) along the greedy order: a few evenly spaced prefixes and the chosen one."""
         picks = {int(k) for k in np.linspace(0, len(order) - 1, min(points, len(order)))} | {chosen}
+        if self.local is not None:  # only what the search measured anyway (the curve is for the report)
+            picks = {k for k in picks if self._measured(order[k]) is not None} | {chosen}
         finite = [(self.measured_fraction(order[k]), self.error(order[k])) for k in sorted(picks)]
         return sorted((m, e) for m, e in finite if math.isfinite(e))
 
@@ -429,7 +532,7 @@ class BudgetSearch:
 
     def to_target(self, fraction: float) -> tuple[BudgetResult, float]:
         """The smallest error reaching ``fraction`` of the MACs; also the lowest fraction reachable."""
-        cap = TARGET_START_CAP
+        cap = DESTROYED if self.local is not None else TARGET_START_CAP
         while True:  # measure deeper levels only while the cheap ones cannot reach the target
             self._sensitivity(cap)
             order = self._greedy_order(cap)
@@ -481,6 +584,6 @@ class BudgetSearch:
             position = next(k for k, level in enumerate(option.levels) if level > low)
             option.levels.insert(position, low)
             option.macs_saved.insert(position, self._saved(name, low))
-            option.errors.insert(position, self.error({name: low}))
+            option.errors.insert(position, self._alone(name, low))
             option.orderings.insert(position, ordering.label)
         return {**after, name: low}

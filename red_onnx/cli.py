@@ -19,6 +19,7 @@ from onnx import external_data_helper
 from red_onnx import demo, io
 from red_onnx._version import __version__
 from red_onnx.benchmark import benchmark
+from red_onnx.budget import SENSITIVITY_MODES
 from red_onnx.errors import RedOnnxError, UsageError, VerificationError
 from red_onnx.pipeline import Result, compress
 from red_onnx.report import render_table
@@ -76,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="rank merge candidates by fits of channel activations too (auto: only with --inputs, "
         "since on synthetic inputs it measured worse on real data)",
+    )
+    parser.add_argument(
+        "--sensitivity",
+        choices=SENSITIVITY_MODES,
+        default="auto",
+        help="how the search finds each layer group's error: measured (a run per group and level), "
+        "calibrated (estimated from one activation capture, one run per group), local (estimate only); "
+        "auto: calibrated above 1 GMAC per input, measured below",
     )
     parser.add_argument(
         "--no-separation",
@@ -236,7 +245,7 @@ def _run(args: argparse.Namespace) -> int:
             channel_multiple=args.channel_multiple, hashing=not args.no_hashing,
             activations={"auto": None, "on": True, "off": False}[args.activations], freeze=args.freeze,
             input_spec=_input_spec(args), separation=not args.no_separation, provider=args.provider,
-            latency_check=not args.no_latency_check, progress=progress,
+            latency_check=not args.no_latency_check, sensitivity=args.sensitivity, progress=progress,
         )  # fmt: skip
     except VerificationError as error:
         progress.close()

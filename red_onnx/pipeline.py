@@ -22,7 +22,7 @@ import onnxruntime as ort
 from red_onnx import graph as graph_utils
 from red_onnx import io, metrics, verify
 from red_onnx._version import __version__
-from red_onnx.budget import BudgetSearch
+from red_onnx.budget import SENSITIVITY_MODES, BudgetSearch
 from red_onnx.errors import InputError, UsageError, VerificationError
 from red_onnx.latency import CPU_PROVIDER, LatencyProbe, LatencyService, check_provider
 from red_onnx.pass_infra import Pass
@@ -79,6 +79,8 @@ class Options:
         separation: Try uneven depthwise separation of k×k convs (exact; kept where it pays).
         provider: The onnxruntime execution provider separation decisions are measured on.
         latency_check: Measure before separating (False: decide on MACs alone).
+        sensitivity: How the budget search finds each group's error alone: "measured", "local"
+            (estimated from one activation capture) or "auto" (local above 1 GMAC per sample).
     """
 
     exact: bool = False
@@ -94,6 +96,7 @@ class Options:
     separation: bool = True
     provider: str = CPU_PROVIDER
     latency_check: bool = True
+    sensitivity: str = "auto"
 
     def provenance(self) -> dict[str, object]:
         """The options as recorded in the output model (no paths that differ between machines)."""
@@ -126,8 +129,11 @@ def make_options(
     separation: bool = True,
     provider: str = CPU_PROVIDER,
     latency_check: bool = True,
+    sensitivity: str = "auto",
 ) -> Options:
     """Validate option combinations (one-line UsageError) and fill defaults."""
+    if sensitivity not in SENSITIVITY_MODES:
+        raise UsageError(f"--sensitivity {sensitivity!r} is not one of {', '.join(SENSITIVITY_MODES)}")
     if exact and (tolerance is not None or target_macs is not None):
         raise UsageError("--exact keeps the function exactly; it cannot take --tolerance or --target-macs")
     if tolerance is not None and not 0 < tolerance < 1:
@@ -154,6 +160,7 @@ def make_options(
         separation=separation,
         provider=provider,
         latency_check=latency_check,
+        sensitivity=sensitivity,
     )
 
 
@@ -203,6 +210,7 @@ def compress(
     provider: str = CPU_PROVIDER,
     latency_check: bool = True,
     latency: LatencyProbe | None = None,
+    sensitivity: str = "auto",
     raise_on_failure: bool = True,
     progress: Progress | None = None,
 ) -> Result:
@@ -227,6 +235,9 @@ def compress(
         provider: onnxruntime execution provider that separation candidates are timed on.
         latency_check: Time separation candidates (False: decide on MACs alone).
         latency: A latency oracle to use instead of a ``LatencyService`` on ``provider`` (tests).
+        sensitivity: How the budget search finds each group's error alone: ``"measured"`` (a run per
+            group, level and ranking), ``"local"`` (estimated from one activation capture, only the
+            bisected prefixes measured) or ``"auto"`` (local above 1 GMAC per verification sample).
         raise_on_failure: Raise :class:`VerificationError` (with ``.result``) when verification fails.
         progress: Called with the name of each stage as it starts.
 
@@ -242,7 +253,7 @@ def compress(
     options = make_options(
         exact=exact, tolerance=tolerance, target_macs=target_macs, channel_multiple=channel_multiple,
         freeze=freeze, input_spec=input_spec, verify=verify, hashing=hashing, activations=activations,
-        separation=separation, provider=provider, latency_check=latency_check,
+        separation=separation, provider=provider, latency_check=latency_check, sensitivity=sensitivity,
     )  # fmt: skip
     notify = progress or (lambda stage: None)
     notify("load")
@@ -270,7 +281,9 @@ def compress(
         notify(item.name)
         report.add_pass(item(working), item.name)
     _collect_skips(report)
-    merged = options.approximate and _approximate(working, original, options, shapes, report, notify)
+    # the search's verifiers read the original by path when there is one (no serialized copy each)
+    by_path = source if source is not None else original
+    merged = options.approximate and _approximate(working, by_path, options, shapes, report, notify)
     if options.separation:
         _separate(working, options, shapes, report, notify, latency)
     candidate = graph_utils.export_model(working)
@@ -303,7 +316,7 @@ def _reference_verifier(model: ModelSource, options: Options) -> Verifier | None
 
 def _approximate(
     working: graph_utils.WorkingModel,
-    original: onnx.ModelProto,
+    original: ModelSource,
     options: Options,
     shapes: ShapeService,
     report: Report,
@@ -319,7 +332,7 @@ def _approximate(
     search = BudgetSearch(
         graph_utils.export_model(working), original, options.input_spec, shapes,
         freeze=options.freeze, channel_multiple=options.channel_multiple, hashing=options.hashing,
-        activations=options.activations, progress=notify,
+        activations=options.activations, sensitivity=options.sensitivity, progress=notify,
     )  # fmt: skip
     if options.target_macs is None:
         outcome = search.within_tolerance(options.tolerance * SEARCH_MARGIN)

@@ -151,7 +151,11 @@ def render_table(report: Report, *, max_layers: int = 40) -> str:
     if report.budget:
         budget = report.budget
         merged = [g for g in budget["groups"] if g["removed"]]
-        lines.append(f"merged groups: {len(merged)} (channels, ranking used, error of that group alone)")
+        how = {"local": "estimated on its consumers", "calibrated": "estimated, calibrated by one run"}
+        basis = how.get(budget.get("sensitivity", "measured"), "measured")
+        lines.append(
+            f"merged groups: {len(merged)} (channels, ranking used, error of that group alone, {basis})"
+        )
         for group in merged[:max_layers]:
             alone = group["error_alone"]
             kept = group["channels"] - group["removed"]
@@ -159,7 +163,8 @@ def render_table(report: Report, *, max_layers: int = 40) -> str:
             name, ranking = group["group"][:40], group["ordering"][:32]
             lines.append(f"  {name:40} {group['channels']:>5} -> {kept:<5} {ranking:32} {shown}")
         lines.append(
-            f"budget search: {budget['evaluations']} measurements in {budget['seconds']:.1f}s; error "
+            f"budget search ({budget.get('sensitivity', 'measured')} sensitivity): "
+            f"{budget['evaluations']} measurements in {budget['seconds']:.1f}s; error "
             f"{budget['error']:.3g} on search inputs, {budget['heldout_error']:.3g} held out; "
             f"MACs kept {budget['macs_fraction']:.3f}"
         )

@@ -70,13 +70,14 @@ def pair_distance(
     s_j = params.scaled[source].astype(np.float64)
     s_i = params.scaled[target].astype(np.float64)
     norm_j = np.einsum("ij,ij->i", s_j, s_j)
-    norm_i = np.einsum("ij,ij->i", s_i, s_i)
     if homogeneous:
+        norm_i = np.einsum("ij,ij->i", s_i, s_i)
         scale = np.einsum("ij,ij->i", s_j, s_i) / np.where(norm_i > 0, norm_i, np.inf)
+        s_i *= scale[:, None]
     else:
         scale = np.ones(len(source))
-    residual = np.einsum("ij,ij->i", s_j - scale[:, None] * s_i, s_j - scale[:, None] * s_i)
-    relative = residual / np.where(norm_j > 0, norm_j, 1.0)
+    s_j -= s_i  # the residual s_j − λ·s_i, in place (these rows are large on wide layers)
+    relative = np.einsum("ij,ij->i", s_j, s_j) / np.where(norm_j > 0, norm_j, 1.0)
     e_gap = params.equal[source].astype(np.float64) - params.equal[target]
     equal_term = np.einsum("ij,ij->i", e_gap, e_gap) / _median_norm(params.equal) ** 2
     distance = np.sqrt(relative + equal_term)

@@ -14,7 +14,6 @@ consumer), or of its channels kept once (a depthwise conv on a group's path).
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -46,7 +45,8 @@ class ConsumerSlot:
     local: np.ndarray  # atom of each channel of the tensor the consumer reads
 
 
-def _slots(group: ChannelGroup) -> list[ConsumerSlot]:
+def consumer_slots(group: ChannelGroup) -> list[ConsumerSlot]:
+    """The consumer weights of ``group`` as replaceable slots (one per consumer, in order)."""
     slots = []
     for consumer in group.consumers:
         member = group.tensors[consumer.tensor]
@@ -65,6 +65,29 @@ def merged_weight(slot: ConsumerSlot, merges: Sequence[Merge]) -> np.ndarray:
     return np.moveaxis(flat.reshape(moved.shape), 0, slot.axis).astype(slot.values.dtype)
 
 
+def _serialized_with(base: onnx.ModelProto, weights: set[str], outputs: Sequence[str]) -> bytes:
+    """``base`` serialized with ``weights`` as overridable inputs and ``outputs`` added (no graph copy).
+
+    The entries are appended to ``base`` for the serialization only and removed again.
+    """
+    listed = {value.name for value in base.graph.input}
+    pending = [init for init in base.graph.initializer if init.name in weights and init.name not in listed]
+    added = [onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims) for init in pending]
+    known = {value.name for value in base.graph.output}
+    fresh = [name for name in dict.fromkeys(outputs) if name not in known]
+    extra = [onnx.helper.make_empty_tensor_value_info(name) for name in fresh]
+    ir_version = base.ir_version
+    base.graph.input.extend(added)
+    base.graph.output.extend(extra)
+    base.ir_version = max(ir_version, 4)
+    try:
+        return base.SerializeToString()
+    finally:
+        del base.graph.input[len(base.graph.input) - len(added) :]
+        del base.graph.output[len(base.graph.output) - len(extra) :]
+        base.ir_version = ir_version
+
+
 class MergeSimulator:
     """One session over the base model whose consumer weights are overridable inputs.
 
@@ -72,6 +95,7 @@ class MergeSimulator:
         base: The model merges start from (weights as initializers, IR >= 4 once exported).
         groups: The analysed groups of ``base`` (from the same import as the plans' atoms).
         providers: onnxruntime execution providers.
+        extra_outputs: Intermediate tensors :meth:`tensors` may fetch (never fetched by :meth:`run`).
     """
 
     def __init__(
@@ -79,30 +103,29 @@ class MergeSimulator:
         base: onnx.ModelProto,
         groups: Sequence[ChannelGroup],
         providers: Sequence[str] = ("CPUExecutionProvider",),
+        extra_outputs: Sequence[str] = (),
     ) -> None:
-        self.slots = {group.name: _slots(group) for group in groups}
+        self.slots = {group.name: consumer_slots(group) for group in groups}
         names = {slot.weight for slots in self.slots.values() for slot in slots}
         missing = names - {init.name for init in base.graph.initializer}
         if missing:  # e.g. float16-stored weights: the working graph's tensor is a Cast output there
             raise ValueError(f"consumer weights {sorted(missing)[:3]} are not initializers of the base model")
-        model = copy.copy(base)
-        model.graph.CopyFrom(base.graph)
-        model.ir_version = max(model.ir_version, 4)
-        listed = {value.name for value in model.graph.input}
-        for init in model.graph.initializer:
-            if init.name in names and init.name not in listed:
-                model.graph.input.append(
-                    onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims)
-                )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 4
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
-        self.outputs = [out.name for out in self.session.get_outputs()]
+        serialized = _serialized_with(base, names, extra_outputs)
+        self.session = ort.InferenceSession(serialized, options, providers=list(providers))
+        del serialized
+        self.outputs = [out.name for out in base.graph.output]
         initializers = {init.name for init in base.graph.initializer}
         self.real_inputs = [value.name for value in base.graph.input if value.name not in initializers]
         self.runs = 0
         self.batched: bool | None = None  # decided on the first run
+
+    def tensors(self, names: Sequence[str], feed: Feed) -> list[np.ndarray]:
+        """Values of ``extra_outputs`` (or outputs) of the base model on one feed (weights unchanged)."""
+        values = self.session.run(list(names), {n: feed[n] for n in self.real_inputs})
+        return [np.asarray(value) for value in values]
 
     def supports(self, plan: Plan) -> bool:
         """Whether the plan is merges only (no offsets) on groups this simulator knows."""
@@ -117,7 +140,7 @@ class MergeSimulator:
         """Outputs of the base model with ``plan`` applied, per feed (as one batch where that is safe)."""
         weights = self.weights(plan)
         self.runs += 1
-        if self.batched is None:
+        if self.batched is None and len(feeds) > 1:  # decided on the first run with several feeds
             self.batched = self._batching_is_safe(feeds)
         if self.batched and len(feeds) > 1:
             return self._run_batched(weights, feeds)

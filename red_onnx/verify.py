@@ -45,6 +45,15 @@ from onnx import TensorProto
 
 from red_onnx.errors import InputError, UsageError, VerificationError
 from red_onnx.io import model_nbytes
+from red_onnx.stream import (
+    Runner,
+    StatePair,
+    carried,
+    confirm_pairs,
+    find_state_pairs,
+    per_stream,
+    run_stream,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +98,14 @@ DRIFT_FACTOR = 4
 DEFAULT_INT_RANGE = (0.0, 10.0)
 #: Ways of drawing float inputs (InputSpec.prior).
 PRIORS = ("normal", "pink")
+#: Calls per synthetic verification stream of a recurrent model. Measured on silero-vad (LSTM, 128
+#: units) over 121 real speech chunks: after a 1% disturbance of the state, the speech probabilities still
+#: moved by 1.5e-2 16 calls later and by 2e-3 24 calls later; the h half of the state fell back from 0.13
+#: to 0.02 within 16 calls, the c half kept about 0.2 to the end. 32 calls cover that horizon; each call
+#: is one onnxruntime run per seed in every search measurement, so not more.
+STREAM_STEPS = 32
+#: Parts of an --inputs file a Verifier can use (see Verifier).
+PARTS = ("all", "search", "heldout")
 _REL_FLOOR = 1e-30
 _TINY = float(np.finfo(np.float64).tiny)
 
@@ -108,6 +125,15 @@ class InputSpec:
         ranges: Uniform ``[lo, hi]`` per input (``--input-range``); integers are drawn inclusive.
         values: Constant fill per input (``--input-value``).
         npz: A ``.npz`` file of arrays by input name (``--inputs``), used as given; wins over all.
+            Each array has the input's declared shape (a batch on a dynamic axis is welcome). For a
+            recurrent model (``red_onnx.stream``) a data input may have one leading axis more: the
+            **step** axis, one call per entry, in stream order (all such arrays the same length); a
+            state input holds the stream's initial state at its declared shape. Without a step axis,
+            the file's values are fed on every call of a ``STREAM_STEPS``-call stream. A state that
+            neither the file nor ``ranges``/``values`` gives starts at zero, where deployed streams
+            start (random values can be unreachable: an LSTM's h lies in (-1, 1); and measured on
+            silero-vad, onnxruntime's own drift between its optimisation levels over 32 calls needs
+            rtol 5.0e-5 from a standard-normal state, 5.9e-6 from zero).
         default_dim: Size given to dynamic dims not covered by ``shapes``.
         prior: How float inputs are drawn: ``"normal"`` (i.i.d. standard normal) or ``"pink"``
             (spatially correlated 1/f noise over the trailing axes of inputs of rank ≥ 3, scaled to unit
@@ -296,13 +322,18 @@ def _filled(name: str, value: float, shape: tuple[int, ...], dtype: np.dtype) ->
     return array
 
 
-def _rng(seed: int, name: str) -> np.random.Generator:
-    """One stream per (seed, input name): an input's values do not depend on the other inputs."""
-    return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+def _rng(seed: int, name: str, step: int = 0) -> np.random.Generator:
+    """One stream per (seed, input name[, step]): an input's values do not depend on the other inputs.
+
+    Step 0 (every non-recurrent feed) draws what it always drew; later steps of a recurrent model's
+    stream draw their own values.
+    """
+    key = [seed, zlib.crc32(name.encode("utf-8"))]
+    return np.random.default_rng([*key, step] if step else key)
 
 
-def _generate(vi: onnx.ValueInfoProto, spec: InputSpec, seed: int) -> np.ndarray:
-    return np.asarray(_generate_values(vi, spec, seed))
+def _generate(vi: onnx.ValueInfoProto, spec: InputSpec, seed: int, step: int = 0) -> np.ndarray:
+    return np.asarray(_generate_values(vi, spec, seed, step))
 
 
 def pink_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -322,11 +353,11 @@ def pink_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return field_ / np.maximum(field_.std(axis=axes, keepdims=True), 1e-12)
 
 
-def _generate_values(vi: onnx.ValueInfoProto, spec: InputSpec, seed: int) -> np.ndarray:
+def _generate_values(vi: onnx.ValueInfoProto, spec: InputSpec, seed: int, step: int = 0) -> np.ndarray:
     dtype, shape, name = _input_dtype(vi), _resolve_shape(vi, spec), vi.name
     if name in spec.values:
         return _filled(name, float(spec.values[name]), shape, dtype)
-    rng = _rng(seed, name)
+    rng = _rng(seed, name, step)
     bounds = spec.ranges.get(name)
     if dtype.kind == "f":
         pink = spec.prior == "pink" and len(shape) >= 3
@@ -392,17 +423,20 @@ def _check_names(spec: InputSpec, npz_names: Sequence[str], real: Sequence[str])
         )
 
 
-def make_inputs(model: onnx.ModelProto, spec: InputSpec, seed: int) -> dict[str, np.ndarray]:
+def make_inputs(model: onnx.ModelProto, spec: InputSpec, seed: int, step: int = 0) -> dict[str, np.ndarray]:
     """Build one seeded feed for every real input of ``model``.
 
     Floats are standard normal, integers uniform in [0, 10], bools fair coins, unless ``spec``
     gives a range or a value; arrays from ``spec.npz`` are used as given (cast to the input type).
+    For a recurrent model (``red_onnx.stream``) the file may hold a step axis (:func:`file_steps`);
+    ``step`` picks that step's values (and seeds that step's synthetic values).
 
     Args:
         model: The model whose graph inputs (initializers excluded) are fed. External data need
             not be loaded.
         spec: Shapes, ranges, values and the inputs file.
         seed: Non-negative seed; the same seed gives the same arrays.
+        step: Step of a recurrent model's stream (0: the first call, and every non-recurrent feed).
 
     Returns:
         Arrays by input name, in graph-input order.
@@ -415,16 +449,71 @@ def make_inputs(model: onnx.ModelProto, spec: InputSpec, seed: int) -> dict[str,
     """
     if seed < 0:
         raise UsageError(f"seed {seed} is negative; seeds must be integers >= 0")
-    inputs = real_inputs(model)
     arrays = _load_npz(spec.npz)
+    stepped = stepped_names(model, arrays, find_state_pairs(model) if arrays else [])
+    if step and stepped and step >= _step_count(arrays, stepped, spec.npz):
+        raise UsageError(
+            f"step {step} is past the {_step_count(arrays, stepped, spec.npz)} steps of {spec.npz}"
+        )
+    return _feed(model, spec, arrays, stepped, seed, step)
+
+
+def _feed(
+    model: onnx.ModelProto, spec: InputSpec, arrays: Mapping[str, np.ndarray], stepped: set[str],
+    seed: int, step: int, states: Sequence[str] = (),
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """One feed; ``states`` that neither the file nor a range or value gives start at zero."""
+    inputs = real_inputs(model)
     _check_names(spec, list(arrays), [vi.name for vi in inputs])
     feed: dict[str, np.ndarray] = {}
     for vi in inputs:
         if vi.name in arrays:
-            feed[vi.name] = _checked_array(vi, arrays[vi.name], Path(spec.npz or ""))
+            array = arrays[vi.name][step] if vi.name in stepped else arrays[vi.name]
+            feed[vi.name] = _checked_array(vi, array, Path(spec.npz or ""))
+        elif vi.name in states and vi.name not in spec.ranges and vi.name not in spec.values:
+            feed[vi.name] = np.zeros(_resolve_shape(vi, spec), _input_dtype(vi))
         else:
-            feed[vi.name] = _generate(vi, spec, seed)
+            feed[vi.name] = _generate(vi, spec, seed, step)
     return feed
+
+
+def stepped_names(
+    model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], pairs: Sequence[StatePair]
+) -> set[str]:
+    """The inputs-file arrays that hold one value per step (their leading axis is the step).
+
+    Those are a recurrent model's data inputs saved with one axis more than the model declares; state
+    inputs never are (the file gives their initial value).
+    """
+    if not pairs:
+        return set()
+    states = {pair.input for pair in pairs}
+    return {
+        vi.name for vi in real_inputs(model)
+        if vi.name in arrays and vi.name not in states
+        and (dims := _declared_dims(vi)) is not None and np.ndim(arrays[vi.name]) == len(dims) + 1
+    }  # fmt: skip
+
+
+def _step_count(arrays: Mapping[str, np.ndarray], stepped: set[str], source: Path | None) -> int:
+    lengths = {name: len(arrays[name]) for name in sorted(stepped)}
+    if len(set(lengths.values())) > 1 or 0 in lengths.values():
+        found = ", ".join(f"{name}: {count}" for name, count in lengths.items())
+        raise InputError(
+            f"the step axes in {source} differ or are empty ({found}); save every per-step input with "
+            "the same number of steps first"
+        )
+    return next(iter(lengths.values()), 0)
+
+
+def file_steps(model: onnx.ModelProto, spec: InputSpec, pairs: Sequence[StatePair]) -> int:
+    """How many steps ``spec.npz`` gives a recurrent model with ``pairs`` (0: no step axis, or no file).
+
+    Raises:
+        InputError: The per-step arrays disagree on the number of steps, or hold none.
+    """
+    arrays = _load_npz(spec.npz)
+    return _step_count(arrays, stepped_names(model, arrays, pairs), spec.npz)
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,6 +556,7 @@ class VerificationResult:
     atol: float
     seeds: list[int]
     rounding_floor: float = 0.0
+    stream: dict[str, Any] | None = None  # recurrent models: the state pairs, steps and streams compared
 
     @property
     def worst_rel_l2(self) -> float:
@@ -489,7 +579,7 @@ class VerificationResult:
             "max_rel_err": _json_float(self.max_rel_err),
             "rtol": self.rtol, "atol": self.atol, "rounding_floor": self.rounding_floor,
             "levels": list(self.levels), "seeds": list(self.seeds),
-            "outputs": outputs,
+            "outputs": outputs, **({"stream": self.stream} if self.stream else {}),
         }  # fmt: skip
 
     def summary(self) -> str:
@@ -698,8 +788,24 @@ def _first_line(exc: BaseException) -> str:
 class Verifier:
     """Runs a reference model once per level and checks candidates against it.
 
+    A **recurrent** model (state pairs such as ``state -> stateN``, ``red_onnx.stream``) is verified on
+    streams: per seed, ``STREAM_STEPS`` calls with seeded step inputs from the zero state (or the
+    steps of an ``--inputs`` file, see :class:`InputSpec`), each model carrying its own state from call
+    to call; an output's values over all steps form the one array every metric and check compares, so
+    what the state accumulates is bounded, not only each call. When an ``--inputs`` file gives every
+    input, the seeds would only repeat it: one stream is run.
+
+    ``part`` selects the part of an ``--inputs`` file used (synthetic inputs ignore it: their seeds
+    already differ): ``"all"``; ``"search"`` or ``"heldout"``, disjoint halves for a budget search and
+    its held-out re-check — a recurrent model's steps are cut in two (the held-out half starts from the
+    state the reference carried out of the first), a batch is dealt alternately (even rows search, odd
+    rows held out) when every array in the file shares one leading size >= 2 on a dynamic axis. A file
+    that cannot be split is used whole, and the log says so.
+
     Attributes:
-        inputs: One feed per seed, built once with :func:`make_inputs`.
+        inputs: The feeds the reference runs on: one per seed (:func:`make_inputs`); for a recurrent
+            model every step of every stream, with the state the unoptimised reference carried in.
+        pairs: The recurrent state pairs (empty: the model is verified call by call, as a batch).
         sessions_built: How many onnxruntime sessions this verifier has created (for reports).
     """
 
@@ -711,6 +817,7 @@ class Verifier:
         seeds: Sequence[int] = (0,),
         levels: Sequence[str] = ("disable_all", "enable_all"),
         providers: Sequence[str] = ("CPUExecutionProvider",),
+        part: str = "all",
     ) -> None:
         self.spec = spec
         self.seeds = [int(s) for s in seeds]
@@ -720,22 +827,104 @@ class Verifier:
             raise UsageError("verification needs at least one seed and one optimisation level")
         for level in self.levels:
             _check_level(level)
+        if part not in PARTS:
+            raise UsageError(f"unknown inputs part {part!r}; use one of {', '.join(PARTS)}")
+        self.part = part
         self._reference = _model_source(reference)  # bytes are a snapshot: later edits don't leak
         structure = _load_structure(reference)
-        self.inputs: list[Feed] = [make_inputs(structure, spec, seed) for seed in self.seeds]
         self.rounding_floor = ROUNDING_UNITS * rounding_unit(structure)
         self._reference_cache: dict[str, list[Feed]] = {}
+        self._fed: list[list[Feed]] = []  # a stream's feeds as the unoptimised reference saw them
         self.sessions_built = 0
+        self.pairs = find_state_pairs(structure)
+        if self.pairs:
+            self.pairs = self._confirmed(structure)
+        self._steps: list[list[Feed]] = self._streams(structure) if self.pairs else []
+        self._inputs: list[Feed] = [] if self.pairs else self._batch_inputs(structure)
+
+    @property
+    def inputs(self) -> list[Feed]:
+        """The feeds the reference runs on (see the class docstring)."""
+        if not self.pairs:
+            return self._inputs
+        self.reference_outputs("disable_all")
+        return [feed for step in self._fed for feed in step]
+
+    @property
+    def steps(self) -> int:
+        """Calls per stream (1 for a model without recurrent state)."""
+        return len(self._steps) if self.pairs else 1
+
+    def _batch_inputs(self, structure: onnx.ModelProto) -> list[Feed]:
+        """One feed per seed; the selected part of an ``--inputs`` batch (see the class docstring)."""
+        feeds = [make_inputs(structure, self.spec, seed) for seed in self.seeds]
+        if self.part == "all" or self.spec.npz is None:
+            return feeds
+        return _rows_part(feeds, structure, set(_load_npz(self.spec.npz)), self.part)
+
+    def _confirmed(self, structure: onnx.ModelProto) -> list[StatePair]:
+        """The state pairs whose output comes back with the state's shape and dtype (one reference call)."""
+        arrays = _load_npz(self.spec.npz)
+        stepped = stepped_names(structure, arrays, self.pairs)
+        states = [pair.input for pair in self.pairs]
+        feed = _feed(structure, self.spec, arrays, stepped, self.seeds[0], 0, states)
+        got = self._runner(self._session(self._reference, "disable_all", reference=True), "disable_all",
+                           reference=True)([feed])[0]  # fmt: skip
+        kept = confirm_pairs(self.pairs, feed, got)
+        for pair in self.pairs:
+            if pair not in kept:
+                logger.warning("output %r does not come back with the shape of %r: not streamed as its "
+                               "state", pair.output, pair.input)  # fmt: skip
+        return kept
+
+    def _streams(self, structure: onnx.ModelProto) -> list[list[Feed]]:
+        """``[step][stream]`` feeds of a recurrent model (the selected part; see the class docstring)."""
+        arrays = _load_npz(self.spec.npz)
+        stepped = stepped_names(structure, arrays, self.pairs)
+        count = _step_count(arrays, stepped, self.spec.npz) or STREAM_STEPS
+        states = [pair.input for pair in self.pairs]
+        seeded = any(
+            vi.name not in arrays and vi.name not in self.spec.values and vi.name not in states
+            for vi in real_inputs(structure)
+        )
+        seeds = self.seeds if seeded else self.seeds[:1]
+        steps = [
+            [_feed(structure, self.spec, arrays, stepped, seed, t, states) for seed in seeds]
+            for t in range(count)
+        ]
+        if self.part == "all":
+            return steps
+        if not stepped or count < 2:
+            logger.info("the --inputs file holds no steps to split: the %s part uses all of it", self.part)
+            return steps
+        cut = (count + 1) // 2
+        if self.part == "search":
+            return steps[:cut]
+        session = self._session(self._reference, "disable_all", reference=True)
+        _, outputs = run_stream(self._runner(session, "disable_all", reference=True), steps[:cut], self.pairs)
+        return [carried(steps[cut], outputs[-1], self.pairs), *steps[cut + 1 :]]
 
     def reference_outputs(self, level: str) -> list[dict[str, np.ndarray]]:
-        """Return the reference outputs at ``level``, one dict per seed (computed once)."""
+        """Return the reference outputs at ``level``, one dict per seed or stream (computed once)."""
         _check_level(level)
         if level not in self._reference_cache:
             self._reference_cache[level] = self._run_source(self._reference, level, reference=True)
         return self._reference_cache[level]
 
+    def outputs_of(self, runner: Runner) -> list[Feed]:
+        """Outputs of ``runner`` (one model call per feed) on this verifier's inputs, as the reference's are.
+
+        A model without state: ``runner(inputs)``, one dict per seed. A recurrent one: every stream run
+        step by step with the state that ``runner`` itself returned the step before, each output joined
+        over the steps (``red_onnx.stream.per_stream``), one dict per stream. The budget search measures
+        through this with its simulator.
+        """
+        if not self.pairs:
+            return runner(self._inputs)
+        return per_stream(run_stream(runner, self._steps, self.pairs)[1])
+
     def run(self, model: ModelLike, level: str) -> list[dict[str, np.ndarray]]:
-        """Run a candidate model on every feed at ``level``.
+        """Run a candidate model on every feed at ``level`` (a recurrent one: on its streams).
 
         Raises:
             VerificationError: onnxruntime cannot load or run the candidate.
@@ -769,10 +958,17 @@ class Verifier:
             max_abs_err=max((o.max_abs_err for o in outputs), default=0.0),
             max_rel_err=max((o.max_rel_err for o in outputs), default=0.0),
             outputs=outputs, levels=list(self.levels), rtol=rtol, atol=atol,
-            seeds=list(self.seeds), rounding_floor=self.rounding_floor,
+            seeds=list(self.seeds), rounding_floor=self.rounding_floor, stream=self.stream_summary(),
         )  # fmt: skip
         logger.debug("%s", result.summary())
         return result
+
+    def stream_summary(self) -> dict[str, Any] | None:
+        """For a recurrent model: its state pairs, the calls per stream and the streams (else None)."""
+        if not self.pairs:
+            return None
+        pairs = [[pair.input, pair.output] for pair in self.pairs]
+        return {"pairs": pairs, "steps": self.steps, "streams": len(self._steps[0])}
 
     def _allowances(self, level: str, ref_level: str) -> list[dict[str, np.ndarray | float]]:
         """Per seed and output: the model's own noise allowed on top of the pass rule.
@@ -808,7 +1004,7 @@ class Verifier:
         return self.rel_l2_errors_of(self.run(candidate, level), level)
 
     def rel_l2_errors_of(self, got: Sequence[Feed], level: str) -> dict[str, float]:
-        """:meth:`rel_l2_errors` of outputs already computed on this verifier's inputs (one per seed)."""
+        """:meth:`rel_l2_errors` of outputs already computed as :meth:`outputs_of` computes them."""
         worst: dict[str, float] = {}
         for cand, ref in zip(got, self.reference_outputs(level), strict=True):
             for name, expected in ref.items():
@@ -849,23 +1045,49 @@ class Verifier:
         return session
 
     def _run_source(self, source: bytes | str, level: str, *, reference: bool) -> list[Feed]:
-        session = self._session(source, level, reference=reference)
+        runner = self._runner(self._session(source, level, reference=reference), level, reference=reference)
+        if not self.pairs:
+            return runner(self._inputs)
+        fed, outputs = run_stream(runner, self._steps, self.pairs)
+        if reference and level == "disable_all":
+            self._fed = fed
+        return per_stream(outputs)
+
+    def _runner(self, session: ort.InferenceSession, level: str, *, reference: bool) -> Runner:
+        """One ``session.run`` per feed; onnxruntime's errors: InputError (reference), VerificationError."""
         names = [out.name for out in session.get_outputs()]
         wanted = [inp.name for inp in session.get_inputs()]
-        missing = [name for name in wanted if name not in self.inputs[0]]
-        if missing:
-            raise self._ort_error(
-                ValueError(f"it needs inputs {', '.join(missing)} that the original lacks"),
-                level, reference=reference,
-            )  # fmt: skip
-        results: list[Feed] = []
-        for feed in self.inputs:
-            try:
-                values = session.run(names, {name: feed[name] for name in wanted})
-            except Exception as exc:  # see _session
-                raise self._ort_error(exc, level, reference=reference) from exc
-            results.append({n: _as_array(v) for n, v in zip(names, values, strict=True)})
-        return results
+
+        def run(feeds: Sequence[Feed]) -> list[Feed]:
+            missing = [name for name in wanted if feeds and name not in feeds[0]]
+            if missing:
+                raise self._ort_error(
+                    ValueError(f"it needs inputs {', '.join(missing)} that the original lacks"),
+                    level, reference=reference,
+                )  # fmt: skip
+            results: list[Feed] = []
+            for feed in feeds:
+                try:
+                    values = session.run(names, {name: feed[name] for name in wanted})
+                except Exception as exc:  # see _session
+                    raise self._ort_error(exc, level, reference=reference) from exc
+                results.append({n: _as_array(v) for n, v in zip(names, values, strict=True)})
+            return results
+
+        return run
+
+
+def _rows_part(feeds: list[Feed], model: onnx.ModelProto, names: set[str], part: str) -> list[Feed]:
+    """The ``part`` rows of an ``--inputs`` batch: even rows search, odd rows held out (see Verifier)."""
+    declared = {vi.name: _declared_dims(vi) for vi in real_inputs(model)}
+    batched = [name for name in names if np.ndim(feeds[0][name]) >= 1]
+    sizes = {feeds[0][name].shape[0] for name in batched}
+    dynamic = all(declared[name] and declared[name][0] is None for name in batched)
+    if not batched or len(sizes) != 1 or min(sizes) < 2 or not dynamic:
+        logger.info("the --inputs file holds no batch to split: the %s part uses all of it", part)
+        return feeds
+    rows = slice(0, None, 2) if part == "search" else slice(1, None, 2)
+    return [{**feed, **{name: feed[name][rows] for name in batched}} for feed in feeds]
 
 
 def _check_level(level: str) -> None:

@@ -1,0 +1,148 @@
+"""The capture-based estimate of a merge plan's disturbance, and the search modes that use it.
+
+Where the estimate is exact (1×1 convs and Gemm consumers: every weight column reads the same
+channels at the same positions) it must equal the relative change of the consumer's output computed
+from onnxruntime's activations; elsewhere it must vanish for exact duplicates. The search modes that
+order merges by it still keep only what they measured on the model's outputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from graphs import Net
+from red_onnx.passes.merge_near import group_candidates
+from test_budget import conv_net, residual_net
+
+from red_onnx import compress, graph
+from red_onnx.budget import BudgetSearch
+from red_onnx.errors import UsageError
+from red_onnx.redundancy import Merge
+from red_onnx.sensitivity import LocalSensitivity, consumer_inputs, session_fetch
+from red_onnx.shapes import ShapeService
+from red_onnx.verify import InputSpec, make_inputs, run_tensors
+
+
+def pointwise_net(seed: int = 0) -> tuple[onnx.ModelProto, str]:
+    """conv1 (4→8, 1×1) → Relu → conv2 (8→5, 1×1): one group, conv2 its consumer; and the Relu output."""
+    net = Net(seed)
+    x = net.input("x", [2, 4, 6, 6])
+    h = net.act("Relu", net.conv("conv1", x, 4, 8, k=1), "relu1")
+    return net.build([net.conv("conv2", h, 8, 5, k=1)]), h
+
+
+def gemm_net(seed: int = 0) -> tuple[onnx.ModelProto, str]:
+    """fc1 (6→10) → Tanh → fc2 (10→3): one group (not homogeneous), fc2 its consumer; the Tanh output."""
+    net = Net(seed)
+    x = net.input("x", [7, 6])
+    h = net.act("Tanh", net.gemm("fc1", x, 6, 10), "tanh1")
+    return net.build([net.gemm("fc2", h, 10, 3)]), h
+
+
+def sensitivity_of(model: onnx.ModelProto, seeds: tuple[int, ...] = (0, 1)) -> tuple[LocalSensitivity, list]:
+    feeds = [make_inputs(model, InputSpec(), seed) for seed in seeds]
+    working = graph.import_model(model)
+    shapes = ShapeService(feeds[0])(working)
+    groups = [item.group for item in group_candidates(working, shapes, ())]
+    fetch = session_fetch(model, list(consumer_inputs(groups)))
+    return LocalSensitivity(fetch, groups, feeds), groups
+
+
+def weight_of(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def changed_output(x: np.ndarray, weight: np.ndarray, merges: list[Merge]) -> tuple[np.ndarray, np.ndarray]:
+    """(Δy, y) of a linear consumer reading channels on axis 1 of ``x``, by hand (bias left out)."""
+    merged = weight.astype(np.float64).copy()
+    for m in merges:
+        merged[:, m.target] += m.scale * merged[:, m.source]
+        merged[:, m.source] = 0.0
+    x = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]).astype(np.float64)  # [positions, channels]
+    offsets = np.zeros(weight.shape[1])
+    for m in merges:
+        offsets[m.source] = m.offset
+    delta = x @ (merged - weight).T + (weight.astype(np.float64) @ offsets)[None, :]
+    return delta, x @ weight.T.astype(np.float64)
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.3])
+def test_estimate_equals_the_consumer_change_for_pointwise_convs(offset: float) -> None:
+    model, hidden = pointwise_net()
+    local, groups = sensitivity_of(model)
+    (group,) = groups
+    merges = [Merge(1, 0, 0.8, offset), Merge(5, 0, 1.3), Merge(6, 2, 0.5, -offset)]
+    feeds = [make_inputs(model, InputSpec(), seed) for seed in (0, 1)]
+    captured = np.concatenate([run[0] for run in run_tensors(model, [hidden], feeds)])
+    weight = weight_of(model, "conv2.W")[:, :, 0, 0]
+    delta, full = changed_output(captured, weight, merges)
+    expected = np.linalg.norm(delta) / np.linalg.norm(full)
+    assert local.error(group.name, merges) == pytest.approx(expected, rel=1e-6)  # H = V·Vᵀ in float32
+
+
+def test_estimate_equals_the_consumer_change_for_gemm() -> None:
+    model, hidden = gemm_net()
+    local, groups = sensitivity_of(model, seeds=(3,))
+    (group,) = groups
+    merges = [Merge(9, 4, 1.0), Merge(2, 4, 1.0), Merge(7, 1, 1.0)]
+    captured = run_tensors(model, [hidden], [make_inputs(model, InputSpec(), 3)])[0][0]
+    weight = weight_of(model, "fc2.W")  # Gemm transB=1: [out, in]
+    delta, full = changed_output(captured, weight, merges)
+    expected = np.linalg.norm(delta) / np.linalg.norm(full)
+    assert local.error(group.name, merges) == pytest.approx(expected, rel=1e-6)  # H = V·Vᵀ in float32
+
+
+def test_estimate_vanishes_for_exact_duplicates_and_not_otherwise() -> None:
+    model = conv_net(0.0)  # 3×3 convs; conv1 channels planted as exact positive multiples
+    local, groups = sensitivity_of(model)
+    (group,) = groups
+    shapes = ShapeService(make_inputs(model, InputSpec(), 0))
+    search = BudgetSearch(model, model, InputSpec(), shapes, channel_multiple=1, hashing=False)
+    planted = search.orderings[group.name][0].merges(4)
+    assert local.error(group.name, planted) < 1e-6
+    assert local.error(group.name, [Merge(0, 1, 1.0)]) > 1e-2
+    assert local.error(group.name, []) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["local", "calibrated"])
+@pytest.mark.parametrize("builder", [lambda: conv_net(0.05), lambda: residual_net(0.05)])
+def test_estimated_search_keeps_only_what_it_measured(mode: str, builder) -> None:
+    model = builder()
+    spec = InputSpec()
+    search = BudgetSearch(model, model, spec, ShapeService(make_inputs(model, spec, 0)), channel_multiple=1,
+                          hashing=False, activations=False, sensitivity=mode)  # fmt: skip
+    assert search.sensitivity == mode
+    result = search.within_tolerance(0.04)
+    assert result.sensitivity == mode and result.macs_fraction < 1.0
+    rebuilt = search.apply_plan(search._plan(result.counts))
+    assert max(search.verifier.rel_l2_errors(rebuilt, "disable_all").values()) <= 0.04 + 1e-6
+    assert result.heldout_error <= 0.04  # and the reported curve holds measured points only:
+    assert all(any(abs(e - v) < 1e-12 for v in search.cache.values()) for _, e in result.curve)
+
+
+def test_estimated_search_needs_fewer_measurements_and_reaches_the_target() -> None:
+    model = residual_net(0.05)
+    spec = InputSpec()
+    shapes = ShapeService(make_inputs(model, spec, 0))
+    counts = {}
+    for mode in ("measured", "local"):
+        search = BudgetSearch(model, model, spec, shapes, channel_multiple=1, hashing=False,
+                              activations=False, sensitivity=mode)  # fmt: skip
+        result, reachable = search.to_target(0.8)
+        assert reachable <= 0.8 and result.macs_fraction <= 0.8
+        counts[mode] = result.evaluations
+    assert counts["local"] < counts["measured"]
+
+
+def test_auto_measures_small_models_and_rejects_unknown_modes(tmp_path) -> None:
+    model = conv_net(0.05)
+    spec = InputSpec()
+    search = BudgetSearch(model, model, spec, ShapeService(make_inputs(model, spec, 0)))
+    assert search.sensitivity == "measured"  # below LARGE_MODEL_MACS
+    with pytest.raises(ValueError, match="sensitivity"):
+        BudgetSearch(model, model, spec, ShapeService(make_inputs(model, spec, 0)), sensitivity="guess")
+    with pytest.raises(UsageError, match="--sensitivity"):
+        compress(model, tolerance=0.02, sensitivity="guess")
+    result = compress(model, tolerance=0.04, sensitivity="calibrated", separation=False)
+    assert result.report.budget["sensitivity"] == "calibrated"
