@@ -200,3 +200,21 @@ def per_stream(outputs: Sequence[Sequence[Feed]]) -> list[Feed]:
         ordered = [name for name in outputs[0][k] if name in names]
         streams.append({name: join_steps([step[k][name] for step in outputs]) for name in ordered})
     return streams
+
+
+def worst_step_error(candidate: np.ndarray, reference: np.ndarray, steps: int) -> float:
+    """The largest change of one step's output, relative to the RMS size of a step's output.
+
+    ``max_t ‖Δy_t‖ / sqrt(mean_t ‖y_t‖²)`` over the ``steps`` steps of a joined stream output: the relative
+    L2 of a whole stream lets one step move far when the others barely move (silero-vad half: 0.016
+    over a stream, 0.069 in one chunk's speech probability), and relative to each step's own size it
+    would explode wherever the output is near zero (silence).
+    """
+    if steps < 1 or reference.size == 0 or reference.size % steps:
+        return 0.0
+    ref = np.asarray(reference, np.float64).reshape(steps, -1)
+    moved = np.linalg.norm(np.asarray(candidate, np.float64).reshape(steps, -1) - ref, axis=1)
+    scale = float(np.sqrt(np.mean(np.sum(ref**2, axis=1))))
+    if not np.isfinite(moved).all():
+        return float("inf")
+    return float(moved.max() / scale) if scale > 0 else (0.0 if not moved.any() else float("inf"))

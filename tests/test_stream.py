@@ -7,6 +7,7 @@ computed with onnxruntime directly, carrying the state by hand.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -332,3 +333,17 @@ def test_the_heldout_part_of_a_batch_file_uses_the_other_rows(tmp_path: Path) ->
     relu = [helper.make_node("Relu", ["x"], ["y"])]
     fixed = single_output_model(relu, {"x": (f32, [6, 3])}, {"y": (f32, [6, 3])})
     assert np.array_equal(Verifier(fixed, spec, part="heldout").inputs[0]["x"], rows)  # no batch to split
+
+
+def test_worst_step_error_bounds_every_step_against_the_stream_size() -> None:
+    from red_onnx.stream import worst_step_error
+
+    reference = np.array([0.9, 0.8, 0.0, 0.0, 0.7, 0.0], np.float64).reshape(6, 1)  # speech, silence
+    candidate = reference.copy()
+    candidate[3] = 0.05  # one silent step moves by 0.05
+    rms = math.sqrt(np.mean(reference**2))
+    assert worst_step_error(candidate, reference, 6) == pytest.approx(0.05 / rms)
+    whole = np.linalg.norm(candidate - reference) / np.linalg.norm(reference)
+    assert whole < worst_step_error(candidate, reference, 6)  # the stream's relative L2 hides one step
+    assert worst_step_error(reference, reference, 6) == 0.0
+    assert worst_step_error(candidate, np.zeros_like(reference), 6) == math.inf

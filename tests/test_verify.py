@@ -439,3 +439,53 @@ def test_small_part_of_a_packed_output_is_measured_on_its_own() -> None:
     assert errors["y"] < 1e-3
     assert errors["y[4:84]"] > 0.3
     assert [errors[f"y[{k}:{k + 1}]"] for k in range(4)] == [0.0] * 4  # box coordinates, one by one
+
+
+def _packed_head(boxes: int = 50, classes: int = 3, seed: int = 0) -> np.ndarray:
+    """[1, 4 + classes, boxes]: x, y in pixels, w, h from 5 to 120 pixels, class scores in (0, 1)."""
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 320, (2, boxes))
+    wh = rng.uniform(5, 120, (2, boxes))
+    scores = rng.uniform(0, 1, (classes, boxes))
+    return np.vstack([xy, wh, scores])[None].astype(np.float32)
+
+
+def test_box_head_is_recognised_only_with_four_coordinates_and_non_negative_sizes() -> None:
+    head = _packed_head()
+    assert verify.is_box_head(head)
+    negative = head.copy()
+    negative[0, 2, 0] = -1.0
+    assert not verify.is_box_head(negative)
+    assert not verify.is_box_head(head[:, 4:])  # scores only: one scale
+    assert not verify.is_box_head(head[0])  # rank 2
+
+
+def test_box_error_is_each_box_move_relative_to_its_own_size() -> None:
+    head = _packed_head().astype(np.float64)
+    size = np.sqrt(head[0, 2] * head[0, 3])
+    moved = head.copy()
+    moved[0, 0] += 0.01 * size  # every box shifted by 1% of its own size
+    assert verify.box_error(moved, head) == pytest.approx(0.01, rel=1e-9)
+    one = head.copy()
+    small = int(np.argmin(size))
+    one[0, 1, small] += 0.5 * size[small]  # the smallest box moves by half its size, the others not
+    assert verify.box_error(one, head) == pytest.approx(0.5 / math.sqrt(head.shape[2]), rel=1e-9)
+    # relative L2 over the whole head barely sees it: x and y are image-sized
+    assert verify.compare_outputs("h", one[:, :4], head[:, :4]).rel_l2_err < 0.01
+
+
+def test_packed_detection_head_is_also_measured_per_box(tmp_path: Path) -> None:
+    head = _packed_head()
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(head.shape))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(head.shape))
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y]))
+    spec = verify.InputSpec(npz=tmp_path / "head.npz")
+    np.savez(spec.npz, x=head)
+    verifier = verify.Verifier(model, spec, levels=("disable_all",))
+    got = [
+        {"y": feed["x"] * np.array([1, 1, 1.1, 1, 1, 1, 1], np.float32)[None, :, None]}
+        for feed in verifier.inputs
+    ]
+    errors = verifier.rel_l2_errors_of(got, "disable_all")
+    assert errors["y[0:4] per box"] > 0.04  # widths 10% larger: each box moved by ~5-10% of its size
+    assert errors["y[2:3]"] == pytest.approx(0.1, rel=1e-5)

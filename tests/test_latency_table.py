@@ -1,0 +1,122 @@
+"""The latency table's pure logic: batch axes, ratios and verdicts (``bench/latency_table.py``; no timing)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from bench.latency_table import (
+    aa_noise,
+    batch_axes,
+    batched_feed,
+    markdown,
+    reduction_efficiency,
+    summarise,
+    verdict,
+)
+from red_onnx.verify import InputSpec
+
+
+def _model(inputs: dict[str, list[int | str | None]]) -> onnx.ModelProto:
+    """Identity of every input; a dim of None is unset (no dim_value, no dim_param)."""
+    values, nodes = [], []
+    for name, dims in inputs.items():
+        value = helper.make_tensor_value_info(name, TensorProto.FLOAT, [0] * len(dims))
+        for dim, declared in zip(value.type.tensor_type.shape.dim, dims, strict=True):
+            dim.Clear()
+            if isinstance(declared, str):
+                dim.dim_param = declared
+            elif declared is not None:
+                dim.dim_value = declared
+        values.append(value)
+        nodes.append(helper.make_node("Identity", [name], [f"{name}_out"]))
+    outputs = [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None) for name in inputs]
+    graph = helper.make_graph(nodes, "g", values, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+SHAPES = {"x": (1, 4), "state": (2, 1, 8)}
+
+
+@pytest.mark.parametrize(
+    ("inputs", "expected"),
+    [
+        ({"x": ["batch", 4], "state": [2, "batch", 8]}, {"x": 0, "state": 1}),  # silero's named batch
+        ({"x": [None, None], "state": [2, None, 8]}, {"x": 0, "state": 1}),  # unnamed: the size-1 axis
+        ({"x": [-1, 4], "state": [2, 1, 8]}, {"x": 0}),  # -1 is dynamic (PP-OCR cls); state is static
+        ({"x": [1, 4], "state": [2, 1, 8]}, {}),  # nothing dynamic
+    ],
+)
+def test_batch_axes(inputs: dict[str, list], expected: dict[str, int]) -> None:
+    model = _model(inputs)
+    feed = {name: np.zeros(SHAPES[name], np.float32) for name in inputs}
+    assert batch_axes(model, feed) == expected
+
+
+def test_batched_feed_repeats_the_first_sample_along_each_batch_axis() -> None:
+    model = _model({"x": ["batch", 4], "state": [2, "batch", 8]})
+    spec = InputSpec(shapes={"x": (3, 4), "state": (2, 3, 8)})
+    feed = batched_feed(model, spec, 16)
+    assert feed is not None
+    assert feed["x"].shape == (16, 4) and feed["state"].shape == (2, 16, 8)
+    np.testing.assert_array_equal(feed["x"], np.repeat(feed["x"][:1], 16, axis=0))
+    np.testing.assert_array_equal(feed["state"], np.repeat(feed["state"][:, :1], 16, axis=1))
+
+
+def test_batched_feed_of_a_static_model_is_its_own_batch_only() -> None:
+    model = _model({"x": [1, 4], "state": [2, 1, 8]})
+    assert batched_feed(model, InputSpec(), 16) is None
+    assert batched_feed(model, InputSpec(), 1)["x"].shape == (1, 4)
+
+
+def test_reduction_efficiency_only_where_macs_drop_by_a_fifth() -> None:
+    assert reduction_efficiency(0.75, 0.8) == pytest.approx(0.8)
+    assert reduction_efficiency(0.5, 1.1) == pytest.approx(-0.2)  # slower: negative
+    assert reduction_efficiency(0.8004, 0.9) == pytest.approx(0.1 / 0.1996)  # 0.800 at 3 decimals
+    assert reduction_efficiency(0.81, 0.5) is None
+    assert reduction_efficiency(None, 0.5) is None  # MACs not counted (inside If)
+
+
+def test_aa_noise_is_the_largest_deviation_of_the_timed_groups() -> None:
+    groups = [{"original_ms": 2.0, "aa_ms": 2.1}, {"original_ms": 1.0, "aa_ms": 0.9}, {"skipped": "why"}]
+    assert aa_noise(groups) == pytest.approx(0.1)
+    assert aa_noise([{"skipped": "why"}]) is None
+
+
+def test_verdict_needs_two_groups_over_the_noise_to_call_a_run_slower() -> None:
+    one = verdict(1.0, {"b1 1t": 1.05, "b16 1t": 1.0, "b1 2t": 0.99}, noise=0.02)
+    assert one["slower"] == {"b1 1t": 1.05} and not one["is_slower"] and one["efficiency"] is None
+    two = verdict(1.0, {"b1 1t": 1.05, "b16 1t": 1.03, "b1 2t": 0.99}, noise=0.02)
+    assert two["is_slower"]
+    alone = verdict(1.0, {"b1 1t": 1.05}, noise=0.02)  # a model timed in one group only
+    assert alone["is_slower"]
+
+
+def test_verdict_counts_the_groups_meeting_the_efficiency_target() -> None:
+    judged = verdict(0.6, {"b1 1t": 0.7, "b16 1t": 0.6}, noise=0.01)
+    assert judged["efficiency"] == pytest.approx({"b1 1t": 0.75, "b16 1t": 1.0})
+    assert judged["efficiency_met"] == [1, 2] and not judged["is_slower"]
+
+
+def _row() -> dict:
+    groups = [
+        {"threads": 1, "batch": 1, "original_ms": 1.0, "aa_ms": 1.01, "after_ms": {"t": 1.2}},
+        {"threads": 1, "batch": 16, "original_ms": 10.0, "aa_ms": 9.9, "after_ms": {"t": 11.0}},
+        {"threads": 1, "batch": 16, "skipped": "no input has a dynamic batch axis"},
+    ]
+    return {"label": "m", "runs": {"t": {"macs_ratio": 0.7}}, "groups": groups}
+
+
+def test_summarise_and_markdown_report_ratios_noise_and_a_slower_run() -> None:
+    row = summarise(_row())
+    figures = row["runs"]["t"]
+    assert row["aa_noise"] == pytest.approx(0.01)
+    assert figures["latency_ratio"] == {"b1 1t": 1.2, "b16 1t": 1.1}
+    assert figures["verdict"]["is_slower"] and figures["verdict"]["efficiency_met"] == [0, 2]
+    data = {"environment": {"threads": [1], "onnxruntime": "x", "provider": "CPU", "cpu_count": 2,
+                            "load_average": [1.0]}, "models": {"m": row}}  # fmt: skip
+    table = markdown(data)
+    assert "| m | t | 0.700 | 1 / 10 | 1.20 | 1.10 | ±1.0% |" in table
+    assert "SLOWER (b1 1t 1.20, b16 1t 1.10)" in table and "no input has a dynamic batch axis" in table
