@@ -3,25 +3,25 @@
 One knob: the largest allowed relative L2 error of every model output on the verification inputs
 (``--tolerance``), or the fraction of MACs to keep (``--target-macs``). The search
 
-1. ranks, per channel group, the merge candidates (``red_onnx.similarity``) and the MACs each atom costs;
-2. measures each group's error alone at a few removal levels (kept counts rounded to the channel
-   multiple), stopping at the first level over budget;
+1. ranks, per channel group, the merge candidates (``red_onnx.budget_options``, ``red_onnx.similarity``)
+   and the MACs each atom costs;
+2. finds each group's error alone at a few removal levels (kept counts rounded to the channel multiple):
+   measured on the model's outputs, stopping at the first level over budget, or estimated from one
+   activation capture (``red_onnx.sensitivity``), optionally calibrated by one run per group;
 3. orders the level steps greedily by MACs saved per squared error added (errors of independent
    groups add roughly in squares);
 4. bisects the prefix of that order whose *measured* joint error fits the budget (or whose MACs reach the
    target), and re-checks the choice on a seed the search did not use, backing off if needed.
 
-Every measurement applies the merges to a fresh copy of the base model and runs onnxruntime through
-the verification service; nothing here edits the caller's model.
+Measurements run in one onnxruntime session with the consumer weights as inputs (``red_onnx.simulate``;
+the model is rebuilt only where that cannot run); nothing here edits the caller's model.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -29,19 +29,24 @@ import onnx
 from red_onnx import graph as graph_utils
 from red_onnx import metrics
 from red_onnx.activations import capture
+from red_onnx.budget_options import (
+    HASH_RUNGS,
+    LEVEL_FRACTIONS,
+    BudgetResult,
+    Counts,
+    GroupOption,
+    Ordering,
+    hashed_orderings,
+    removal_levels,
+)
 from red_onnx.errors import VerificationError
-from red_onnx.kde import bandwidth_ladder, hash_weights
 from red_onnx.passes.merge_near import GroupCandidates, MergeNear, group_candidates
 from red_onnx.redundancy import Merge
 from red_onnx.sensitivity import LocalSensitivity, consumer_inputs, session_fetch
 from red_onnx.shapes import ShapeService
 from red_onnx.similarity import (
-    Candidates,
     activation_candidates,
     atom_macs,
-    near_candidates,
-    pair_distance,
-    resolve_merges,
 )
 from red_onnx.simulate import MacsCounter, MergeSimulator
 from red_onnx.verify import InputSpec, Verifier
@@ -55,8 +60,6 @@ SEARCH_SEEDS = tuple(range(100, 116))
 HELDOUT_SEEDS = tuple(range(200, 216))
 #: Inputs with more elements than this per sample get half the seeds (search time).
 LARGE_SAMPLE = 100_000
-#: Fractions of a group's channels tried as removal levels (rounded to the channel multiple).
-LEVEL_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
 #: Models above this many MACs per verification sample get the large-model search: LARGE_SEEDS samples,
 #: LARGE_LEVEL_FRACTIONS and LARGE_HASH_RUNGS, so that its measurements (each a full onnxruntime run of
 #: every sample) stay in the hundreds, not thousands (a 25M-parameter ResNet-50 at --target-macs 0.8 took
@@ -65,9 +68,6 @@ LARGE_MODEL_MACS = 1_000_000_000
 LARGE_SEEDS = 4
 LARGE_LEVEL_FRACTIONS = (1 / 8, 1 / 4, 1 / 2)
 LARGE_HASH_RUNGS = (4,)
-#: Rungs of a HASH_LADDER-step bandwidth ladder (tiny ... Scott) tried as hashed rankings.
-HASH_LADDER = 8
-HASH_RUNGS = (2, 4, 6)
 #: Prefixes of the greedy order measured for the reported MACs-vs-error curve.
 CURVE_POINTS = 8
 #: Joint error above which a candidate is hopeless even for --target-macs.
@@ -82,125 +82,6 @@ TARGET_CAP_GROWTH = 4.0
 #: prefixes are measured), "calibrated" (local, scaled per group by one measured run), "auto"
 #: (calibrated for models above LARGE_MODEL_MACS per sample, measured below).
 SENSITIVITY_MODES = ("auto", "measured", "calibrated", "local")
-
-Counts = dict[str, int]
-
-
-@dataclass
-class GroupOption:
-    """One group's removal levels with their measured error alone and estimated MACs saved."""
-
-    name: str
-    n_atoms: int
-    levels: list[int]
-    macs_saved: list[float]
-    errors: list[float] = field(default_factory=list)
-    orderings: list[str] = field(default_factory=list)
-    producers: list[str] = field(default_factory=list)
-    bandwidths: dict[str, float] = field(default_factory=dict)
-    basins: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Ordering:
-    """One ranking of a group's merge candidates: by the weights, or by the KDE-hashed weights.
-
-    Hashing (``red_onnx.kde``) snaps each weight to its basin's representative at ``bandwidth``; rows
-    that hashing makes identical or close rank first. The merges themselves always use the original
-    weights: hashing chooses *which* neurons merge, it never replaces a kept neuron's weights.
-    """
-
-    label: str
-    bandwidth: float
-    basins: int
-    candidates: Candidates
-
-    def merges(self, count: int) -> list[Merge]:
-        """The first ``count`` merges of this ranking."""
-        return resolve_merges(self.candidates, count)
-
-    def achievable(self, n_atoms: int) -> int:
-        """How many merges this ranking can make at most."""
-        return len(resolve_merges(self.candidates, n_atoms))
-
-
-@dataclass
-class BudgetResult:
-    """What the search chose and what it saw on the way."""
-
-    counts: Counts
-    error: float
-    heldout_error: float
-    macs_fraction: float
-    evaluations: int
-    curve: list[tuple[float, float]]
-    groups: list[GroupOption]
-    sensitivity: str = "measured"
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready summary."""
-        return {
-            "error": self.error,
-            "heldout_error": self.heldout_error,
-            "macs_fraction": self.macs_fraction,
-            "evaluations": self.evaluations,
-            "sensitivity": self.sensitivity,
-            "curve": [{"macs_fraction": m, "error": e} for m, e in self.curve],
-            "groups": [_group_summary(g, self.counts.get(g.name, 0)) for g in self.groups],
-        }  # fmt: skip
-
-
-def _chosen(option: GroupOption, count: int) -> str:
-    """The ranking used at the chosen level ("-" when nothing was removed)."""
-    if not count or option.levels.index(count) >= len(option.orderings):
-        return "-"
-    return option.orderings[option.levels.index(count)]
-
-
-def hashed_orderings(item: GroupCandidates, rungs: Sequence[int] = HASH_RUNGS) -> list[Ordering]:
-    """Rankings of the group's candidates on its KDE-hashed atom vectors, at a few bandwidths."""
-    params = item.params
-    ladder = bandwidth_ladder(params.scaled, HASH_LADDER)
-    found = []
-    for rung in rungs:
-        hashed, basins = hash_weights(params.scaled, float(ladder[rung]))
-        view = dataclasses.replace(params, scaled=hashed.astype(params.scaled.dtype))
-        ranked = near_candidates(view, item.group.homogeneous, np.ones(item.group.n_atoms, bool))
-        scale, distance = pair_distance(params, ranked.source, ranked.target, item.group.homogeneous)
-        usable = np.isfinite(distance)
-        candidates = Candidates(
-            ranked.source[usable], ranked.target[usable], scale[usable], distance[usable], ranked.cost[usable]
-        )
-        label = f"hashed h={ladder[rung]:.3g} ({len(basins.representatives)} basins)"
-        found.append(Ordering(label, float(ladder[rung]), len(basins.representatives), candidates))
-    return found
-
-
-def _group_summary(option: GroupOption, count: int) -> dict[str, object]:
-    """One group in the report: channels before/after, the ranking used, its own error share."""
-    position = option.levels.index(count) if count in option.levels else 0
-    return {
-        "group": option.name, "producers": option.producers, "channels": option.n_atoms, "removed": count,
-        "ordering": _chosen(option, count), "bandwidth": option.bandwidths.get(_chosen(option, count), 0.0),
-        "basins": option.basins.get(_chosen(option, count), 0),
-        "error_alone": option.errors[position] if position < len(option.errors) else None,
-        "levels": option.levels, "errors": option.errors, "orderings": option.orderings,
-    }  # fmt: skip
-
-
-def removal_levels(
-    n_atoms: int, available: int, multiple: int, fractions: Sequence[float] = LEVEL_FRACTIONS
-) -> list[int]:
-    """Removal counts to try: 0, then fractions of ``n_atoms`` with kept counts on the multiple."""
-    levels = {0}
-    for fraction in fractions:
-        kept = n_atoms - round(n_atoms * fraction)
-        if multiple > 1 and n_atoms >= 2 * multiple:
-            kept = max(multiple, math.ceil(kept / multiple) * multiple)
-        removed = n_atoms - kept
-        if 0 < removed <= available and kept >= 1:
-            levels.add(removed)
-    return sorted(levels)
 
 
 def _simulator(base: onnx.ModelProto, groups: list, capture: Sequence[str] = ()) -> MergeSimulator | None:
@@ -268,29 +149,9 @@ class BudgetSearch:
         self.orderings: dict[str, list[Ordering]] = {}
         self.chosen: dict[tuple[str, int], Ordering] = {}
         self.atom_cost: dict[str, np.ndarray] = {}
-        self.options: list[GroupOption] = []
         items = group_candidates(working, self.shapes, self.freeze)
         samples = self._activations(items) if activations else {}
-        for item in items:
-            name, n_atoms = item.group.name, item.group.n_atoms
-            orderings = [Ordering("weights", 0.0, 0, item.candidates)]
-            if hashing:
-                orderings += hashed_orderings(item, LARGE_HASH_RUNGS if self.large else HASH_RUNGS)
-            if name in samples:
-                tensor, rows = samples[name]
-                found = activation_candidates(item.group, tensor, rows, item.params.outgoing)
-                orderings.append(Ordering("activations", 0.0, 0, found))
-            achievable = max(o.achievable(n_atoms) for o in orderings)
-            fractions = LARGE_LEVEL_FRACTIONS if self.large else LEVEL_FRACTIONS
-            levels = removal_levels(n_atoms, achievable, channel_multiple, fractions)
-            self.orderings[name] = orderings
-            self.atom_cost[name] = atom_macs(item.group, layer_macs)
-            self.merges[name] = {level: orderings[0].merges(level) for level in levels}
-            option = GroupOption(name, n_atoms, levels, [self._saved(name, level) for level in levels])
-            option.producers = [p.node.name for p in item.group.producers]
-            option.bandwidths = {o.label: o.bandwidth for o in orderings}
-            option.basins = {o.label: o.basins for o in orderings}
-            self.options.append(option)
+        self.options = [self._option(item, layer_macs, samples, hashing=hashing) for item in items]
         self.cache: dict[tuple, float] = {}  # errors measured (their count is the report's evaluations)
         self.macs_cache: dict[tuple, float] = {}
         groups = [item.group for item in items]
@@ -300,6 +161,30 @@ class BudgetSearch:
         self.local = self._local_sensitivity(groups) if local else None
         self.calibrate = sensitivity != "local"
         self.gain: dict[str, float] = {}  # per group: measured / estimated error ("calibrated")
+
+    def _option(
+        self, item: GroupCandidates, layer_macs: dict[str, int], samples: dict, *, hashing: bool
+    ) -> GroupOption:
+        """One group's rankings (weights, hashed, activations), removal levels and MACs per level."""
+        name, n_atoms = item.group.name, item.group.n_atoms
+        orderings = [Ordering("weights", 0.0, 0, item.candidates)]
+        if hashing:
+            orderings += hashed_orderings(item, LARGE_HASH_RUNGS if self.large else HASH_RUNGS)
+        if name in samples:
+            tensor, rows = samples[name]
+            found = activation_candidates(item.group, tensor, rows, item.params.outgoing)
+            orderings.append(Ordering("activations", 0.0, 0, found))
+        achievable = max(o.achievable(n_atoms) for o in orderings)
+        fractions = LARGE_LEVEL_FRACTIONS if self.large else LEVEL_FRACTIONS
+        levels = removal_levels(n_atoms, achievable, self.channel_multiple, fractions)
+        self.orderings[name] = orderings
+        self.atom_cost[name] = atom_macs(item.group, layer_macs)
+        self.merges[name] = {level: orderings[0].merges(level) for level in levels}
+        option = GroupOption(name, n_atoms, levels, [self._saved(name, level) for level in levels])
+        option.producers = [p.node.name for p in item.group.producers]
+        option.bandwidths = {o.label: o.bandwidth for o in orderings}
+        option.basins = {o.label: o.basins for o in orderings}
+        return option
 
     def _activations(self, items: list[GroupCandidates]) -> dict[str, tuple[str, np.ndarray]]:
         """Per group: the tensor its first consumer reads, and that tensor's sampled activations."""

@@ -1,0 +1,147 @@
+"""Per-group merge options of the budget search (pure): removal levels, candidate rankings, the result.
+
+A group may lose channels in steps (``removal_levels``: fractions of its channels, kept counts on the
+channel multiple); at each step its merges come from one of several rankings of its candidates
+(``Ordering``: the weights as they are, or KDE-hashed at a few bandwidths, or fitted activations). The
+search (``red_onnx.budget``) records per group the error of each level (``GroupOption``) and returns a
+``BudgetResult``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from red_onnx.kde import bandwidth_ladder, hash_weights
+from red_onnx.passes.merge_near import GroupCandidates
+from red_onnx.redundancy import Merge
+from red_onnx.similarity import Candidates, near_candidates, pair_distance, resolve_merges
+
+#: Fractions of a group's channels tried as removal levels (rounded to the channel multiple).
+LEVEL_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
+#: Rungs of a HASH_LADDER-step bandwidth ladder (tiny ... Scott) tried as hashed rankings.
+HASH_LADDER = 8
+HASH_RUNGS = (2, 4, 6)
+
+Counts = dict[str, int]
+
+
+@dataclass
+class GroupOption:
+    """One group's removal levels with their measured error alone and estimated MACs saved."""
+
+    name: str
+    n_atoms: int
+    levels: list[int]
+    macs_saved: list[float]
+    errors: list[float] = field(default_factory=list)
+    orderings: list[str] = field(default_factory=list)
+    producers: list[str] = field(default_factory=list)
+    bandwidths: dict[str, float] = field(default_factory=dict)
+    basins: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ordering:
+    """One ranking of a group's merge candidates: by the weights, or by the KDE-hashed weights.
+
+    Hashing (``red_onnx.kde``) snaps each weight to its basin's representative at ``bandwidth``; rows
+    that hashing makes identical or close rank first. The merges themselves always use the original
+    weights: hashing chooses *which* neurons merge, it never replaces a kept neuron's weights.
+    """
+
+    label: str
+    bandwidth: float
+    basins: int
+    candidates: Candidates
+
+    def merges(self, count: int) -> list[Merge]:
+        """The first ``count`` merges of this ranking."""
+        return resolve_merges(self.candidates, count)
+
+    def achievable(self, n_atoms: int) -> int:
+        """How many merges this ranking can make at most."""
+        return len(resolve_merges(self.candidates, n_atoms))
+
+
+@dataclass
+class BudgetResult:
+    """What the search chose and what it saw on the way."""
+
+    counts: Counts
+    error: float
+    heldout_error: float
+    macs_fraction: float
+    evaluations: int
+    curve: list[tuple[float, float]]
+    groups: list[GroupOption]
+    sensitivity: str = "measured"
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready summary."""
+        return {
+            "error": self.error,
+            "heldout_error": self.heldout_error,
+            "macs_fraction": self.macs_fraction,
+            "evaluations": self.evaluations,
+            "sensitivity": self.sensitivity,
+            "curve": [{"macs_fraction": m, "error": e} for m, e in self.curve],
+            "groups": [_group_summary(g, self.counts.get(g.name, 0)) for g in self.groups],
+        }  # fmt: skip
+
+
+def _chosen(option: GroupOption, count: int) -> str:
+    """The ranking used at the chosen level ("-" when nothing was removed)."""
+    if not count or option.levels.index(count) >= len(option.orderings):
+        return "-"
+    return option.orderings[option.levels.index(count)]
+
+
+def hashed_orderings(item: GroupCandidates, rungs: Sequence[int] = HASH_RUNGS) -> list[Ordering]:
+    """Rankings of the group's candidates on its KDE-hashed atom vectors, at a few bandwidths."""
+    params = item.params
+    ladder = bandwidth_ladder(params.scaled, HASH_LADDER)
+    found = []
+    for rung in rungs:
+        hashed, basins = hash_weights(params.scaled, float(ladder[rung]))
+        view = dataclasses.replace(params, scaled=hashed.astype(params.scaled.dtype))
+        ranked = near_candidates(view, item.group.homogeneous, np.ones(item.group.n_atoms, bool))
+        scale, distance = pair_distance(params, ranked.source, ranked.target, item.group.homogeneous)
+        usable = np.isfinite(distance)
+        candidates = Candidates(
+            ranked.source[usable], ranked.target[usable], scale[usable], distance[usable], ranked.cost[usable]
+        )
+        label = f"hashed h={ladder[rung]:.3g} ({len(basins.representatives)} basins)"
+        found.append(Ordering(label, float(ladder[rung]), len(basins.representatives), candidates))
+    return found
+
+
+def _group_summary(option: GroupOption, count: int) -> dict[str, object]:
+    """One group in the report: channels before/after, the ranking used, its own error share."""
+    position = option.levels.index(count) if count in option.levels else 0
+    return {
+        "group": option.name, "producers": option.producers, "channels": option.n_atoms, "removed": count,
+        "ordering": _chosen(option, count), "bandwidth": option.bandwidths.get(_chosen(option, count), 0.0),
+        "basins": option.basins.get(_chosen(option, count), 0),
+        "error_alone": option.errors[position] if position < len(option.errors) else None,
+        "levels": option.levels, "errors": option.errors, "orderings": option.orderings,
+    }  # fmt: skip
+
+
+def removal_levels(
+    n_atoms: int, available: int, multiple: int, fractions: Sequence[float] = LEVEL_FRACTIONS
+) -> list[int]:
+    """Removal counts to try: 0, then fractions of ``n_atoms`` with kept counts on the multiple."""
+    levels = {0}
+    for fraction in fractions:
+        kept = n_atoms - round(n_atoms * fraction)
+        if multiple > 1 and n_atoms >= 2 * multiple:
+            kept = max(multiple, math.ceil(kept / multiple) * multiple)
+        removed = n_atoms - kept
+        if 0 < removed <= available and kept >= 1:
+            levels.add(removed)
+    return sorted(levels)
