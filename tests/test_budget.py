@@ -433,3 +433,23 @@ def test_same_call_gives_the_same_bytes() -> None:
     target_a = red_onnx.compress(original, target_macs=0.7, channel_multiple=1)
     target_b = red_onnx.compress(original, target_macs=0.7, channel_multiple=1)
     assert target_a.model.SerializeToString() == target_b.model.SerializeToString()
+
+
+def test_an_inputs_batch_is_split_between_the_search_and_the_heldout_check(tmp_path: Path) -> None:
+    from red_onnx.budget import BudgetSearch
+    from red_onnx.shapes import ShapeService
+    from red_onnx.verify import InputSpec, make_inputs
+
+    model = conv_net(0.05)
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "N"  # a dynamic batch
+    rows = np.random.default_rng(7).standard_normal((6, 4, 8, 8)).astype(np.float32)
+    spec = InputSpec(npz=tmp_path / "x.npz")
+    np.savez(spec.npz, x=rows)
+    search = BudgetSearch(model, model, spec, ShapeService(make_inputs(model, spec, 0)), channel_multiple=1)
+    searched = np.concatenate([feed["x"] for feed in search.verifier.inputs])
+    held_out = np.concatenate([feed["x"] for feed in search.heldout.inputs])
+    assert {row.tobytes() for row in searched} == {row.tobytes() for row in rows[0::2]}
+    assert {row.tobytes() for row in held_out} == {row.tobytes() for row in rows[1::2]}
+    result = search.within_tolerance(0.04)
+    assert result.heldout_error <= 0.04 and result.macs_fraction < 1.0
