@@ -116,3 +116,28 @@ def test_a_model_that_hard_codes_its_batch_is_run_sample_by_sample() -> None:
     if onnx.numpy_helper.to_array(target)[0] in (0, -1):
         pytest.skip("this Reshape keeps the batch axis dynamic")
     assert search.simulator.batched is False
+
+
+def test_simulator_fetches_intermediate_tensors_and_leaves_the_base_model_as_it_was() -> None:
+    from red_onnx.simulate import MergeSimulator
+    from red_onnx.verify import run_tensors
+
+    search = search_of(residual_net(0.05))
+    before = search.base.SerializeToString()
+    groups = [item.group for item in group_candidates_of(search)]
+    names = sorted({c.tensor for g in groups for c in g.consumers})
+    simulator = MergeSimulator(search.base, groups, extra_outputs=names)
+    assert search.base.SerializeToString() == before  # inputs/outputs added for the session only
+    feed = search.verifier.inputs[0]
+    expected = run_tensors(search.base, names, [feed])[0]
+    for got, want in zip(simulator.tensors(names, feed), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert set(simulator.outputs) == {o.name for o in search.base.graph.output}  # run() returns outputs only
+
+
+def group_candidates_of(search: BudgetSearch) -> list:
+    from red_onnx.passes.merge_near import group_candidates
+
+    from red_onnx import graph
+
+    return group_candidates(graph.import_model(search.base), search.shapes, ())
