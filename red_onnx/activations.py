@@ -21,9 +21,13 @@ logger = logging.getLogger(__name__)
 POSITIONS = 2048
 
 
-def _to_rows(
+def channel_rows_sampled(
     value: np.ndarray, axis: int, block: int, rng: np.random.Generator, positions: int
 ) -> np.ndarray:
+    """``[channels, positions]`` of one tensor, at most ``positions`` sampled at random (float64).
+
+    A channel's ``block`` consecutive elements along ``axis`` (Flatten blocks) count as positions.
+    """
     moved = np.moveaxis(value, axis, 0)
     channels = moved.shape[0] // block
     rows = moved.reshape(channels, block, -1).reshape(channels, -1)
@@ -62,6 +66,6 @@ def capture(
     captured = {}
     for index, name in enumerate(names):
         axis, block = tensors[name]
-        parts = [_to_rows(np.asarray(values[index]), axis, block, rng, positions) for values in runs]
+        parts = [channel_rows_sampled(np.asarray(run[index]), axis, block, rng, positions) for run in runs]
         captured[name] = np.hstack(parts)
     return captured

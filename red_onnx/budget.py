@@ -42,7 +42,7 @@ from red_onnx.budget_options import (
 from red_onnx.errors import VerificationError
 from red_onnx.passes.merge_near import GroupCandidates, MergeNear, group_candidates
 from red_onnx.redundancy import Merge
-from red_onnx.sensitivity import LocalSensitivity, consumer_inputs, session_fetch
+from red_onnx.sensitivity import LocalSensitivity, consumer_inputs
 from red_onnx.shapes import ShapeService
 from red_onnx.similarity import (
     activation_candidates,
@@ -50,7 +50,7 @@ from red_onnx.similarity import (
 )
 from red_onnx.simulate import MacsCounter, MergeSimulator
 from red_onnx.stream import find_state_pairs
-from red_onnx.verify import InputSpec, Verifier
+from red_onnx.verify import InputSpec, Verifier, tensor_fetch
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class BudgetSearch:
         self.progress("capture activations")
         try:
             names = list(consumer_inputs(groups))
-            fetch = self.simulator.tensors if self.simulator else session_fetch(self.base, names)
+            fetch = self.simulator.tensors if self.simulator else tensor_fetch(self.base, names)
             return LocalSensitivity(fetch, groups, self.verifier.inputs)
         except Exception as error:  # onnxruntime's errors share no base class; measuring still works
             logger.warning("measuring each group's error (the activation capture failed: %s)", error)
@@ -308,17 +308,7 @@ class BudgetSearch:
             elif option.errors[-1] > cap:
                 continue  # measured up to a level over this cap already
             for level in option.levels[len(option.errors) :]:
-                tried = [(o, o.merges(level)) for o in self.orderings[option.name]]
-                scored = [
-                    (self.plan_error({option.name: merges}), o, merges) for o, merges in tried if merges
-                ]
-                value, ordering, merges = min(scored, key=lambda item: item[0])
-                self.merges[option.name][level] = merges
-                self.chosen[(option.name, level)] = ordering
-                option.macs_saved[option.levels.index(level)] = self._saved(option.name, level)
-                option.errors.append(value)
-                option.orderings.append(ordering.label)
-                if value > cap:
+                if self._add_level(option, level, lambda name, merges: self.plan_error({name: merges})) > cap:
                     break
 
     def _estimate_levels(self) -> None:
@@ -332,18 +322,25 @@ class BudgetSearch:
             if option.errors:
                 continue
             option.errors, option.orderings = [0.0], ["-"]
-            for position, level in enumerate(option.levels[1:], start=1):
-                tried = [(o, o.merges(level)) for o in self.orderings[option.name]]
-                scored = [(self.local.error(option.name, merges), o, merges) for o, merges in tried if merges]
-                value, ordering, merges = min(scored, key=lambda item: item[0])
-                self.merges[option.name][level] = merges
-                self.chosen[(option.name, level)] = ordering
-                option.macs_saved[position] = self._saved(option.name, level)
-                option.errors.append(value)
-                option.orderings.append(ordering.label)
+            for level in option.levels[1:]:
+                self._add_level(option, level, self.local.error)
             if self.calibrate and len(option.levels) > 1:
                 self.gain[option.name] = self._calibration(option)
                 option.errors = [self.gain[option.name] * value for value in option.errors]
+
+    def _add_level(
+        self, option: GroupOption, level: int, score: Callable[[str, list[Merge]], float]
+    ) -> float:
+        """Score every ranking's merges at ``level``, keep the best for the group; its error."""
+        tried = [(o, o.merges(level)) for o in self.orderings[option.name]]
+        scored = [(score(option.name, merges), o, merges) for o, merges in tried if merges]
+        value, ordering, merges = min(scored, key=lambda item: item[0])
+        self.merges[option.name][level] = merges
+        self.chosen[(option.name, level)] = ordering
+        option.macs_saved[option.levels.index(level)] = self._saved(option.name, level)
+        option.errors.append(value)
+        option.orderings.append(ordering.label)
+        return value
 
     def _calibration(self, option: GroupOption) -> float:
         """Measured (on one sample) over estimated error of one group at its middle level (1 when 0)."""

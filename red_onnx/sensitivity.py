@@ -25,9 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 
+from red_onnx.activations import channel_rows_sampled
 from red_onnx.channels import ChannelGroup
 from red_onnx.redundancy import Merge
 from red_onnx.simulate import ConsumerSlot, consumer_slots
@@ -52,29 +51,6 @@ class ConsumerGrams:
     energy: float  # trace(G·H): the consumer output's estimated squared norm
 
 
-def _rows(value: np.ndarray, axis: int, block: int, rng: np.random.Generator) -> np.ndarray:
-    """``[channels, positions]`` of one captured tensor (positions sampled), float64."""
-    moved = np.moveaxis(value, axis, 0)
-    rows = moved.reshape(moved.shape[0] // block, -1)
-    if rows.shape[1] > GRAM_POSITIONS:
-        rows = rows[:, rng.choice(rows.shape[1], GRAM_POSITIONS, replace=False)]
-    return rows.astype(np.float64)
-
-
-def session_fetch(model: onnx.ModelProto, names: Sequence[str]) -> Fetch:
-    """A :data:`Fetch` over a copy of ``model`` with ``names`` as extra outputs (graph optimisations off)."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in known)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    wanted = [value.name for value in session.get_inputs()]
-    return lambda fetched, feed: session.run(list(fetched), {n: feed[n] for n in wanted if n in feed})
-
-
 def capture_grams(
     fetch: Fetch, feeds: Sequence[Feed], tensors: Mapping[str, tuple[int, int]], seed: int = 0
 ) -> dict[str, np.ndarray]:
@@ -94,7 +70,7 @@ def capture_grams(
     grams: dict[str, np.ndarray] = {}
     for feed in feeds:  # one feed at a time: only one feed's activations are alive at once
         for name, value in zip(names, fetch(names, feed), strict=True):
-            rows = _rows(np.asarray(value), *tensors[name], rng)
+            rows = channel_rows_sampled(np.asarray(value), *tensors[name], rng, GRAM_POSITIONS)
             augmented = np.vstack([rows, np.ones((1, rows.shape[1]))])
             gram = augmented @ augmented.T
             grams[name] = grams[name] + gram if name in grams else gram

@@ -33,7 +33,7 @@ import itertools
 import logging
 import math
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1158,6 +1158,27 @@ def rounding_unit(model: onnx.ModelProto) -> float:
     return max((UNIT_ROUNDOFF[t] for t in types if t in UNIT_ROUNDOFF), default=0.0)
 
 
+def tensor_fetch(
+    model: onnx.ModelProto, names: Sequence[str]
+) -> Callable[[Sequence[str], Mapping[str, np.ndarray]], list[np.ndarray]]:
+    """``fetch(names, feed)``: values of any of ``names`` (made extra outputs of a copy of ``model``).
+
+    One session, built once; graph optimisations are off, so every named tensor exists. The feed may
+    hold more arrays than the model's inputs. Raises what onnxruntime raises.
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in known)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del probe
+    wanted = [value.name for value in session.get_inputs()]
+    return lambda fetched, feed: session.run(list(fetched), {n: feed[n] for n in wanted if n in feed})
+
+
 def run_tensors(
     model: onnx.ModelProto, names: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]]
 ) -> list[list[np.ndarray]]:
@@ -1165,17 +1186,8 @@ def run_tensors(
 
     Graph optimisations are off, so every named tensor exists. Raises what onnxruntime raises.
     """
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in known:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return [session.run(list(names), dict(feed)) for feed in feeds]
+    fetch = tensor_fetch(model, names)
+    return [fetch(names, feed) for feed in feeds]
 
 
 #: Neighbouring axis-1 entries of an output whose RMS differ by more than this start a new slice.

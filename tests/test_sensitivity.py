@@ -19,9 +19,9 @@ from red_onnx import compress, graph
 from red_onnx.budget import BudgetSearch
 from red_onnx.errors import UsageError
 from red_onnx.redundancy import Merge
-from red_onnx.sensitivity import LocalSensitivity, consumer_inputs, session_fetch
+from red_onnx.sensitivity import LocalSensitivity, consumer_inputs
 from red_onnx.shapes import ShapeService
-from red_onnx.verify import InputSpec, make_inputs, run_tensors
+from red_onnx.verify import InputSpec, make_inputs, run_tensors, tensor_fetch
 
 
 def pointwise_net(seed: int = 0) -> tuple[onnx.ModelProto, str]:
@@ -45,7 +45,7 @@ def sensitivity_of(model: onnx.ModelProto, seeds: tuple[int, ...] = (0, 1)) -> t
     working = graph.import_model(model)
     shapes = ShapeService(feeds[0])(working)
     groups = [item.group for item in group_candidates(working, shapes, ())]
-    fetch = session_fetch(model, list(consumer_inputs(groups)))
+    fetch = tensor_fetch(model, list(consumer_inputs(groups)))
     return LocalSensitivity(fetch, groups, feeds), groups
 
 
