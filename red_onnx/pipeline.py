@@ -277,6 +277,7 @@ def compress(
     graph_utils.normalise_constants(working)
     normalised = graph_utils.export_model(working)
     before = metrics.measure(normalised, shapes.input_shapes, shapes(working, normalised))
+    del normalised  # a full copy of the weights: not held through the passes (peak memory)
     for item in exact_passes(options, shapes):
         notify(item.name)
         report.add_pass(item(working), item.name)
