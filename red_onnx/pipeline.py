@@ -33,7 +33,7 @@ from red_onnx.passes.merge_near import MergeNear
 from red_onnx.passes.separate_depthwise import SeparateDepthwise
 from red_onnx.report import FrozenGroup, Report
 from red_onnx.shapes import ShapeService
-from red_onnx.verify import MAX_PROTO_BYTES, InputSpec, Verifier, make_inputs
+from red_onnx.verify import InputSpec, Verifier, make_inputs
 
 logger = logging.getLogger(__name__)
 ort.set_default_logger_severity(4)
@@ -258,12 +258,8 @@ def compress(
     notify = progress or (lambda stage: None)
     notify("load")
     original, size_before, source = _load(model_or_path)
-    if options.approximate and size_before > MAX_PROTO_BYTES:
-        raise UsageError(
-            f"approximate merging (--tolerance, --target-macs) cannot measure models over "
-            f"{MAX_PROTO_BYTES / 2**30:.1f} GB yet (this one: {size_before / 2**30:.1f} GB); "
-            "use --exact"
-        )
+    if options.approximate:
+        _check_measurable(size_before)
     reference = _reference_verifier(source if source is not None else original, options)
     shapes = ShapeService(make_inputs(original, options.input_spec, VERIFY_SEEDS[0]))
     working = graph_utils.import_model(original)
@@ -300,6 +296,15 @@ def compress(
         error.result = result
         raise error
     return result
+
+
+def _check_measurable(size: int) -> None:
+    """Refuse approximate merging of a model over the protobuf limit (the search measures in memory)."""
+    if size > verify.MAX_PROTO_BYTES:
+        raise UsageError(
+            f"approximate merging (--tolerance, --target-macs) cannot measure models over "
+            f"{verify.MAX_PROTO_BYTES / 2**30:.1f} GB yet (this one: {size / 2**30:.1f} GB); use --exact"
+        )
 
 
 def _reference_verifier(model: ModelSource, options: Options) -> Verifier | None:
