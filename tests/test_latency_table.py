@@ -12,6 +12,7 @@ from bench.latency_table import (
     batch_axes,
     batched_feed,
     markdown,
+    noise_margin,
     reduction_efficiency,
     summarise,
     verdict,
@@ -85,6 +86,11 @@ def test_aa_noise_is_the_largest_deviation_of_the_timed_groups() -> None:
     assert aa_noise([{"skipped": "why"}]) is None
 
 
+def test_noise_margin_is_the_aa_noise_but_never_under_the_floor() -> None:
+    assert noise_margin(0.05) == pytest.approx(0.05)
+    assert noise_margin(0.01) == noise_margin(None) == pytest.approx(0.03)
+
+
 def test_verdict_needs_two_groups_over_the_noise_to_call_a_run_slower() -> None:
     one = verdict(1.0, {"b1 1t": 1.05, "b16 1t": 1.0, "b1 2t": 0.99}, noise=0.02)
     assert one["slower"] == {"b1 1t": 1.05} and not one["is_slower"] and one["efficiency"] is None
@@ -106,7 +112,8 @@ def _row() -> dict:
         {"threads": 1, "batch": 16, "original_ms": 10.0, "aa_ms": 9.9, "after_ms": {"t": 11.0}},
         {"threads": 1, "batch": 16, "skipped": "no input has a dynamic batch axis"},
     ]
-    return {"label": "m", "runs": {"t": {"macs_ratio": 0.7}}, "groups": groups}
+    runs = {"t": {"macs_ratio": 0.7}, "u": {"failed": "--target-macs 0.8 cannot be reached"}}
+    return {"label": "m", "runs": runs, "groups": groups}
 
 
 def test_summarise_and_markdown_report_ratios_noise_and_a_slower_run() -> None:
@@ -118,5 +125,7 @@ def test_summarise_and_markdown_report_ratios_noise_and_a_slower_run() -> None:
     data = {"environment": {"threads": [1], "onnxruntime": "x", "provider": "CPU", "cpu_count": 2,
                             "load_average": [1.0]}, "models": {"m": row}}  # fmt: skip
     table = markdown(data)
-    assert "| m | t | 0.700 | 1 / 10 | 1.20 | 1.10 | ±1.0% |" in table
     assert "SLOWER (b1 1t 1.20, b16 1t 1.10)" in table and "no input has a dynamic batch axis" in table
+    slower_row = "| m | t | 0.700 | 1 / 10 | 1.20 | 1.10 | ±1.0% | -0.67 | -0.33 | ≥0.8×: 0/2 groups; SLOWER"
+    assert slower_row in table
+    assert "| m | u | — | 1 / 10 | — | — | ±1.0% | — | — | not compressed: --target-macs 0.8 cannot" in table
