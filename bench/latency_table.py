@@ -4,18 +4,19 @@ Usage (from the repository root; models as for ``bench/zoo_table.py``, conv5m/co
 ``bench/models/export_speed.py``)::
 
     python bench/latency_table.py           # prints the markdown table, writes bench/results/latency.json
-    python bench/latency_table.py --models digits mnist1d --threads 1
-    python bench/latency_table.py --from-json bench/results/latency.json
+    python bench/latency_table.py --models digits_cnn mnist1d_cnn --threads 1
+    python bench/latency_table.py --from-json bench/results/latency.json   # reprint (verdicts recomputed)
 
 Per model: ``compress(tolerance=0.02)`` with the zoo table's verification inputs and, for the conv nets,
-``compress(target_macs=0.8)`` (the run where MACs drop >= 20%), each saved to a temporary folder. Then,
-per intra-op thread count and batch (1 and 16; the batch is axis 0 of the inputs where it is dynamic, and
-the axis of the same name — or, unnamed, of size 1 — in the others, e.g. silero's ``state``), the
-original, each compressed model and **the original again** (a second session: the A/A check) are timed
-in interleaved runs by ``red_onnx.latency.LatencyService`` (CPU execution provider, ``ORT_ENABLE_ALL``,
-warm-up, medians; at least ``--runs`` timed runs, more for fast models up to ``--seconds`` per group).
-The A/A ratio measures the noise of that very run; a model counts as slower only where its latency
-ratio exceeds 1 + the model's largest A/A deviation (2 cores shared with other jobs here: noisy).
+``compress(target_macs=0.8)`` (the run where MACs drop >= 20%) at the default channel multiple and at each
+of ``--multiples`` (16), each saved to a temporary folder. Then, per intra-op thread count and batch (1 and
+16; the batch is axis 0 of the inputs where it is dynamic, and the axis of the same name — or, unnamed, of
+size 1 — in the others, e.g. silero's ``state``), the original, each compressed model and **the original
+again** (a second session: the A/A check) are timed in interleaved runs by
+``red_onnx.latency.LatencyService`` (CPU execution provider, ``ORT_ENABLE_ALL``, warm-up, medians; at
+least ``--runs`` timed runs, more for fast models up to ``--seconds`` per group). A run counts as slower
+where at least two of its timings exceed 1 + max(the A/A deviation at that thread count, 3%). Each model
+also records how many convs onnxruntime leaves out of its blocked NCHWc layout, before and after.
 """
 
 from __future__ import annotations
