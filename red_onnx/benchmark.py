@@ -81,7 +81,12 @@ def benchmark(
         if feed is None:
             figures.skipped[str(batch)] = "no input has a dynamic batch axis"
             continue
-        before, after = service.time_sessions(sessions, feed)
+        try:
+            before, after = service.time_sessions(sessions, feed)
+        except Exception as error:  # onnxruntime's errors share no base class: a reasoned skip, not a crash
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            figures.skipped[str(batch)] = f"onnxruntime could not run this batch: {reason[:200]}"
+            continue
         figures.batches[str(batch)] = {
             "before_ms": round(before * 1e3, 4),
             "after_ms": round(after * 1e3, 4),

@@ -66,3 +66,16 @@ def test_cli_bad_thread_count_is_a_usage_error(tmp_path: Path, capfd: pytest.Cap
     err = capfd.readouterr().err.strip()
     assert code == 2 and "--threads" in err and "\n" not in err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_batch_the_model_cannot_run_is_skipped_with_onnxruntimes_reason() -> None:
+    model = conv_relu("N")  # its axis 0 is dynamic, but a Reshape hard-codes batch 1 (as some exports do)
+    shape = numpy_helper.from_array(np.array([1, 8 * 16 * 16], np.int64), "flat_shape")
+    model.graph.initializer.append(shape)
+    model.graph.node.append(helper.make_node("Reshape", ["y", "flat_shape"], ["flat"], name="flatten"))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("flat", TensorProto.FLOAT, [1, 8 * 16 * 16]))
+    figures = benchmark(model, model, InputSpec(), runs=2, threads=1)
+    assert list(figures.batches) == ["1"]
+    assert figures.skipped["16"].startswith("onnxruntime could not run this batch: ")
+    assert "\n" not in figures.skipped["16"]
