@@ -96,6 +96,11 @@ def _simulator(base: onnx.ModelProto, groups: list, capture: Sequence[str] = ())
         return None
 
 
+def _cache_key(plan: dict[str, list[Merge]], role: str) -> tuple:
+    """What a measured error is cached under: the inputs' role and the plan's merges by content."""
+    return role, tuple(sorted((name, tuple(merges)) for name, merges in plan.items() if merges))
+
+
 class BudgetSearch:
     """Search per-group merge counts on ``base`` against ``reference`` (the user's original model).
 
@@ -145,11 +150,10 @@ class BudgetSearch:
         # recurrent model's stream: on half of silero-vad's 121-chunk calibration stream the search
         # overfits (held-out speech: worst step 0.10-0.19 at a 0.02 budget; whole stream: within 0.02)
         split = not find_state_pairs(base)
-        self.verifier = Verifier(reference, spec, seeds=SEARCH_SEEDS[:count], levels=LEVEL,
-                                 part="search" if split else "all")  # fmt: skip
+        self.part = "search" if split else "all"
+        self.verifier = Verifier(reference, spec, seeds=SEARCH_SEEDS[:count], levels=LEVEL, part=self.part)
         self.heldout = Verifier(reference, spec, seeds=HELDOUT_SEEDS[:count], levels=LEVEL,
                                 part="heldout" if split else "all")  # fmt: skip
-        self.part = "search" if split else "all"
         self.reference, self.spec = reference, spec
         self.calibration_verifier: Verifier | None = None
         self.input_shapes = shapes.input_shapes
@@ -241,8 +245,7 @@ class BudgetSearch:
 
     def _measured(self, counts: Counts) -> float | None:
         """The error of ``counts`` on the search inputs if it was measured already, else None."""
-        plan = self._plan(counts)
-        return self.cache.get(("search", tuple(sorted((n, tuple(m)) for n, m in plan.items() if m))))
+        return self.cache.get(_cache_key(self._plan(counts), "search"))
 
     def error(self, counts: Counts, *, heldout: bool = False) -> float:
         """Worst relative L2 error over outputs and the search (or held-out) inputs (cached)."""
@@ -254,7 +257,7 @@ class BudgetSearch:
 
     def _plan_error(self, plan: dict[str, list[Merge]], role: str) -> float:
         """:meth:`plan_error` on the inputs of ``role``: "search", "heldout" or "calibration" (one sample)."""
-        key = (role, tuple(sorted((name, tuple(merges)) for name, merges in plan.items() if merges)))
+        key = _cache_key(plan, role)
         if key not in self.cache:
             self.progress(f"measure {len(self.cache) + 1}")
             verifier = {"search": self.verifier, "heldout": self.heldout}.get(role) or self._calibrator()
@@ -344,8 +347,8 @@ class BudgetSearch:
 
     def _calibration(self, option: GroupOption) -> float:
         """Measured (on one sample) over estimated error of one group at its middle level (1 when 0)."""
-        level = option.levels[len(option.levels) // 2]
-        estimate = option.errors[option.levels.index(level)]
+        middle = len(option.levels) // 2
+        level, estimate = option.levels[middle], option.errors[middle]
         measured = self._plan_error({option.name: self.merges[option.name][level]}, "calibration")
         if estimate <= 0.0 or measured <= 0.0:
             return 1.0

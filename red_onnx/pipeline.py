@@ -79,8 +79,9 @@ class Options:
         separation: Try uneven depthwise separation of k×k convs (exact; kept where it pays).
         provider: The onnxruntime execution provider separation decisions are measured on.
         latency_check: Measure before separating (False: decide on MACs alone).
-        sensitivity: How the budget search finds each group's error alone: "measured", "local"
-            (estimated from one activation capture) or "auto" (local above 1 GMAC per sample).
+        sensitivity: How the budget search finds each group's error alone: "measured", "calibrated"
+            (estimated from one activation capture, scaled per group by one run), "local" (the
+            estimate only) or "auto" (calibrated above 1 GMAC per sample, measured below).
     """
 
     exact: bool = False
@@ -236,8 +237,10 @@ def compress(
         latency_check: Time separation candidates (False: decide on MACs alone).
         latency: A latency oracle to use instead of a ``LatencyService`` on ``provider`` (tests).
         sensitivity: How the budget search finds each group's error alone: ``"measured"`` (a run per
-            group, level and ranking), ``"local"`` (estimated from one activation capture, only the
-            bisected prefixes measured) or ``"auto"`` (local above 1 GMAC per verification sample).
+            group, level and ranking), ``"calibrated"`` (estimated from one activation capture, scaled
+            per group by one one-sample run), ``"local"`` (the estimate only) or ``"auto"`` (calibrated
+            above 1 GMAC per verification sample, measured below). Only the bisected prefixes are
+            measured on the outputs in the estimated modes.
         raise_on_failure: Raise :class:`VerificationError` (with ``.result``) when verification fails.
         progress: Called with the name of each stage as it starts.
 

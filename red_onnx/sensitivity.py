@@ -30,6 +30,7 @@ from red_onnx.activations import channel_rows_sampled
 from red_onnx.channels import ChannelGroup
 from red_onnx.redundancy import Merge
 from red_onnx.simulate import ConsumerSlot, consumer_slots
+from red_onnx.weights import channel_rows
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,7 @@ def capture_grams(
 
 
 def _consumer_grams(slot: ConsumerSlot, inputs: np.ndarray) -> ConsumerGrams:
-    moved = np.moveaxis(slot.values, slot.axis, 0)
-    flat = moved.reshape(moved.shape[0] // slot.block, -1).astype(np.float32)
+    flat = channel_rows(slot.values, slot.axis, slot.block).astype(np.float32)
     weights = flat @ flat.T  # kept in float32: no cancellation happens in H (it does in G)
     energy = float(np.einsum("ij,ij->", inputs[:-1, :-1], weights, dtype=np.float64))
     return ConsumerGrams(slot.local, inputs, weights, energy)
