@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
+from red_onnx.errors import first_line
 from red_onnx.verify import run_tensors
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def capture(
     try:
         runs = run_tensors(model, names, feeds)
     except Exception as error:
-        logger.warning("could not capture activations: %s", str(error).splitlines()[0])
+        logger.warning("could not capture activations: %s", first_line(error))
         return {}
     rng = np.random.default_rng(seed)
     captured = {}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from red_onnx.errors import first_line
 from red_onnx.latency import CPU_PROVIDER, DEFAULT_RUNS, LatencyService
 from red_onnx.verify import InputSpec, make_inputs, real_inputs
 
@@ -84,8 +85,7 @@ def benchmark(
         try:
             before, after = service.time_sessions(sessions, feed)
         except Exception as error:  # onnxruntime's errors share no base class: a reasoned skip, not a crash
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            figures.skipped[str(batch)] = f"onnxruntime could not run this batch: {reason[:200]}"
+            figures.skipped[str(batch)] = f"onnxruntime could not run this batch: {first_line(error)[:200]}"
             continue
         figures.batches[str(batch)] = {
             "before_ms": round(before * 1e3, 4),

@@ -7,6 +7,12 @@ without a traceback and exits with the class's ``exit_code``.
 from __future__ import annotations
 
 
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (or its type name): what a one-line error quotes."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 class RedOnnxError(Exception):
     """Base class of every error red_onnx raises on purpose."""
 

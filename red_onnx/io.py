@@ -24,7 +24,7 @@ from onnx.external_data_helper import (
     uses_external_data,
 )
 
-from red_onnx.errors import InputError, VerificationError
+from red_onnx.errors import InputError, VerificationError, first_line
 
 __all__ = [
     "EXTERNAL_DATA_TENSOR_MIN_BYTES",
@@ -100,12 +100,6 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
             if attr.HasField("t"):
                 yield attr.t
             yield from attr.tensors
-
-
-def _first_line(error: BaseException) -> str:
-    """Return the first non-empty line of an exception's message (or its type name)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def _node_label(node: onnx.NodeProto) -> str:
@@ -227,7 +221,7 @@ def _run_checker(path: Path, model: onnx.ModelProto, by_path: bool) -> None:
         onnx.checker.check_model(str(path) if by_path else model)
     except (onnx.checker.ValidationError, ValueError, EncodeError) as error:
         raise InputError(
-            f"{path} fails the ONNX checker: {_first_line(error)}; fix or re-export the model"
+            f"{path} fails the ONNX checker: {first_line(error)}; fix or re-export the model"
         ) from error
 
 
@@ -244,7 +238,7 @@ def _load_external(path: Path, model: onnx.ModelProto) -> None:
             tensor.ClearField("data_location")
     except (OSError, ValueError, onnx.checker.ValidationError) as error:
         raise InputError(
-            f"{path}: cannot load its external data ({_first_line(error)}); keep the complete, "
+            f"{path}: cannot load its external data ({first_line(error)}); keep the complete, "
             "unmodified .data file next to the model"
         ) from error
 
@@ -474,7 +468,7 @@ def _full_check(target: onnx.ModelProto | str, label: str) -> None:
         EncodeError,
     ) as error:
         raise VerificationError(
-            f"{label} fails the full ONNX check: {_first_line(error)}; the model is not valid ONNX "
+            f"{label} fails the full ONNX check: {first_line(error)}; the model is not valid ONNX "
             "as written: report it with the model"
         ) from error
 

@@ -43,7 +43,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto
 
-from red_onnx.errors import InputError, UsageError, VerificationError
+from red_onnx.errors import InputError, UsageError, VerificationError, first_line
 from red_onnx.io import model_nbytes
 from red_onnx.stream import (
     Runner,
@@ -382,7 +382,7 @@ def _load_npz(path: Path | None) -> dict[str, np.ndarray]:
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as exc:  # numpy raises several unrelated types for a bad file
-        raise InputError(f"inputs file {path} cannot be read as .npz: {_first_line(exc)}") from exc
+        raise InputError(f"inputs file {path} cannot be read as .npz: {first_line(exc)}") from exc
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise InputError(f"inputs file {path} is not a .npz archive; save it with np.savez")
     with data:
@@ -781,11 +781,6 @@ def _as_array(value: Any) -> np.ndarray:
         return array
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 class Verifier:
     """Runs a reference model once per level and checks candidates against it.
 
@@ -1032,11 +1027,11 @@ class Verifier:
     def _ort_error(self, exc: BaseException, level: str, *, reference: bool) -> Exception:
         if reference:
             return InputError(
-                f"onnxruntime cannot run the input model: {_first_line(exc)}; "
+                f"onnxruntime cannot run the input model: {first_line(exc)}; "
                 "red_onnx verifies every rewrite with onnxruntime"
             )
         return VerificationError(
-            f"onnxruntime cannot run the rewritten model (level {level}): {_first_line(exc)}; "
+            f"onnxruntime cannot run the rewritten model (level {level}): {first_line(exc)}; "
             "the rewrite produced an invalid graph, please report it with the input model"
         )
 
