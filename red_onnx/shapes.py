@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from red_onnx.errors import first_line
 from red_onnx.graph import WorkingModel, export_model
 from red_onnx.verify import run_tensors
 
@@ -60,7 +61,7 @@ class ShapeService:
         try:
             (values,) = run_tensors(model, names, [self.feed])
         except Exception as error:
-            logger.warning("could not measure %d tensor shapes: %s", len(names), str(error).splitlines()[0])
+            logger.warning("could not measure %d tensor shapes: %s", len(names), first_line(error))
             return {}
         self.runs += 1
         return {name: tuple(np.shape(value)) for name, value in zip(names, values, strict=True)}
@@ -96,7 +97,7 @@ def _inferred(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]
     try:
         probe = onnx.shape_inference.infer_shapes(probe, strict_mode=False, data_prop=True)
     except Exception as error:
-        logger.info("shape inference failed: %s", str(error).splitlines()[0] if str(error) else error)
+        logger.info("shape inference failed: %s", first_line(error))
     shapes: Shapes = {}
     for value in [*probe.graph.input, *probe.graph.value_info, *probe.graph.output]:
         shapes[value.name] = _static(value)
