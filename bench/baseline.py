@@ -63,12 +63,10 @@ def _prune(model: onnx.ModelProto, sparsity: float) -> onnx.ModelProto:
 
 
 def input_shapes(model: onnx.ModelProto, batch: int = 1) -> dict[str, list[int]]:
-    """Shapes of the model's real inputs (not initializers), symbolic dimensions set to ``batch``."""
+    """Shapes of the real inputs (not initializers); symbolic, unset and ``-1`` dims set to ``batch``."""
     weights = {init.name for init in model.graph.initializer}
     return {
-        value.name: [
-            d.dim_value if d.HasField("dim_value") else batch for d in value.type.tensor_type.shape.dim
-        ]
+        value.name: [d.dim_value if d.dim_value > 0 else batch for d in value.type.tensor_type.shape.dim]
         for value in model.graph.input
         if value.name not in weights
     }

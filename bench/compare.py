@@ -6,11 +6,18 @@ Usage (from the repository root; needs the bench models — ``python bench/model
     python bench/compare.py                         # all three models, the default grid
     python bench/compare.py --models digits mnist1d --grid 0.9 0.8
 
+Models the method was not tuned on (``--stem compare_unseen`` writes ``compare_unseen.json``):
+``digits_b`` (``python bench/models/train_digits_variant.py``), ``mnist1d_b``
+(``python bench/models/train_mnist1d.py --seed 1 --channels 24 48 64 96 --kernel 3 --name mnist1d_b``)
+and ``ppocr_cls``, PP-OCR's MobileNetV3-style text-direction classifier
+(``python bench/zoo.py && python bench/models/export_ppocr_cls.py``; fidelity: top-1 agreement with
+the original on 106 detected text-line crops, upright and turned).
+
 Fidelity: test accuracy (digits: the bundled split, mnist1d: its generated test split) or top-1
 agreement with the original (MobileNetV2, natural-image views). Each cell is measured at the MACs the
 method reached; RED is asked for the grid's fraction with ``target_macs`` and the baseline is bisected
 to the same fraction. Paired 95% bootstrap intervals compare RED with the baseline on the same
-samples. Prints a markdown table and writes ``compare.png`` and ``compare.json`` into ``--out``.
+samples. Prints a markdown table and writes ``STEM.png`` and ``STEM.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -37,10 +44,18 @@ from bench.data import (
 )
 from red_onnx import compress
 from red_onnx.demo import demo_path
-from red_onnx.errors import RedOnnxError
-from red_onnx.verify import InputSpec
+from red_onnx.errors import InputError, RedOnnxError
+from red_onnx.input_spec import InputSpec
 
 GRID = (0.9, 0.8, 0.7, 0.6, 0.5)
+#: Models whose fidelity is top-1 agreement with the original (no labels).
+AGREEMENT = frozenset({"mobilenetv2", "ppocr_cls"})
+UNSEEN_HINTS = {
+    "digits_b": "python bench/models/train_digits_variant.py",
+    "mnist1d_b": "python bench/models/train_mnist1d.py --seed 1 --channels 24 48 64 96 --kernel 3 "
+    "--name mnist1d_b",
+    "ppocr_cls": "python bench/zoo.py && python bench/models/export_ppocr_cls.py",
+}
 
 
 def _models(names: list[str]) -> dict[str, dict]:
@@ -56,6 +71,34 @@ def _models(names: list[str]) -> dict[str, dict]:
     if "mobilenetv2" in names:
         found["mobilenetv2"] = {"path": cache_dir() / "mobilenetv2.onnx", "x": natural_image_views(),
                                 "labels": None, "spec": InputSpec()}  # fmt: skip
+    found |= _unseen_models(names)
+    return found
+
+
+def _cached(name: str, file: str) -> Path:
+    path = cache_dir() / file
+    if not path.is_file():
+        raise InputError(f"{path} is missing; run `{UNSEEN_HINTS[name]}` first")
+    return path
+
+
+def _unseen_models(names: list[str]) -> dict[str, dict]:
+    """The models of the same families that the method was not tuned on (module docstring)."""
+    found = {}
+    if "digits_b" in names:
+        images, labels = load_digits_test()
+        found["digits_b"] = {"path": _cached("digits_b", "digits_b_cnn.onnx"), "x": images, "labels": labels,
+                             "spec": InputSpec(ranges={"image": (0.0, 1.0)})}  # fmt: skip
+    if "mnist1d_b" in names:
+        path = _cached("mnist1d_b", "mnist1d_b_cnn.onnx")
+        signals, labels = load_mnist1d_test()
+        found["mnist1d_b"] = {"path": path, "x": signals, "labels": labels, "spec": InputSpec()}
+    if "ppocr_cls" in names:
+        path = _cached("ppocr_cls", "ppocr_cls.onnx")
+        with np.load(_cached("ppocr_cls", "ppocr_cls_views.npz")) as views:
+            lines = views["x"]
+        found["ppocr_cls"] = {"path": path, "x": lines, "labels": None,
+                              "spec": InputSpec(ranges={"x": (-1.0, 1.0)})}  # fmt: skip
     return found
 
 
@@ -183,7 +226,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 axis.plot(*zip(*points, strict=True), style, label=label)
         axis.set_title(name)
         axis.set_xlabel("fraction of MACs kept")
-        axis.set_ylabel("accuracy" if name != "mobilenetv2" else "top-1 agreement")
+        axis.set_ylabel("top-1 agreement" if name in AGREEMENT else "accuracy")
         axis.invert_xaxis()
         axis.legend()
     figure.tight_layout()
@@ -196,6 +239,8 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["digits", "mnist1d", "mobilenetv2"])
     parser.add_argument("--grid", nargs="+", type=float, default=list(GRID))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--stem", default="compare", help="writes STEM.json and STEM.png into --out")
+    parser.add_argument("--no-plot", action="store_true", help="write no STEM.png")
     parser.add_argument("--render", nargs="+", type=Path, metavar="JSON",
                         help="only redraw the table and plot from earlier compare.json files")  # fmt: skip
     args = parser.parse_args()
@@ -205,8 +250,9 @@ def main() -> int:
         rows = [row for path in args.render for row in json.loads(path.read_text())]
     for name, item in ({} if args.render else _models(args.models)).items():
         rows += run_model(name, item, tuple(args.grid))
-    (args.out / "compare.json").write_text(json.dumps(rows, indent=1, default=float) + "\n")
-    plot(rows, args.out / "compare.png")
+    (args.out / f"{args.stem}.json").write_text(json.dumps(rows, indent=1, default=float) + "\n")
+    if not args.no_plot:
+        plot(rows, args.out / f"{args.stem}.png")
     print(markdown(rows))
     print()
     print(predictiveness(rows))

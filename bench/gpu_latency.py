@@ -46,8 +46,8 @@ def prepare(directory: Path, tolerance: float) -> None:
     import onnx
 
     import red_onnx
+    from red_onnx.input_spec import InputSpec
     from red_onnx.io import save_model
-    from red_onnx.verify import InputSpec
 
     directory.mkdir(parents=True, exist_ok=True)
     manifest = {}

@@ -10,12 +10,13 @@ Usage (from the repository root; models as for ``bench/zoo_table.py``, conv5m/co
 Per model: ``compress(tolerance=0.02)`` with the zoo table's verification inputs and, for the conv nets,
 ``compress(target_macs=0.8)`` (the run where MACs drop >= 20%) at the default channel multiple and at each
 of ``--multiples`` (16), each saved to a temporary folder. Then, per intra-op thread count and batch (1 and
-16; the batch is axis 0 of the inputs where it is dynamic, and the axis of the same name — or, unnamed, of
-size 1 — in the others, e.g. silero's ``state``), the original, each compressed model and **the original
-again** (a second session: the A/A check) are timed in interleaved runs by
-``red_onnx.latency.LatencyService`` (CPU execution provider, ``ORT_ENABLE_ALL``, warm-up, medians; at
-least ``--runs`` timed runs, more for fast models up to ``--seconds`` per group). A run counts as slower
-where at least two of its timings exceed 1 + max(the A/A deviation at that thread count, 3%). Each model
+16, repeated along ``red_onnx.benchmark.batch_axes``: axis 0 of the inputs where it is dynamic, and the
+axis of the same name — or, unnamed, of the same size — in the others, e.g. silero's ``state``), the
+original, each compressed model and **the original again** (a second session: the A/A check) are timed
+in interleaved runs by ``red_onnx.latency.LatencyService`` (CPU execution provider, ``ORT_ENABLE_ALL``,
+warm-up, medians; at least ``--runs`` timed runs, more for fast models up to ``--seconds`` per group); a
+model without a batch axis its inputs agree on is timed at batch 1 only. A run counts as slower where at
+least two of its timings exceed 1 + max(the A/A deviation at that thread count, 3%). Each model
 also records how many convs onnxruntime leaves out of its blocked NCHWc layout, before and after.
 """
 
@@ -33,7 +34,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -45,14 +45,14 @@ from bench.tasks import mobilenet_path
 from bench.zoo import zoo_dir
 from bench.zoo_table import REAL_MODELS, _spec
 from red_onnx import compress
+from red_onnx.benchmark import BATCHES, BatchAxisError, batched_feed
 from red_onnx.demo import demo_path
 from red_onnx.errors import RedOnnxError
+from red_onnx.input_spec import InputSpec
 from red_onnx.io import save_model
 from red_onnx.latency import CPU_PROVIDER, LatencyService
 from red_onnx.pipeline import DEFAULT_TOLERANCE
-from red_onnx.verify import InputSpec, make_inputs, real_inputs
 
-BATCHES = (1, 16)
 NCHWC_DOMAIN = "com.microsoft.nchwc"
 TARGET_MACS = 0.8
 #: Conv nets that also get the ``target_macs=0.8`` run (by file name).
@@ -148,51 +148,6 @@ def result_figures(result: Any, original: onnx.ModelProto) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _dynamic(dim: onnx.TensorShapeProto.Dimension) -> bool:
-    """A named dim, an unset one, or a non-positive dim_value (PP-OCR cls declares -1)."""
-    return bool(dim.dim_param) or not dim.HasField("dim_value") or dim.dim_value <= 0
-
-
-def batch_axes(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, int]:
-    """The batch axis of each input: axis 0 where dynamic; elsewhere the axis of the same name or size.
-
-    Inputs whose axis 0 is dynamic name the batch (their dim_param, or their feed size there when
-    unnamed); another input's dynamic axis carrying that name (or, unnamed, that size) is its batch axis.
-    """
-    axes: dict[str, int] = {}
-    names, sizes = set(), set()
-    values = [v for v in real_inputs(model) if v.name in feed and np.ndim(feed[v.name])]
-    for value in values:
-        first = value.type.tensor_type.shape.dim[:1]
-        if first and _dynamic(first[0]):
-            axes[value.name] = 0
-            if first[0].dim_param:
-                names.add(first[0].dim_param)
-            else:
-                sizes.add(feed[value.name].shape[0])
-    for value in values:
-        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
-            if value.name in axes or not _dynamic(dim):
-                continue
-            if (dim.dim_param and dim.dim_param in names) or (
-                not dim.dim_param and feed[value.name].shape[axis] in sizes
-            ):
-                axes[value.name] = axis
-                break
-    return axes
-
-
-def batched_feed(model: onnx.ModelProto, spec: InputSpec, batch: int) -> dict[str, np.ndarray] | None:
-    """The verification feed (its first step) at ``batch``; None when no input has a dynamic batch."""
-    feed = make_inputs(model, spec, 0)
-    axes = batch_axes(model, feed)
-    if not axes:
-        return feed if batch == BATCHES[0] else None
-    for name, axis in axes.items():
-        feed[name] = np.repeat(np.take(feed[name], [0], axis=axis), batch, axis=axis)
-    return feed
-
-
 def time_group(service: LatencyService, sessions: list[ort.InferenceSession], feed: dict, args: Any) -> list:
     """Median ms of each session, interleaved; runs >= ``args.runs``, more while under ``args.seconds``."""
     inputs = {i.name: feed[i.name] for i in sessions[0].get_inputs()}
@@ -216,9 +171,10 @@ def measure(original: Path, runs: dict[str, dict[str, Any]], spec: InputSpec, ar
         for batch in BATCHES:
             group: dict[str, Any] = {"threads": threads, "batch": batch}
             groups.append(group)
-            feed = batched_feed(model, spec, batch)
-            if feed is None:
-                group["skipped"] = "no input has a dynamic batch axis"
+            try:
+                feed = batched_feed(model, spec, batch, own_batch=batch == BATCHES[0])
+            except BatchAxisError as reason:
+                group["skipped"] = str(reason)
                 continue
             try:
                 medians = time_group(service, sessions, feed, args)

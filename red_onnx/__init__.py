@@ -10,8 +10,8 @@ Typical use::
 
 from red_onnx._version import __version__
 from red_onnx.errors import InputError, RedOnnxError, UsageError, VerificationError
+from red_onnx.input_spec import InputSpec
 from red_onnx.pipeline import Result, compress
-from red_onnx.verify import InputSpec
 
 __all__ = [
     "InputError",

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from red_onnx.errors import first_line
-from red_onnx.verify import run_tensors
+from red_onnx.tensor_values import run_tensors
 
 logger = logging.getLogger(__name__)
 

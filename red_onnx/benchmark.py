@@ -1,9 +1,10 @@
 """``--benchmark``: onnxruntime latency of the input and the compressed model, side by side.
 
 Median of ``runs`` timed runs after warm-up, interleaved between the two models (the latency service),
-graph optimisations on, one execution provider, the thread count stated. Batch 1 and 16: the batch is
-axis 0 of every input whose axis 0 is dynamic; a model without one is measured at its own batch only,
-and the report says so.
+graph optimisations on, one execution provider, the thread count stated. Batch 1 and 16: every input is
+repeated along its batch axis (:func:`batch_axes`: axis 0 where it is dynamic, and in the other inputs
+the axis named like it, e.g. silero-vad's ``state [2, batch, 128]``); a model without a dynamic batch
+axis, or whose inputs do not agree on one, is measured at its own batch only, and the report says why.
 """
 
 from __future__ import annotations
@@ -15,11 +16,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from red_onnx.errors import first_line
+from red_onnx.errors import RedOnnxError, first_line
+from red_onnx.input_spec import InputSpec
+from red_onnx.inputs import make_inputs, real_inputs
 from red_onnx.latency import CPU_PROVIDER, DEFAULT_RUNS, LatencyService
-from red_onnx.verify import InputSpec, make_inputs, real_inputs
 
 BATCHES = (1, 16)
+NO_DYNAMIC_BATCH = "no input has a dynamic batch axis"
+
+
+class BatchAxisError(RedOnnxError):
+    """The model has no batch axis that every input agrees on; the message says why (one line)."""
 
 
 @dataclass
@@ -33,20 +40,91 @@ class LatencyFigures:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def _batched_feed(model: onnx.ModelProto, spec: InputSpec, batch: int) -> dict[str, np.ndarray] | None:
-    """The verification feed at ``batch`` (axis 0 of inputs whose axis 0 is dynamic); None if none is."""
-    feed = make_inputs(model, spec, 0)
-    dynamic = []
-    for value in real_inputs(model):
-        dims = value.type.tensor_type.shape.dim
-        if dims and (dims[0].dim_param or not dims[0].HasField("dim_value")):
-            dynamic.append(value.name)
-    if not dynamic:
+def _dynamic(dim: onnx.TensorShapeProto.Dimension) -> bool:
+    """A named dim, an unset one, or a non-positive dim_value (PP-OCR cls declares -1)."""
+    return bool(dim.dim_param) or not dim.HasField("dim_value") or dim.dim_value <= 0
+
+
+def _dims_text(dims: Sequence[onnx.TensorShapeProto.Dimension]) -> str:
+    return "[" + ", ".join(d.dim_param or (str(d.dim_value) if d.dim_value > 0 else "?") for d in dims) + "]"
+
+
+def _batch_axis_of(
+    value: onnx.ValueInfoProto, shape: tuple[int, ...], names: set[str], sizes: set[int]
+) -> int | None:
+    """The first dynamic axis of ``value`` named like the batch (unnamed: of a batch size); None: static.
+
+    Raises:
+        BatchAxisError: ``value`` has dynamic axes, but none of them is like the batch.
+    """
+    dims = value.type.tensor_type.shape.dim
+    for axis, dim in enumerate(dims):
+        if _dynamic(dim) and (dim.dim_param in names if dim.dim_param else shape[axis] in sizes):
+            return axis
+    if not any(_dynamic(dim) for dim in dims):
         return None
-    return {
-        name: np.repeat(array[:1], batch, axis=0) if name in dynamic and array.ndim else array
-        for name, array in feed.items()
-    }
+    batch = f"{next(iter(names))!r}" if names else f"unnamed, of size {', '.join(map(str, sorted(sizes)))}"
+    raise BatchAxisError(f"input {value.name!r} {_dims_text(dims)} has no axis like the batch ({batch})")
+
+
+def batch_axes(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, int]:
+    """The batch axis of each input that has one (empty: no input's axis 0 is dynamic).
+
+    Inputs whose axis 0 is dynamic name the batch: their dim_param (the same name in all that name it),
+    or, unnamed, their size in ``feed``. In every other input, the first dynamic axis carrying that name
+    (or, unnamed, that size) is its batch axis, e.g. silero-vad's ``state [2, batch, 128]``; an input
+    without dynamic axes keeps its shape. Scalars are never batched.
+
+    Raises:
+        BatchAxisError: The inputs name axis 0 differently, or an input has dynamic axes but none like
+            the batch (a state whose batch dim is named otherwise could not follow the batch).
+    """
+    values = [v for v in real_inputs(model) if v.name in feed and np.ndim(feed[v.name])]
+    firsts = {v.name: v.type.tensor_type.shape.dim[0] for v in values if v.type.tensor_type.shape.dim}
+    leading = [name for name, dim in firsts.items() if _dynamic(dim)]
+    if not leading:
+        return {}
+    names = {firsts[name].dim_param for name in leading} - {""}
+    if len(names) > 1:
+        raise BatchAxisError(f"the inputs name their dynamic axis 0 differently ({', '.join(sorted(names))})")
+    sizes = {feed[name].shape[0] for name in leading if not firsts[name].dim_param}
+    axes = dict.fromkeys(leading, 0)
+    for value in values:
+        if value.name not in axes:
+            axis = _batch_axis_of(value, feed[value.name].shape, names, sizes)
+            if axis is not None:
+                axes[value.name] = axis
+    return axes
+
+
+def batched_feed(
+    model: onnx.ModelProto, spec: InputSpec, batch: int, *, own_batch: bool = False
+) -> dict[str, np.ndarray]:
+    """The verification feed (its first step) with its first sample repeated ``batch`` times.
+
+    Args:
+        model: The model (external data need not be loaded).
+        spec: The verification input spec.
+        batch: The batch size wanted.
+        own_batch: Where the model has no batch axis (:class:`BatchAxisError`, or no dynamic axis 0), return
+            the verification feed as it is (the model's own batch) instead of raising.
+
+    Raises:
+        BatchAxisError: The model has no batch axis to repeat along, and ``own_batch`` is False.
+    """
+    feed = make_inputs(model, spec, 0)
+    try:
+        axes = batch_axes(model, feed)
+        if not axes:
+            raise BatchAxisError(NO_DYNAMIC_BATCH)
+    except BatchAxisError:
+        if own_batch:
+            return feed
+        raise
+    for name, axis in axes.items():
+        first = feed[name][(slice(None),) * axis + (slice(0, 1),)]
+        feed[name] = np.repeat(first, batch, axis=axis)
+    return feed
 
 
 def benchmark(
@@ -68,7 +146,8 @@ def benchmark(
         provider: onnxruntime execution provider.
         runs: Timed runs per model and batch (medians; at least 20 recommended).
         threads: ``intra_op_num_threads`` (None: onnxruntime's default, one per core).
-        batches: Batch sizes to try.
+        batches: Batch sizes to try; the first is measured at the model's own batch where it has no
+            batch axis (:func:`batched_feed`), the others are then skipped with the reason.
     """
     service = LatencyService(provider=provider, runs=runs, threads=threads)
     figures = LatencyFigures(
@@ -76,11 +155,10 @@ def benchmark(
     )
     sessions = [service.session(original), service.session(compressed)]
     for batch in batches:
-        feed = _batched_feed(original, spec, batch)
-        if feed is None and batch == batches[0]:
-            feed = make_inputs(original, spec, 0)  # the model's own (static) batch
-        if feed is None:
-            figures.skipped[str(batch)] = "no input has a dynamic batch axis"
+        try:
+            feed = batched_feed(original, spec, batch, own_batch=batch == batches[0])
+        except BatchAxisError as reason:
+            figures.skipped[str(batch)] = str(reason)
             continue
         try:
             before, after = service.time_sessions(sessions, feed)

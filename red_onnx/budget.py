@@ -19,6 +19,7 @@ the model is rebuilt only where that cannot run); nothing here edits the caller'
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -36,10 +37,13 @@ from red_onnx.budget_options import (
     Counts,
     GroupOption,
     Ordering,
+    achievable,
     hashed_orderings,
     removal_levels,
 )
+from red_onnx.channel_steps import ChannelSteps
 from red_onnx.errors import VerificationError
+from red_onnx.input_spec import InputSpec
 from red_onnx.passes.merge_near import GroupCandidates, MergeNear, group_candidates
 from red_onnx.redundancy import Merge
 from red_onnx.sensitivity import LocalSensitivity, consumer_inputs
@@ -50,7 +54,8 @@ from red_onnx.similarity import (
 )
 from red_onnx.simulate import MacsCounter, MergeSimulator
 from red_onnx.stream import find_state_pairs
-from red_onnx.verify import InputSpec, Verifier, tensor_fetch
+from red_onnx.tensor_values import tensor_fetch
+from red_onnx.verify import Verifier
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +115,8 @@ class BudgetSearch:
         spec: How verification inputs are built.
         shapes: The shape service (at the run's concrete inputs).
         freeze: Node-name glob patterns of protected layers.
-        channel_multiple: Kept channel counts are multiples of this (where a group has enough).
+        channel_multiple: Kept channel counts are multiples of this, per segment of a group (a Split chunk,
+            a Concat part); a narrower one keeps a smaller power of two (``effective_multiple``).
         hashing: Also rank merge candidates on KDE-hashed weights and keep, per group and level,
             whichever ranking measures better (off: the ablation without hashing).
         activations: Also rank candidates by a least-squares fit of channel activations on the
@@ -186,11 +192,14 @@ class BudgetSearch:
             orderings += hashed_orderings(item, LARGE_HASH_RUNGS if self.large else HASH_RUNGS)
         if name in samples:
             tensor, rows = samples[name]
-            found = activation_candidates(item.group, tensor, rows, item.params.outgoing)
+            params = item.params
+            found = activation_candidates(item.group, tensor, rows, params.outgoing, params.signature)
             orderings.append(Ordering("activations", 0.0, 0, found))
-        achievable = max(o.achievable(n_atoms) for o in orderings)
+        steps = ChannelSteps.of(item.params.signature, self.channel_multiple)
+        orderings = [dataclasses.replace(o, steps=steps) for o in orderings]
         fractions = LARGE_LEVEL_FRACTIONS if self.large else LEVEL_FRACTIONS
-        levels = removal_levels(n_atoms, achievable, self.channel_multiple, fractions)
+        available = achievable(orderings, n_atoms)
+        levels = removal_levels(n_atoms, available, self.channel_multiple, fractions, steps=steps)
         self.orderings[name] = orderings
         self.atom_cost[name] = atom_macs(item.group, layer_macs)
         self.merges[name] = {level: orderings[0].merges(level) for level in levels}
@@ -462,9 +471,9 @@ class BudgetSearch:
         if ordering is None:
             return after
         option = next(o for o in self.options if o.name == name)
-        counts = [k for k in range(before.get(name, 0) + 1, after[name] + 1)
-                  if self.channel_multiple <= 1 or option.n_atoms < 2 * self.channel_multiple
-                  or (option.n_atoms - k) % self.channel_multiple == 0]  # fmt: skip
+        allowed = ordering.allowed()  # the counts keeping every segment on its step (ChannelSteps)
+        start = before.get(name, 0) + 1
+        counts = [k for k in range(start, after[name]) if allowed is None or k in allowed] + [after[name]]
         low, high = 0, len(counts) - 1
         while low < high:
             middle = (low + high) // 2

@@ -1,21 +1,21 @@
 """Per-group merge options of the budget search (pure): removal levels, candidate rankings, the result.
 
 A group may lose channels in steps (``removal_levels``: fractions of its channels, kept counts on the
-channel multiple); at each step its merges come from one of several rankings of its candidates
-(``Ordering``: the weights as they are, or KDE-hashed at a few bandwidths, or fitted activations). The
-search (``red_onnx.budget``) records per group the error of each level (``GroupOption``) and returns a
-``BudgetResult``.
+channel multiple, per segment: ``ChannelSteps``); at each step its merges come from one of several
+rankings of its candidates (``Ordering``: the weights as they are, or KDE-hashed at a few bandwidths, or
+fitted activations). The search (``red_onnx.budget``) records per group the error of each level
+(``GroupOption``) and returns a ``BudgetResult``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from red_onnx.channel_steps import ChannelSteps
 from red_onnx.kde import bandwidth_ladder, hash_weights
 from red_onnx.passes.merge_near import GroupCandidates
 from red_onnx.redundancy import Merge
@@ -58,10 +58,20 @@ class Ordering:
     bandwidth: float
     basins: int
     candidates: Candidates
+    steps: ChannelSteps | None = None
 
     def merges(self, count: int) -> list[Merge]:
-        """The first ``count`` merges of this ranking."""
-        return resolve_merges(self.candidates, count)
+        """The first ``count`` merges of this ranking (with ``steps``: every segment kept on its step)."""
+        if self.steps is None or not self.steps.constrained:
+            return resolve_merges(self.candidates, count)
+        return self.steps.select(self.candidates, count)
+
+    def allowed(self) -> set[int] | None:
+        """The merge counts this ranking may stop at (None: any, without ``steps``)."""
+        if self.steps is None:
+            return None
+        caps = self.steps.available(self.candidates) if self.steps.constrained else None
+        return set(self.steps.totals(caps).tolist())
 
     def achievable(self, n_atoms: int) -> int:
         """How many merges this ranking can make at most."""
@@ -133,15 +143,42 @@ def _group_summary(option: GroupOption, count: int) -> dict[str, object]:
 
 
 def removal_levels(
-    n_atoms: int, available: int, multiple: int, fractions: Sequence[float] = LEVEL_FRACTIONS
+    n_atoms: int,
+    available: int | Sequence[int],
+    multiple: int,
+    fractions: Sequence[float] = LEVEL_FRACTIONS,
+    *,
+    steps: ChannelSteps | None = None,
 ) -> list[int]:
-    """Removal counts to try: 0, then fractions of ``n_atoms`` with kept counts on the multiple."""
+    """Removal counts to try: 0, then fractions of ``n_atoms`` with kept counts on the steps.
+
+    Each fraction gives the largest count the candidates can make, at most ``round(n_atoms * fraction)``,
+    that keeps every segment of ``steps`` on its step (default: the group as one segment on
+    ``effective_multiple(n_atoms, multiple)``).
+
+    Args:
+        n_atoms: The group's channels (atoms).
+        available: How many merges the candidates can make: in all, or per segment of ``steps``.
+        multiple: The channel multiple.
+        fractions: Fractions of the group's channels to remove.
+        steps: The group's segments and their steps.
+    """
+    steps = steps or ChannelSteps.whole(n_atoms, multiple)
+    if np.ndim(available) == 0:
+        possible = steps.totals()
+        possible = possible[possible <= int(available)]  # type: ignore[arg-type]
+    else:
+        possible = steps.totals(available)  # type: ignore[arg-type]
     levels = {0}
     for fraction in fractions:
-        kept = n_atoms - round(n_atoms * fraction)
-        if multiple > 1 and n_atoms >= 2 * multiple:
-            kept = max(multiple, math.ceil(kept / multiple) * multiple)
-        removed = n_atoms - kept
-        if 0 < removed <= available and kept >= 1:
-            levels.add(removed)
+        below = possible[possible <= round(n_atoms * fraction)]
+        levels.add(int(below[-1]))
     return sorted(levels)
+
+
+def achievable(orderings: Sequence[Ordering], n_atoms: int) -> int | list[int]:
+    """The most merges any of the group's rankings can make: in all, or per segment where steps differ."""
+    steps = orderings[0].steps
+    if steps is None or not steps.constrained:
+        return max(o.achievable(n_atoms) for o in orderings)
+    return np.max([steps.available(o.candidates) for o in orderings], axis=0).tolist()

@@ -21,9 +21,9 @@ from red_onnx._version import __version__
 from red_onnx.benchmark import benchmark
 from red_onnx.budget import SENSITIVITY_MODES
 from red_onnx.errors import RedOnnxError, UsageError, VerificationError
+from red_onnx.input_spec import InputSpec, parse_input_range, parse_input_shape, parse_input_value
 from red_onnx.pipeline import Result, compress
 from red_onnx.report import render_table
-from red_onnx.verify import InputSpec, parse_input_range, parse_input_shape, parse_input_value
 
 logger = logging.getLogger("red_onnx")
 #: Exit code of an unexpected exception (a bug), next to 0 done, 1 verification failed, 2 bad input/usage.

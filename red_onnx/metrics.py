@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from red_onnx.errors import InputError
+
 FLOAT_TYPES = frozenset(
     {
         onnx.TensorProto.FLOAT,
@@ -132,7 +134,13 @@ def measure(
         known: Tensor shapes already measured (the shape service's onnxruntime run), used where ONNX
             shape inference cannot tell (a dynamic-batch attention Reshape stops it: a transformer's
             MACs then counted only its first three MatMuls).
+
+    Raises:
+        InputError: An input shape has a dimension below 1 (e.g. a declared ``-1`` batch taken as a size).
     """
+    for name, shape in input_shapes.items():
+        if any(int(dim) < 1 for dim in shape):
+            raise InputError(f"input {name!r} has shape {list(shape)}; give every dimension a positive size")
     shapes = {name: tuple(shape) for name, shape in (known or {}).items() if shape is not None}
     shapes |= _shape_map(model, input_shapes)
     weights = _weights(model)

@@ -20,10 +20,12 @@ import onnx
 import onnxruntime as ort
 
 from red_onnx import graph as graph_utils
-from red_onnx import io, metrics, verify
+from red_onnx import io, metrics, sessions
 from red_onnx._version import __version__
 from red_onnx.budget import SENSITIVITY_MODES, BudgetSearch
 from red_onnx.errors import InputError, UsageError, VerificationError
+from red_onnx.input_spec import InputSpec
+from red_onnx.inputs import make_inputs
 from red_onnx.latency import CPU_PROVIDER, LatencyProbe, LatencyService, check_provider
 from red_onnx.pass_infra import Pass
 from red_onnx.passes.fold_affine import FoldAffine
@@ -33,7 +35,7 @@ from red_onnx.passes.merge_near import MergeNear
 from red_onnx.passes.separate_depthwise import SeparateDepthwise
 from red_onnx.report import FrozenGroup, Report
 from red_onnx.shapes import ShapeService
-from red_onnx.verify import InputSpec, Verifier, make_inputs
+from red_onnx.verify import Verifier
 
 logger = logging.getLogger(__name__)
 ort.set_default_logger_severity(4)
@@ -303,10 +305,10 @@ def compress(
 
 def _check_measurable(size: int) -> None:
     """Refuse approximate merging of a model over the protobuf limit (the search measures in memory)."""
-    if size > verify.MAX_PROTO_BYTES:
+    if size > sessions.MAX_PROTO_BYTES:
         raise UsageError(
             f"approximate merging (--tolerance, --target-macs) cannot measure models over "
-            f"{verify.MAX_PROTO_BYTES / 2**30:.1f} GB yet (this one: {size / 2**30:.1f} GB); use --exact"
+            f"{sessions.MAX_PROTO_BYTES / 2**30:.1f} GB yet (this one: {size / 2**30:.1f} GB); use --exact"
         )
 
 
@@ -316,7 +318,7 @@ def _reference_verifier(model: ModelSource, options: Options) -> Verifier | None
     Fails early (InputError) when onnxruntime cannot run the input model on the verification inputs;
     the final verification reuses it. None for a proto over the protobuf limit (verified by path later).
     """
-    if isinstance(model, onnx.ModelProto) and io.model_nbytes(model) > verify.MAX_PROTO_BYTES:
+    if isinstance(model, onnx.ModelProto) and io.model_nbytes(model) > sessions.MAX_PROTO_BYTES:
         return None
     verifier = Verifier(model, options.input_spec, seeds=VERIFY_SEEDS)
     verifier.reference_outputs("disable_all")
@@ -438,7 +440,7 @@ def _verify(
 
 def _as_source(model: ModelSource, scratch: Path) -> ModelSource:
     """The model itself, or a path to it when it is too large to hand over serialized."""
-    if isinstance(model, onnx.ModelProto) and io.model_nbytes(model) > verify.MAX_PROTO_BYTES:
+    if isinstance(model, onnx.ModelProto) and io.model_nbytes(model) > sessions.MAX_PROTO_BYTES:
         io.save_model(model, scratch)
         return scratch
     return model

@@ -108,10 +108,20 @@ def add_merged_rows(flat: np.ndarray, local: np.ndarray, merges: Sequence[Merge]
 
     Returns:
         The local indices of the merged (source) rows.
+
+    Raises:
+        RewriteError: A merge's source is read here but its target is not (atoms of different segments:
+            the compensation would land on a wrong row).
     """
     inside = [m for m in merges if local[m.source] >= 0]
     if not inside:
         return np.zeros(0, np.int64)
+    stray = [m for m in inside if local[m.target] < 0]
+    if stray:
+        raise RewriteError(
+            f"merge of atom {stray[0].source} into atom {stray[0].target}: a consumer reads the source but "
+            f"not the target ({len(stray)} such merges); merges must stay within one segment of the group"
+        )
     src = np.array([local[m.source] for m in inside])
     dst = np.array([local[m.target] for m in inside])
     targets, slot = np.unique(dst, return_inverse=True)

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 
 from red_onnx.errors import first_line
 from red_onnx.graph import WorkingModel, export_model
-from red_onnx.verify import run_tensors
+from red_onnx.tensor_values import run_tensors
 
 logger = logging.getLogger(__name__)
 

@@ -5,9 +5,17 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
+from graphs import Net
 from onnx import TensorProto, helper, numpy_helper
 
 import red_onnx
+from red_onnx.budget import BudgetSearch
+from red_onnx.errors import RewriteError
+from red_onnx.input_spec import InputSpec
+from red_onnx.inputs import make_inputs
+from red_onnx.redundancy import Merge
+from red_onnx.shapes import ShapeService
 from red_onnx.similarity import Candidates, resolve_merges
 
 
@@ -71,7 +79,7 @@ def test_activation_ranking_is_off_on_synthetic_inputs_and_on_with_real_ones(tmp
 
 
 def test_pink_prior_is_smooth_unit_variance_noise() -> None:
-    from red_onnx.verify import make_inputs
+    from red_onnx.inputs import make_inputs
 
     value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 64, 64])
     out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 64, 64])
@@ -83,3 +91,31 @@ def test_pink_prior_is_smooth_unit_variance_noise() -> None:
     white = make_inputs(identity, red_onnx.InputSpec(), 0)["x"]
     neighbours = [np.corrcoef(a[0, 0, :, :-1].ravel(), a[0, 0, :, 1:].ravel())[0, 1] for a in (image, white)]
     assert neighbours[0] > neighbours[1] + 0.3  # neighbouring pixels correlate
+
+
+def _split_reader_net() -> onnx.ModelProto:
+    """convA (8 channels) read whole by convD and split 4 + 4 into convE and convF: three segments."""
+    net = Net(0)
+    a = net.act("Relu", net.conv("convA", net.input("x", [1, 4, 8, 8]), 4, 8), "reluA")
+    d = net.conv("convD", a, 8, 4)
+    sizes = net.const("split.sizes", [4, 4], np.int64)
+    net.nodes.append(helper.make_node("Split", [a, sizes], ["s0", "s1"], name="split", axis=1))
+    e, f = net.conv("convE", "s0", 4, 4), net.conv("convF", "s1", 4, 4)
+    return net.build([net.op("Add", [net.op("Add", [d, e], "add1"), f], "add2")])
+
+
+def test_activation_candidates_stay_within_a_segment() -> None:
+    """A consumer reading the source but not the target cannot take the compensation (it went to a wrong
+    row before: 19 of 32 activation candidates crossed chunks on this graph)."""
+    model, spec = _split_reader_net(), InputSpec()
+    search = BudgetSearch(model, model, spec, ShapeService(make_inputs(model, spec, 0)), channel_multiple=1)
+    ranked = {o.label: o for o in search.orderings["convA"]}
+    assert "activations" in ranked
+    for ordering in ranked.values():
+        segment, found = ordering.steps.segment, ordering.candidates
+        assert len(found) > 0
+        assert np.array_equal(segment[found.source], segment[found.target])
+    crossing = [(j, i) for j in range(8) for i in range(8) if segment[j] != segment[i]]
+    assert crossing
+    with pytest.raises(RewriteError, match="reads the source but not the target"):
+        search.apply_plan({"convA": [Merge(*crossing[0], 1.0)]})

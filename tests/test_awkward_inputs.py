@@ -35,17 +35,18 @@ from graphs import shared_weight
 from onnx import TensorProto, helper, numpy_helper
 from test_pipeline import list_initializers_as_inputs, planted_conv
 
-from red_onnx import cli, verify
+from red_onnx import cli, noise, sessions
 from red_onnx import io as model_io
 from red_onnx.demo import demo_path
-from red_onnx.verify import InputSpec, make_inputs
+from red_onnx.input_spec import InputSpec
+from red_onnx.inputs import make_inputs
 
 MODES = {"exact": ["--exact"], "approximate": ["--tolerance", "0.02"]}
 TOLERANCE = 0.02
 #: Exact rule of the pipeline: |y' - y| <= EXACT_ATOL·max(1, max|y|) + EXACT_RTOL·|y|.
 EXACT_RTOL, EXACT_ATOL = 1e-5, 1e-6
-#: float16 rounding floor (red_onnx.verify.ROUNDING_UNITS unit roundoffs of float16, see there).
-FLOAT16_FLOOR = verify.ROUNDING_UNITS * 2.0**-11
+#: float16 rounding floor (red_onnx.noise.ROUNDING_UNITS unit roundoffs of float16, see there).
+FLOAT16_FLOOR = noise.ROUNDING_UNITS * 2.0**-11
 #: Seeds of the inputs these tests check outputs on (the pipeline verifies on 0 and 1).
 CHECK_SEEDS = (5, 6)
 OPSET = [helper.make_opsetid("", 17)]
@@ -105,7 +106,7 @@ def assert_done(folder: Path, before: dict[str, bytes], code: int, err: str) -> 
 
 def session(model: onnx.ModelProto | Path, level: str) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.graph_optimization_level = verify.LEVELS[level]
+    options.graph_optimization_level = sessions.LEVELS[level]
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
@@ -548,7 +549,7 @@ def test_approximate_run_over_the_protobuf_limit_exits_2(
 
     ``--exact`` takes the by-path route instead (tests/test_large_models.py, and the 3 GB test below).
     """
-    monkeypatch.setattr(verify, "MAX_PROTO_BYTES", 10_000)
+    monkeypatch.setattr(sessions, "MAX_PROTO_BYTES", 10_000)
     monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 10_000)
     model_io.save_model(onnx.load(demo_path()), tmp_path / "in.onnx")
     assert (tmp_path / "in.onnx.data").is_file()

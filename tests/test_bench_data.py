@@ -6,6 +6,7 @@ import importlib.util
 import os
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import onnx
@@ -152,3 +153,62 @@ def test_prune_to_macs_on_demo_model() -> None:
     assert macs(pruned) < macs(onnx.load(str(demo_path())))
     with pytest.raises(InputError, match="closest"):
         prune_to_macs(demo_path(), 0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# The builders of the models the method was not tuned on (bench/models/, options only: no training)
+# ------------------------------------------------------------------------------------------------
+
+BENCH_MODELS = Path(__file__).resolve().parents[1] / "bench" / "models"
+
+
+def _bench_model_script(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(BENCH_MODELS))  # the scripts import their neighbour `export`
+    return importlib.import_module(name)
+
+
+def test_mnist1d_options_keep_the_default_model_and_build_variants(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = pytest.importorskip("torch", reason="torch is a dev-only dependency")
+    script = _bench_model_script("train_mnist1d", monkeypatch)
+    default = script.parse_args([])
+    assert (default.seed, default.channels, default.kernel, default.name) == (0, [32, 64, 64], 5, "mnist1d")
+    assert script.variant_label(default) == ""  # the default doc string, so the same bytes
+    argv = ["--seed", "1", "--channels", "24", "48", "64", "96", "--kernel", "3", "--name", "mnist1d_b"]
+    variant = script.parse_args(argv)
+    assert "seed 1" in script.variant_label(variant)
+    for options, widths, kernel in ((default, [32, 64, 64], 5), (variant, [24, 48, 64, 96], 3)):
+        model = script.build_model(options).eval()
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv1d)]
+        assert [c.out_channels for c in convs] == widths and {c.kernel_size for c in convs} == {(kernel,)}
+        assert model(torch.zeros(2, 1, 40)).shape == (2, 10)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--kernel", "4"])
+
+
+def test_digits_variant_options_build_wider_deeper_nets(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = pytest.importorskip("torch", reason="torch is a dev-only dependency")
+    script = _bench_model_script("train_digits_variant", monkeypatch)
+    for argv, blocks, residual in (([], 2, True), (["--blocks", "3", "--plain"], 3, False)):
+        model = script.build_model(script.parse_args(argv)).eval()
+        assert len(model.blocks) == blocks
+        assert all(isinstance(b, script.ResidualBlock) == residual for b in model.blocks)
+        assert model.stem[0].out_channels == 48 and model.down[0].out_channels == 96
+        assert len([m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]) == 2 + 2 * blocks
+        assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_ppocr_cls_fixed_shape_computes_what_the_zoo_model_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.zoo import zoo_dir
+
+    source = zoo_dir() / "ppocr_mobile_cls.onnx"
+    if not source.is_file():
+        pytest.skip(f"{source} is absent: run `python bench/zoo.py`")
+    import onnxruntime as ort
+
+    model = _bench_model_script("export_ppocr_cls", monkeypatch).fixed_shape_model(source)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, 48, 192]
+    x = np.random.default_rng(0).uniform(-1.0, 1.0, (3, 3, 48, 192)).astype(np.float32)
+    fixed, zoo = (ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+                  for m in (model.SerializeToString(), str(source)))  # fmt: skip
+    np.testing.assert_allclose(fixed, zoo, rtol=0, atol=1e-5)

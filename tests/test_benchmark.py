@@ -1,18 +1,25 @@
-"""``--benchmark``: latency before/after per batch, through the CLI and the API."""
+"""``--benchmark``: latency before/after per batch, through the CLI and the API; the batch axes it uses."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from red_onnx import cli
-from red_onnx.benchmark import benchmark
-from red_onnx.verify import InputSpec
+from red_onnx.benchmark import NO_DYNAMIC_BATCH, BatchAxisError, batch_axes, batched_feed, benchmark
+from red_onnx.input_spec import InputSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from zoo import zoo_dir
+
+HIDDEN = 6
 
 
 def conv_relu(batch: int | str) -> onnx.ModelProto:
@@ -44,7 +51,7 @@ def test_static_batch_says_why_16_is_not_measured() -> None:
     model = conv_relu(1)
     figures = benchmark(model, model, InputSpec(), runs=2)
     assert list(figures.batches) == ["1"]
-    assert figures.skipped == {"16": "no input has a dynamic batch axis"}
+    assert figures.skipped == {"16": NO_DYNAMIC_BATCH}
 
 
 def test_cli_benchmark_reports_latency(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -79,3 +86,140 @@ def test_a_batch_the_model_cannot_run_is_skipped_with_onnxruntimes_reason() -> N
     assert list(figures.batches) == ["1"]
     assert figures.skipped["16"].startswith("onnxruntime could not run this batch: ")
     assert "\n" not in figures.skipped["16"]
+
+
+def recurrent_lstm(batch: str = "N", state_batch: str | None = None) -> onnx.ModelProto:
+    """silero-vad's layout: ``input [batch, 8]``, ``state [2, batch, H]`` (h, c) -> LSTM -> ``stateN``, ``y``.
+
+    ``state_batch`` names the state's batch dim (default: ``batch``); onnxruntime's LSTM refuses a state
+    whose batch differs from the data's.
+    """
+    rng = np.random.default_rng(3)
+    weights = {
+        "w_in": rng.standard_normal((8, 4)), "w": rng.standard_normal((1, 4 * HIDDEN, 4)),
+        "r": rng.standard_normal((1, 4 * HIDDEN, HIDDEN)), "b": rng.standard_normal((1, 8 * HIDDEN)),
+        "w_out": rng.standard_normal((HIDDEN, 1)), "axis0": np.array([0]), "halves": np.array([1, 1]),
+    }  # fmt: skip
+    nodes = [
+        helper.make_node("MatMul", ["input", "w_in"], ["u"]),
+        helper.make_node("Unsqueeze", ["u", "axis0"], ["seq"]),
+        helper.make_node("Split", ["state", "halves"], ["h0", "c0"], axis=0),
+        helper.make_node("LSTM", ["seq", "w", "r", "b", "", "h0", "c0"], ["", "h", "c"], hidden_size=HIDDEN),
+        helper.make_node("Concat", ["h", "c"], ["stateN"], axis=0),
+        helper.make_node("Squeeze", ["h", "axis0"], ["h_last"]),
+        helper.make_node("MatMul", ["h_last", "w_out"], ["y"]),
+    ]
+    state_dims = [2, state_batch or batch, HIDDEN]
+    graph = helper.make_graph(
+        nodes, "lstm",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 8]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, state_dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 1]),
+         helper.make_tensor_value_info("stateN", TensorProto.FLOAT, state_dims)],
+        [numpy_helper.from_array(v.astype(np.int64 if v.dtype.kind == "i" else np.float32), k)
+         for k, v in weights.items()],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_recurrent_state_follows_the_batch_and_batch_16_is_measured() -> None:
+    model = recurrent_lstm()
+    spec = InputSpec(ranges={"state": (-0.5, 0.5)})  # a nonzero state, so every row's output depends on it
+    feed = batched_feed(model, spec, 16)
+    assert feed["input"].shape == (16, 8) and feed["state"].shape == (2, 16, HIDDEN)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    one = session.run(None, batched_feed(model, spec, 1))
+    sixteen = session.run(None, feed)
+    np.testing.assert_allclose(sixteen[0], np.repeat(one[0], 16, axis=0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(sixteen[1], np.repeat(one[1], 16, axis=1), rtol=1e-6, atol=1e-6)
+    figures = benchmark(model, model, spec, runs=2, threads=1)
+    assert set(figures.batches) == {"1", "16"} and not figures.skipped
+
+
+def test_a_state_whose_batch_is_named_otherwise_is_skipped_at_16_with_the_reason() -> None:
+    model = recurrent_lstm(state_batch="B")
+    with pytest.raises(BatchAxisError, match=r"input 'state' \[2, B, 6\] has no axis like the batch \('N'\)"):
+        batched_feed(model, InputSpec(), 16)
+    figures = benchmark(model, model, InputSpec(), runs=2, threads=1)
+    assert list(figures.batches) == ["1"]  # at its own batch
+    assert figures.skipped == {"16": "input 'state' [2, B, 6] has no axis like the batch ('N')"}
+
+
+def _identities(inputs: dict[str, list[int | str | None]]) -> onnx.ModelProto:
+    """Identity of every input; a dim of None is unset (no dim_value, no dim_param)."""
+    values, nodes = [], []
+    for name, dims in inputs.items():
+        value = helper.make_tensor_value_info(name, TensorProto.FLOAT, [0] * len(dims))
+        for dim, declared in zip(value.type.tensor_type.shape.dim, dims, strict=True):
+            dim.Clear()
+            if isinstance(declared, str):
+                dim.dim_param = declared
+            elif declared is not None:
+                dim.dim_value = declared
+        values.append(value)
+        nodes.append(helper.make_node("Identity", [name], [f"{name}_out"]))
+    outputs = [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None) for name in inputs]
+    graph = helper.make_graph(nodes, "g", values, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+SHAPES = {"x": (1, 4), "state": (2, 1, 8)}
+
+
+@pytest.mark.parametrize(
+    ("inputs", "expected"),
+    [
+        ({"x": ["batch", 4], "state": [2, "batch", 8]}, {"x": 0, "state": 1}),  # silero's named batch
+        ({"x": [None, None], "state": [2, None, 8]}, {"x": 0, "state": 1}),  # unnamed: the size-1 axis
+        ({"x": [-1, 4], "state": [2, 1, 8]}, {"x": 0}),  # -1 is dynamic (PP-OCR cls); state is static
+        ({"x": [1, 4], "state": [2, 1, 8]}, {}),  # nothing dynamic
+        ({"x": ["batch", 4], "state": ["batch", 1, 8]}, {"x": 0, "state": 0}),
+    ],
+)
+def test_batch_axes(inputs: dict[str, list], expected: dict[str, int]) -> None:
+    model = _identities(inputs)
+    feed = {name: np.zeros(SHAPES[name], np.float32) for name in inputs}
+    assert batch_axes(model, feed) == expected
+
+
+@pytest.mark.parametrize(
+    ("inputs", "reason"),
+    [
+        ({"x": ["batch", 4], "state": ["layers", "batch", 8]}, "name their dynamic axis 0 differently"),
+        ({"x": ["batch", 4], "state": [2, None, 8]}, "input 'state' [2, ?, 8] has no axis like the batch"),
+        ({"x": [None, 4], "state": [2, 3, None]}, "like the batch (unnamed, of size 1)"),
+    ],
+)
+def test_inputs_without_a_consistent_batch_axis_have_none(inputs: dict[str, list], reason: str) -> None:
+    model = _identities(inputs)
+    feed = {name: np.zeros(SHAPES[name], np.float32) for name in inputs}
+    with pytest.raises(BatchAxisError) as raised:
+        batch_axes(model, feed)
+    assert reason in str(raised.value)
+
+
+def test_batched_feed_repeats_the_first_sample_along_each_batch_axis() -> None:
+    model = _identities({"x": ["batch", 4], "state": [2, "batch", 8]})
+    spec = InputSpec(shapes={"x": (3, 4), "state": (2, 3, 8)})
+    feed = batched_feed(model, spec, 16)
+    assert feed["x"].shape == (16, 4) and feed["state"].shape == (2, 16, 8)
+    np.testing.assert_array_equal(feed["x"], np.repeat(feed["x"][:1], 16, axis=0))
+    np.testing.assert_array_equal(feed["state"], np.repeat(feed["state"][:, :1], 16, axis=1))
+
+
+def test_batched_feed_of_a_static_model_is_its_own_batch_only() -> None:
+    model = _identities({"x": [1, 4], "state": [2, 1, 8]})
+    with pytest.raises(BatchAxisError, match=NO_DYNAMIC_BATCH):
+        batched_feed(model, InputSpec(), 16)
+    assert batched_feed(model, InputSpec(), 1, own_batch=True)["x"].shape == (1, 4)
+
+
+def test_real_silero_vad_is_measured_at_batch_16() -> None:
+    path = zoo_dir() / "silero_vad.onnx"  # input [?, ?], state [2, ?, 128] (unnamed), sr a scalar
+    if not path.is_file():
+        pytest.skip(f"model zoo absent ({path}); run `python bench/zoo.py` to fetch it")
+    model = onnx.load(path)
+    spec = InputSpec(shapes={"input": (1, 512)}, values={"sr": 16000.0})
+    assert batched_feed(model, spec, 16)["state"].shape == (2, 16, 128)
+    figures = benchmark(model, model, spec, runs=2, threads=1)
+    assert set(figures.batches) == {"1", "16"} and not figures.skipped

@@ -24,6 +24,7 @@ from onnx import numpy_helper
 import red_onnx
 from red_onnx import cli, metrics
 from red_onnx.budget import removal_levels
+from red_onnx.channel_steps import effective_multiple
 from red_onnx.report import Report
 
 #: Seeds of our own error measurements (the pipeline uses 0, 1, 7 and 100..103).
@@ -204,8 +205,8 @@ def test_removal_levels_contract(n_atoms: int, data: st.DataObject) -> None:
     assert levels[0] == 0
     assert all(a < b for a, b in itertools.pairwise(levels))
     assert levels[-1] <= available and levels[-1] < n_atoms
-    if multiple > 1 and n_atoms >= 2 * multiple:
-        assert all((n_atoms - r) % multiple == 0 for r in levels[1:])
+    step = effective_multiple(n_atoms, multiple)
+    assert all((n_atoms - r) % step == 0 for r in levels[1:])
     if available >= n_atoms // 2 and n_atoms >= 4 * multiple:
         assert len(levels) >= 3  # a big group with candidates gets several levels to try
 
@@ -216,7 +217,8 @@ def test_removal_levels_examples() -> None:
     assert removal_levels(16, 5, 4) == [0, 4]
     assert removal_levels(64, 64, 8) == [0, 8, 16, 24, 32, 40, 48]
     assert removal_levels(16, 0, 1) == [0]
-    assert removal_levels(6, 6, 4) == [0, 1, 2, 3, 4]  # too small for the multiple: plain fractions
+    assert removal_levels(6, 6, 4) == [0, 2, 4]  # too small for 4: kept counts on 2 (effective_multiple)
+    assert removal_levels(3, 3, 4) == [0, 1, 2]  # too small for 2: free
 
 
 @pytest.mark.parametrize("multiple", [1, 8])
@@ -437,8 +439,9 @@ def test_same_call_gives_the_same_bytes() -> None:
 
 def test_an_inputs_batch_is_split_between_the_search_and_the_heldout_check(tmp_path: Path) -> None:
     from red_onnx.budget import BudgetSearch
+    from red_onnx.input_spec import InputSpec
+    from red_onnx.inputs import make_inputs
     from red_onnx.shapes import ShapeService
-    from red_onnx.verify import InputSpec, make_inputs
 
     model = conv_net(0.05)
     for value in (*model.graph.input, *model.graph.output):

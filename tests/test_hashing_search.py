@@ -11,8 +11,9 @@ from test_budget import conv_net, deep_net
 import red_onnx
 from red_onnx import graph as graph_utils
 from red_onnx.budget import BudgetSearch, hashed_orderings
+from red_onnx.input_spec import InputSpec
+from red_onnx.inputs import make_inputs
 from red_onnx.shapes import ShapeService
-from red_onnx.verify import InputSpec, make_inputs
 
 
 def _search(model: onnx.ModelProto, *, hashing: bool, activations: bool = False) -> BudgetSearch:

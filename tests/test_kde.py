@@ -311,6 +311,21 @@ def test_scott_bandwidth_on_standard_normal() -> None:
     assert scott_bandwidth(np.full(10, 2.0)) > 0
 
 
+def test_bandwidth_ladder_sample_shortcut_matches_the_full_sort() -> None:
+    """Above GAP_SAMPLE weights the gap is first taken on a sample; the lowest rung is the full sort's."""
+    rng = np.random.default_rng(8)
+    continuous = rng.normal(0.0, 0.02, kde.GAP_SAMPLE * 3)
+    coarse = np.round(continuous * 1e4) / 1e4  # few distinct values: the gap (1e-4) beats 1e-3·σ = 2e-5
+    for weights in (continuous, coarse):
+        distinct = np.unique(weights)
+        gap = float(np.median(np.diff(distinct)))
+        expected = min(
+            max(kde.LADDER_STD_FRACTION * weights.std(), gap), kde.LADDER_MAX_LOW * scott_bandwidth(weights)
+        )
+        assert bandwidth_ladder(weights)[0] == pytest.approx(expected, rel=1e-12)
+    assert bandwidth_ladder(coarse)[0] == pytest.approx(1e-4, rel=1e-6)
+
+
 def test_bandwidth_ladder_is_increasing_and_ends_at_scott() -> None:
     rng = np.random.default_rng(7)
     for weights in (rng.normal(0.0, 0.02, 50_000), rng.normal(0.0, 1.0, 30), np.full(8, 1.0)):

@@ -11,13 +11,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from red_onnx import cli, io, verify
+from red_onnx import cli, io, sessions
 from red_onnx.demo import demo_path
 
 
 @pytest.fixture
 def tiny_limits(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(verify, "MAX_PROTO_BYTES", 10_000)
+    monkeypatch.setattr(sessions, "MAX_PROTO_BYTES", 10_000)
     monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 10_000)
 
 

@@ -1,75 +1,20 @@
-"""The latency table's pure logic: batch axes, ratios and verdicts (``bench/latency_table.py``; no timing)."""
+"""The latency table's pure logic: ratios and verdicts (``bench/latency_table.py``; no timing).
+
+Its batch axes are the library's (``red_onnx.benchmark``, tested in ``tests/test_benchmark.py``).
+"""
 
 from __future__ import annotations
 
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from bench.latency_table import (
     aa_noise,
-    batch_axes,
-    batched_feed,
     markdown,
     noise_margin,
     reduction_efficiency,
     summarise,
     verdict,
 )
-from red_onnx.verify import InputSpec
-
-
-def _model(inputs: dict[str, list[int | str | None]]) -> onnx.ModelProto:
-    """Identity of every input; a dim of None is unset (no dim_value, no dim_param)."""
-    values, nodes = [], []
-    for name, dims in inputs.items():
-        value = helper.make_tensor_value_info(name, TensorProto.FLOAT, [0] * len(dims))
-        for dim, declared in zip(value.type.tensor_type.shape.dim, dims, strict=True):
-            dim.Clear()
-            if isinstance(declared, str):
-                dim.dim_param = declared
-            elif declared is not None:
-                dim.dim_value = declared
-        values.append(value)
-        nodes.append(helper.make_node("Identity", [name], [f"{name}_out"]))
-    outputs = [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None) for name in inputs]
-    graph = helper.make_graph(nodes, "g", values, outputs)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-SHAPES = {"x": (1, 4), "state": (2, 1, 8)}
-
-
-@pytest.mark.parametrize(
-    ("inputs", "expected"),
-    [
-        ({"x": ["batch", 4], "state": [2, "batch", 8]}, {"x": 0, "state": 1}),  # silero's named batch
-        ({"x": [None, None], "state": [2, None, 8]}, {"x": 0, "state": 1}),  # unnamed: the size-1 axis
-        ({"x": [-1, 4], "state": [2, 1, 8]}, {"x": 0}),  # -1 is dynamic (PP-OCR cls); state is static
-        ({"x": [1, 4], "state": [2, 1, 8]}, {}),  # nothing dynamic
-    ],
-)
-def test_batch_axes(inputs: dict[str, list], expected: dict[str, int]) -> None:
-    model = _model(inputs)
-    feed = {name: np.zeros(SHAPES[name], np.float32) for name in inputs}
-    assert batch_axes(model, feed) == expected
-
-
-def test_batched_feed_repeats_the_first_sample_along_each_batch_axis() -> None:
-    model = _model({"x": ["batch", 4], "state": [2, "batch", 8]})
-    spec = InputSpec(shapes={"x": (3, 4), "state": (2, 3, 8)})
-    feed = batched_feed(model, spec, 16)
-    assert feed is not None
-    assert feed["x"].shape == (16, 4) and feed["state"].shape == (2, 16, 8)
-    np.testing.assert_array_equal(feed["x"], np.repeat(feed["x"][:1], 16, axis=0))
-    np.testing.assert_array_equal(feed["state"], np.repeat(feed["state"][:, :1], 16, axis=1))
-
-
-def test_batched_feed_of_a_static_model_is_its_own_batch_only() -> None:
-    model = _model({"x": [1, 4], "state": [2, 1, 8]})
-    assert batched_feed(model, InputSpec(), 16) is None
-    assert batched_feed(model, InputSpec(), 1)["x"].shape == (1, 4)
 
 
 def test_reduction_efficiency_only_where_macs_drop_by_a_fifth() -> None:

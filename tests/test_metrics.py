@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from red_onnx.errors import InputError
 from red_onnx.metrics import count_params, measure
 
 OPSET = 17
@@ -207,3 +208,18 @@ def test_measured_shapes_fill_in_where_inference_stops() -> None:
     shapes = {"x": [2, 3, 4], "target": [2]}
     assert measure(model, shapes).macs == 0  # inference cannot tell the shape of r
     assert measure(model, shapes, {"y": (4, 5)}).macs == 4 * 5 * 6
+
+
+@pytest.mark.parametrize("batch", [-1, 0])
+def test_measure_refuses_a_dimension_below_one(batch: int) -> None:
+    """A declared ``-1`` batch taken as a size gave negative MACs; it is refused with the shape named."""
+    model = _model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [("x", ["N", 4])],
+        "y",
+        [("w", _weights(4, 3))],
+        2,
+    )
+    assert measure(model, {"x": [2, 4]}).macs == 2 * 4 * 3
+    with pytest.raises(InputError, match=rf"input 'x' has shape \[{batch}, 4\]; give every dimension"):
+        measure(model, {"x": [batch, 4]})

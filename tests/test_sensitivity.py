@@ -18,10 +18,12 @@ from test_budget import conv_net, residual_net
 from red_onnx import compress, graph
 from red_onnx.budget import BudgetSearch
 from red_onnx.errors import UsageError
+from red_onnx.input_spec import InputSpec
+from red_onnx.inputs import make_inputs
 from red_onnx.redundancy import Merge
 from red_onnx.sensitivity import LocalSensitivity, consumer_inputs
 from red_onnx.shapes import ShapeService
-from red_onnx.verify import InputSpec, make_inputs, run_tensors, tensor_fetch
+from red_onnx.tensor_values import run_tensors, tensor_fetch
 
 
 def pointwise_net(seed: int = 0) -> tuple[onnx.ModelProto, str]:

@@ -19,11 +19,12 @@ from hypothesis import strategies as st
 from red_onnx.passes.merge_near import analyse_model
 
 from red_onnx import graph as graph_utils
-from red_onnx import metrics
+from red_onnx import metrics, similarity
+from red_onnx.input_spec import InputSpec
+from red_onnx.inputs import make_inputs
 from red_onnx.redundancy import AtomParams, Merge
 from red_onnx.shapes import ShapeService
 from red_onnx.similarity import Candidates, atom_macs, near_candidates, pair_distance, resolve_merges
-from red_onnx.verify import InputSpec, make_inputs
 
 
 def _params(
@@ -51,6 +52,24 @@ def test_exact_positive_multiples_have_their_scale_and_zero_distance() -> None:
     scale, distance = pair_distance(params, _idx(3, 4, 5), _idx(0, 1, 2), homogeneous=True)
     np.testing.assert_allclose(scale, [2.0, 0.25, 1.0], rtol=1e-12)
     np.testing.assert_allclose(distance, 0.0, atol=1e-7)
+
+
+def test_blocked_pairs_equal_one_direct_computation() -> None:
+    """``pair_distance`` gathers PAIR_CHUNK pairs at a time; more pairs than that give the plain formula."""
+    rng = np.random.default_rng(11)
+    scaled = rng.standard_normal((40, 30))
+    scaled[20:] = scaled[:20] * rng.uniform(0.5, 2.0, (20, 1)) + 0.05 * rng.standard_normal((20, 30))
+    params = _params(scaled)
+    count = 3 * similarity.PAIR_CHUNK + 5
+    source, target = rng.integers(0, 40, count), rng.integers(0, 40, count)
+    scale, distance = pair_distance(params, source, target, homogeneous=True)
+    s_j, s_i = scaled[source], scaled[target]
+    expected_scale = np.einsum("ij,ij->i", s_j, s_i) / np.einsum("ij,ij->i", s_i, s_i)
+    residual = s_j - expected_scale[:, None] * s_i
+    expected = np.sqrt(np.einsum("ij,ij->i", residual, residual) / np.einsum("ij,ij->i", s_j, s_j))
+    expected[expected_scale <= 0] = np.inf
+    np.testing.assert_allclose(scale, expected_scale, rtol=1e-12)
+    np.testing.assert_allclose(distance, expected, rtol=1e-10)
 
 
 def test_scale_is_the_projection_coefficient() -> None:

@@ -16,8 +16,9 @@ from test_budget import conv_net, deep_net, residual_net
 
 from red_onnx import metrics
 from red_onnx.budget import BudgetSearch
+from red_onnx.input_spec import InputSpec
+from red_onnx.inputs import make_inputs
 from red_onnx.shapes import ShapeService
-from red_onnx.verify import InputSpec, make_inputs
 
 BUILDERS = {
     "conv_net": lambda: conv_net(0.05),
@@ -120,7 +121,7 @@ def test_a_model_that_hard_codes_its_batch_is_run_sample_by_sample() -> None:
 
 def test_simulator_fetches_intermediate_tensors_and_leaves_the_base_model_as_it_was() -> None:
     from red_onnx.simulate import MergeSimulator
-    from red_onnx.verify import run_tensors
+    from red_onnx.tensor_values import run_tensors
 
     search = search_of(residual_net(0.05))
     before = search.base.SerializeToString()

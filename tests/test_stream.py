@@ -20,9 +20,11 @@ from onnx import TensorProto, helper, numpy_helper
 from red_onnx import compress
 from red_onnx.budget import BudgetSearch
 from red_onnx.errors import InputError
+from red_onnx.input_spec import InputSpec
+from red_onnx.inputs import make_inputs
 from red_onnx.shapes import ShapeService
 from red_onnx.stream import Runner, StatePair, confirm_pairs, find_state_pairs, join_steps, run_stream
-from red_onnx.verify import STREAM_STEPS, InputSpec, Verifier, make_inputs
+from red_onnx.verify import STREAM_STEPS, Verifier
 
 FEATURES, HIDDEN, STATE = 4, 16, 8
 TOLERANCE = 0.02

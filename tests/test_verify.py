@@ -14,18 +14,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper, numpy_helper
 
-from red_onnx import verify
+from red_onnx import sessions
+from red_onnx.compare import compare_outputs, merge_checks
 from red_onnx.errors import InputError, UsageError, VerificationError
-from red_onnx.verify import (
-    InputSpec,
-    Verifier,
-    compare_outputs,
-    make_inputs,
-    merge_checks,
-    parse_input_range,
-    parse_input_shape,
-    parse_input_value,
-)
+from red_onnx.input_spec import InputSpec, parse_input_range, parse_input_shape, parse_input_value
+from red_onnx.inputs import make_inputs
+from red_onnx.parts import box_error, is_box_head
+from red_onnx.verify import Verifier
 
 OPSET = [helper.make_opsetid("", 17)]
 RNG = np.random.default_rng(1234)
@@ -347,7 +342,7 @@ def test_onnxruntime_errors_are_wrapped() -> None:
 
 
 def test_oversized_proto_needs_a_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(verify, "MAX_PROTO_BYTES", 10)
+    monkeypatch.setattr(sessions, "MAX_PROTO_BYTES", 10)
     with pytest.raises(InputError, match="path"):
         Verifier(matmul_add(), InputSpec())
 
@@ -408,7 +403,7 @@ def test_metric_properties(ref: np.ndarray, data: st.DataObject) -> None:
 
 
 def test_scale_slices_split_a_detection_head_only() -> None:
-    from red_onnx.verify import measured_parts, scale_slices
+    from red_onnx.parts import measured_parts, scale_slices
 
     rng = np.random.default_rng(0)
     head = np.concatenate([rng.random((1, 4, 50)) * 300, rng.random((1, 80, 50)) * 0.01], axis=1)
@@ -452,12 +447,12 @@ def _packed_head(boxes: int = 50, classes: int = 3, seed: int = 0) -> np.ndarray
 
 def test_box_head_is_recognised_only_with_four_coordinates_and_non_negative_sizes() -> None:
     head = _packed_head()
-    assert verify.is_box_head(head)
+    assert is_box_head(head)
     negative = head.copy()
     negative[0, 2, 0] = -1.0
-    assert not verify.is_box_head(negative)
-    assert not verify.is_box_head(head[:, 4:])  # scores only: one scale
-    assert not verify.is_box_head(head[0])  # rank 2
+    assert not is_box_head(negative)
+    assert not is_box_head(head[:, 4:])  # scores only: one scale
+    assert not is_box_head(head[0])  # rank 2
 
 
 def test_box_error_is_each_box_move_relative_to_its_own_size() -> None:
@@ -465,13 +460,13 @@ def test_box_error_is_each_box_move_relative_to_its_own_size() -> None:
     size = np.sqrt(head[0, 2] * head[0, 3])
     moved = head.copy()
     moved[0, 0] += 0.01 * size  # every box shifted by 1% of its own size
-    assert verify.box_error(moved, head) == pytest.approx(0.01, rel=1e-9)
+    assert box_error(moved, head) == pytest.approx(0.01, rel=1e-9)
     one = head.copy()
     small = int(np.argmin(size))
     one[0, 1, small] += 0.5 * size[small]  # the smallest box moves by half its size, the others not
-    assert verify.box_error(one, head) == pytest.approx(0.5 / math.sqrt(head.shape[2]), rel=1e-9)
+    assert box_error(one, head) == pytest.approx(0.5 / math.sqrt(head.shape[2]), rel=1e-9)
     # relative L2 over the whole head barely sees it: x and y are image-sized
-    assert verify.compare_outputs("h", one[:, :4], head[:, :4]).rel_l2_err < 0.01
+    assert compare_outputs("h", one[:, :4], head[:, :4]).rel_l2_err < 0.01
 
 
 def test_packed_detection_head_is_also_measured_per_box(tmp_path: Path) -> None:
@@ -479,9 +474,9 @@ def test_packed_detection_head_is_also_measured_per_box(tmp_path: Path) -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(head.shape))
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(head.shape))
     model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y]))
-    spec = verify.InputSpec(npz=tmp_path / "head.npz")
+    spec = InputSpec(npz=tmp_path / "head.npz")
     np.savez(spec.npz, x=head)
-    verifier = verify.Verifier(model, spec, levels=("disable_all",))
+    verifier = Verifier(model, spec, levels=("disable_all",))
     got = [
         {"y": feed["x"] * np.array([1, 1, 1.1, 1, 1, 1, 1], np.float32)[None, :, None]}
         for feed in verifier.inputs

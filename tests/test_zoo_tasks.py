@@ -34,9 +34,10 @@ from bench.tasks import (
 from bench.vad import TEST_SPEECH, espeak_available, real_inputs, vad_check, vad_windows
 from bench.zoo import zoo_dir
 from red_onnx import compress
+from red_onnx.input_spec import InputSpec
 from red_onnx.io import save_model
 from red_onnx.pipeline import DEFAULT_TOLERANCE, Result
-from red_onnx.verify import InputSpec, Verifier
+from red_onnx.verify import Verifier
 
 TOLERANCE = DEFAULT_TOLERANCE
 #: Neither the verification (seeds 0, 1) nor the budget search (100-115, 200-215) uses this seed.

@@ -1,0 +1,126 @@
+"""onnxruntime sessions of the verification: what to load, at which level, and its errors as ours.
+
+A model is handed to onnxruntime as bytes (a snapshot: later edits of the proto do not leak) or, from a
+file, by path; above ``MAX_PROTO_BYTES`` only by path. An error of the input model is an
+``InputError`` (the input's fault); one of a rewritten model a ``VerificationError`` (a rewrite bug).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from red_onnx.errors import InputError, UsageError, VerificationError, first_line
+from red_onnx.io import model_nbytes
+from red_onnx.stream import Feed, Runner
+
+ModelLike = onnx.ModelProto | str | Path
+
+#: ModelProtos larger than this (serialized) cannot be handed to onnxruntime as bytes.
+MAX_PROTO_BYTES = 1_800_000_000
+
+#: Names accepted for ``levels``, mapped to onnxruntime graph-optimisation levels.
+LEVELS: dict[str, ort.GraphOptimizationLevel] = {
+    "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "enable_all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def check_level(level: str) -> None:
+    """UsageError unless ``level`` is one of ``LEVELS``."""
+    if level not in LEVELS:
+        raise UsageError(f"unknown optimisation level {level!r}; use one of {', '.join(LEVELS)}")
+
+
+def model_source(model: ModelLike) -> bytes | str:
+    """Return what onnxruntime loads: a ModelProto's serialized bytes, or a file's path string."""
+    if isinstance(model, onnx.ModelProto):
+        size = model_nbytes(model)  # ByteSize() itself raises EncodeError above 2 GB
+        if size > MAX_PROTO_BYTES:
+            raise InputError(
+                f"model is {size / 1e9:.2f} GB serialized, over the {MAX_PROTO_BYTES / 1e9:.1f} GB "
+                "protobuf limit; save it with external data and verify it by path (approximate "
+                "merging cannot measure models this large yet: use --exact)"
+            )
+        return model.SerializeToString()
+    path = Path(model)
+    if not path.is_file():
+        raise InputError(f"model file {path} not found; pass the path of an existing .onnx file")
+    return str(path)
+
+
+def load_structure(model: ModelLike) -> onnx.ModelProto:
+    """Return the model's graph without external weights (enough to read its inputs)."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    try:
+        return onnx.load(str(model), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError, OSError, ...
+        raise InputError(f"cannot read {model} as an ONNX model: {exc}") from exc
+
+
+def as_array(value: Any) -> np.ndarray:
+    """Return an onnxruntime output as an array (ragged sequence outputs become object arrays)."""
+    try:
+        return np.asarray(value)
+    except ValueError:
+        array = np.empty(len(value), dtype=object)
+        array[:] = [np.asarray(v) for v in value]
+        return array
+
+
+def ort_error(exc: BaseException, level: str, *, reference: bool) -> Exception:
+    """The one-line error for onnxruntime's ``exc``: InputError for the reference, else VerificationError."""
+    if reference:
+        return InputError(
+            f"onnxruntime cannot run the input model: {first_line(exc)}; "
+            "red_onnx verifies every rewrite with onnxruntime"
+        )
+    return VerificationError(
+        f"onnxruntime cannot run the rewritten model (level {level}): {first_line(exc)}; "
+        "the rewrite produced an invalid graph, please report it with the input model"
+    )
+
+
+def open_session(
+    source: bytes | str, level: str, providers: Sequence[str], *, reference: bool
+) -> ort.InferenceSession:
+    """A session of ``source`` (:func:`model_source`) at ``level``; its errors as :func:`ort_error`."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = LEVELS[level]
+    options.log_severity_level = 4  # errors reach the user as one line, not ORT's log
+    try:
+        return ort.InferenceSession(source, sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime's pybind errors share no base class but Exception
+        raise ort_error(exc, level, reference=reference) from exc
+
+
+def session_runner(session: ort.InferenceSession, level: str, *, reference: bool) -> Runner:
+    """One ``session.run`` per feed; onnxruntime's errors: InputError (reference), VerificationError."""
+    names = [out.name for out in session.get_outputs()]
+    wanted = [inp.name for inp in session.get_inputs()]
+
+    def run(feeds: Sequence[Feed]) -> list[Feed]:
+        missing = [name for name in wanted if feeds and name not in feeds[0]]
+        if missing:
+            raise ort_error(
+                ValueError(f"it needs inputs {', '.join(missing)} that the original lacks"),
+                level, reference=reference,
+            )  # fmt: skip
+        results: list[Feed] = []
+        for feed in feeds:
+            try:
+                values = session.run(names, {name: feed[name] for name in wanted})
+            except Exception as exc:  # see open_session
+                raise ort_error(exc, level, reference=reference) from exc
+            results.append({n: as_array(v) for n, v in zip(names, values, strict=True)})
+        return results
+
+    return run
