@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--channel-multiple",
         type=int,
         metavar="N",
-        help="round kept channel counts to multiples of N (default 8)",
+        help="round kept channel counts to multiples of N, per Split chunk / Concat part (default 8; "
+        "exact mode rounds up, on layers of at least 2N channels)",
     )
     parser.add_argument(
         "--no-hashing",

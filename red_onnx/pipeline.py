@@ -194,7 +194,8 @@ def _load(model_or_path: ModelSource) -> tuple[onnx.ModelProto, int, Path | None
 
 def exact_passes(options: Options, shapes: ShapeService) -> list[Pass]:
     """Normalisation and the function-preserving rewrites, in order."""
-    return [FoldBatchNorm(), FoldAffine(), MergeExact(shapes=shapes, freeze=options.freeze)]
+    merge = MergeExact(shapes=shapes, freeze=options.freeze, channel_multiple=options.channel_multiple)
+    return [FoldBatchNorm(), FoldAffine(), merge]
 
 
 def compress(

@@ -16,6 +16,7 @@ import pytest
 from graphs import (
     BUILDERS,
     BuiltGraph,
+    Net,
     assert_outputs_close,
     assert_removed,
     check_planted,
@@ -25,6 +26,9 @@ from graphs import (
     removed_by_report,
     run,
 )
+from red_onnx.passes.merge_exact import align_to_multiple
+
+import red_onnx
 
 CASES = sorted(BUILDERS)
 SEEDS = (0, 1, 2)
@@ -109,3 +113,42 @@ def test_report_dict_is_json_and_counts_go_down(compress: Callable[..., object])
     assert report["macs_after"] < report["macs_before"]
     # conv1 loses 3 of 8 rows (36 weights + 1 bias each) and conv2 3 of its 8 input slices.
     assert report["params_before"] - report["params_after"] == 3 * 37 + 3 * 6 * 9
+
+
+@pytest.mark.parametrize(
+    "sizes,deleted,multiple,restored",
+    [
+        ((32,), 3, 8, 3),  # 29 kept -> 32: nothing removed
+        ((32,), 10, 8, 2),  # 22 kept -> 24
+        ((32,), 26, 8, 0),  # 6 kept: at most one step left, any count
+        ((32,), 8, 8, 0),  # 24 kept: on the multiple
+        ((12,), 3, 8, 0),  # narrower than twice the multiple: left alone
+        ((32, 16), 5, 8, 5),  # per segment: 27 -> 32 in the first, the second untouched
+        ((32,), 3, 1, 0),  # multiple 1: no rounding
+    ],
+)
+def test_align_to_multiple(sizes: tuple[int, ...], deleted: int, multiple: int, restored: int) -> None:
+    segment = np.repeat(np.arange(len(sizes)), sizes)
+    delete = np.zeros(len(segment), bool)
+    delete[:deleted] = True  # all in the first segment
+    before = delete.copy()
+    back = align_to_multiple(segment, delete, multiple)
+    assert len(back) == restored and before[back].all() and not delete[back].any()
+    assert np.array_equal(delete | np.isin(np.arange(len(segment)), back), before)
+
+
+@pytest.mark.parametrize("multiple,removed", [(1, 3), (8, 0), (4, 0)])
+def test_exact_keeps_wide_layers_on_the_channel_multiple(multiple: int, removed: int) -> None:
+    """A 32-channel conv with 3 duplicate channels: removing them leaves 29 (odd counts ran up to 1.2×
+    slower here), so at multiples 4 and 8 exact mode keeps all 32; outputs unchanged either way."""
+    net = Net(0)
+    h = net.act("Relu", net.conv("c1", net.input("x", [1, 8, 10, 10]), 8, 32), "r1")
+    weight, bias = net.arrays[net.layout["c1"][0]], net.arrays[net.layout["c1"][2]]
+    for j in range(3):
+        weight[29 + j], bias[29 + j] = weight[j], bias[j]
+    model = net.build([net.conv("c2", h, 32, 6)])
+    result = red_onnx.compress(model, exact=True, channel_multiple=multiple)
+    layer = next(layer for layer in result.report.layers if layer.name == "c1")
+    assert layer.channels_before - layer.channels_after == removed
+    assert result.verified
+    _outputs_unchanged(model, result.model)
