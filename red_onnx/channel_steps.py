@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from red_onnx.redundancy import Merge
-from red_onnx.similarity import Candidates, resolve_merges
+from red_onnx.similarity import Candidates, resolve_merges, taken_entries
 
 
 def effective_multiple(n_atoms: int, multiple: int) -> int:
@@ -111,19 +111,7 @@ class ChannelSteps:
 
     def _walk(self, candidates: Candidates, quotas: Sequence[int] | None) -> np.ndarray:
         """The candidate entries ``resolve_merges`` would take, in order, each segment up to its quota."""
-        root: dict[int, int] = {}  # merged atom -> the kept atom it went into (when it was taken)
-        left = np.array(self.sizes if quotas is None else quotas)
-        taken, pairs = [], zip(candidates.source.tolist(), candidates.target.tolist(), strict=True)
-        for index, (source, target) in enumerate(pairs):
-            if source in root or not left[self.segment[source]]:
-                continue
-            while target in root:
-                target = root[target]
-            if target != source:
-                root[source] = target
-                left[self.segment[source]] -= 1
-                taken.append(index)
-        return np.array(taken, np.int64)
+        return taken_entries(candidates, self.sizes if quotas is None else quotas, self.segment)
 
     def _quotas(self, costs: list[np.ndarray], caps: list[int], count: int) -> list[int]:
         """Per segment, how many atoms it gives: the cheapest allowed split of the largest total <= count."""

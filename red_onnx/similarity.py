@@ -14,6 +14,7 @@ j): on the digits model this ordering cut the error of removing 8 of 64 channels
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,12 +142,40 @@ def near_candidates(params: AtomParams, homogeneous: bool, eligible: np.ndarray)
     return Candidates(source[pick], target[pick], scale[pick], distance[pick], cost[order])
 
 
+def taken_entries(
+    candidates: Candidates, quotas: Sequence[int], segment: np.ndarray | None = None
+) -> np.ndarray:
+    """The candidate entries that become merges, in ranking order (indices into ``candidates``).
+
+    Each source atom is taken once (its first entry); a target already merged is followed to the kept
+    atom it went into, and an entry that would close a cycle is skipped. At most ``quotas[s]`` entries
+    are taken per segment ``s`` of the source (``segment``: per atom; None: one segment).
+    """
+    merged_into: dict[int, int] = {}
+    left, remaining, taken = list(quotas), sum(quotas), []
+    pairs = zip(candidates.source.tolist(), candidates.target.tolist(), strict=True)
+    for index, (source, target) in enumerate(pairs):
+        part = 0 if segment is None else int(segment[source])
+        if remaining <= 0:
+            break
+        if source in merged_into or left[part] <= 0:
+            continue
+        while target in merged_into:
+            target = merged_into[target]
+        if target != source:
+            merged_into[source] = target
+            left[part] -= 1
+            remaining -= 1
+            taken.append(index)
+    return np.array(taken, np.int64)
+
+
 def resolve_merges(candidates: Candidates, count: int) -> list[Merge]:
     """The first ``count`` candidates as merges into kept atoms (chains composed, cycles skipped).
 
     A candidate ``j → i`` whose target was already merged into ``r`` becomes ``j → r`` with the scales
     multiplied; earlier merges into ``j`` follow ``j`` the same way. Returns fewer than ``count`` merges
-    when cycles are skipped.
+    when cycles are skipped (the entries: ``taken_entries``).
     """
     parent: dict[int, tuple[int, float]] = {}
 
@@ -159,18 +188,11 @@ def resolve_merges(candidates: Candidates, count: int) -> list[Merge]:
 
     offsets = candidates.offset if candidates.offset is not None else np.zeros(len(candidates))
     shift: dict[int, float] = {}
-    taken = 0
-    for j, i, lam, off in zip(candidates.source, candidates.target, candidates.scale, offsets, strict=True):
-        if taken >= count:
-            break
-        if int(j) in parent:
-            continue  # already merged through a better entry
-        target, through = root(int(i))
-        if target == int(j):
-            continue
-        parent[int(j)] = (target, float(lam) * through)
-        shift[int(j)] = float(off)
-        taken += 1
+    for index in taken_entries(candidates, [count]).tolist():
+        source = int(candidates.source[index])
+        target, through = root(int(candidates.target[index]))
+        parent[source] = (target, float(candidates.scale[index]) * through)
+        shift[source] = float(offsets[index])
     return [_composed(source, parent, shift) for source in parent]
 
 
