@@ -126,22 +126,42 @@ def train(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     steps_per_epoch = (len(x) + BATCH_SIZE - 1) // BATCH_SIZE
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, EPOCHS * steps_per_epoch)
-    generator = torch.Generator().manual_seed(SEED)
-    loss_fn = nn.CrossEntropyLoss()
+    run_epochs(model, optimizer, scheduler, (x, y), epochs=EPOCHS, batch_size=BATCH_SIZE, seed=SEED)
+
+
+def run_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    data: tuple[torch.Tensor, torch.Tensor],
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    label_smoothing: float = 0.0,
+    log_every: int = 10,
+) -> None:
+    """Train ``model`` in place, then switch it to eval mode.
+
+    ``epochs`` passes over ``data`` in ``seed`` order, cross-entropy, one scheduler step per batch; the
+    mean training loss is logged every ``log_every`` epochs. Shared by the demo and the bench models.
+    """
+    x, y = data
+    generator = torch.Generator().manual_seed(seed)
     model.train()
-    for epoch in range(EPOCHS):
+    for epoch in range(epochs):
         order = torch.randperm(len(x), generator=generator)
         total = 0.0
-        for start in range(0, len(x), BATCH_SIZE):
-            idx = order[start : start + BATCH_SIZE]
+        for start in range(0, len(x), batch_size):
+            idx = order[start : start + batch_size]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx], label_smoothing=label_smoothing)
             optimizer.zero_grad()
-            loss = loss_fn(model(x[idx]), y[idx])
             loss.backward()
             optimizer.step()
             scheduler.step()
             total += float(loss.detach()) * len(idx)
-        if epoch % 10 == 9 or epoch == EPOCHS - 1:
-            LOG.info("epoch %d/%d: train loss %.4f", epoch + 1, EPOCHS, total / len(x))
+        if epoch % log_every == log_every - 1:
+            LOG.info("epoch %d/%d: train loss %.4f", epoch + 1, epochs, total / len(x))
     model.eval()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import torch
 from torch import nn
 
 OPSET = 17
-LOG = logging.getLogger(__name__)
 
 
 def export_classifier(
@@ -56,36 +54,3 @@ def export_classifier(
     onnx.save(proto, str(temp))
     temp.replace(path)
     return proto
-
-
-def run_epochs(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    data: tuple[torch.Tensor, torch.Tensor],
-    *,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    label_smoothing: float = 0.0,
-    log_every: int = 10,
-) -> None:
-    """Train ``model`` in place: ``epochs`` passes over ``data`` in ``seed`` order, cross-entropy, one
-    scheduler step per batch; the mean training loss logged every ``log_every`` epochs. Ends in eval."""
-    x, y = data
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        total = 0.0
-        for start in range(0, len(x), batch_size):
-            idx = order[start : start + batch_size]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx], label_smoothing=label_smoothing)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach()) * len(idx)
-        if epoch % log_every == log_every - 1:
-            LOG.info("epoch %d/%d: train loss %.4f", epoch + 1, epochs, total / len(x))
-    model.eval()

@@ -26,12 +26,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from export import export_classifier, run_epochs
+from export import export_classifier
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `bench`, `models`, `red_onnx` from a checkout
 from bench.data import cache_dir, load_digits_test
-from models.train_digits import ResidualBlock, check_onnxruntime, load_split, seed_everything, sha256
+from models.train_digits import (
+    ResidualBlock,
+    check_onnxruntime,
+    load_split,
+    run_epochs,
+    seed_everything,
+    sha256,
+)
 
 LOG = logging.getLogger("train_digits_variant")
 

@@ -35,11 +35,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from export import export_classifier, run_epochs
+from export import export_classifier
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `bench` and `red_onnx` from a checkout
 from bench.data import cache_dir
+from models.train_digits import run_epochs
 
 LOG = logging.getLogger("train_mnist1d")
 
