@@ -248,6 +248,27 @@ def test_identical_rows_never_target_themselves() -> None:
     assert (found.source != found.target).all(), list(zip(found.source, found.target, strict=True))
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 700), d=st.integers(1, 12), k=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_nearest_matches_a_float64_sort(n: int, d: int, k: int, seed: int) -> None:
+    """The blocked matrix-product search finds each row's k nearest others, nearest first (ties aside)."""
+    k = min(k, n - 1)
+    features = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    found = similarity._nearest(features, k)
+    exact = ((features[:, None, :].astype(np.float64) - features[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(exact, np.inf)
+    assert found.shape == (n, k) and (found != np.arange(n)[:, None]).all()
+    got = np.take_along_axis(exact, found, axis=1)
+    want = np.sort(exact, axis=1)[:, :k]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # the same distances, in order
+
+
+def test_nearest_breaks_exact_ties_by_row() -> None:
+    rows = np.repeat(np.random.default_rng(3).standard_normal((3, 5)).astype(np.float32), 3, axis=0)
+    found = similarity._nearest(rows, 2)
+    assert found[:3].tolist() == [[1, 2], [0, 2], [0, 1]]
+
+
 # ----------------------------------------------------------------------------------------------
 # resolve_merges
 
