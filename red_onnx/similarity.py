@@ -110,7 +110,7 @@ NEAREST_BLOCK = 512
 
 
 def _nearest(features: np.ndarray, k: int) -> np.ndarray:
-    """Each row's ``k`` nearest other rows, nearest first (ties: lower row first).
+    """Each row's ``k`` nearest other rows, nearest first (equal computed distances: lower row first).
 
     Brute force by matrix products in blocks of NEAREST_BLOCK rows: ``‖a‖² + ‖b‖² − 2·a·b``. On
     conv25m's 2048 × 4608 group this took 0.27 s where scikit-learn's ``NearestNeighbors`` took 0.55 s
