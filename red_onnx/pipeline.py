@@ -357,6 +357,7 @@ def _approximate(
             )
     report.budget = {**outcome.to_dict(), "seconds": round(time.perf_counter() - started, 3)}
     merges = {name: search.merges[name][count] for name, count in outcome.counts.items() if count}
+    del search  # its sessions, Gram matrices and model copy: not alive while the merges are applied
     if not merges:
         return False
     merge = MergeNear(shapes=shapes, merges=merges, freeze=options.freeze)
