@@ -170,14 +170,14 @@ def prepare(directory: Path, multiples: list[int], only: list[str] | None) -> No
 
 
 # ---------------------------------------------------------------- there: refill, convert, time
-def refilled(directory: Path, model_entry: dict[str, Any], seed: int) -> Any:
+def refilled(directory: Path, skeleton_entry: dict[str, Any], seed: int) -> Any:
     """The skeleton with its stripped tensors refilled (seeded normal of each tensor's mean and std)."""
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(directory / model_entry["file"]))
+    model = onnx.load(str(directory / skeleton_entry["file"]))
     rng = np.random.default_rng(seed)
-    stats = model_entry["stripped"]
+    stats = skeleton_entry["stripped"]
     for key, tensor in _float_tensors(model):
         if key in stats:
             entry = stats[key]
@@ -204,8 +204,8 @@ def with_conv_ranks(model: Any) -> Any:
         if node.op_type == "Conv" and output not in ranked and node.input[1] in ranks:
             for stale in [v for v in graph.value_info if v.name == output]:
                 graph.value_info.remove(stale)
-            rank = ranks[node.input[1]]
-            graph.value_info.append(onnx.helper.make_tensor_value_info(output, 1, ["?"] * rank))
+            dims = ["?"] * ranks[node.input[1]]  # the rank is what onnx2torch reads
+            graph.value_info.append(onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, dims))
     return model
 
 
@@ -444,11 +444,10 @@ def time_models(directory: Path, manifest: dict[str, Any], stems: list[str], arg
 
 
 def _cell(row: dict[str, Any] | None, run: str) -> str:
-    if row is None:
+    """One latency ratio; "—" where that case was not timed (``table`` keeps only timed rows)."""
+    if row is None or run not in row["after"]:
         return "—"
-    if "skipped" in row:
-        return "n/a"
-    return f"{row['after'][run]['latency_ratio']:.2f}" if run in row["after"] else "—"
+    return f"{row['after'][run]['latency_ratio']:.2f}"
 
 
 def _before(index: dict[tuple[str, str, int], Any], model: str) -> str:
