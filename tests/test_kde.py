@@ -18,6 +18,7 @@ from red_onnx.errors import InputError
 from red_onnx.kde import (
     Basins,
     Density,
+    KdeInputError,
     bandwidth_ladder,
     binned_kde,
     find_basins,
@@ -167,6 +168,40 @@ def test_find_basins_and_snap_compose_like_hash_weights() -> None:
     np.testing.assert_array_equal(hashed.edges, basins.edges)
     np.testing.assert_array_equal(hashed.representatives, basins.representatives)
     np.testing.assert_array_equal(snap(weights, basins), snapped)
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**16),
+    size=st.integers(1, 4000),
+    scale=st.sampled_from([1e-4, 1.0, 1e3]),
+    offset=st.sampled_from([0.0, 1.0, 1e4]),
+    decimals=st.sampled_from([None, 1, 3]),
+    factor=st.floats(0.005, 2.0),
+    representative=st.sampled_from(["mean", "mode"]),
+)
+def test_hash_weights_cell_assignment_equals_find_basins_on_the_same_density(
+    seed: int, size: int, scale: float, offset: float, decimals: int | None, factor: float,
+    representative: str,
+) -> None:  # fmt: skip
+    """hash_weights reads basins off the binning cells: bit for bit what the density's basins give."""
+    values = np.random.default_rng(seed).standard_normal(size)
+    if decimals is not None:  # many equal weights, some on cell edges
+        values = np.round(values, decimals)
+    weights = (offset + scale * values).astype(np.float32 if seed % 2 else np.float64)
+    bandwidth = factor * scale
+    try:
+        density = binned_kde(weights, bandwidth)
+    except KdeInputError:  # a bandwidth too fine for the offset: hash_weights refuses it as well
+        with pytest.raises(KdeInputError):
+            hash_weights(weights, bandwidth)
+        return
+    expected = find_basins(weights, density, representative=representative)
+    snapped, basins = hash_weights(weights, bandwidth, representative=representative)
+    np.testing.assert_array_equal(basins.edges, expected.edges)
+    np.testing.assert_array_equal(basins.representatives, expected.representatives)
+    np.testing.assert_array_equal(basins.counts, expected.counts)
+    np.testing.assert_array_equal(snapped, snap(weights, expected))
 
 
 def test_empty_gap_is_cut_at_its_centre() -> None:
