@@ -123,6 +123,8 @@ class BudgetSearch:
             synthetic search inputs (``red_onnx.similarity.activation_candidates``).
         sensitivity: One of SENSITIVITY_MODES.
         progress: Called with a short label for every measurement.
+        reference_structure: ``reference`` as a ModelProto when the caller holds it while passing a path
+            (the verifiers read its inputs there instead of loading the file once each).
     """
 
     def __init__(
@@ -138,6 +140,7 @@ class BudgetSearch:
         activations: bool = True,
         sensitivity: str = "auto",
         progress: Callable[[str], None] | None = None,
+        reference_structure: onnx.ModelProto | None = None,
     ) -> None:
         if sensitivity not in SENSITIVITY_MODES:
             raise ValueError(f"sensitivity {sensitivity!r} is not one of {', '.join(SENSITIVITY_MODES)}")
@@ -145,7 +148,7 @@ class BudgetSearch:
         self.freeze = tuple(freeze)
         self.progress = progress or (lambda label: None)
         working = graph_utils.import_model(base)
-        self.shapes = shapes(working)
+        self.shapes = shapes(working, base)
         volume = sum(math.prod(shape) for shape in shapes.input_shapes.values())
         figures = metrics.measure(base, shapes.input_shapes, self.shapes)
         self.total_macs = max(figures.macs, 1)
@@ -157,10 +160,9 @@ class BudgetSearch:
         # overfits (held-out speech: worst step 0.10-0.19 at a 0.02 budget; whole stream: within 0.02)
         split = not find_state_pairs(base)
         self.part = "search" if split else "all"
-        self.verifier = Verifier(reference, spec, seeds=SEARCH_SEEDS[:count], levels=LEVEL, part=self.part)
-        self.heldout = Verifier(reference, spec, seeds=HELDOUT_SEEDS[:count], levels=LEVEL,
-                                part="heldout" if split else "all")  # fmt: skip
-        self.reference, self.spec = reference, spec
+        self.reference, self.spec, self.reference_structure = reference, spec, reference_structure
+        self.verifier = self._verifier(SEARCH_SEEDS[:count], self.part)
+        self.heldout = self._verifier(HELDOUT_SEEDS[:count], "heldout" if split else "all")
         self.calibration_verifier: Verifier | None = None
         self.input_shapes = shapes.input_shapes
         layer_macs = {name: layer.macs for name, layer in figures.layers.items()}
@@ -282,12 +284,16 @@ class BudgetSearch:
                 self.cache[key] = math.inf
         return self.cache[key]
 
+    def _verifier(self, seeds: Sequence[int], part: str) -> Verifier:
+        """A verifier of the reference on ``seeds`` at the search's level."""
+        structure = self.reference_structure
+        return Verifier(self.reference, self.spec, seeds=seeds, levels=LEVEL, part=part, structure=structure)
+
     def _calibrator(self) -> Verifier:
-        """The one-sample verifier that calibrates local estimates (built on first use)."""
+        """The one-sample verifier that calibrates local estimates: the search's first feed or stream."""
         if self.calibration_verifier is None:
-            self.calibration_verifier = Verifier(
-                self.reference, self.spec, seeds=SEARCH_SEEDS[:1], levels=LEVEL, part=self.part
-            )
+            self.verifier.reference_outputs(LEVEL[0])  # computed once, shared
+            self.calibration_verifier = self.verifier.head(1)
         return self.calibration_verifier
 
     def _simulated(self, plan: dict[str, list[Merge]], verifier: Verifier) -> list[dict] | None:

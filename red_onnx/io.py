@@ -215,8 +215,8 @@ def _validate_external_data(path: Path, model: onnx.ModelProto) -> bool:
     return used
 
 
-def _run_checker(path: Path, model: onnx.ModelProto, by_path: bool) -> None:
-    """Run the (non-full) ONNX checker; by path when tensors live in external files."""
+def _run_checker(path: Path, model: onnx.ModelProto | bytes, by_path: bool) -> None:
+    """Run the (non-full) ONNX checker on the model or its bytes; by path when weights are external."""
     try:
         onnx.checker.check_model(str(path) if by_path else model)
     except (onnx.checker.ValidationError, ValueError, EncodeError) as error:
@@ -258,11 +258,13 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
             rejects the model.
     """
     model_path = Path(os.fspath(path))
-    model = _parse(model_path, _open_checked(model_path))
+    data = _open_checked(model_path)
+    model = _parse(model_path, data)
     _validate_structure(model_path, model)
     _validate_ops(model_path, model)
     has_external = _validate_external_data(model_path, model)
-    _run_checker(model_path, model, by_path=has_external)
+    _run_checker(model_path, data, by_path=has_external)  # the bytes read: no re-serialisation
+    del data
     if has_external:
         _load_external(model_path, model)
     logger.debug("loaded %s (%d nodes, external data: %s)", model_path, len(model.graph.node), has_external)
@@ -430,20 +432,22 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> int:
 # --- full check
 
 
-def check_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> None:
+def check_model(model_or_path: onnx.ModelProto | bytes | str | os.PathLike) -> None:
     """Run the full ONNX check (checker plus strict shape inference).
 
-    Paths are checked by path (works above 2 GB, external data included). A ModelProto over 2 GB is
-    first saved to a temporary directory with external data and checked by path: prefer passing the
-    path for large models.
+    Paths are checked by path (works above 2 GB, external data included); serialized bytes as they
+    are. A ModelProto over 2 GB is first saved to a temporary directory with external data and checked
+    by path: prefer passing the path for large models.
 
     Args:
-        model_or_path: The model, or the path of a saved model.
+        model_or_path: The model, its serialized bytes (under 2 GB), or the path of a saved model.
 
     Raises:
         VerificationError: The model fails the full check.
     """
-    if not isinstance(model_or_path, onnx.ModelProto):
+    if isinstance(model_or_path, bytes):
+        _full_check(model_or_path, "the model")
+    elif not isinstance(model_or_path, onnx.ModelProto):
         path = Path(os.fspath(model_or_path))
         if not path.is_file():
             raise InputError(f"{path}: no such file; check the path to the ONNX model")
@@ -457,7 +461,7 @@ def check_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> None:
             _full_check(str(temp), "the model")
 
 
-def _full_check(target: onnx.ModelProto | str, label: str) -> None:
+def _full_check(target: onnx.ModelProto | bytes | str, label: str) -> None:
     """Run ``onnx.checker.check_model(full_check=True)``, raising VerificationError on failure."""
     try:
         onnx.checker.check_model(target, full_check=True)

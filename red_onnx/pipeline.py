@@ -266,7 +266,7 @@ def compress(
     original, size_before, source = _load(model_or_path)
     if options.approximate:
         _check_measurable(size_before)
-    reference = _reference_verifier(source if source is not None else original, options)
+    reference = _reference_verifier(source if source is not None else original, options, original)
     shapes = ShapeService(make_inputs(original, options.input_spec, VERIFY_SEEDS[0]))
     working = graph_utils.import_model(original)
     report = Report(
@@ -286,7 +286,7 @@ def compress(
     _collect_skips(report)
     # the search's verifiers read the original by path when there is one (no serialized copy each)
     by_path = source if source is not None else original
-    merged = options.approximate and _approximate(working, by_path, options, shapes, report, notify)
+    merged = options.approximate and _approximate(working, by_path, original, options, shapes, report, notify)
     if options.separation:
         _separate(working, options, shapes, report, notify, latency)
     candidate = graph_utils.export_model(working)
@@ -313,7 +313,7 @@ def _check_measurable(size: int) -> None:
         )
 
 
-def _reference_verifier(model: ModelSource, options: Options) -> Verifier | None:
+def _reference_verifier(model: ModelSource, options: Options, structure: onnx.ModelProto) -> Verifier | None:
     """The verifier of the input model, its unoptimised outputs computed now.
 
     Fails early (InputError) when onnxruntime cannot run the input model on the verification inputs;
@@ -321,7 +321,7 @@ def _reference_verifier(model: ModelSource, options: Options) -> Verifier | None
     """
     if isinstance(model, onnx.ModelProto) and io.model_nbytes(model) > sessions.MAX_PROTO_BYTES:
         return None
-    verifier = Verifier(model, options.input_spec, seeds=VERIFY_SEEDS)
+    verifier = Verifier(model, options.input_spec, seeds=VERIFY_SEEDS, structure=structure)
     verifier.reference_outputs("disable_all")
     return verifier
 
@@ -329,12 +329,15 @@ def _reference_verifier(model: ModelSource, options: Options) -> Verifier | None
 def _approximate(
     working: graph_utils.WorkingModel,
     original: ModelSource,
+    structure: onnx.ModelProto,
     options: Options,
     shapes: ShapeService,
     report: Report,
     notify: Progress,
 ) -> bool:
     """Search the merge budget on the exact-rewritten model, then apply the chosen merges.
+
+    ``original`` is the input model (its path when it came from a file), ``structure`` the loaded input.
 
     Returns:
         Whether anything was merged (when not, the result is verified as an exact rewrite).
@@ -345,6 +348,7 @@ def _approximate(
         graph_utils.export_model(working), original, options.input_spec, shapes,
         freeze=options.freeze, channel_multiple=options.channel_multiple, hashing=options.hashing,
         activations=options.activations, sensitivity=options.sensitivity, progress=notify,
+        reference_structure=structure,
     )  # fmt: skip
     if options.target_macs is None:
         outcome = search.within_tolerance(options.tolerance * SEARCH_MARGIN)
@@ -410,7 +414,7 @@ def _verify(
     mode reports the error reached and passes when the model runs with finite outputs.
     """
     with tempfile.TemporaryDirectory(prefix="red-onnx-") as scratch:
-        target = _as_source(candidate, Path(scratch) / "candidate.onnx")
+        target = _as_source(candidate, Path(scratch) / "candidate.onnx", serialize=True)
         if verifier is None:
             reference = _as_source(original, Path(scratch) / "reference.onnx")
             verifier = Verifier(reference, options.input_spec, seeds=VERIFY_SEEDS)
@@ -440,12 +444,17 @@ def _verify(
             io.check_model(target)
 
 
-def _as_source(model: ModelSource, scratch: Path) -> ModelSource:
-    """The model itself, or a path to it when it is too large to hand over serialized."""
-    if isinstance(model, onnx.ModelProto) and io.model_nbytes(model) > sessions.MAX_PROTO_BYTES:
+def _as_source(model: ModelSource, scratch: Path, *, serialize: bool = False) -> ModelSource | bytes:
+    """How ``model`` is handed to the checks: a path when too large to serialize, else the model.
+
+    With ``serialize`` a ModelProto comes back as its bytes, serialized once for every check that follows.
+    """
+    if not isinstance(model, onnx.ModelProto):
+        return model
+    if io.model_nbytes(model) > sessions.MAX_PROTO_BYTES:
         io.save_model(model, scratch)
         return scratch
-    return model
+    return model.SerializeToString() if serialize else model
 
 
 def _provenance(options: Options, report: Report) -> dict[str, str]:

@@ -19,7 +19,8 @@ from red_onnx.errors import InputError, UsageError, VerificationError, first_lin
 from red_onnx.io import model_nbytes
 from red_onnx.stream import Feed, Runner
 
-ModelLike = onnx.ModelProto | str | Path
+#: A model: in memory, serialized (``SerializeToString()`` bytes, handed over as they are), or a path.
+ModelLike = onnx.ModelProto | bytes | str | Path
 
 #: ModelProtos larger than this (serialized) cannot be handed to onnxruntime as bytes.
 MAX_PROTO_BYTES = 1_800_000_000
@@ -41,6 +42,8 @@ def check_level(level: str) -> None:
 
 def model_source(model: ModelLike) -> bytes | str:
     """Return what onnxruntime loads: a ModelProto's serialized bytes, or a file's path string."""
+    if isinstance(model, bytes):
+        return model
     if isinstance(model, onnx.ModelProto):
         size = model_nbytes(model)  # ByteSize() itself raises EncodeError above 2 GB
         if size > MAX_PROTO_BYTES:
@@ -60,6 +63,8 @@ def load_structure(model: ModelLike) -> onnx.ModelProto:
     """Return the model's graph without external weights (enough to read its inputs)."""
     if isinstance(model, onnx.ModelProto):
         return model
+    if isinstance(model, bytes):
+        return onnx.load_from_string(model)
     try:
         return onnx.load(str(model), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError, OSError, ...

@@ -6,12 +6,15 @@ patterns) are measured by one onnxruntime run on the verification inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from collections.abc import Mapping
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from red_onnx.errors import first_line
 from red_onnx.graph import WorkingModel, export_model
@@ -20,6 +23,7 @@ from red_onnx.tensor_values import run_tensors
 logger = logging.getLogger(__name__)
 
 Shapes = dict[str, "tuple[int, ...] | None"]
+FLOAT = onnx.TensorProto.FLOAT
 
 
 class ShapeService:
@@ -39,10 +43,10 @@ class ShapeService:
 
         Args:
             working: The working model.
-            exported: ``working`` already exported, when the caller has it (saves exporting it again).
+            exported: ``working`` already exported, when the caller has it (saves exporting it again
+                when a shape has to be measured).
         """
-        model = exported if exported is not None else export_model(working)
-        shapes = _inferred(model, self.input_shapes)
+        shapes = _inferred(_light_export(working), self.input_shapes)
         outputs = {t.name for t in working.graph.outputs}
         unknown = [
             t.name
@@ -54,6 +58,7 @@ class ShapeService:
             and (t.outputs or t.name in outputs)  # an unread tensor (a Dropout mask) needs no shape
         ]
         if unknown:
+            model = exported if exported is not None else export_model(working)
             shapes.update(self._measured(model, unknown))
         return shapes
 
@@ -67,24 +72,27 @@ class ShapeService:
         return {name: tuple(np.shape(value)) for name, value in zip(names, values, strict=True)}
 
 
-def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` without large float payloads: shape inference needs only their dims."""
-    graph = model.graph
-    heavy = [t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.raw_data) > 4096]
-    saved = [t.raw_data for t in heavy]
-    for tensor in heavy:
-        tensor.ClearField("raw_data")
-    try:
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-    finally:
-        for tensor, data in zip(heavy, saved, strict=True):
-            tensor.raw_data = data
-    return probe
+#: Float32 weights with more elements than this are exported to shape inference as dims only.
+LIGHT_ELEMENTS = 1024
 
 
-def _inferred(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> Shapes:
-    probe = _light_copy(model)
+def _light_export(working: WorkingModel) -> onnx.ModelProto:
+    """``working`` exported without large float32 payloads: shape inference needs only their dims.
+
+    A copy of the graph (sharing the weights' arrays) gets dims-only tensors, so nothing is serialized:
+    0.02 s instead of 0.2 s for a full export of a 25M-parameter net.
+    """
+    graph = working.graph.copy()
+    for tensor in graph.tensors().values():
+        heavy = isinstance(tensor, gs.Constant) and math.prod(tensor.shape) > LIGHT_ELEMENTS
+        if heavy and tensor.export_dtype == np.float32:
+            dims = [int(d) for d in tensor.shape]
+            tensor.values = LazyValues(onnx.TensorProto(name=tensor.name, data_type=FLOAT, dims=dims))
+    return export_model(dataclasses.replace(working, graph=graph))
+
+
+def _inferred(probe: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> Shapes:
+    """Shapes by ONNX shape inference (with data propagation) at ``input_shapes``; edits ``probe``."""
     for value in probe.graph.input:
         if value.name in input_shapes:
             dims = value.type.tensor_type.shape.dim

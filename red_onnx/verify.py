@@ -14,6 +14,7 @@ searches, :meth:`Verifier.rel_l2_errors` also measures the parts of packed outpu
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -146,6 +147,9 @@ class Verifier:
     rows held out) when every array in the file shares one leading size >= 2 on a dynamic axis. A file
     that cannot be split is used whole, and the log says so.
 
+    ``structure`` is the reference as a ModelProto when the caller holds one while passing a path or
+    bytes (its inputs and outputs are read from it instead of loading the file again).
+
     Attributes:
         inputs: The feeds the reference runs on: one per seed (:func:`make_inputs`); for a recurrent
             model every step of every stream, with the state the unoptimised reference carried in.
@@ -162,6 +166,7 @@ class Verifier:
         levels: Sequence[str] = ("disable_all", "enable_all"),
         providers: Sequence[str] = ("CPUExecutionProvider",),
         part: str = "all",
+        structure: onnx.ModelProto | None = None,
     ) -> None:
         self.spec = spec
         self.seeds = [int(s) for s in seeds]
@@ -175,7 +180,7 @@ class Verifier:
             raise UsageError(f"unknown inputs part {part!r}; use one of {', '.join(PARTS)}")
         self.part = part
         self._reference = model_source(reference)  # bytes are a snapshot: later edits don't leak
-        structure = load_structure(reference)
+        structure = structure if structure is not None else load_structure(reference)
         self.rounding_floor = ROUNDING_UNITS * rounding_unit(structure)
         self._reference_cache: dict[str, list[Feed]] = {}
         self._fed: list[list[Feed]] = []  # a stream's feeds as the unoptimised reference saw them
@@ -249,6 +254,17 @@ class Verifier:
             session_runner(session, "disable_all", reference=True), steps[:cut], self.pairs
         )
         return [carried(steps[cut], outputs[-1], self.pairs), *steps[cut + 1 :]]
+
+    def head(self, count: int) -> Verifier:
+        """A verifier of the first ``count`` feeds (or streams), sharing the reference outputs so far."""
+        first = copy.copy(self)
+        first.seeds = self.seeds[:count]
+        first._inputs = self._inputs[:count]
+        first._steps = [step[:count] for step in self._steps]
+        first._fed = [step[:count] for step in self._fed]
+        first._reference_cache = {level: outputs[:count] for level, outputs in self._reference_cache.items()}
+        first.sessions_built = 0
+        return first
 
     def reference_outputs(self, level: str) -> list[dict[str, np.ndarray]]:
         """Return the reference outputs at ``level``, one dict per seed or stream (computed once)."""

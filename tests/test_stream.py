@@ -197,6 +197,17 @@ def test_the_verifier_streams_a_recurrent_model_from_the_zero_state() -> None:
     assert verifier.check(model).passed and verifier.check(model).stream["steps"] == STREAM_STEPS
 
 
+def test_the_head_of_a_recurrent_verifier_is_its_first_stream() -> None:
+    model = recurrent()
+    verifier = Verifier(model, InputSpec(), seeds=(0, 1))
+    verifier.reference_outputs("disable_all")
+    first, fresh = verifier.head(1), Verifier(model, InputSpec(), seeds=(0,))
+    assert first.steps == fresh.steps == STREAM_STEPS and len(first.inputs) == STREAM_STEPS
+    for name, values in fresh.reference_outputs("disable_all")[0].items():
+        np.testing.assert_array_equal(first.reference_outputs("disable_all")[0][name], values)
+    assert len(first.reference_outputs("disable_all")) == 1 and first.sessions_built == 0
+
+
 def test_outputs_of_a_runner_carry_the_runners_own_state() -> None:
     model, drifting = recurrent(), recurrent(drift=0.002)
     verifier = Verifier(model, InputSpec(), seeds=(0, 1))

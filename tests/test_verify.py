@@ -305,6 +305,32 @@ def test_paths_are_loaded_by_path(tmp_path: Path) -> None:
         Verifier(tmp_path / "nope.onnx", InputSpec())
 
 
+def test_serialized_bytes_and_a_held_structure_verify_as_the_proto_does(tmp_path: Path) -> None:
+    model, path = matmul_add(), tmp_path / "ref.onnx"
+    onnx.save(model, path)
+    by_bytes = Verifier(model.SerializeToString(), InputSpec(), seeds=(0, 1))
+    by_path = Verifier(path, InputSpec(), seeds=(0, 1), structure=model)
+    for verifier in (by_bytes, by_path):
+        assert verifier.check(model.SerializeToString()).max_abs_err == 0.0
+        assert not verifier.check(matmul_add(W0 * 2).SerializeToString()).passed
+
+
+def test_head_is_a_verifier_of_the_first_seeds_sharing_the_reference_outputs() -> None:
+    model = matmul_add()
+    verifier = Verifier(model, InputSpec(), seeds=(3, 4, 5), levels=("disable_all",))
+    verifier.reference_outputs("disable_all")
+    first = verifier.head(1)
+    fresh = Verifier(model, InputSpec(), seeds=(3,), levels=("disable_all",))
+    np.testing.assert_array_equal(first.inputs[0]["x"], fresh.inputs[0]["x"])
+    np.testing.assert_array_equal(
+        first.reference_outputs("disable_all")[0]["y"], fresh.reference_outputs("disable_all")[0]["y"]
+    )
+    assert first.sessions_built == 0 and len(first.inputs) == 1 and len(verifier.inputs) == 3
+    assert first.rel_l2_errors(matmul_add(W0 * 1.1), "disable_all") == fresh.rel_l2_errors(
+        matmul_add(W0 * 1.1), "disable_all"
+    )
+
+
 def test_reference_is_a_snapshot() -> None:
     model = matmul_add()
     verifier = Verifier(model, InputSpec())
