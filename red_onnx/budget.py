@@ -174,9 +174,10 @@ class BudgetSearch:
         items = group_candidates(working, self.shapes, self.freeze)
         samples = self._activations(items) if activations else {}
         self.options = [self._option(item, layer_macs, samples, hashing=hashing) for item in items]
+        groups = [item.group for item in items]
+        del items, samples  # the groups' weight vectors: not alive through the captures (peak memory)
         self.cache: dict[tuple, float] = {}  # errors measured (their count is the report's evaluations)
         self.macs_cache: dict[tuple, float] = {}
-        groups = [item.group for item in items]
         self.macs_counter = MacsCounter(layer_macs, groups)
         local = sensitivity in ("local", "calibrated") or (sensitivity == "auto" and self.large)
         self.simulator = _simulator(base, groups, list(consumer_inputs(groups)) if local else [])

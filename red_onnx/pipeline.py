@@ -18,6 +18,7 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import EncodeError
 
 from red_onnx import graph as graph_utils
 from red_onnx import io, metrics, sessions
@@ -451,10 +452,17 @@ def _as_source(model: ModelSource, scratch: Path, *, serialize: bool = False) ->
     """
     if not isinstance(model, onnx.ModelProto):
         return model
-    if io.model_nbytes(model) > sessions.MAX_PROTO_BYTES:
-        io.save_model(model, scratch)
-        return scratch
-    return model.SerializeToString() if serialize else model
+    if serialize:
+        try:  # sizing a proto serializes it: serialize once and measure the bytes
+            data = model.SerializeToString()
+            if len(data) <= sessions.MAX_PROTO_BYTES:
+                return data
+        except EncodeError:  # upb cannot serialize a message over 2 GB
+            pass
+    elif io.model_nbytes(model) <= sessions.MAX_PROTO_BYTES:
+        return model
+    io.save_model(model, scratch)
+    return scratch
 
 
 def _provenance(options: Options, report: Report) -> dict[str, str]:

@@ -60,9 +60,9 @@ def consumer_slots(group: ChannelGroup) -> list[ConsumerSlot]:
 def merged_weight(slot: ConsumerSlot, merges: Sequence[Merge]) -> np.ndarray:
     """The consumer weight with ``V_target += scale·V_source`` and ``V_source = 0`` for each merge."""
     moved = np.moveaxis(slot.values, slot.axis, 0)
-    flat = moved.reshape(moved.shape[0] // slot.block, -1).astype(np.float64)
-    flat[add_merged_rows(flat, slot.local, merges)] = 0.0
-    return np.moveaxis(flat.reshape(moved.shape), 0, slot.axis).astype(slot.values.dtype)
+    flat = np.array(moved, order="C").reshape(moved.shape[0] // slot.block, -1)  # a copy to edit
+    flat[add_merged_rows(flat, slot.local, merges)] = 0.0  # summed in float64, rounded once
+    return np.moveaxis(flat.reshape(moved.shape), 0, slot.axis)
 
 
 def _serialized_with(base: onnx.ModelProto, weights: set[str], outputs: Sequence[str]) -> bytes:
@@ -113,6 +113,7 @@ class MergeSimulator:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 4
+        options.enable_cpu_mem_arena = False
         serialized = _serialized_with(base, names, extra_outputs)
         self.session = ort.InferenceSession(serialized, options, providers=list(providers))
         del serialized
