@@ -372,9 +372,17 @@ class BudgetSearch:
 
     def _alone(self, name: str, count: int) -> float:
         """One group's error alone at ``count`` merges: estimated (local) or measured."""
-        if self.local is not None:
+        if self.local is not None and not self.local.released:
             return self.gain.get(name, 1.0) * self.local.error(name, self.merges[name][count])
         return self.error({name: count})
+
+    def _release_estimates(self) -> None:
+        """Free the local estimate's Gram matrices before the joint measurements.
+
+        Their batched runs are the search's memory peak; a later error alone is measured instead.
+        """
+        if self.local is not None:
+            self.local.release()
 
     def _greedy_order(self, cap: float) -> list[Counts]:
         cap = DESTROYED if self.local is not None else cap  # estimates: every level short of destroyed
@@ -427,6 +435,7 @@ class BudgetSearch:
         """The most MACs removed with every output's relative L2 error within ``tolerance``."""
         self._sensitivity(tolerance)
         order = self._greedy_order(tolerance)
+        self._release_estimates()
         index = self._largest_within(order, tolerance)
         heldout = self.error(order[index], heldout=True)
         while index > 0 and heldout > tolerance:  # over budget on unseen inputs: step back
@@ -461,6 +470,7 @@ class BudgetSearch:
             else:
                 low = middle + 1
         order[low] = self._refine(order[low - 1] if low else {}, order[low], fraction)
+        self._release_estimates()
         heldout = self.error(order[low], heldout=True)
         return self._result(order, low, heldout), reachable
 

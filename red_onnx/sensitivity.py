@@ -130,14 +130,25 @@ class LocalSensitivity:
     def __init__(self, fetch: Fetch, groups: Sequence[ChannelGroup], feeds: Sequence[Feed]) -> None:
         slots = {group.name: consumer_slots(group) for group in groups}
         grams = capture_grams(fetch, feeds, consumer_inputs(groups))
-        self.consumers: dict[str, list[ConsumerGrams]] = {}
+        self.consumers: dict[str, list[ConsumerGrams]] | None = {}
         for group in groups:
             pairs = zip(slots[group.name], group.consumers, strict=True)
             self.consumers[group.name] = [_consumer_grams(slot, grams[c.tensor]) for slot, c in pairs]
         logger.debug("local sensitivity: %d tensors captured for %d groups", len(grams), len(groups))
 
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release` dropped the Gram matrices."""
+        return self.consumers is None
+
+    def release(self) -> None:
+        """Drop the Gram matrices (a search's largest arrays: 277 MB on conv25m); ``error`` then raises."""
+        self.consumers = None
+
     def error(self, group: str, merges: Sequence[Merge]) -> float:
         """Estimated relative L2 change of the group's consumer outputs (all consumers together)."""
+        if self.consumers is None:
+            raise RuntimeError("the local estimate was released; estimate before LocalSensitivity.release()")
         consumers = self.consumers[group]
         energy = sum(c.energy for c in consumers)
         if not merges or energy <= 0.0:

@@ -137,6 +137,22 @@ def test_estimated_search_needs_fewer_measurements_and_reaches_the_target() -> N
     assert counts["local"] < counts["measured"]
 
 
+def test_the_estimate_is_released_before_the_joint_measurements_and_measured_after() -> None:
+    model = residual_net(0.05)
+    spec = InputSpec()
+    search = BudgetSearch(model, model, spec, ShapeService(make_inputs(model, spec, 0)), channel_multiple=1,
+                          hashing=False, activations=False, sensitivity="calibrated")  # fmt: skip
+    local = search.local
+    result, _ = search.to_target(0.8)
+    assert local.released and result.macs_fraction <= 0.8
+    with pytest.raises(RuntimeError, match="released"):
+        local.error(search.options[0].name, [])
+    option = next(o for o in search.options if o.levels[-1] > 1)
+    measured_before = len(search.cache)
+    assert search._alone(option.name, option.levels[1]) == search.error({option.name: option.levels[1]})
+    assert len(search.cache) >= measured_before  # the error alone of a later step is measured, not estimated
+
+
 def test_auto_measures_small_models_and_rejects_unknown_modes(tmp_path) -> None:
     model = conv_net(0.05)
     spec = InputSpec()
