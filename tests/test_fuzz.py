@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
+from unittest import mock
 
 import numpy as np
 import onnx
@@ -23,8 +24,10 @@ from graphs import Net, check_planted, random_feeds, removed_by_report, run
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from red_onnx import VerificationError
+from red_onnx import VerificationError, graph, shapes
 from red_onnx.budget import HELDOUT_SEEDS, SEARCH_SEEDS
+from red_onnx.input_spec import InputSpec
+from red_onnx.inputs import make_inputs
 from red_onnx.pipeline import EXACT_ATOL, EXACT_RTOL, VERIFY_SEEDS
 
 #: Seeds of the inputs the tests check on (none of them is one the pipeline uses).
@@ -133,6 +136,23 @@ def _merged(result: object) -> bool:
 @given(spec=fuzz_specs())
 def test_fuzz_generator_selfcheck(spec: FuzzSpec) -> None:
     check_planted(fuzz_net(spec), seeds=FRESH_SEEDS, require_live=False)
+
+
+@_settings(60)
+@given(spec=fuzz_specs())
+def test_shapes_from_the_dims_only_export_equal_those_of_the_full_export(spec: FuzzSpec) -> None:
+    """Shape inference sees every float32 weight as dims only (as on large models): the same shapes."""
+    model = fuzz_net(spec).model
+    working = graph.import_model(model)
+    graph.normalise_constants(working)
+    feed = make_inputs(model, InputSpec(), VERIFY_SEEDS[0])
+    service = shapes.ShapeService(feed)
+    full = shapes._inferred(graph.export_model(working), service.input_shapes)
+    with mock.patch.object(shapes, "LIGHT_ELEMENTS", 0):
+        light = shapes._light_export(working)
+        floats = [init for init in light.graph.initializer if init.data_type == onnx.TensorProto.FLOAT]
+        assert floats and not any(init.raw_data or init.float_data for init in floats)
+        assert service(working) == full
 
 
 @_settings(EXACT_EXAMPLES)
