@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -269,14 +269,19 @@ def export_model(working: WorkingModel, metadata: Mapping[str, str] | None = Non
     for func in working.functions:
         if all(f.name != func.name or f.domain != func.domain for f in model.functions):
             model.functions.append(copy.deepcopy(func))
-    set_metadata(model, working, metadata)
+    set_metadata(model, working.metadata, metadata)
     return model
 
 
-def set_metadata(model: onnx.ModelProto, working: WorkingModel, extra: Mapping[str, str] | None) -> None:
-    """Write the input's ``metadata_props``, then ``extra`` (provenance) over them, into ``model``."""
+def set_metadata(
+    model: onnx.ModelProto, metadata: Sequence[tuple[str, str]], extra: Mapping[str, str] | None
+) -> None:
+    """Write the input's ``metadata_props``, then ``extra`` (provenance) over them, into ``model``.
+
+    ``metadata`` is the input's entries as ``WorkingModel.metadata`` keeps them.
+    """
     del model.metadata_props[:]
-    merged = dict(working.metadata)
+    merged = dict(metadata)
     merged.update(extra or {})
     onnx.helper.set_model_props(model, merged)
 
