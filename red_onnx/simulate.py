@@ -113,7 +113,7 @@ class MergeSimulator:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 4
-        options.enable_cpu_mem_arena = False
+        options.enable_cpu_mem_arena = False  # its blocks outlive the runs (conv25m peak: -38 MB, same speed)
         serialized = _serialized_with(base, names, extra_outputs)
         self.session = ort.InferenceSession(serialized, options, providers=list(providers))
         del serialized
