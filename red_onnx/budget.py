@@ -110,7 +110,9 @@ class BudgetSearch:
     """Search per-group merge counts on ``base`` against ``reference`` (the user's original model).
 
     Args:
-        base: The model after exact rewrites (what approximate merging starts from).
+        base: The model after exact rewrites (what approximate merging starts from): a proto, or the
+            caller's working model, which the search only reads (no second copy of its weights; the proto
+            exported for the simulator is released once its session is built).
         reference: The original model the error is measured against (a path keeps no copy in memory).
         spec: How verification inputs are built.
         shapes: The shape service (at the run's concrete inputs).
@@ -129,7 +131,7 @@ class BudgetSearch:
 
     def __init__(
         self,
-        base: onnx.ModelProto,
+        base: onnx.ModelProto | graph_utils.WorkingModel,
         reference: onnx.ModelProto | str,
         spec: InputSpec,
         shapes: ShapeService,
@@ -144,13 +146,16 @@ class BudgetSearch:
     ) -> None:
         if sensitivity not in SENSITIVITY_MODES:
             raise ValueError(f"sensitivity {sensitivity!r} is not one of {', '.join(SENSITIVITY_MODES)}")
-        self.base = base
         self.freeze = tuple(freeze)
         self.progress = progress or (lambda label: None)
-        working = graph_utils.import_model(base)
-        self.shapes = shapes(working, base)
+        if isinstance(base, onnx.ModelProto):
+            working, self.base = graph_utils.import_model(base), base
+        else:
+            working, self.base = base, graph_utils.export_model(base)
+        self.working = working
+        self.shapes = shapes(working, self.base)
         volume = sum(math.prod(shape) for shape in shapes.input_shapes.values())
-        figures = metrics.measure(base, shapes.input_shapes, self.shapes)
+        figures = metrics.measure(self.base, shapes.input_shapes, self.shapes)
         self.total_macs = max(figures.macs, 1)
         self.large = figures.macs > LARGE_MODEL_MACS
         count = len(SEARCH_SEEDS) if volume <= LARGE_SAMPLE else len(SEARCH_SEEDS) // 2
@@ -158,7 +163,7 @@ class BudgetSearch:
         # an --inputs batch is split: the search sees one half, the held-out re-check the other. Not a
         # recurrent model's stream: on half of silero-vad's 121-chunk calibration stream the search
         # overfits (held-out speech: worst step 0.10-0.19 at a 0.02 budget; whole stream: within 0.02)
-        split = not find_state_pairs(base)
+        split = not find_state_pairs(self.base)
         self.part = "search" if split else "all"
         self.reference, self.spec, self.reference_structure = reference, spec, reference_structure
         self.verifier = self._verifier(SEARCH_SEEDS[:count], self.part)
@@ -180,10 +185,12 @@ class BudgetSearch:
         self.macs_cache: dict[tuple, float] = {}
         self.macs_counter = MacsCounter(layer_macs, groups)
         local = sensitivity in ("local", "calibrated") or (sensitivity == "auto" and self.large)
-        self.simulator = _simulator(base, groups, list(consumer_inputs(groups)) if local else [])
+        self.simulator = _simulator(self.base, groups, list(consumer_inputs(groups)) if local else [])
         self.local = self._local_sensitivity(groups) if local else None
         self.calibrate = sensitivity != "local"
         self.gain: dict[str, float] = {}  # per group: measured / estimated error ("calibrated")
+        if base is not self.base:  # exported here: a full copy of the weights, rebuilt when needed
+            self.base = None
 
     def _option(
         self, item: GroupCandidates, layer_macs: dict[str, int], samples: dict, *, hashing: bool
@@ -251,7 +258,8 @@ class BudgetSearch:
 
     def apply_plan(self, plan: dict[str, list[Merge]]) -> onnx.ModelProto:
         """The base model with the given merges applied."""
-        working = graph_utils.import_model(self.base)
+        base = self.base if self.base is not None else graph_utils.export_model(self.working)
+        working = graph_utils.import_model(base)
         MergeNear(shapes=lambda _: self.shapes, merges=plan, freeze=self.freeze)(working)
         return graph_utils.export_model(working)
 

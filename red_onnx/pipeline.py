@@ -359,7 +359,7 @@ def _approximate(
     notify("budget")
     started = time.perf_counter()
     search = BudgetSearch(
-        graph_utils.export_model(working), original, options.input_spec, shapes,
+        working, original, options.input_spec, shapes,
         freeze=options.freeze, channel_multiple=options.channel_multiple, hashing=options.hashing,
         activations=options.activations, sensitivity=options.sensitivity, progress=notify,
         reference_structure=structure,

@@ -456,3 +456,30 @@ def test_an_inputs_batch_is_split_between_the_search_and_the_heldout_check(tmp_p
     assert {row.tobytes() for row in held_out} == {row.tobytes() for row in rows[1::2]}
     result = search.within_tolerance(0.04)
     assert result.heldout_error <= 0.04 and result.macs_fraction < 1.0
+
+
+@pytest.mark.parametrize("mode", ["measured", "calibrated"])
+def test_a_search_over_the_callers_working_model_reads_it_only_and_finds_what_the_proto_search_finds(
+    mode: str,
+) -> None:
+    from red_onnx import graph
+    from red_onnx.budget import BudgetSearch
+    from red_onnx.input_spec import InputSpec
+    from red_onnx.inputs import make_inputs
+    from red_onnx.shapes import ShapeService
+
+    model = residual_net(0.05)
+    spec = InputSpec()
+    shapes = ShapeService(make_inputs(model, spec, 0))
+    working = graph.import_model(model)
+    before = graph.export_model(working).SerializeToString()
+    kwargs = {"channel_multiple": 1, "hashing": True, "activations": False, "sensitivity": mode}
+    by_proto = BudgetSearch(graph.export_model(working), model, spec, shapes, **kwargs)
+    by_working = BudgetSearch(working, model, spec, shapes, **kwargs)
+    assert by_working.base is None  # its exported copy is released once the simulator holds the weights
+    expected, got = by_proto.to_target(0.8)[0], by_working.to_target(0.8)[0]
+    assert got.counts == expected.counts and got.error == expected.error and got.macs_fraction < 1.0
+    plan = by_working._plan(got.counts)
+    rebuilt = by_working.apply_plan(plan).SerializeToString()  # the rebuild path exports the working model
+    assert rebuilt == by_proto.apply_plan(plan).SerializeToString()
+    assert graph.export_model(working).SerializeToString() == before
