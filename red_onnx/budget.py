@@ -189,7 +189,9 @@ class BudgetSearch:
         self.local = self._local_sensitivity(groups) if local else None
         self.calibrate = sensitivity != "local"
         self.gain: dict[str, float] = {}  # per group: measured / estimated error ("calibrated")
-        if base is not self.base:  # exported here: a full copy of the weights, rebuilt when needed
+        # the proto exported here is a full copy of the weights: released (apply_plan exports again)
+        # unless the simulator failed and every measurement rebuilds from it
+        if base is not self.base and self.simulator is not None:
             self.base = None
 
     def _option(

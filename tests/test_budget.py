@@ -483,3 +483,20 @@ def test_a_search_over_the_callers_working_model_reads_it_only_and_finds_what_th
     rebuilt = by_working.apply_plan(plan).SerializeToString()  # the rebuild path exports the working model
     assert rebuilt == by_proto.apply_plan(plan).SerializeToString()
     assert graph.export_model(working).SerializeToString() == before
+
+
+def test_a_search_that_rebuilds_keeps_its_exported_proto(monkeypatch: pytest.MonkeyPatch) -> None:
+    from red_onnx import budget, graph
+    from red_onnx.input_spec import InputSpec
+    from red_onnx.inputs import make_inputs
+    from red_onnx.shapes import ShapeService
+
+    monkeypatch.setattr(budget, "_simulator", lambda *args: None)  # as when the one-session simulator fails
+    model = conv_net(0.05)
+    spec = InputSpec()
+    working = graph.import_model(model)
+    search = budget.BudgetSearch(working, model, spec, ShapeService(make_inputs(model, spec, 0)),
+                                 channel_multiple=1, hashing=False, activations=False)  # fmt: skip
+    assert search.base is not None and search.simulator is None
+    result = search.within_tolerance(0.04)
+    assert result.macs_fraction < 1.0 and result.heldout_error <= 0.04
