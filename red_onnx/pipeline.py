@@ -267,7 +267,9 @@ def compress(
     original, size_before, source = _load(model_or_path)
     if options.approximate:
         _check_measurable(size_before)
-    reference = _reference_verifier(source if source is not None else original, options, original)
+    # verification and the search read the input by path when it came from a file (no serialized copy)
+    reference_model = source if source is not None else original
+    reference = _reference_verifier(reference_model, options, original)
     shapes = ShapeService(make_inputs(original, options.input_spec, VERIFY_SEEDS[0]))
     working = graph_utils.import_model(original)
     report = Report(
@@ -282,15 +284,16 @@ def compress(
     before = metrics.measure(normalised, shapes.input_shapes, shapes(working, normalised))
     del normalised  # a full copy of the weights: not held through the passes (peak memory)
     _exact_rewrites(working, options, shapes, report, notify)
-    # the search's verifiers read the original by path when there is one (no serialized copy each)
-    by_path = source if source is not None else original
-    merged = options.approximate and _approximate(working, by_path, original, options, shapes, report, notify)
+    merged = options.approximate and _approximate(
+        working, reference_model, original, options, shapes, report, notify
+    )
     if options.separation:
         _separate(working, options, shapes, report, notify, latency)
     candidate = graph_utils.export_model(working)
     report.set_figures(before, metrics.measure(candidate, shapes.input_shapes, shapes(working, candidate)))
-    input_metadata, reference_model = working.metadata, source if source is not None else original
-    del working, original  # their weights are not alive through the verification (exact conv25m: -96 MB)
+    input_metadata = working.metadata
+    del working, original  # not alive through the verification (exact conv25m: -96 MB); a proto input
+    # stays, as reference_model
     if verify:
         notify("verify")
         _verify(reference_model, candidate, options, report, reference, merged)
