@@ -17,7 +17,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError, EncodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, EncodeError, Message
 from onnx.external_data_helper import (
     load_external_data_for_tensor,
     set_external_data,
@@ -295,10 +296,50 @@ def model_nbytes(model: onnx.ModelProto) -> int:
             external += int(lengths[0]) if lengths else 0
     if raw < TWO_GB:
         try:
-            return model.ByteSize() + external
+            return serialized_size(model) + external
         except EncodeError:  # upb cannot size a message over 2 GB
             pass
     return raw + external
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """``model.ByteSize()``, in a tenth of the time on a weight-heavy model.
+
+    upb sizes a message by encoding it; its initializers are sized one by one and the rest of the
+    graph and model as shells without them, adding each field's tag and length prefix.
+    """
+    if not model.HasField("graph"):
+        return model.ByteSize()
+    graph = model.graph
+    graph_size = _size_without(graph, "initializer", [tensor.ByteSize() for tensor in graph.initializer])
+    return _size_without(model, "graph", [graph_size])
+
+
+def _size_without(message: Message, field_name: str, part_sizes: Iterable[int]) -> int:
+    """Serialized size of ``message`` whose field ``field_name`` holds messages of ``part_sizes``."""
+    shell = type(message)()
+    for field, value in message.ListFields():
+        if field.name == field_name:
+            continue
+        if _is_repeated(field):
+            getattr(shell, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(shell, field.name).CopyFrom(value)
+        else:
+            setattr(shell, field.name, value)
+    tag = _varint_size(message.DESCRIPTOR.fields_by_name[field_name].number << 3 | 2)
+    return shell.ByteSize() + sum(tag + _varint_size(size) + size for size in part_sizes)
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    """Whether a field is repeated (``is_repeated`` since protobuf 5.29, ``label`` before)."""
+    repeated = getattr(field, "is_repeated", None)
+    return bool(repeated) if repeated is not None else field.label == field.LABEL_REPEATED
+
+
+def _varint_size(value: int) -> int:
+    """Bytes of ``value`` as a protobuf varint."""
+    return max(1, (value.bit_length() + 6) // 7)
 
 
 # --- save
