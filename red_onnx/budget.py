@@ -92,10 +92,12 @@ SENSITIVITY_MODES = ("auto", "measured", "calibrated", "local")
 LEVEL = ("disable_all",)
 
 
-def _simulator(base: onnx.ModelProto, groups: list, capture: Sequence[str] = ()) -> MergeSimulator | None:
+def _simulator(
+    working: graph_utils.WorkingModel, groups: list, capture: Sequence[str] = ()
+) -> MergeSimulator | None:
     """The one-session merge simulator (able to fetch ``capture``), or None (then measurements rebuild)."""
     try:
-        return MergeSimulator(base, groups, extra_outputs=capture)
+        return MergeSimulator.of_working(working, groups, extra_outputs=capture)
     except Exception as error:  # onnxruntime's errors share no base class; the rebuild path still works
         logger.warning("measuring by rebuilding the model (the one-session simulator failed: %s)", error)
         return None
@@ -111,8 +113,8 @@ class BudgetSearch:
 
     Args:
         base: The model after exact rewrites (what approximate merging starts from): a proto, or the
-            caller's working model, which the search only reads (no second copy of its weights; the proto
-            exported for the simulator is released once its session is built).
+            caller's working model, which the search only reads (no copy of its weights: the simulator's
+            session is fed the working model's arrays).
         reference: The original model the error is measured against (a path keeps no copy in memory).
         spec: How verification inputs are built.
         shapes: The shape service (at the run's concrete inputs).
@@ -150,12 +152,13 @@ class BudgetSearch:
         self.progress = progress or (lambda label: None)
         if isinstance(base, onnx.ModelProto):
             working, self.base = graph_utils.import_model(base), base
-        else:
-            working, self.base = base, graph_utils.export_model(base)
+        else:  # exported only where a measurement has to rebuild the model (apply_plan)
+            working, self.base = base, None
         self.working = working
         self.shapes = shapes(working, self.base)
+        structure, _ = graph_utils.export_light(working)  # dims only: no weight copied
         volume = sum(math.prod(shape) for shape in shapes.input_shapes.values())
-        figures = metrics.measure(self.base, shapes.input_shapes, self.shapes)
+        figures = metrics.measure(structure, shapes.input_shapes, self.shapes)
         self.total_macs = max(figures.macs, 1)
         self.large = figures.macs > LARGE_MODEL_MACS
         count = len(SEARCH_SEEDS) if volume <= LARGE_SAMPLE else len(SEARCH_SEEDS) // 2
@@ -163,7 +166,7 @@ class BudgetSearch:
         # an --inputs batch is split: the search sees one half, the held-out re-check the other. Not a
         # recurrent model's stream: on half of silero-vad's 121-chunk calibration stream the search
         # overfits (held-out speech: worst step 0.10-0.19 at a 0.02 budget; whole stream: within 0.02)
-        split = not find_state_pairs(self.base)
+        split = not find_state_pairs(structure)
         self.part = "search" if split else "all"
         self.reference, self.spec, self.reference_structure = reference, spec, reference_structure
         self.verifier = self._verifier(SEARCH_SEEDS[:count], self.part)
@@ -185,14 +188,12 @@ class BudgetSearch:
         self.macs_cache: dict[tuple, float] = {}
         self.macs_counter = MacsCounter(layer_macs, groups)
         local = sensitivity in ("local", "calibrated") or (sensitivity == "auto" and self.large)
-        self.simulator = _simulator(self.base, groups, list(consumer_inputs(groups)) if local else [])
+        self.simulator = _simulator(working, groups, list(consumer_inputs(groups)) if local else [])
+        if self.simulator is None and self.base is None:  # every measurement rebuilds: export once
+            self.base = graph_utils.export_model(working)
         self.local = self._local_sensitivity(groups) if local else None
         self.calibrate = sensitivity != "local"
         self.gain: dict[str, float] = {}  # per group: measured / estimated error ("calibrated")
-        # the proto exported here is a full copy of the weights: released (apply_plan exports again)
-        # unless the simulator failed and every measurement rebuilds from it
-        if base is not self.base and self.simulator is not None:
-            self.base = None
 
     def _option(
         self, item: GroupCandidates, layer_macs: dict[str, int], samples: dict, *, hashing: bool
@@ -228,7 +229,8 @@ class BudgetSearch:
             if item.group.consumers:
                 member = item.group.tensors[item.group.consumers[0].tensor]
                 wanted[item.group.name] = (member.tensor.name, member.axis, member.block)
-        captured = capture(self.base, self.verifier.inputs, {t: (a, b) for t, a, b in wanted.values()})
+        base = self.base if self.base is not None else graph_utils.export_model(self.working)
+        captured = capture(base, self.verifier.inputs, {t: (a, b) for t, a, b in wanted.values()})
         return {name: (t, captured[t]) for name, (t, _, _) in wanted.items() if t in captured}
 
     def _local_sensitivity(self, groups: list) -> LocalSensitivity | None:

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 logger = logging.getLogger(__name__)
+FLOAT = onnx.TensorProto.FLOAT
 
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
@@ -239,6 +242,28 @@ def _free_name(wanted: str, fallback: str, taken: set[str]) -> str:
         name = f"{fallback}_{count}"
     taken.add(name)
     return name
+
+
+#: Float32 weights with more elements than this are exported as dims only by :func:`export_light`.
+LIGHT_ELEMENTS = 1024
+
+
+def export_light(working: WorkingModel) -> tuple[onnx.ModelProto, list[str]]:
+    """``working`` exported with its large float32 weights as dims-only tensors, and their names.
+
+    A copy of the graph (sharing the weights' arrays) gets dims-only tensors, so no weight is copied or
+    serialized: 0.02 s instead of 0.2 s for a full export of a 25M-parameter net. Enough for shape
+    inference and MAC counts; :func:`red_onnx.simulate.MergeSimulator.of_working` feeds the weights.
+    """
+    graph = working.graph.copy()
+    light = []
+    for tensor in graph.tensors().values():
+        heavy = isinstance(tensor, gs.Constant) and math.prod(tensor.shape) > LIGHT_ELEMENTS
+        if heavy and tensor.export_dtype == np.float32:
+            dims = [int(d) for d in tensor.shape]
+            tensor.values = LazyValues(onnx.TensorProto(name=tensor.name, data_type=FLOAT, dims=dims))
+            light.append(tensor.name)
+    return export_model(replace(working, graph=graph)), light
 
 
 def export_model(working: WorkingModel, metadata: Mapping[str, str] | None = None) -> onnx.ModelProto:

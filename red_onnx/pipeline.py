@@ -280,9 +280,9 @@ def compress(
     report.overridable_initializers = sorted(working.overridable)
     notify("normalise")
     graph_utils.normalise_constants(working)
-    normalised = graph_utils.export_model(working)
-    before = metrics.measure(normalised, shapes.input_shapes, shapes(working, normalised))
-    del normalised  # a full copy of the weights: not held through the passes (peak memory)
+    structure, _ = graph_utils.export_light(working)  # dims only: figures need no weight values
+    before = metrics.measure(structure, shapes.input_shapes, shapes(working))
+    del structure
     _exact_rewrites(working, options, shapes, report, notify)
     merged = options.approximate and _approximate(
         working, reference_model, original, options, shapes, report, notify

@@ -148,8 +148,8 @@ def test_shapes_from_the_dims_only_export_equal_those_of_the_full_export(spec: F
     feed = make_inputs(model, InputSpec(), VERIFY_SEEDS[0])
     service = shapes.ShapeService(feed)
     full = shapes._inferred(graph.export_model(working), service.input_shapes)
-    with mock.patch.object(shapes, "LIGHT_ELEMENTS", 0):
-        light = shapes._light_export(working)
+    with mock.patch.object(graph, "LIGHT_ELEMENTS", 0):
+        light, _ = graph.export_light(working)
         floats = [init for init in light.graph.initializer if init.data_type == onnx.TensorProto.FLOAT]
         assert floats and not any(init.raw_data or init.float_data for init in floats)
         assert service(working) == full

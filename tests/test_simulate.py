@@ -8,13 +8,15 @@ counted MACs fraction equals the MACs counter of ``red_onnx.metrics`` on the reb
 
 from __future__ import annotations
 
+from unittest import mock
+
 import graphs
 import numpy as np
 import onnx
 import pytest
 from test_budget import conv_net, deep_net, residual_net
 
-from red_onnx import metrics
+from red_onnx import graph, metrics
 from red_onnx.budget import BudgetSearch
 from red_onnx.input_spec import InputSpec
 from red_onnx.inputs import make_inputs
@@ -53,6 +55,13 @@ def plans(search: BudgetSearch) -> list[dict]:
     return [*found, together] if len(together) > 1 else found
 
 
+def assert_outputs_close(got: list[dict], expected: list[dict], name: str) -> None:
+    for want, have in zip(expected, got, strict=True):
+        for output, values in want.items():
+            scale = max(1.0, float(np.abs(values).max()))
+            np.testing.assert_allclose(have[output], values, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
+
+
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_simulated_outputs_and_macs_equal_the_rebuilt_model(name: str) -> None:
     search = search_of(BUILDERS[name]())
@@ -64,12 +73,26 @@ def test_simulated_outputs_and_macs_equal_the_rebuilt_model(name: str) -> None:
         rebuilt = search.apply_plan(plan)
         expected = search.verifier.run(rebuilt, "disable_all")
         got = search.simulator.run(plan, search.verifier.inputs)
-        for want, have in zip(expected, got, strict=True):
-            for output, values in want.items():
-                scale = max(1.0, float(np.abs(values).max()))
-                np.testing.assert_allclose(have[output], values, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
+        assert_outputs_close(got, expected, name)
         counted = metrics.measure(rebuilt, search.input_shapes).macs / search.total_macs
         assert search.macs_counter.fraction(plan) == pytest.approx(counted, rel=1e-9, abs=1e-12), name
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_weights_fed_as_inputs_give_the_plans_outputs_without_a_copy(name: str) -> None:
+    """Every float32 weight dims-only in the session (as on large models): same outputs, shared arrays."""
+    with mock.patch.object(graph, "LIGHT_ELEMENTS", 0):
+        search = search_of(BUILDERS[name]())
+        simulator = search.simulator
+        assert simulator is not None and simulator.fixed
+        constants = search.working.graph.tensors()
+        assert all(np.shares_memory(value, constants[n].values) for n, value in simulator.fixed.items())
+        stored = {i.name for i in onnx.load_from_string(simulator.session._model_bytes).graph.initializer}
+        assert not stored & set(simulator.fixed)
+        for plan in [{}, *plans(search)]:
+            expected = search.verifier.run(search.apply_plan(plan), "disable_all")
+            got = simulator.run(plan, search.verifier.inputs)
+            assert_outputs_close(got, expected, name)
 
 
 def test_search_measures_without_rebuilding() -> None:
