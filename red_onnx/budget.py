@@ -54,6 +54,7 @@ from red_onnx.similarity import (
 )
 from red_onnx.simulate import MacsCounter, MergeSimulator
 from red_onnx.stream import find_state_pairs
+from red_onnx.suffix import SuffixSimulator
 from red_onnx.tensor_values import tensor_fetch
 from red_onnx.verify import Verifier
 
@@ -172,6 +173,7 @@ class BudgetSearch:
         self.verifier = self._verifier(SEARCH_SEEDS[:count], self.part)
         self.heldout = self._verifier(HELDOUT_SEEDS[:count], "heldout" if split else "all")
         self.calibration_verifier: Verifier | None = None
+        self.suffix: SuffixSimulator | None = None
         self.input_shapes = shapes.input_shapes
         layer_macs = {name: layer.macs for name, layer in figures.layers.items()}
         self.merges: dict[str, dict[int, list[Merge]]] = {}
@@ -307,7 +309,18 @@ class BudgetSearch:
         if self.calibration_verifier is None:
             self.verifier.reference_outputs(LEVEL[0])  # computed once, shared
             self.calibration_verifier = self.verifier.head(1)
+            self.suffix = self._suffix(self.calibration_verifier)
         return self.calibration_verifier
+
+    def _suffix(self, verifier: Verifier) -> SuffixSimulator | None:
+        """Suffix sessions for the one calibration feed (None: its runs use the whole simulator)."""
+        if self.simulator is None or verifier.pairs:  # a stream's feeds change step by step
+            return None
+        try:
+            return SuffixSimulator(self.simulator, verifier.inputs[0])
+        except Exception as error:  # onnxruntime's errors share no base class; the full runs still work
+            logger.info("calibration runs the whole model (no suffix sessions: %s)", error)
+            return None
 
     def _simulated(self, plan: dict[str, list[Merge]], verifier: Verifier) -> list[dict] | None:
         """The plan's outputs from the one-session simulator, or None (then the model is rebuilt).
@@ -316,12 +329,12 @@ class BudgetSearch:
         """
         if self.simulator is None or not self.simulator.supports(plan):
             return None
-        simulator = self.simulator
+        simulator = self.suffix if verifier is self.calibration_verifier and self.suffix else self.simulator
         try:
             return verifier.outputs_of(lambda feeds: simulator.run(plan, feeds))
         except Exception as error:  # onnxruntime's errors share no base class
             logger.warning("measuring by rebuilding the model (the simulator failed: %s)", error)
-            self.simulator = None
+            self.simulator = self.suffix = None
             return None
 
     def _sensitivity(self, cap: float) -> None:

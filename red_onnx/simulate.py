@@ -65,7 +65,16 @@ def merged_weight(slot: ConsumerSlot, merges: Sequence[Merge]) -> np.ndarray:
     return np.moveaxis(flat.reshape(moved.shape), 0, slot.axis)
 
 
-def _serialized_with(base: onnx.ModelProto, weights: set[str], outputs: Sequence[str]) -> bytes:
+def session_options() -> ort.SessionOptions:
+    """Options of the simulation sessions: graph optimisations off (as the reference), no CPU arena."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    options.enable_cpu_mem_arena = False  # its blocks outlive the runs (conv25m peak: -38 MB, same speed)
+    return options
+
+
+def serialized_with(base: onnx.ModelProto, weights: set[str], outputs: Sequence[str]) -> bytes:
     """``base`` serialized with ``weights`` as overridable inputs and ``outputs`` added (no graph copy).
 
     The entries are appended to ``base`` for the serialization only and removed again.
@@ -125,13 +134,11 @@ class MergeSimulator:
         missing = names - {init.name for init in base.graph.initializer} - set(self.fixed)
         if missing:  # e.g. float16-stored weights: the working graph's tensor is a Cast output there
             raise ValueError(f"consumer weights {sorted(missing)[:3]} are not initializers of the base model")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 4
-        options.enable_cpu_mem_arena = False  # its blocks outlive the runs (conv25m peak: -38 MB, same speed)
-        serialized = _serialized_with(base, names - set(self.fixed), extra_outputs)
-        self.session = ort.InferenceSession(serialized, options, providers=list(providers))
+        self.overridable = names - set(self.fixed)  # consumer weights stored in ``base`` (small ones)
+        serialized = serialized_with(base, self.overridable, extra_outputs)
+        self.session = ort.InferenceSession(serialized, session_options(), providers=list(providers))
         del serialized
+        self.structure, self.providers = base, list(providers)  # for sessions over parts of it
         self.outputs = [out.name for out in base.graph.output]
         initializers = {init.name for init in base.graph.initializer} | set(self.fixed)
         self.real_inputs = [value.name for value in base.graph.input if value.name not in initializers]
@@ -160,7 +167,7 @@ class MergeSimulator:
 
     def tensors(self, names: Sequence[str], feed: Feed) -> list[np.ndarray]:
         """Values of ``extra_outputs`` (or outputs) of the base model on one feed (weights unchanged)."""
-        values = self.session.run(list(names), self._inputs(feed))
+        values = self.session.run(list(names), self.base_inputs(feed))
         return [np.asarray(value) for value in values]
 
     def supports(self, plan: Plan) -> bool:
@@ -183,10 +190,10 @@ class MergeSimulator:
         return [self._run_one(weights, feed) for feed in feeds]
 
     def _run_one(self, weights: Mapping[str, np.ndarray], feed: Feed) -> Feed:
-        values = self.session.run(self.outputs, {**self._inputs(feed), **weights})
+        values = self.session.run(self.outputs, {**self.base_inputs(feed), **weights})
         return dict(zip(self.outputs, (np.asarray(v) for v in values), strict=True))
 
-    def _inputs(self, feed: Feed) -> Feed:
+    def base_inputs(self, feed: Feed) -> Feed:
         """The session's inputs for one feed with the base weights: the real inputs and ``fixed``."""
         return {**{n: feed[n] for n in self.real_inputs}, **self.fixed}
 
