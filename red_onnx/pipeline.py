@@ -289,8 +289,10 @@ def compress(
     )
     if options.separation:
         _separate(working, options, shapes, report, notify, latency)
+    structure, _ = graph_utils.export_light(working)  # metrics.measure copies the model it is given
+    report.set_figures(before, metrics.measure(structure, shapes.input_shapes, shapes(working)))
+    del structure
     candidate = graph_utils.export_model(working)
-    report.set_figures(before, metrics.measure(candidate, shapes.input_shapes, shapes(working, candidate)))
     input_metadata = working.metadata
     del working, original  # not alive through the verification (exact conv25m: -96 MB); a proto input
     # stays, as reference_model

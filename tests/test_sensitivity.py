@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from graphs import Net
+from graphs import Net, flatten_gemm, gemm_mlp, nhwc_matmul
 from red_onnx.passes.merge_near import group_candidates
 from test_budget import conv_net, residual_net
 
@@ -21,9 +21,24 @@ from red_onnx.errors import UsageError
 from red_onnx.input_spec import InputSpec
 from red_onnx.inputs import make_inputs
 from red_onnx.redundancy import Merge
-from red_onnx.sensitivity import LocalSensitivity, consumer_inputs
+from red_onnx.sensitivity import (
+    ConsumerGrams,
+    ConsumerRows,
+    LocalSensitivity,
+    _product_norm,
+    capture_grams,
+    consumer_inputs,
+)
 from red_onnx.shapes import ShapeService
 from red_onnx.tensor_values import run_tensors, tensor_fetch
+
+
+def wide_gemm_net(seed: int = 0) -> onnx.ModelProto:
+    """fc1 (6→64) → Tanh → fc2 (64→3) on 7 rows: a tensor with many channels and few positions."""
+    net = Net(seed)
+    x = net.input("x", [7, 6])
+    h = net.act("Tanh", net.gemm("fc1", x, 6, 64), "tanh1")
+    return net.build([net.gemm("fc2", h, 64, 3)])
 
 
 def pointwise_net(seed: int = 0) -> tuple[onnx.ModelProto, str]:
@@ -42,13 +57,15 @@ def gemm_net(seed: int = 0) -> tuple[onnx.ModelProto, str]:
     return net.build([net.gemm("fc2", h, 10, 3)]), h
 
 
-def sensitivity_of(model: onnx.ModelProto, seeds: tuple[int, ...] = (0, 1)) -> tuple[LocalSensitivity, list]:
+def sensitivity_of(
+    model: onnx.ModelProto, seeds: tuple[int, ...] = (0, 1), form: str = "auto"
+) -> tuple[LocalSensitivity, list]:
     feeds = [make_inputs(model, InputSpec(), seed) for seed in seeds]
     working = graph.import_model(model)
     shapes = ShapeService(feeds[0])(working)
     groups = [item.group for item in group_candidates(working, shapes, ())]
     fetch = tensor_fetch(model, list(consumer_inputs(groups)))
-    return LocalSensitivity(fetch, groups, feeds), groups
+    return LocalSensitivity(fetch, groups, feeds, form=form), groups
 
 
 def weight_of(model: onnx.ModelProto, name: str) -> np.ndarray:
@@ -164,3 +181,72 @@ def test_auto_measures_small_models_and_rejects_unknown_modes(tmp_path) -> None:
         compress(model, tolerance=0.02, sensitivity="guess")
     result = compress(model, tolerance=0.04, sensitivity="calibrated", separation=False)
     assert result.report.budget["sensitivity"] == "calibrated"
+
+
+def random_merges(rng: np.random.Generator, n_atoms: int, offsets: bool) -> list[Merge]:
+    """Between one and half of the atoms merged, each into an atom that stays; scales and offsets drawn."""
+    atoms = rng.permutation(n_atoms)
+    count = int(rng.integers(1, n_atoms // 2 + 1))
+    targets = rng.choice(atoms[count:], count)
+    return [Merge(int(source), int(target), float(rng.uniform(-2.0, 2.0)), float(rng.normal()) * offsets)
+            for source, target in zip(atoms[:count], targets, strict=True)]  # fmt: skip
+
+
+FORM_CASES = {
+    "conv 3×3": lambda: conv_net(0.05),
+    "gemm": lambda: gemm_net()[0],
+    "flatten-gemm (blocks of 9)": lambda: flatten_gemm().model,
+    "gemm transB=0": lambda: gemm_mlp(0, "N").model,
+    "transpose-matmul": lambda: nhwc_matmul().model,
+    "wide gemm": wide_gemm_net,
+}
+
+
+@pytest.mark.parametrize("builder", FORM_CASES.values(), ids=FORM_CASES.keys())
+def test_the_gram_and_rows_forms_give_the_same_estimate(builder) -> None:
+    model = builder()
+    gram, groups = sensitivity_of(model, form="gram")
+    rows, _ = sensitivity_of(model, form="rows")
+    assert all(isinstance(c, ConsumerGrams) for consumers in gram.consumers.values() for c in consumers)
+    assert all(isinstance(c, ConsumerRows) for consumers in rows.consumers.values() for c in consumers)
+    rng = np.random.default_rng(0)
+    for group in groups:
+        for trial in range(25):
+            merges = random_merges(rng, group.n_atoms, offsets=trial % 2 == 1)
+            expected = gram.error(group.name, merges)
+            assert expected > 0.0 and rows.error(group.name, merges) == pytest.approx(expected, rel=1e-6)
+
+
+def test_few_positions_and_many_channels_keep_the_rows_in_less_memory() -> None:
+    local, groups = sensitivity_of(wide_gemm_net())  # 64 channels, 7 positions per feed, two feeds
+    (consumer,) = local.consumers[groups[0].name]
+    assert isinstance(consumer, ConsumerRows) and consumer.inputs.shape == (64, 14)
+    assert consumer.inputs.dtype == np.float32
+    assert local.nbytes == consumer.inputs.nbytes < 65 * 65 * 8  # its Gram matrix alone, without H
+    many, groups = sensitivity_of(pointwise_net()[0])  # 8 channels, 72 positions per feed: the Gram
+    assert all(isinstance(c, ConsumerGrams) for c in many.consumers[groups[0].name])
+    local.release()
+    assert local.nbytes == 0
+
+
+def test_rows_folded_into_the_gram_mid_capture_give_the_same_sums() -> None:
+    model, hidden = pointwise_net()  # 8 channels, 72 positions per feed: rows for one feed, then the Gram
+    feeds = [make_inputs(model, InputSpec(), seed) for seed in (0, 1, 2)]
+    fetch = tensor_fetch(model, [hidden])
+    direct, none = capture_grams(fetch, feeds, {hidden: (1, 1)}, rows_below=0.0)
+    folded, _ = capture_grams(fetch, feeds, {hidden: (1, 1)}, rows_below=100 / 9)
+    kept, rows = capture_grams(fetch, feeds, {hidden: (1, 1)}, rows_below=np.inf)
+    assert not none and not kept and rows[hidden].shape == (8, 216)
+    assert np.array_equal(folded[hidden], direct[hidden])  # bit for bit: the same sums in the same order
+    augmented = np.vstack([rows[hidden], np.ones((1, 216))])
+    assert np.allclose(augmented @ augmented.T, direct[hidden], rtol=1e-12)
+
+
+@pytest.mark.parametrize("n", [3, 10, 40])  # the product of the two Grams (3, 10), or the product itself
+def test_product_norm_by_either_route_matches_float64(n: int, monkeypatch) -> None:
+    monkeypatch.setattr("red_onnx.sensitivity.PRODUCT_ELEMENTS", 1000)  # several column blocks
+    rng = np.random.default_rng(n)
+    weights = rng.standard_normal((n, 50)).astype(np.float32)
+    rows = rng.standard_normal((n, 30)) + 5.0  # a common mean: the products cancel
+    expected = np.linalg.norm(weights.T.astype(np.float64) @ rows) ** 2
+    assert _product_norm(weights, rows) == pytest.approx(expected, rel=1e-5)
