@@ -71,6 +71,9 @@ def session_options() -> ort.SessionOptions:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4
     options.enable_cpu_mem_arena = False  # its blocks outlive the runs (conv25m peak: -38 MB, same speed)
+    # idle worker threads sleep instead of spinning: the search holds several sessions, and a spinning
+    # pool of one steals the cores from the one running
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
