@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from red_onnx import channel_ops
 from red_onnx.channel_ops import Link, Reason
+from red_onnx.components import component_labels
 from red_onnx.graph import WorkingModel, subgraph_outer_references
 
 logger = logging.getLogger(__name__)
@@ -215,8 +214,7 @@ class _GroupBuilder:
             cols = np.concatenate([b for _, b in self.pairs])
         else:
             rows = cols = np.zeros(0, np.int64)
-        adjacency = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
-        _, labels = connected_components(adjacency, directed=False)
+        labels = component_labels(n, rows, cols)
         _, atoms = np.unique(labels[: self.n_slots], return_inverse=True)
         group.n_atoms = int(atoms.max()) + 1 if self.n_slots else 0
         for member in group.tensors.values():

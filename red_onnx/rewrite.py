@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from scipy.sparse import csr_matrix
 
 from red_onnx.channel_ops import slice_params
 from red_onnx.channels import ChannelGroup, Consumer, GroupTensor
@@ -125,8 +124,9 @@ def add_merged_rows(flat: np.ndarray, local: np.ndarray, merges: Sequence[Merge]
     src = np.array([local[m.source] for m in inside])
     dst = np.array([local[m.target] for m in inside])
     targets, slot = np.unique(dst, return_inverse=True)
-    transfer = csr_matrix(([m.scale for m in inside], (slot, np.arange(len(src)))), (len(targets), len(src)))
-    merged = flat[targets].astype(np.float64) + transfer @ flat[src].astype(np.float64)
+    moved = np.zeros((len(targets), flat.shape[1]))  # Σ scale·V_src per target, summed in merge order
+    np.add.at(moved, slot, np.array([m.scale for m in inside])[:, None] * flat[src].astype(np.float64))
+    merged = flat[targets].astype(np.float64) + moved
     flat[targets] = merged.astype(flat.dtype)
     return src
 

@@ -20,8 +20,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse
-import scipy.sparse.csgraph
+
+from red_onnx.components import component_labels
 
 #: Unit kernels agreeing to this in every entry are the same kernel (float32 scaled copies: ~1e-7).
 UNIT_ATOL = 1e-6
@@ -156,9 +156,7 @@ def _same_unit_labels(channel_of: np.ndarray, units: np.ndarray, atol: float) ->
     rows = np.concatenate([np.arange(count), np.arange(count)])
     cols = np.concatenate([count + buckets[0], count + sizes[0] + buckets[1]])
     nodes = count + sum(sizes)
-    graph = scipy.sparse.coo_matrix((np.ones(rows.size), (rows, cols)), shape=(nodes, nodes))
-    _, component = scipy.sparse.csgraph.connected_components(graph, directed=False)
-    component = component[:count]
+    component = component_labels(nodes, rows, cols)[:count]
     leader = np.zeros(int(component.max()) + 1, np.int64)
     leader[component[::-1]] = np.arange(count)[::-1]  # the first member of each component
     far = np.max(np.abs(units - units[leader[component]]), axis=1) > atol
