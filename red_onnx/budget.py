@@ -172,6 +172,8 @@ class BudgetSearch:
         self.reference, self.spec, self.reference_structure = reference, spec, reference_structure
         self.verifier = self._verifier(SEARCH_SEEDS[:count], self.part)
         self.heldout = self._verifier(HELDOUT_SEEDS[:count], "heldout" if split else "all")
+        for verifier in (self.verifier, self.heldout):  # now, while little else is alive: the held-out
+            verifier.reference_outputs(LEVEL[0])  # reference session at the end was the search's peak
         self.calibration_verifier: Verifier | None = None
         self.suffix: SuffixSimulator | None = None
         self.input_shapes = shapes.input_shapes
