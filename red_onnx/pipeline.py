@@ -269,7 +269,7 @@ def compress(
         _check_measurable(size_before)
     # verification and the search read the input by path when it came from a file (no serialized copy)
     reference_model = source if source is not None else original
-    reference = _reference_verifier(reference_model, options, original)
+    reference = _reference_verifier(reference_model, options, original, verify=verify)
     shapes = ShapeService(make_inputs(original, options.input_spec, VERIFY_SEEDS[0]))
     working = graph_utils.import_model(original)
     report = Report(
@@ -339,16 +339,21 @@ def _check_measurable(size: int) -> None:
         )
 
 
-def _reference_verifier(model: ModelSource, options: Options, structure: onnx.ModelProto) -> Verifier | None:
-    """The verifier of the input model, its unoptimised outputs computed now.
+def _reference_verifier(
+    model: ModelSource, options: Options, structure: onnx.ModelProto, *, verify: bool
+) -> Verifier | None:
+    """The verifier of the input model, its unoptimised outputs (and with ``verify`` all) computed now.
 
     Fails early (InputError) when onnxruntime cannot run the input model on the verification inputs;
-    the final verification reuses it. None for a proto over the protobuf limit (verified by path later).
+    the final verification reuses it, without opening the input's sessions again next to the candidate's
+    (the optimised reference session was the verification's memory peak). None for a proto over the
+    protobuf limit (verified by path later).
     """
     if isinstance(model, onnx.ModelProto) and io.model_nbytes(model) > sessions.MAX_PROTO_BYTES:
         return None
     verifier = Verifier(model, options.input_spec, seeds=VERIFY_SEEDS, structure=structure)
-    verifier.reference_outputs("disable_all")
+    for level in verifier.levels if verify else ["disable_all"]:
+        verifier.reference_outputs(level)
     return verifier
 
 
