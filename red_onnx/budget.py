@@ -309,8 +309,7 @@ class BudgetSearch:
     def _calibrator(self) -> Verifier:
         """The one-sample verifier that calibrates local estimates: the search's first feed or stream."""
         if self.calibration_verifier is None:
-            self.verifier.reference_outputs(LEVEL[0])  # computed once, shared
-            self.calibration_verifier = self.verifier.head(1)
+            self.calibration_verifier = self.verifier.head(1)  # shares the reference outputs
             self.suffix = self._suffix(self.calibration_verifier)
         return self.calibration_verifier
 
@@ -331,7 +330,14 @@ class BudgetSearch:
         """
         if self.simulator is None or not self.simulator.supports(plan):
             return None
-        simulator = self.suffix if verifier is self.calibration_verifier and self.suffix else self.simulator
+        if verifier is self.calibration_verifier and self.suffix is not None:
+            suffix = self.suffix
+            try:
+                return verifier.outputs_of(lambda feeds: suffix.run(plan, feeds))
+            except Exception as error:  # onnxruntime's errors share no base class
+                logger.info("calibration runs the whole model (a suffix session failed: %s)", error)
+                self.suffix = None
+        simulator = self.simulator
         try:
             return verifier.outputs_of(lambda feeds: simulator.run(plan, feeds))
         except Exception as error:  # onnxruntime's errors share no base class

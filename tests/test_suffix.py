@@ -7,6 +7,10 @@ import onnx
 import pytest
 from test_simulate import BUILDERS, assert_outputs_close, plans, search_of
 
+from red_onnx.budget import BudgetSearch
+from red_onnx.input_spec import InputSpec
+from red_onnx.inputs import make_inputs
+from red_onnx.shapes import ShapeService
 from red_onnx.suffix import SuffixSimulator, boundary, suffix_model
 
 
@@ -69,3 +73,23 @@ def test_models_with_subgraphs_get_no_suffix() -> None:
     simulator.structure = structure
     with pytest.raises(ValueError, match="If/Loop/Scan"):
         SuffixSimulator(simulator, search.verifier.inputs[0])
+
+
+def test_a_failing_suffix_falls_back_to_the_whole_simulator(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = BUILDERS["deep_net"]()
+    spec = InputSpec()
+    search = BudgetSearch(
+        model, model, spec, ShapeService(make_inputs(model, spec, 0)), hashing=False, activations=False,
+        sensitivity="calibrated",
+    )  # fmt: skip
+    calls = []
+
+    def broken(self: SuffixSimulator, plan: dict, feeds: list) -> list:
+        calls.append(plan)
+        raise RuntimeError("suffix session failed")
+
+    monkeypatch.setattr(SuffixSimulator, "run", broken)
+    search.to_target(0.9)
+    assert calls, "the calibration tried the suffix first"
+    assert search.suffix is None and search.simulator is not None  # not the rebuild path
+    assert search.gain and all(np.isfinite(list(search.gain.values())))
