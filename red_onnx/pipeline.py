@@ -6,6 +6,7 @@ rewrite. Nothing is written to disk here (the CLI saves, atomically, after a pas
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -295,7 +296,9 @@ def compress(
     candidate = graph_utils.export_model(working)
     input_metadata = working.metadata
     del working, original  # not alive through the verification (exact conv25m: -96 MB); a proto input
-    # stays, as reference_model
+    # stays, as reference_model. A graph's nodes and tensors refer to each other: only the cycle
+    # collector frees them and the weights they hold (exact conv25m peak 740 → 589 MB with it now)
+    gc.collect()
     if verify:
         notify("verify")
         data = _serialized(candidate)
@@ -393,6 +396,7 @@ def _approximate(
     report.budget = {**outcome.to_dict(), "seconds": round(time.perf_counter() - started, 3)}
     merges = {name: search.merges[name][count] for name, count in outcome.counts.items() if count}
     del search  # its sessions, Gram matrices and model copy: not alive while the merges are applied
+    gc.collect()  # the search's groups and graph views are cyclic
     if not merges:
         return False
     merge = MergeNear(shapes=shapes, merges=merges, freeze=options.freeze)
