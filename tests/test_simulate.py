@@ -16,7 +16,7 @@ import onnx
 import pytest
 from test_budget import conv_net, deep_net, residual_net
 
-from red_onnx import graph, metrics
+from red_onnx import budget, graph, metrics
 from red_onnx.budget import BudgetSearch
 from red_onnx.input_spec import InputSpec
 from red_onnx.inputs import make_inputs
@@ -127,6 +127,18 @@ def test_batched_samples_give_the_per_sample_outputs(name: str) -> None:
     for want, have in zip(one_by_one, got, strict=True):
         for output, values in want.items():
             np.testing.assert_allclose(have[output], values, rtol=1e-5, atol=1e-6)
+
+
+def test_large_models_are_run_sample_by_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above LARGE_MODEL_MACS a batch's activations beside a plan's merged weights cost more than it saves."""
+    monkeypatch.setattr(budget, "LARGE_MODEL_MACS", 0)
+    search = search_of(with_dynamic_batch(BUILDERS["conv_net"]()))
+    assert search.large and search.simulator.batched is False
+    plan = plans(search)[-1]
+    runs = search.simulator.runs
+    got = search.simulator.run(plan, search.verifier.inputs)
+    assert search.simulator.runs == runs + 1 and len(got) == len(search.verifier.inputs) > 1
+    assert search.simulator.batched is False  # not decided again on the first run
 
 
 def test_a_model_that_hard_codes_its_batch_is_run_sample_by_sample() -> None:
