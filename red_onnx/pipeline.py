@@ -297,7 +297,7 @@ def compress(
     input_metadata = working.metadata
     del working, original  # not alive through the verification (exact conv25m: -96 MB); a proto input
     # stays, as reference_model. A graph's nodes and tensors refer to each other: only the cycle
-    # collector frees them and the weights they hold (exact conv25m peak 740 → 589 MB with it now)
+    # collector frees them and the weights they hold (exact conv25m peak 740 → 581-646 MB with it now)
     gc.collect()
     if verify:
         notify("verify")
