@@ -94,16 +94,29 @@ def ort_error(exc: BaseException, level: str, *, reference: bool) -> Exception:
     )
 
 
+def session_options(level: str = "disable_all", *, arena: bool = True) -> ort.SessionOptions:
+    """Options of every session that checks or measures (not the latency probes): silent, no spinning.
+
+    Args:
+        level: The graph optimisation level (a key of ``LEVELS``).
+        arena: Keep onnxruntime's CPU memory arena (its blocks outlive the runs; the simulator's
+            sessions go without: conv25m peak -38 MB at the same speed).
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = LEVELS[level]
+    options.log_severity_level = 4  # errors reach the user as one line, not ORT's log
+    options.enable_cpu_mem_arena = arena
+    # idle workers sleep: with several sessions alive a spinning pool steals the cores from the running
+    # one (conv25m --target-macs 0.8 in process: 7.6-7.9 s without spinning, 8.4-9.1 s with)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def open_session(
     source: bytes | str, level: str, providers: Sequence[str], *, reference: bool
 ) -> ort.InferenceSession:
     """A session of ``source`` (:func:`model_source`) at ``level``; its errors as :func:`ort_error`."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = LEVELS[level]
-    options.log_severity_level = 4  # errors reach the user as one line, not ORT's log
-    # idle workers sleep: a spinning pool steals the cores from the search's other sessions
-    # (conv25m --target-macs 0.8: 7.6-7.9 s in-process without spinning, 8.4-9.1 s with)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = session_options(level)
     try:
         return ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime's pybind errors share no base class but Exception

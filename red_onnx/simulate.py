@@ -26,6 +26,7 @@ from red_onnx.channels import ChannelGroup
 from red_onnx.graph import WorkingModel, constant_values, export_light
 from red_onnx.redundancy import Merge
 from red_onnx.rewrite import add_merged_rows
+from red_onnx.sessions import session_options
 from red_onnx.weights import consumer_axis
 
 logger = logging.getLogger(__name__)
@@ -65,16 +66,9 @@ def merged_weight(slot: ConsumerSlot, merges: Sequence[Merge]) -> np.ndarray:
     return np.moveaxis(flat.reshape(moved.shape), 0, slot.axis)
 
 
-def session_options() -> ort.SessionOptions:
-    """Options of the simulation sessions: optimisations off (as the reference), no CPU arena, no spinning."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4
-    options.enable_cpu_mem_arena = False  # its blocks outlive the runs (conv25m peak: -38 MB, same speed)
-    # idle worker threads sleep instead of spinning: the search holds several sessions, and a spinning
-    # pool of one steals the cores from the one running
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
+def simulation_session(serialized: bytes, providers: Sequence[str]) -> ort.InferenceSession:
+    """A session of the simulated model or a part of it: unoptimised as the reference, no CPU arena."""
+    return ort.InferenceSession(serialized, session_options(arena=False), providers=list(providers))
 
 
 def serialized_with(base: onnx.ModelProto, weights: set[str], outputs: Sequence[str]) -> bytes:
@@ -139,7 +133,7 @@ class MergeSimulator:
             raise ValueError(f"consumer weights {sorted(missing)[:3]} are not initializers of the base model")
         self.overridable = names - set(self.fixed)  # consumer weights stored in ``base`` (small ones)
         serialized = serialized_with(base, self.overridable, extra_outputs)
-        self.session = ort.InferenceSession(serialized, session_options(), providers=list(providers))
+        self.session = simulation_session(serialized, providers)
         del serialized
         self.structure, self.providers = base, list(providers)  # for sessions over parts of it
         self.outputs = [out.name for out in base.graph.output]

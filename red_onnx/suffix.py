@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from red_onnx.simulate import Feed, MergeSimulator, Plan, serialized_with, session_options
+from red_onnx.simulate import Feed, MergeSimulator, Plan, serialized_with, simulation_session
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class SuffixSimulator:
         """The base model's values of ``names`` on the feed (one run of the whole model)."""
         simulator = self.simulator
         serialized = serialized_with(simulator.structure, simulator.overridable, names)
-        session = ort.InferenceSession(serialized, session_options(), providers=simulator.providers)
+        session = simulation_session(serialized, simulator.providers)
         values = session.run(names, simulator.base_inputs(self.feed))
         return dict(zip(names, (np.asarray(value) for value in values), strict=True))
 
@@ -112,7 +112,7 @@ class SuffixSimulator:
             simulator = self.simulator
             model = suffix_model(simulator.structure, cut, self.values[cut])
             serialized = serialized_with(model, simulator.overridable, ())
-            session = ort.InferenceSession(serialized, session_options(), providers=simulator.providers)
+            session = simulation_session(serialized, simulator.providers)
             inputs = [*session.get_inputs(), *session.get_overridable_initializers()]
             self.sessions[cut] = session, {value.name for value in inputs}
         return self.sessions[cut]

@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from red_onnx.sessions import session_options
+
 
 def tensor_fetch(
     model: onnx.ModelProto, names: Sequence[str]
@@ -21,11 +23,9 @@ def tensor_fetch(
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in known)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as red_onnx.simulate's
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        probe.SerializeToString(), session_options("disable_all"), providers=["CPUExecutionProvider"]
+    )
     del probe
     wanted = [value.name for value in session.get_inputs()]
     return lambda fetched, feed: session.run(list(fetched), {n: feed[n] for n in wanted if n in feed})
