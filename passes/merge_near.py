@@ -35,15 +35,20 @@ class GroupCandidates:
 
 def group_candidates(model: WorkingModel, shapes: Shapes, freeze: Sequence[str]) -> list[GroupCandidates]:
     """Analyse ``model`` and rank the merge candidates of every unfrozen group."""
-    analysis = analyse_model(model, shapes, freeze)
-    found = []
-    for group in analysis.groups:
-        if group.frozen or not group.producers or group.n_atoms < 2:
-            continue
-        params = atom_params(group, {name: m.rank for name, m in group.tensors.items()})
-        eligible = np.ones(group.n_atoms, bool)
-        found.append(GroupCandidates(group, near_candidates(params, group.homogeneous, eligible), params))
-    return found
+    return [candidates_of(group) for group in mergeable_groups(model, shapes, freeze)]
+
+
+def mergeable_groups(model: WorkingModel, shapes: Shapes, freeze: Sequence[str]) -> list[ChannelGroup]:
+    """The unfrozen groups of ``model`` with producers and at least two channels."""
+    groups = analyse_model(model, shapes, freeze).groups
+    return [group for group in groups if not group.frozen and group.producers and group.n_atoms >= 2]
+
+
+def candidates_of(group: ChannelGroup) -> GroupCandidates:
+    """The group's atom vectors (a copy of its weights) and its merge candidates ranked on them."""
+    params = atom_params(group, {name: m.rank for name, m in group.tensors.items()})
+    eligible = np.ones(group.n_atoms, bool)
+    return GroupCandidates(group, near_candidates(params, group.homogeneous, eligible), params)
 
 
 class MergeNear(Pass):

@@ -42,11 +42,13 @@ from red_onnx.budget_options import (
     removal_levels,
 )
 from red_onnx.channel_steps import ChannelSteps
+from red_onnx.channels import ChannelGroup
 from red_onnx.errors import VerificationError
 from red_onnx.input_spec import InputSpec
-from red_onnx.passes.merge_near import GroupCandidates, MergeNear, group_candidates
+from red_onnx.passes.merge_near import GroupCandidates, MergeNear, candidates_of, mergeable_groups
 from red_onnx.redundancy import Merge
 from red_onnx.sensitivity import LocalSensitivity, consumer_inputs
+from red_onnx.sessions import HeldSessions
 from red_onnx.shapes import ShapeService
 from red_onnx.similarity import (
     activation_candidates,
@@ -130,6 +132,9 @@ class BudgetSearch:
         progress: Called with a short label for every measurement.
         reference_structure: ``reference`` as a ModelProto when the caller holds it while passing a path
             (the verifiers read its inputs there instead of loading the file once each).
+        held: The reference's sessions, open already (``sessions.HeldSessions``): the search's
+            reference outputs are computed with them instead of opening the reference again; released
+            once they are.
     """
 
     def __init__(
@@ -146,6 +151,7 @@ class BudgetSearch:
         sensitivity: str = "auto",
         progress: Callable[[str], None] | None = None,
         reference_structure: onnx.ModelProto | None = None,
+        held: HeldSessions | None = None,
     ) -> None:
         if sensitivity not in SENSITIVITY_MODES:
             raise ValueError(f"sensitivity {sensitivity!r} is not one of {', '.join(SENSITIVITY_MODES)}")
@@ -170,10 +176,13 @@ class BudgetSearch:
         split = not find_state_pairs(structure)
         self.part = "search" if split else "all"
         self.reference, self.spec, self.reference_structure = reference, spec, reference_structure
+        self.held = held
         self.verifier = self._verifier(SEARCH_SEEDS[:count], self.part)
         self.heldout = self._verifier(HELDOUT_SEEDS[:count], "heldout" if split else "all")
         for verifier in (self.verifier, self.heldout):  # now, while little else is alive: the held-out
             verifier.reference_outputs(LEVEL[0])  # reference session at the end was the search's peak
+        if held is not None:  # not alive beside the rankings' work arrays
+            held.release()
         self.calibration_verifier: Verifier | None = None
         self.suffix: SuffixSimulator | None = None
         self.input_shapes = shapes.input_shapes
@@ -183,11 +192,14 @@ class BudgetSearch:
         self.orderings: dict[str, list[Ordering]] = {}
         self.chosen: dict[tuple[str, int], Ordering] = {}
         self.atom_cost: dict[str, np.ndarray] = {}
-        items = group_candidates(working, self.shapes, self.freeze)
-        samples = self._activations(items) if activations else {}
-        self.options = [self._option(item, layer_macs, samples, hashing=hashing) for item in items]
-        groups = [item.group for item in items]
-        del items, samples  # the groups' weight vectors: not alive through the captures (peak memory)
+        groups = mergeable_groups(working, self.shapes, self.freeze)
+        samples = self._activations(groups) if activations else {}
+        # a group's atom vectors (a copy of its weights) live only while its rankings are made: all
+        # groups' at once beside the hashing's work arrays were the search's peak (conv25m: 138 MB)
+        self.options = [
+            self._option(candidates_of(group), layer_macs, samples, hashing=hashing) for group in groups
+        ]
+        del samples
         self.cache: dict[tuple, float] = {}  # errors measured (their count is the report's evaluations)
         self.macs_cache: dict[tuple, float] = {}
         self.macs_counter = MacsCounter(layer_macs, groups)
@@ -228,13 +240,13 @@ class BudgetSearch:
         option.basins = {o.label: o.basins for o in orderings}
         return option
 
-    def _activations(self, items: list[GroupCandidates]) -> dict[str, tuple[str, np.ndarray]]:
+    def _activations(self, groups: list[ChannelGroup]) -> dict[str, tuple[str, np.ndarray]]:
         """Per group: the tensor its first consumer reads, and that tensor's sampled activations."""
         wanted = {}
-        for item in items:
-            if item.group.consumers:
-                member = item.group.tensors[item.group.consumers[0].tensor]
-                wanted[item.group.name] = (member.tensor.name, member.axis, member.block)
+        for group in groups:
+            if group.consumers:
+                member = group.tensors[group.consumers[0].tensor]
+                wanted[group.name] = (member.tensor.name, member.axis, member.block)
         base = self.base if self.base is not None else graph_utils.export_model(self.working)
         captured = capture(base, self.verifier.inputs, {t: (a, b) for t, a, b in wanted.values()})
         return {name: (t, captured[t]) for name, (t, _, _) in wanted.items() if t in captured}
@@ -306,7 +318,15 @@ class BudgetSearch:
     def _verifier(self, seeds: Sequence[int], part: str) -> Verifier:
         """A verifier of the reference on ``seeds`` at the search's level."""
         structure = self.reference_structure
-        return Verifier(self.reference, self.spec, seeds=seeds, levels=LEVEL, part=part, structure=structure)
+        return Verifier(
+            self.reference,
+            self.spec,
+            seeds=seeds,
+            levels=LEVEL,
+            part=part,
+            structure=structure,
+            held=self.held,
+        )
 
     def _calibrator(self) -> Verifier:
         """The one-sample verifier that calibrates local estimates: the search's first feed or stream."""

@@ -360,6 +360,57 @@ def set_constant_input(node: gs.Node, index: int, values: np.ndarray, *, suffix:
         node.inputs[index].red_stored_as = old.red_stored_as
 
 
+#: onnx types whose values numpy holds exactly (a weight of another type keeps its TensorProto).
+NUMPY_EXACT_TYPES = frozenset(
+    getattr(onnx.TensorProto, name)
+    for name in (
+        "FLOAT", "DOUBLE", "FLOAT16", "INT8", "INT16", "INT32", "INT64",
+        "UINT8", "UINT16", "UINT32", "UINT64", "BOOL",
+    )
+)  # fmt: skip
+
+
+def detach_from_input(working: WorkingModel) -> int:
+    """Give every weight still read lazily from the input proto its own storage; return how many.
+
+    onnx-graphsurgeon imports a weight as ``LazyValues`` over the input's TensorProto, and one such
+    reference keeps the whole input alive (upb keeps a parsed message and all its parts in one arena),
+    as does the input's ``opset_import`` container, which gs keeps as the graphs' ``import_domains``:
+    detached, the caller can free the input (conv25m: 97 MB). Weights numpy holds exactly are loaded
+    (what a pass does on first access); others (bfloat16, float8, int4, sparse) keep a copy of their
+    TensorProto, exported as they came.
+    """
+    count = 0
+    pending = [working.graph, *working.graph.functions]
+    while pending:
+        graph = pending.pop()
+        if graph.import_domains is not None:  # gs keeps the input's opset_import container itself
+            graph.import_domains = [copy.deepcopy(domain) for domain in graph.import_domains]
+        constants = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+        for node in graph.nodes:
+            for value in node.attrs.values():
+                items = value if isinstance(value, list) else [value]
+                pending.extend(item for item in items if isinstance(item, gs.Graph))
+                constants.extend(item for item in items if isinstance(item, gs.Constant))
+        for constant in constants:
+            count += _detach(constant)
+    return count
+
+
+def _detach(constant: gs.Constant) -> int:
+    """Load or copy one lazily imported weight (1), or leave a loaded one (0)."""
+    lazy = constant._values  # gs has no public test for "not loaded yet"
+    if not isinstance(lazy, LazyValues):
+        return 0
+    if isinstance(lazy.tensor, onnx.TensorProto) and lazy.tensor.data_type in NUMPY_EXACT_TYPES:
+        constant.values = lazy.load()
+    else:
+        own = type(lazy.tensor)()
+        own.CopyFrom(lazy.tensor)
+        lazy.tensor = own
+    return 1
+
+
 def normalise_constants(working: WorkingModel) -> int:
     """Fold weights written as Constant/ConstantOfShape nodes (and casts/unsqueezes of them) into constants.
 

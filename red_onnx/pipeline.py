@@ -19,16 +19,16 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
-from google.protobuf.message import EncodeError
 
 from red_onnx import graph as graph_utils
-from red_onnx import io, metrics, sessions
+from red_onnx import io, metrics, sessions, wire
 from red_onnx._version import __version__
 from red_onnx.budget import SENSITIVITY_MODES, BudgetSearch
 from red_onnx.errors import InputError, UsageError, VerificationError
 from red_onnx.input_spec import InputSpec
 from red_onnx.inputs import make_inputs
 from red_onnx.latency import CPU_PROVIDER, LatencyProbe, LatencyService, check_provider
+from red_onnx.memory import release_free_memory
 from red_onnx.pass_infra import Pass
 from red_onnx.passes.fold_affine import FoldAffine
 from red_onnx.passes.fold_batchnorm import FoldBatchNorm
@@ -36,6 +36,7 @@ from red_onnx.passes.merge_exact import MergeExact
 from red_onnx.passes.merge_near import MergeNear
 from red_onnx.passes.separate_depthwise import SeparateDepthwise
 from red_onnx.report import FrozenGroup, Report
+from red_onnx.sessions import HeldSessions, model_source
 from red_onnx.shapes import ShapeService
 from red_onnx.verify import Verifier
 
@@ -271,8 +272,17 @@ def compress(
     # verification and the search read the input by path when it came from a file (no serialized copy)
     reference_model = source if source is not None else original
     reference = _reference_verifier(reference_model, options, original, verify=verify)
+    # the unoptimised reference session stays open for the budget search's reference runs, released
+    # once they are done (conv25m --target-macs 0.8: its second opening beside the working model was
+    # the run's peak)
+    held = reference.held if reference is not None else None
     shapes = ShapeService(make_inputs(original, options.input_spec, VERIFY_SEEDS[0]))
+    release_free_memory("import")  # the file's bytes and the reference sessions' copies
     working = graph_utils.import_model(original)
+    if source is not None:  # the checks read the file: the input proto is not needed past its structure
+        graph_utils.detach_from_input(working)
+        original = wire.structure_of(original)
+        release_free_memory("normalisation")  # the input proto (conv25m: 97 MB)
     report = Report(
         input_shapes={k: list(v) for k, v in shapes.input_shapes.items()},
         options=options.provenance(),
@@ -286,7 +296,7 @@ def compress(
     del structure
     _exact_rewrites(working, options, shapes, report, notify)
     merged = options.approximate and _approximate(
-        working, reference_model, original, options, shapes, report, notify
+        working, reference_model, original, options, shapes, report, notify, held
     )
     if options.separation:
         _separate(working, options, shapes, report, notify, latency)
@@ -301,14 +311,13 @@ def compress(
     gc.collect()
     if verify:
         notify("verify")
-        data = _serialized(candidate)
-        if data is None:  # over the protobuf limit: checked by path
-            _verify(reference_model, candidate, options, report, reference, merged)
-        else:  # the bytes stand for the proto through the checks (conv25m: -77 MB beside their sessions)
-            del candidate
-            _verify(reference_model, data, options, report, reference, merged)
-            candidate = onnx.load_from_string(data)
-            del data
+        with tempfile.TemporaryDirectory(prefix="red-onnx-") as scratch:
+            path = _write_scratch(candidate, Path(scratch))  # a weight at a time (no serialized copy)
+            del candidate  # not alive beside the checks' sessions: they read the file
+            release_free_memory("verification")  # with the working graph's arrays
+            _verify(reference_model, str(path), options, report, reference, merged)
+            candidate = onnx.load(str(path))
+        release_free_memory("saving")  # the checks' sessions
     graph_utils.set_metadata(candidate, input_metadata, _provenance(options, report))
     report.size_after = io.model_nbytes(candidate)
     result = Result(candidate, report)
@@ -354,8 +363,10 @@ def _reference_verifier(
     """
     if isinstance(model, onnx.ModelProto) and io.model_nbytes(model) > sessions.MAX_PROTO_BYTES:
         return None
-    verifier = Verifier(model, options.input_spec, seeds=VERIFY_SEEDS, structure=structure)
-    for level in verifier.levels if verify else ["disable_all"]:
+    held = HeldSessions(model_source(model)) if options.approximate else None
+    verifier = Verifier(model, options.input_spec, seeds=VERIFY_SEEDS, structure=structure, held=held)
+    levels = sorted(verifier.levels, key=lambda level: level == "disable_all") if verify else ["disable_all"]
+    for level in levels:  # the held (unoptimised) session last: not open beside the optimised one
         verifier.reference_outputs(level)
     return verifier
 
@@ -368,10 +379,12 @@ def _approximate(
     shapes: ShapeService,
     report: Report,
     notify: Progress,
+    held: HeldSessions | None = None,
 ) -> bool:
     """Search the merge budget on the exact-rewritten model, then apply the chosen merges.
 
-    ``original`` is the input model (its path when it came from a file), ``structure`` the loaded input.
+    ``original`` is the input model (its path when it came from a file), ``structure`` the loaded input,
+    ``held`` its sessions opened at load (released once the search has its reference outputs).
 
     Returns:
         Whether anything was merged (when not, the result is verified as an exact rewrite).
@@ -382,7 +395,7 @@ def _approximate(
         working, original, options.input_spec, shapes,
         freeze=options.freeze, channel_multiple=options.channel_multiple, hashing=options.hashing,
         activations=options.activations, sensitivity=options.sensitivity, progress=notify,
-        reference_structure=structure,
+        reference_structure=structure, held=held,
     )  # fmt: skip
     if options.target_macs is None:
         outcome = search.within_tolerance(options.tolerance * SEARCH_MARGIN)
@@ -397,6 +410,7 @@ def _approximate(
     merges = {name: search.merges[name][count] for name, count in outcome.counts.items() if count}
     del search  # its sessions, Gram matrices and model copy: not alive while the merges are applied
     gc.collect()  # the search's groups and graph views are cyclic
+    release_free_memory("merging")
     if not merges:
         return False
     merge = MergeNear(shapes=shapes, merges=merges, freeze=options.freeze)
@@ -436,24 +450,23 @@ def _collect_skips(report: Report) -> None:
 
 def _verify(
     original: ModelSource,
-    candidate: onnx.ModelProto | bytes,
+    candidate: str,
     options: Options,
     report: Report,
     verifier: Verifier | None = None,
     merged: bool = False,
 ) -> None:
-    """Verify ``candidate`` against ``original`` (with ``verifier`` when given); large models go by path.
+    """Verify the model file ``candidate`` against ``original`` (with ``verifier`` when given).
 
     Exact mode passes when every element is within ``EXACT_ATOL·max(1, max|y|) + EXACT_RTOL·|y|``;
     the tolerance mode when every output's relative L2 error is within the tolerance; the target-MACs
     mode reports the error reached and passes when the model runs with finite outputs.
     """
     with tempfile.TemporaryDirectory(prefix="red-onnx-") as scratch:
-        target = _as_source(candidate, Path(scratch) / "candidate.onnx", serialize=True)
         if verifier is None:
             reference = _as_source(original, Path(scratch) / "reference.onnx")
             verifier = Verifier(reference, options.input_spec, seeds=VERIFY_SEEDS)
-        result = verifier.check(target, rtol=EXACT_RTOL, atol=EXACT_ATOL)
+        result = verifier.check(candidate, rtol=EXACT_RTOL, atol=EXACT_ATOL)
         checked = result.to_dict()
         if not merged:  # exact rewrites only (also when the budget search merged nothing)
             checked["criterion"] = (
@@ -464,7 +477,7 @@ def _verify(
         elif options.target_macs is None:
             parts: dict[str, float] = {}
             for level in verifier.levels:
-                for label, error in verifier.rel_l2_errors(target, level).items():
+                for label, error in verifier.rel_l2_errors(candidate, level).items():
                     parts[label] = max(parts.get(label, 0.0), error)
             checked["criterion"] = (
                 f"relative L2 error of every output (per part of similar scale) <= {options.tolerance}"
@@ -476,30 +489,23 @@ def _verify(
             checked["passed"] = all(math.isfinite(o.rel_l2_err) for o in result.outputs)
         report.verification = checked
         if checked["passed"]:
-            io.check_model(target)
+            io.check_model(candidate)
 
 
-def _serialized(model: onnx.ModelProto) -> bytes | None:
-    """The model's bytes, or None over the protobuf limit (then it is checked by path)."""
-    try:
-        data = model.SerializeToString()
-    except EncodeError:  # upb cannot serialize a message over 2 GB
-        return None
-    return data if len(data) <= sessions.MAX_PROTO_BYTES else None
+def _write_scratch(model: onnx.ModelProto, scratch: Path) -> Path:
+    """Write ``model`` for the checks: streamed (``wire.write_model``), above the limit with external data."""
+    path = scratch / "candidate.onnx"
+    if io.model_nbytes(model) > sessions.MAX_PROTO_BYTES:
+        io.save_model(model, path)
+    else:
+        with open(path, "wb") as stream:
+            wire.write_model(model, stream)
+    return path
 
 
-def _as_source(model: ModelSource | bytes, scratch: Path, *, serialize: bool = False) -> ModelSource | bytes:
-    """How ``model`` is handed to the checks: a path when too large to serialize, else the model.
-
-    With ``serialize`` a ModelProto comes back as its bytes, serialized once for every check that follows.
-    """
-    if not isinstance(model, onnx.ModelProto):
-        return model
-    if serialize:
-        data = _serialized(model)
-        if data is not None:
-            return data
-    elif io.model_nbytes(model) <= sessions.MAX_PROTO_BYTES:
+def _as_source(model: ModelSource, scratch: Path) -> ModelSource:
+    """How ``model`` is handed to the checks: a path when too large to serialize, else the model."""
+    if not isinstance(model, onnx.ModelProto) or io.model_nbytes(model) <= sessions.MAX_PROTO_BYTES:
         return model
     io.save_model(model, scratch)
     return scratch

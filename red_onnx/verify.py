@@ -37,9 +37,11 @@ from red_onnx.inputs import (
     step_count,
     stepped_names,
 )
+from red_onnx.memory import release_free_memory
 from red_onnx.noise import DRIFT_FACTOR, ROUNDING_UNITS, max_drift, noise_allowance, rounding_unit
 from red_onnx.parts import box_error, is_box_head, part_errors, scale_slices
 from red_onnx.sessions import (
+    HeldSessions,
     ModelLike,
     check_level,
     load_structure,
@@ -148,7 +150,9 @@ class Verifier:
     that cannot be split is used whole, and the log says so.
 
     ``structure`` is the reference as a ModelProto when the caller holds one while passing a path or
-    bytes (its inputs and outputs are read from it instead of loading the file again).
+    bytes (its inputs and outputs are read from it instead of loading the file again). ``held``: the
+    reference's sessions shared with other verifiers of the same model (its ``source`` is used for
+    the reference runs then, ``reference`` only for its inputs).
 
     Attributes:
         inputs: The feeds the reference runs on: one per seed (:func:`make_inputs`); for a recurrent
@@ -167,8 +171,10 @@ class Verifier:
         providers: Sequence[str] = ("CPUExecutionProvider",),
         part: str = "all",
         structure: onnx.ModelProto | None = None,
+        held: HeldSessions | None = None,
     ) -> None:
         self.spec = spec
+        self.held = held
         self.seeds = [int(s) for s in seeds]
         self.levels = [str(level) for level in levels]
         self.providers = list(providers)
@@ -179,7 +185,8 @@ class Verifier:
         if part not in PARTS:
             raise UsageError(f"unknown inputs part {part!r}; use one of {', '.join(PARTS)}")
         self.part = part
-        self._reference = model_source(reference)  # bytes are a snapshot: later edits don't leak
+        # bytes are a snapshot: later edits don't leak
+        self._reference = held.source if held is not None else model_source(reference)
         structure = structure if structure is not None else load_structure(reference)
         self.rounding_floor = ROUNDING_UNITS * rounding_unit(structure)
         self._reference_cache: dict[str, list[Feed]] = {}
@@ -384,6 +391,10 @@ class Verifier:
         return worst
 
     def _session(self, source: bytes | str, level: str, *, reference: bool) -> ort.InferenceSession:
+        if reference and self.held is not None:
+            session, opened = self.held.session(level)
+            self.sessions_built += int(opened)
+            return session
         session = open_session(source, level, self.providers, reference=reference)
         self.sessions_built += 1
         return session
@@ -391,11 +402,15 @@ class Verifier:
     def _run_source(self, source: bytes | str, level: str, *, reference: bool) -> list[Feed]:
         runner = session_runner(self._session(source, level, reference=reference), level, reference=reference)
         if not self.pairs:
-            return runner(self._inputs)
-        fed, outputs = run_stream(runner, self._steps, self.pairs)
-        if reference and level == "disable_all":
-            self._fed = fed
-        return per_stream(outputs)
+            outputs = runner(self._inputs)
+        else:
+            fed, steps = run_stream(runner, self._steps, self.pairs)
+            if reference and level == "disable_all":
+                self._fed = fed
+            outputs = per_stream(steps)
+        del runner  # the session: its weights' copy goes back to the system before the next one opens
+        release_free_memory("the next session")  # (conv25m: a session closed kept ~130 MB of RSS)
+        return outputs
 
 
 def _collect(

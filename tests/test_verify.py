@@ -510,3 +510,34 @@ def test_packed_detection_head_is_also_measured_per_box(tmp_path: Path) -> None:
     errors = verifier.rel_l2_errors_of(got, "disable_all")
     assert errors["y[0:4] per box"] > 0.04  # widths 10% larger: each box moved by ~5-10% of its size
     assert errors["y[2:3]"] == pytest.approx(0.1, rel=1e-5)
+
+
+def test_held_session_is_opened_once_for_verifiers_sharing_it() -> None:
+    model = matmul_add()
+    held = sessions.HeldSessions(model.SerializeToString())
+    first = Verifier(model, InputSpec(), seeds=(1, 2), levels=("disable_all",), held=held)
+    second = Verifier(model, InputSpec(), seeds=(7,), levels=("disable_all",), held=held)
+    alone = Verifier(model, InputSpec(), seeds=(7,), levels=("disable_all",))
+    first.reference_outputs("disable_all")
+    second.reference_outputs("disable_all")
+    assert (first.sessions_built, second.sessions_built) == (1, 0)
+    np.testing.assert_array_equal(
+        second.reference_outputs("disable_all")[0]["y"], alone.reference_outputs("disable_all")[0]["y"]
+    )
+    # a candidate is never run in the held reference session
+    assert second.check(matmul_add(W0 * 2)).passed is False
+    assert second.sessions_built == 1
+
+
+def test_held_sessions_hold_only_their_levels_and_nothing_once_released() -> None:
+    held = sessions.HeldSessions(matmul_add().SerializeToString(), levels=("disable_all",))
+    session, opened = held.session("disable_all")
+    again, opened_again = held.session("disable_all")
+    assert opened and not opened_again and again is session
+    _, opened = held.session("enable_all")
+    assert opened and held.session("enable_all")[1]  # not held: opened again
+    held.release()
+    after, opened = held.session("disable_all")
+    assert opened and after is not session and held.session("disable_all")[1]
+    with pytest.raises(UsageError, match="unknown optimisation level"):
+        sessions.HeldSessions(b"", levels=("fastest",))
