@@ -45,6 +45,7 @@ from red_onnx.channel_steps import ChannelSteps
 from red_onnx.channels import ChannelGroup
 from red_onnx.errors import VerificationError
 from red_onnx.input_spec import InputSpec
+from red_onnx.memory import release_free_memory
 from red_onnx.passes.merge_near import GroupCandidates, MergeNear, candidates_of, mergeable_groups
 from red_onnx.redundancy import Merge
 from red_onnx.sensitivity import LocalSensitivity, consumer_inputs
@@ -65,6 +66,10 @@ logger = logging.getLogger(__name__)
 #: Seeds of the inputs the search measures on (one sample each at the default batch of 1) and of
 #: the held-out re-check. 16 samples: with 4, the MNIST-1D model at 56% of its MACs kept 0.796
 #: test accuracy, with 16 it kept 0.945 (the search's choices are only as good as its estimate).
+#: Groups with at least this many weights get the heap's free pages returned before they are hashed:
+#: its work arrays (~27 bytes a weight) beside the free pages earlier groups left were the search's
+#: peak (conv25m, 5.3M weights in the last stage's group: 120 MB free in the heap at that point).
+HASHING_RELEASE_WEIGHTS = 2**20
 SEARCH_SEEDS = tuple(range(100, 116))
 HELDOUT_SEEDS = tuple(range(200, 216))
 #: Inputs with more elements than this per sample get half the seeds (search time).
@@ -220,6 +225,8 @@ class BudgetSearch:
         name, n_atoms = item.group.name, item.group.n_atoms
         orderings = [Ordering("weights", 0.0, 0, item.candidates)]
         if hashing:
+            if item.params.scaled.size >= HASHING_RELEASE_WEIGHTS:  # its work arrays come next
+                release_free_memory("hashing")
             orderings += hashed_orderings(item, LARGE_HASH_RUNGS if self.large else HASH_RUNGS)
         if name in samples:
             tensor, rows = samples[name]
