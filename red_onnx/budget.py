@@ -66,12 +66,12 @@ logger = logging.getLogger(__name__)
 #: Seeds of the inputs the search measures on (one sample each at the default batch of 1) and of
 #: the held-out re-check. 16 samples: with 4, the MNIST-1D model at 56% of its MACs kept 0.796
 #: test accuracy, with 16 it kept 0.945 (the search's choices are only as good as its estimate).
+SEARCH_SEEDS = tuple(range(100, 116))
+HELDOUT_SEEDS = tuple(range(200, 216))
 #: Groups with at least this many weights get the heap's free pages returned before they are hashed:
 #: its work arrays (~27 bytes a weight) beside the free pages earlier groups left were the search's
 #: peak (conv25m, 5.3M weights in the last stage's group: 120 MB free in the heap at that point).
 HASHING_RELEASE_WEIGHTS = 2**20
-SEARCH_SEEDS = tuple(range(100, 116))
-HELDOUT_SEEDS = tuple(range(200, 216))
 #: Inputs with more elements than this per sample get half the seeds (search time).
 LARGE_SAMPLE = 100_000
 #: Models above this many MACs per verification sample get the large-model search: LARGE_SEEDS samples,

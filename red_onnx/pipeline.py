@@ -497,9 +497,15 @@ def _write_scratch(model: onnx.ModelProto, scratch: Path) -> Path:
     path = scratch / "candidate.onnx"
     if io.model_nbytes(model) > sessions.MAX_PROTO_BYTES:
         io.save_model(model, path)
-    else:
+        return path
+    try:
         with open(path, "wb") as stream:
             wire.write_model(model, stream)
+    except OSError as error:
+        raise InputError(
+            f"cannot write the rewritten model to {scratch} for its checks ({error.strerror or error}); "
+            f"free {io.model_nbytes(model) / 1e6:.0f} MB there or point TMPDIR elsewhere"
+        ) from error
     return path
 
 
