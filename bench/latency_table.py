@@ -81,14 +81,19 @@ def model_source(file: str, scratch: Path) -> tuple[Path, InputSpec | None]:
 
 
 def compressed_runs(
-    file: str, path: Path, spec: InputSpec, scratch: Path, multiples: list[int]
-) -> dict[str, dict[str, Any]]:
+    file: str, path: Path, spec: InputSpec, scratch: Path, multiples: list[int],
+    tolerance_multiples: list[int] = (),
+) -> dict[str, dict[str, Any]]:  # fmt: skip
     """The tolerance run and (conv nets) the target runs, each saved in ``scratch``; their figures.
 
-    ``multiples``: extra target runs at these ``channel_multiple`` values (the default is 8).
+    ``multiples``: extra target runs at these ``channel_multiple`` values (the default is 8);
+    ``tolerance_multiples``: extra tolerance runs of the conv nets at these values.
     """
     options: dict[str, dict[str, Any]] = {"tolerance 0.02": {"tolerance": DEFAULT_TOLERANCE}}
     if file in CONV_NETS:
+        for multiple in tolerance_multiples:
+            options[f"tolerance 0.02, multiple {multiple}"] = {
+                "tolerance": DEFAULT_TOLERANCE, "channel_multiple": multiple}  # fmt: skip
         options[f"target {TARGET_MACS}"] = {"target_macs": TARGET_MACS}
         for multiple in multiples:
             options[f"target {TARGET_MACS}, multiple {multiple}"] = {
@@ -193,7 +198,7 @@ def run_model(label: str, file: str, scratch: Path, args: Any) -> dict[str, Any]
         print(f"{file}: absent ({path}); left out", file=sys.stderr)
         return None
     print(f"{label}: compressing ...", file=sys.stderr, flush=True)
-    runs = compressed_runs(file, path, spec, scratch, args.multiples)
+    runs = compressed_runs(file, path, spec, scratch, args.multiples, args.tolerance_multiples)
     print(f"{label}: timing ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     row = {"label": label, "file": file, "runs": runs, "groups": measure(path, runs, spec, args)}
@@ -372,6 +377,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-runs", type=int, default=2000)
     extra = "extra target runs of the conv nets at these --channel-multiple values (none: --multiples)"
     parser.add_argument("--multiples", type=int, nargs="*", default=[16], help=extra)
+    extra = "extra tolerance runs of the conv nets at these --channel-multiple values (default: none)"
+    parser.add_argument("--tolerance-multiples", type=int, nargs="*", default=[], help=extra)
     parser.add_argument("--seconds", type=float, default=4.0, help="aim of one group's timed runs")
     parser.add_argument("--from-json", type=Path, help="only print the table of an earlier latency.json")
     return parser.parse_args()
