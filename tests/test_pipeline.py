@@ -222,6 +222,22 @@ def test_accepts_a_path_and_a_model_proto(tmp_path: Path) -> None:
     assert from_path.model.SerializeToString() == from_str.model.SerializeToString()
 
 
+def test_a_failed_scratch_write_is_one_input_error_and_nothing_is_returned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save_model(planted_conv(), path)
+    before = path.read_bytes()
+
+    def full(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(red_onnx.pipeline.wire, "write_model", full)
+    with pytest.raises(InputError, match=r"No space left on device.*free"):
+        red_onnx.compress(path, exact=True)
+    assert path.read_bytes() == before
+
+
 def test_rejects_other_types() -> None:
     with pytest.raises(InputError):
         red_onnx.compress(b"not a model")  # type: ignore[arg-type]
