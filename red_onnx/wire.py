@@ -76,13 +76,13 @@ def structure_of(model: onnx.ModelProto) -> onnx.ModelProto:
     What the verification inputs and the input/output lists are built from, without a second copy of
     the weights (``sessions.load_structure`` reads the same from a file). Subgraphs are copied as they are.
     """
-    copy = _shell(model, "graph", before=None)
+    structure = _shell(model, "graph", before=None)
     if model.HasField("graph"):
         graph = _shell(model.graph, "initializer", before=None)
         for tensor in model.graph.initializer:
             graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
-        copy.graph.CopyFrom(graph)
-    return copy
+        structure.graph.CopyFrom(graph)
+    return structure
 
 
 def _write(stream: BinaryIO, data: bytes) -> int:
