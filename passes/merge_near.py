@@ -1,7 +1,8 @@
 """Approximate merging: apply chosen near-duplicate merges, group by group (RED's merging step).
 
 The pass decides nothing: it receives, per group name, the merges to apply (the budget search in
-``red_onnx.budget`` chooses them from the candidates ``group_candidates`` ranks) and hands them to
+``red_onnx.budget`` chooses them from the candidates ``candidates_of`` ranks for each of the
+``mergeable_groups``) and hands them to
 ``red_onnx.rewrite``. It reports how much each changed consumer's weight range widened (λ-merges add
 scaled rows, which matters for a later int8 quantization).
 """
@@ -31,11 +32,6 @@ class GroupCandidates:
     group: ChannelGroup
     candidates: Candidates
     params: AtomParams
-
-
-def group_candidates(model: WorkingModel, shapes: Shapes, freeze: Sequence[str]) -> list[GroupCandidates]:
-    """Analyse ``model`` and rank the merge candidates of every unfrozen group."""
-    return [candidates_of(group) for group in mergeable_groups(model, shapes, freeze)]
 
 
 def mergeable_groups(model: WorkingModel, shapes: Shapes, freeze: Sequence[str]) -> list[ChannelGroup]:
@@ -68,7 +64,7 @@ class MergeNear(Pass):
         Args:
             shapes: The shape service.
             merges: Per group name, the merges to apply (from ``similarity.resolve_merges`` on the
-                candidates of ``group_candidates`` for the same model).
+                candidates of ``candidates_of`` for the same model's groups).
             freeze: Node-name glob patterns of layers to protect (their groups are never touched).
         """
         self.shapes = shapes

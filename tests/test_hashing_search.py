@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from red_onnx.passes.merge_near import group_candidates
+from red_onnx.passes.merge_near import candidates_of, mergeable_groups
 from test_budget import conv_net, deep_net
 
 import red_onnx
@@ -27,7 +27,7 @@ def test_hashed_orderings_are_valid_rankings() -> None:
     model = deep_net()
     working = graph_utils.import_model(red_onnx.compress(model, exact=True).model)
     shapes = ShapeService(make_inputs(model, InputSpec(), 0))(working)
-    for item in group_candidates(working, shapes, ()):
+    for item in map(candidates_of, mergeable_groups(working, shapes, ())):
         orderings = hashed_orderings(item)
         assert len(orderings) == 3
         bandwidths = [o.bandwidth for o in orderings]

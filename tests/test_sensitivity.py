@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from graphs import Net, flatten_gemm, gemm_mlp, nhwc_matmul
-from red_onnx.passes.merge_near import group_candidates
+from red_onnx.passes.merge_near import mergeable_groups
 from test_budget import conv_net, residual_net
 
 from red_onnx import compress, graph
@@ -63,7 +63,7 @@ def sensitivity_of(
     feeds = [make_inputs(model, InputSpec(), seed) for seed in seeds]
     working = graph.import_model(model)
     shapes = ShapeService(feeds[0])(working)
-    groups = [item.group for item in group_candidates(working, shapes, ())]
+    groups = mergeable_groups(working, shapes, ())
     fetch = tensor_fetch(model, list(consumer_inputs(groups)))
     return LocalSensitivity(fetch, groups, feeds, form=form), groups
 

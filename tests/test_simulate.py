@@ -160,7 +160,7 @@ def test_simulator_fetches_intermediate_tensors_and_leaves_the_base_model_as_it_
 
     search = search_of(residual_net(0.05))
     before = search.base.SerializeToString()
-    groups = [item.group for item in group_candidates_of(search)]
+    groups = mergeable_groups_of(search)
     names = sorted({c.tensor for g in groups for c in g.consumers})
     simulator = MergeSimulator(search.base, groups, extra_outputs=names)
     assert search.base.SerializeToString() == before  # inputs/outputs added for the session only
@@ -171,9 +171,9 @@ def test_simulator_fetches_intermediate_tensors_and_leaves_the_base_model_as_it_
     assert set(simulator.outputs) == {o.name for o in search.base.graph.output}  # run() returns outputs only
 
 
-def group_candidates_of(search: BudgetSearch) -> list:
-    from red_onnx.passes.merge_near import group_candidates
+def mergeable_groups_of(search: BudgetSearch) -> list:
+    from red_onnx.passes.merge_near import mergeable_groups
 
     from red_onnx import graph
 
-    return group_candidates(graph.import_model(search.base), search.shapes, ())
+    return mergeable_groups(graph.import_model(search.base), search.shapes, ())
