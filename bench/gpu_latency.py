@@ -8,7 +8,7 @@ no network, so the models run there through onnx2torch (pure Python, brought as 
     python bench/gpu_latency.py table FILE             # the markdown table of the eager ratios
 
 ``prepare`` compresses each present model as ``bench/latency_table.py`` does (same inputs, same runs:
-``tolerance 0.02`` for all, and for conv nets ``target 0.8`` at the default channel multiple and at 16)
+``tolerance 0.02`` for all, and for conv nets ``target 0.8`` at the default channel multiple, 16, and at 8)
 and writes each model as a **skeleton**: the graph, every integer tensor and every float tensor of up to
 1024 values as they are, and for each larger float tensor (initializer or Constant value) only its dims,
 mean and standard deviation (``manifest.json``). ``run`` refills those tensors with seeded normal values
@@ -481,7 +481,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="step", required=True)
     making = sub.add_parser("prepare", help="compress the models into DIR (on this machine)")
     making.add_argument("directory", type=Path)
-    making.add_argument("--multiples", type=int, nargs="*", default=[16])
+    making.add_argument("--multiples", type=int, nargs="*", default=[8])
     making.add_argument("--models", nargs="*", help="file stems (default: all present)")
     timing = sub.add_parser("run", help="time the models in DIR on the GPU")
     timing.add_argument("directory", type=Path)

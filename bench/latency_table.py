@@ -8,8 +8,8 @@ Usage (from the repository root; models as for ``bench/zoo_table.py``, conv5m/co
     python bench/latency_table.py --from-json bench/results/latency.json   # reprint (verdicts recomputed)
 
 Per model: ``compress(tolerance=0.02)`` with the zoo table's verification inputs and, for the conv nets,
-``compress(target_macs=0.8)`` (the run where MACs drop >= 20%) at the default channel multiple and at each
-of ``--multiples`` (16), each saved to a temporary folder. Then, per intra-op thread count and batch (1 and
+``compress(target_macs=0.8)`` (the run where MACs drop >= 20%) at the default channel multiple (16) and at
+each of ``--multiples`` (8), each saved to a temporary folder. Then, per intra-op thread count and batch (1 and
 16, repeated along ``red_onnx.benchmark.batch_axes``: axis 0 of the inputs where it is dynamic, and the
 axis of the same name — or, unnamed, of the same size — in the others, e.g. silero's ``state``), the
 original, each compressed model and **the original again** (a second session: the A/A check) are timed
@@ -86,7 +86,7 @@ def compressed_runs(
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """The tolerance run and (conv nets) the target runs, each saved in ``scratch``; their figures.
 
-    ``multiples``: extra target runs at these ``channel_multiple`` values (the default is 8);
+    ``multiples``: extra target runs at these ``channel_multiple`` values (the approximate default is 16);
     ``tolerance_multiples``: extra tolerance runs of the conv nets at these values.
     """
     options: dict[str, dict[str, Any]] = {"tolerance 0.02": {"tolerance": DEFAULT_TOLERANCE}}
@@ -376,7 +376,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=20, help="least timed runs per model and group")
     parser.add_argument("--max-runs", type=int, default=2000)
     extra = "extra target runs of the conv nets at these --channel-multiple values (none: --multiples)"
-    parser.add_argument("--multiples", type=int, nargs="*", default=[16], help=extra)
+    parser.add_argument("--multiples", type=int, nargs="*", default=[8], help=extra)
     extra = "extra tolerance runs of the conv nets at these --channel-multiple values (default: none)"
     parser.add_argument("--tolerance-multiples", type=int, nargs="*", default=[], help=extra)
     parser.add_argument("--seconds", type=float, default=4.0, help="aim of one group's timed runs")

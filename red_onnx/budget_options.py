@@ -18,7 +18,7 @@ import numpy as np
 from red_onnx.channel_steps import ChannelSteps
 from red_onnx.kde import bandwidth_ladder, hash_weights
 from red_onnx.passes.merge_near import GroupCandidates
-from red_onnx.redundancy import Merge
+from red_onnx.redundancy import AtomParams, Merge
 from red_onnx.similarity import Candidates, near_candidates, pair_distance, resolve_merges
 
 #: Fractions of a group's channels tried as removal levels (rounded to the channel multiple).
@@ -120,14 +120,33 @@ def hashed_orderings(item: GroupCandidates, rungs: Sequence[int] = HASH_RUNGS) -
         hashed, basins = hash_weights(params.scaled, float(ladder[rung]))
         view = dataclasses.replace(params, scaled=hashed.astype(params.scaled.dtype))
         ranked = near_candidates(view, item.group.homogeneous, np.ones(item.group.n_atoms, bool))
-        scale, distance = pair_distance(params, ranked.source, ranked.target, item.group.homogeneous)
-        usable = np.isfinite(distance)
-        candidates = Candidates(
-            ranked.source[usable], ranked.target[usable], scale[usable], distance[usable], ranked.cost[usable]
-        )
+        candidates = _ranked_by_hash_then_weights(ranked, params, item.group.homogeneous)
         label = f"hashed h={ladder[rung]:.3g} ({len(basins.representatives)} basins)"
         found.append(Ordering(label, float(ladder[rung]), len(basins.representatives), candidates))
     return found
+
+
+#: Hashed distances below this are hash-identical rows (float64 rounding of λ-scaled duplicates).
+HASH_TIE = 1e-6
+
+
+def _ranked_by_hash_then_weights(ranked: Candidates, params: AtomParams, homogeneous: bool) -> Candidates:
+    """Hashed candidates re-ranked: by hashed cost, ties (hash-identical rows) by their true cost.
+
+    Hashing makes many rows identical; among candidates of equal hashed cost, the merge that perturbs
+    the true weights least goes first, where index order decided before. Scales and distances are
+    the true weights' (the merges use them).
+    """
+    scale, distance = pair_distance(params, ranked.source, ranked.target, homogeneous)
+    usable = np.flatnonzero(np.isfinite(distance))
+    source, target = ranked.source[usable], ranked.target[usable]
+    hashed_cost = np.where(ranked.distance[usable] < HASH_TIE, 0.0, ranked.cost[usable])
+    true_cost = distance[usable] * params.producer_norm[source]
+    if params.outgoing is not None:
+        true_cost = true_cost * params.outgoing[source]
+    order = np.lexsort((true_cost, hashed_cost))
+    pick = usable[order]
+    return Candidates(source[order], target[order], scale[pick], distance[pick], hashed_cost[order])
 
 
 def _group_summary(option: GroupOption, count: int) -> dict[str, object]:

@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--channel-multiple",
         type=int,
         metavar="N",
-        help="round kept channel counts to multiples of N, per Split chunk / Concat part (default 8; "
-        "exact mode rounds up, on layers of at least 2N channels)",
+        help="keep channel counts on multiples of N, per Split chunk / Concat part (default 16 with "
+        "--target-macs, else 8; exact merges round up; narrower layers use a smaller power of two)",
     )
     parser.add_argument(
         "--no-hashing",

@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper
 import red_onnx
 from red_onnx.budget_options import Ordering, removal_levels
 from red_onnx.channel_steps import ChannelSteps, effective_multiple
+from red_onnx.pipeline import make_options
 from red_onnx.similarity import Candidates, resolve_merges
 
 FRESH_SEEDS = (911, 912)
@@ -232,3 +233,26 @@ def test_unconstrained_steps_resolve_the_ranking_as_before() -> None:
         ordering = Ordering("weights", 0.0, 0, candidates, steps)
         for count in range(14):
             assert ordering.merges(count) == resolve_merges(candidates, count)
+
+
+def test_default_multiple_is_16_for_a_macs_target_and_8_otherwise() -> None:
+    common = {"freeze": (), "input_spec": None, "verify": True, "latency_check": False}
+    targeted = make_options(exact=False, tolerance=None, target_macs=0.8, channel_multiple=None, **common)
+    assert targeted.channel_multiple == 16
+    others = [
+        make_options(exact=False, tolerance=0.02, target_macs=None, channel_multiple=None, **common),
+        make_options(exact=True, tolerance=None, target_macs=None, channel_multiple=None, **common),
+        make_options(exact=False, tolerance=None, target_macs=None, channel_multiple=None, **common),
+    ]
+    assert [o.channel_multiple for o in others] == [8, 8, 8]
+    given = make_options(exact=False, tolerance=None, target_macs=0.8, channel_multiple=8, **common)
+    assert given.channel_multiple == 8
+
+
+def test_a_macs_target_keeps_wide_layers_on_16_by_default() -> None:
+    original = narrow_net(48)  # 48 >= 2 x 16: steps of 16
+    result = red_onnx.compress(original, target_macs=0.8)
+    assert result.report.options["channel_multiple"] == 16
+    kept = node_weight(result.model, "conv1").shape[0]
+    assert kept < 48 and kept % 16 == 0
+    assert result.verified

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import onnx
 import pytest
-from red_onnx.passes.merge_near import candidates_of, mergeable_groups
+from red_onnx.passes.merge_near import GroupCandidates, candidates_of, mergeable_groups
 from test_budget import conv_net, deep_net
 
 import red_onnx
@@ -13,7 +15,9 @@ from red_onnx import graph as graph_utils
 from red_onnx.budget import BudgetSearch, hashed_orderings
 from red_onnx.input_spec import InputSpec
 from red_onnx.inputs import make_inputs
+from red_onnx.redundancy import AtomParams
 from red_onnx.shapes import ShapeService
+from red_onnx.similarity import pair_distance
 
 
 def _search(model: onnx.ModelProto, *, hashing: bool, activations: bool = False) -> BudgetSearch:
@@ -92,3 +96,26 @@ def test_activation_rankings_join_the_search() -> None:
     search = _search(deep_net(), hashing=False, activations=True)
     labels = {o.name: [ordering.label for ordering in search.orderings[o.name]] for o in search.options}
     assert all(found == ["weights", "activations"] for found in labels.values()), labels
+
+
+def test_hash_identical_rows_merge_into_their_truly_nearest_mate() -> None:
+    # Rows 0-3 differ by less than the coarse bandwidth, so hashing makes them identical; their true
+    # distances differ: row 2's nearest is row 3, row 3's is row 2 (index order would pick row 0).
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=24)
+    noise = rng.normal(size=(4, 24))
+    cluster = base + noise * np.array([3e-3, 1e-3, 0.0, 2e-4])[:, None]
+    scaled = np.vstack([cluster, rng.normal(size=(28, 24))])
+    params = AtomParams(scaled, np.zeros((32, 0)), np.zeros(32, np.int64))
+    item = GroupCandidates(SimpleNamespace(homogeneous=False, n_atoms=32), None, params)  # type: ignore[arg-type]
+    coarsest = hashed_orderings(item)[-1].candidates
+    for source in range(4):
+        entries = np.flatnonzero(coarsest.source == source)
+        assert coarsest.cost[entries[0]] == 0.0  # hash-identical to its first target
+        mates = np.array([m for m in range(4) if m != source])
+        _, true_distance = pair_distance(params, np.full(3, source), mates, False)
+        assert coarsest.target[entries[0]] == mates[np.argmin(true_distance)]
+    tied = coarsest.cost == 0.0  # hash ties come first, by the true cost of the merge
+    assert tied[: tied.sum()].all()
+    true_cost = coarsest.distance[tied] * params.producer_norm[coarsest.source[tied]]
+    assert (np.diff(true_cost) >= 0).all()
