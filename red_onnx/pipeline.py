@@ -207,6 +207,20 @@ def _load(model_or_path: ModelSource) -> tuple[onnx.ModelProto, int, Path | None
     return model, io.model_nbytes(model), path
 
 
+def _input_copy(model_or_path: onnx.ModelProto | Path) -> onnx.ModelProto:
+    """The input model again, as a new proto (read from its file, or a copy of the one given).
+
+    A run where no rewrite applied returns this instead of the normalised graph: constant folding,
+    dead-node removal and reordering alone are not worth a graph the user did not write (silero-vad
+    came out with one Constant node as an initializer and nothing else changed).
+    """
+    if isinstance(model_or_path, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model_or_path)
+        return copy
+    return io.load_model(model_or_path)
+
+
 def exact_passes(options: Options, shapes: ShapeService) -> list[Pass]:
     """Normalisation and the function-preserving rewrites, in order."""
     merge = MergeExact(shapes=shapes, freeze=options.freeze, channel_multiple=options.channel_multiple)
@@ -316,12 +330,16 @@ def compress(
     structure, _ = graph_utils.export_light(working)  # metrics.measure copies the model it is given
     report.set_figures(before, metrics.measure(structure, shapes.input_shapes, shapes(working)))
     del structure
-    candidate = graph_utils.export_model(working)
+    rewritten = any(item.modified for item in report.passes)
+    candidate = graph_utils.export_model(working) if rewritten else None
     input_metadata = working.metadata
     del working, original  # not alive through the verification (exact conv25m: -96 MB); a proto input
     # stays, as reference_model. A graph's nodes and tensors refer to each other: only the cycle
     # collector frees them and the weights they hold (exact conv25m peak 740 → 581-646 MB with it now)
     gc.collect()
+    if candidate is None:  # no rewrite applied: the input as it was, not its normalised form
+        candidate = _input_copy(reference_model)
+        report.unchanged = True
     if verify:
         notify("verify")
         with tempfile.TemporaryDirectory(prefix="red-onnx-") as scratch:

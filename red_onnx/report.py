@@ -63,6 +63,7 @@ class Report:
     accuracy: dict[str, float] | None = None
     budget: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
+    unchanged: bool = False  # no rewrite applied: the output is the input model as it was
 
     def add_pass(self, result: PassResult, name: str) -> None:
         """Record a pass result."""
@@ -142,6 +143,8 @@ def render_table(report: Report, *, max_layers: int = 40) -> str:
         )
     if len(changed) > max_layers:
         lines.append(f"  ... {len(changed) - max_layers} more (see --json)")
+    if report.unchanged:
+        lines.append("no rewrite applied: the output is the input model as it was, with provenance metadata")
     lines.append("passes:")
     for item in report.passes:
         stats = ", ".join(f"{k}={v}" for k, v in item.stats.items() if not isinstance(v, (list, dict)))

@@ -474,3 +474,44 @@ def test_scalar_bool_input() -> None:
     model.graph.input[1].CopyFrom(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
     onnx.checker.check_model(model, full_check=True)
     assert red_onnx.compress(model, exact=True).verified
+
+
+# ----------------------------------------------------------------------------------------------
+# a run that rewrites nothing
+
+
+def nothing_to_rewrite() -> onnx.ModelProto:
+    """``planted_conv`` without its duplicate channel, weights in Constant nodes (normalisation folds)."""
+    model = planted_conv()
+    weight = next(t for t in model.graph.initializer if t.name == "c1.w")
+    weight.CopyFrom(
+        numpy_helper.from_array(
+            np.random.default_rng(5).standard_normal((8, 3, 3, 3)).astype(np.float32), "c1.w"
+        )
+    )
+    for init in model.graph.initializer:
+        model.graph.node.insert(
+            0, helper.make_node("Constant", [], [init.name], name=f"k_{init.name}", value=init)
+        )
+    del model.graph.initializer[:]
+    return model
+
+
+def test_a_run_that_rewrites_nothing_returns_the_input_graph(tmp_path: Path) -> None:
+    model = nothing_to_rewrite()
+    path = tmp_path / "in.onnx"
+    onnx.save(model, path)
+    for source in (model, path):
+        result = red_onnx.compress(source, exact=True)
+        assert result.report.unchanged and result.verified
+        assert not any(item.modified for item in result.report.passes)
+        assert result.model.graph == model.graph  # not its normalised form (Constants folded, reordered)
+        assert result.model.metadata_props  # with the provenance
+    assert not model.metadata_props  # the caller's proto is not touched
+    assert "no rewrite applied" in red_onnx.report.render_table(result.report)
+
+
+def test_a_run_that_rewrites_returns_the_rewritten_graph() -> None:
+    result = red_onnx.compress(planted_conv(), exact=True)
+    assert not result.report.unchanged
+    assert next(t for t in result.model.graph.initializer if t.name.startswith("c1")).dims[0] == 7
