@@ -8,9 +8,9 @@ Usage (from the repository root; models as for ``bench/zoo_table.py``, conv5m/co
     python bench/latency_table.py --from-json bench/results/latency.json   # reprint (verdicts recomputed)
 
 Per model: ``compress(tolerance=0.02)`` with the zoo table's verification inputs and, for the conv nets,
-``compress(target_macs=0.8)`` (the run where MACs drop >= 20%) at the default channel multiple (16) and at
-each of ``--multiples`` (8), each saved to a temporary folder. Then, per intra-op thread count and batch (1 and
-16, repeated along ``red_onnx.benchmark.batch_axes``: axis 0 of the inputs where it is dynamic, and the
+``compress(target_macs=0.8)`` (the run where MACs drop >= 20%) at the default channel multiple (16) and
+at each of ``--multiples`` (8), each saved to a temporary folder. Then, per intra-op thread count and batch
+(1 and 16, repeated along ``red_onnx.benchmark.batch_axes``: axis 0 of the inputs where it is dynamic, and the
 axis of the same name — or, unnamed, of the same size — in the others, e.g. silero's ``state``), the
 original, each compressed model and **the original again** (a second session: the A/A check) are timed
 in interleaved runs by ``red_onnx.latency.LatencyService`` (CPU execution provider, ``ORT_ENABLE_ALL``,

@@ -327,10 +327,13 @@ def compress(
     )
     if options.separation:
         _separate(working, options, shapes, report, notify, latency)
-    structure, _ = graph_utils.export_light(working)  # metrics.measure copies the model it is given
-    report.set_figures(before, metrics.measure(structure, shapes.input_shapes, shapes(working)))
-    del structure
     rewritten = any(item.modified for item in report.passes)
+    if rewritten:
+        structure, _ = graph_utils.export_light(working)  # metrics.measure copies the model it is given
+        report.set_figures(before, metrics.measure(structure, shapes.input_shapes, shapes(working)))
+        del structure
+    else:  # the output is the input: its figures are the ones before
+        report.set_figures(before, before)
     candidate = graph_utils.export_model(working) if rewritten else None
     input_metadata = working.metadata
     del working, original  # not alive through the verification (exact conv25m: -96 MB); a proto input

@@ -507,6 +507,8 @@ def test_a_run_that_rewrites_nothing_returns_the_input_graph(tmp_path: Path) -> 
         assert not any(item.modified for item in result.report.passes)
         assert result.model.graph == model.graph  # not its normalised form (Constants folded, reordered)
         assert result.model.metadata_props  # with the provenance
+        report = result.report
+        assert (report.params_after, report.macs_after) == (report.params_before, report.macs_before)
     assert not model.metadata_props  # the caller's proto is not touched
     assert "no rewrite applied" in red_onnx.report.render_table(result.report)
 
