@@ -19,7 +19,7 @@ from red_onnx.channel_steps import ChannelSteps
 from red_onnx.kde import bandwidth_ladder, hash_weights
 from red_onnx.passes.merge_near import GroupCandidates
 from red_onnx.redundancy import AtomParams, Merge
-from red_onnx.similarity import Candidates, near_candidates, pair_distance, resolve_merges
+from red_onnx.similarity import Candidates, merge_cost, near_candidates, pair_distance, resolve_merges
 
 #: Fractions of a group's channels tried as removal levels (rounded to the channel multiple).
 LEVEL_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
@@ -141,10 +141,7 @@ def _ranked_by_hash_then_weights(ranked: Candidates, params: AtomParams, homogen
     usable = np.flatnonzero(np.isfinite(distance))
     source, target = ranked.source[usable], ranked.target[usable]
     hashed_cost = np.where(ranked.distance[usable] < HASH_TIE, 0.0, ranked.cost[usable])
-    true_cost = distance[usable] * params.producer_norm[source]
-    if params.outgoing is not None:
-        true_cost = true_cost * params.outgoing[source]
-    order = np.lexsort((true_cost, hashed_cost))
+    order = np.lexsort((merge_cost(params, source, distance[usable]), hashed_cost))
     pick = usable[order]
     return Candidates(source[order], target[order], scale[pick], distance[pick], hashed_cost[order])
 

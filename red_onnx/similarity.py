@@ -204,6 +204,14 @@ def _smallest(distance: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(picked, order, axis=1)
 
 
+def merge_cost(params: AtomParams, source: np.ndarray, distance: np.ndarray) -> np.ndarray:
+    """The ranking cost ``d(j → i)·‖s_j‖·‖V_j‖`` of merges of ``source`` atoms at ``distance``."""
+    cost = distance * params.producer_norm[source]
+    if params.outgoing is not None:
+        cost = cost * params.outgoing[source]
+    return cost
+
+
 def near_candidates(params: AtomParams, homogeneous: bool, eligible: np.ndarray) -> Candidates:
     """Merge candidates of every eligible atom into each of its nearest neighbours (exact distances).
 
@@ -223,9 +231,7 @@ def near_candidates(params: AtomParams, homogeneous: bool, eligible: np.ndarray)
     target = atoms[neighbours].reshape(-1)
     scale, distance = pair_distance(params, source, target, homogeneous)
     pick = np.flatnonzero(np.isfinite(distance))  # every neighbour: the next best stands in for a cycle
-    cost = distance[pick] * params.producer_norm[source[pick]]
-    if params.outgoing is not None:
-        cost = cost * params.outgoing[source[pick]]
+    cost = merge_cost(params, source[pick], distance[pick])
     order = np.argsort(cost, kind="stable")
     pick = pick[order]
     return Candidates(source[pick], target[pick], scale[pick], distance[pick], cost[order])
