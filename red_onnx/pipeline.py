@@ -218,7 +218,7 @@ def _input_copy(model_or_path: onnx.ModelProto | Path) -> onnx.ModelProto:
         copy = onnx.ModelProto()
         copy.CopyFrom(model_or_path)
         return copy
-    return io.load_model(model_or_path)
+    return onnx.load(str(model_or_path))  # validated at load already; its external data read again
 
 
 def exact_passes(options: Options, shapes: ShapeService) -> list[Pass]:
