@@ -159,8 +159,8 @@ def make_options(
     if separation and latency_check:
         check_provider(provider)
     approximate = not exact and (tolerance is not None or target_macs is not None)
-    if channel_multiple is None:
-        targeted = approximate and target_macs is not None
+    if channel_multiple is None:  # a target implies approximate mode (with --exact it raised above)
+        targeted = target_macs is not None
         channel_multiple = DEFAULT_TARGET_CHANNEL_MULTIPLE if targeted else DEFAULT_CHANNEL_MULTIPLE
     return Options(
         exact=exact,
