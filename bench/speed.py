@@ -34,7 +34,8 @@ Usage::
     python bench/speed.py --models conv25m conv25m --profile conv25m
     python bench/speed.py --large                           # adds conv100m, transformer85m (GBs of RAM, long)
 
-Markdown tables to stdout; everything to ``bench/results/speed.json`` (``--out``). Only the standard
+Markdown tables to stdout; everything to ``bench/results/speed.json`` (``--out``); ``--from-json F``
+re-derives and prints a stored run, written back into F (not over the results). Only the standard
 library is imported here at the top: the child processes must carry nothing but red_onnx.
 """
 
@@ -580,8 +581,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per red-onnx run")
     parser.add_argument("--profile", default=None, help="model whose first target run is profiled")
     parser.add_argument("--no-onnxsim", action="store_true")
-    parser.add_argument("--from-json", type=Path, default=None, help="re-derive and print a stored run")
-    parser.add_argument("--out", type=Path, default=RESULTS / "speed.json")
+    parser.add_argument(
+        "--from-json", type=Path, default=None, help="re-derive and print a stored run (into it, or --out)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/speed.json")
     return parser.parse_args(argv)
 
 
@@ -624,8 +627,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return child_main(Path(events), Path(summary), None if profile == "-" else Path(profile), argv[5:])
     args = parse_args(argv)
     data = measure(args) if args.from_json is None else rederive(json.loads(args.from_json.read_text()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    out = args.out or args.from_json or RESULTS / "speed.json"  # a re-derived run stays where it was
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     print_tables(data)
     return 0
 
