@@ -19,7 +19,14 @@ from red_onnx.channel_steps import ChannelSteps
 from red_onnx.kde import bandwidth_ladder, hash_weights
 from red_onnx.passes.merge_near import GroupCandidates
 from red_onnx.redundancy import AtomParams, Merge
-from red_onnx.similarity import Candidates, merge_cost, near_candidates, pair_distance, resolve_merges
+from red_onnx.similarity import (
+    Candidates,
+    merge_cost,
+    near_candidates,
+    pair_distance,
+    resolve_merges,
+    taken_entries,
+)
 
 #: Fractions of a group's channels tried as removal levels (rounded to the channel multiple).
 LEVEL_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
@@ -74,8 +81,8 @@ class Ordering:
         return set(self.steps.totals(caps).tolist())
 
     def achievable(self, n_atoms: int) -> int:
-        """How many merges this ranking can make at most."""
-        return len(resolve_merges(self.candidates, n_atoms))
+        """How many merges this ranking can make at most (one per entry taken: no merge composed)."""
+        return len(taken_entries(self.candidates, [n_atoms]))
 
 
 @dataclass

@@ -332,6 +332,8 @@ def test_resolve_merges_invariants(case: tuple[np.ndarray, Candidates, int]) -> 
     assert set(sources) <= set(cands.source.tolist())
     for m in merges:  # composed scales: source = scale · target along the chain
         assert m.scale == pytest.approx(values[m.source] / values[m.target], rel=1e-9)
+    # Ordering.achievable counts the entries taken instead of composing the merges
+    assert len(similarity.taken_entries(cands, [count])) == len(merges)
 
 
 @settings(max_examples=200, deadline=None)
