@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from fuzz_graphs import ACTS, BLOCK_KINDS, HEADS, PLANT_KINDS, BlockSpec, FuzzSpec, fuzz_net
 from graphs import Net, check_planted, random_feeds, removed_by_report, run
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from red_onnx import VerificationError, graph, shapes
@@ -155,8 +155,23 @@ def test_shapes_from_the_dims_only_export_equal_those_of_the_full_export(spec: F
         assert service(working) == full
 
 
+#: Found by a random (not derandomized) run: onnxruntime's own optimisations move this net's output by
+#: up to 3.3e-6 between its levels, over the exact bound (1.4e-6 at max|y| 1.35).
+CROSS_LEVEL_DRIFT = FuzzSpec(
+    in_width=2, size=5, blocks=(
+        BlockSpec("plain", 2, "Relu", 1, False, ("identical",), 0),
+        BlockSpec("depthwise2", 2, "Relu", 1, False, ("identical",), 0),
+        BlockSpec("plain", 11, "HardSwish", 3, False, ("identical",), 0),
+        BlockSpec("plain", 5, "Relu", 3, False, ("identical",), 0),
+        BlockSpec("depthwise", 2, "Clip", 3, False, ("identical",), 0),
+    ), head="conv", head_width=3, out_width=2, batch=1, seed=1, head_plants=("identical",),
+    dead_inputs=0,
+)  # fmt: skip
+
+
 @_settings(EXACT_EXAMPLES)
 @given(spec=fuzz_specs())
+@example(spec=CROSS_LEVEL_DRIFT)
 def test_fuzz_exact_equivalent(spec: FuzzSpec, compress: Callable[..., object]) -> None:
     model = fuzz_net(spec).model
     with library_warnings() as warned:
@@ -167,8 +182,8 @@ def test_fuzz_exact_equivalent(spec: FuzzSpec, compress: Callable[..., object]) 
     event(f"exact: {_changed(result)}")
     for seed in FRESH_SEEDS:
         feeds = random_feeds(model, seed)
-        ref = run(model, feeds)
-        for optimize in (False, True):
+        for optimize in (False, True):  # each level against the original at that level: across levels
+            ref = run(model, feeds, optimize=optimize)  # onnxruntime's own drift can pass the bound
             assert_exact(ref, run(result.model, feeds, optimize=optimize))
 
 
