@@ -19,6 +19,7 @@ import onnx
 from red_onnx.errors import RedOnnxError, first_line
 from red_onnx.input_spec import InputSpec
 from red_onnx.inputs import make_inputs, real_inputs
+from red_onnx.kernel_profile import kernel_time_by_op, weighted_share
 from red_onnx.latency import CPU_PROVIDER, DEFAULT_RUNS, LatencyService
 
 BATCHES = (1, 16)
@@ -31,13 +32,19 @@ class BatchAxisError(RedOnnxError):
 
 @dataclass
 class LatencyFigures:
-    """Latency before/after at each batch, and how it was measured."""
+    """Latency before/after at each batch, and how it was measured.
+
+    ``weighted_share``: at the first batch measured, the fraction of onnxruntime's kernel time spent in
+    convolutions and matrix products before and after (``red_onnx.kernel_profile``), the part of the
+    time that removing channels shortens in proportion; or ``{"skipped": reason}``.
+    """
 
     provider: str
     threads: int | str
     runs: int
     batches: dict[str, dict[str, float]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    weighted_share: dict[str, float | str] | None = None
 
 
 def _dynamic(dim: onnx.TensorShapeProto.Dimension) -> bool:
@@ -170,4 +177,23 @@ def benchmark(
             "after_ms": round(after * 1e3, 4),
             "ratio": round(after / before, 4),
         }
+        if figures.weighted_share is None:
+            figures.weighted_share = _weighted_shares(original, compressed, feed, provider, threads)
+            figures.weighted_share["batch"] = str(batch)
     return figures
+
+
+def _weighted_shares(
+    original: onnx.ModelProto, compressed: onnx.ModelProto, feed: dict, provider: str, threads: int | None
+) -> dict[str, float | str]:
+    """Both models' share of kernel time in convolutions and matmuls, or why it was not measured."""
+    try:
+        times = [
+            kernel_time_by_op(m, feed, provider=provider, threads=threads) for m in (original, compressed)
+        ]
+    except Exception as error:  # onnxruntime's errors share no base class: a reason, not a crash
+        return {"skipped": f"onnxruntime could not profile: {first_line(error)[:200]}"}
+    shares = [weighted_share(t) for t in times]
+    if None in shares:
+        return {"skipped": "onnxruntime's profile timed no kernel"}
+    return {"before": round(shares[0], 4), "after": round(shares[1], 4)}

@@ -231,6 +231,14 @@ def _render_latency(latency: dict[str, Any] | None) -> list[str]:
             f"  batch {batch:>3}: {row['before_ms']:.3f} ms -> {row['after_ms']:.3f} ms (x{row['ratio']:.3f})"
         )
     lines += [f"  batch {batch:>3}: not measured: {why}" for batch, why in latency["skipped"].items()]
+    share = latency.get("weighted_share")
+    if share and "skipped" in share:
+        lines.append(f"  share of kernel time in convolutions and matmuls: not measured: {share['skipped']}")
+    elif share:
+        lines.append(
+            f"  convolutions and matmuls: {share['before']:.0%} -> {share['after']:.0%} of onnxruntime's "
+            f"kernel time (batch {share['batch']}): the part that fewer channels shorten"
+        )
     return lines
 
 

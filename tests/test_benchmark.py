@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from red_onnx import cli
 from red_onnx.benchmark import NO_DYNAMIC_BATCH, BatchAxisError, batch_axes, batched_feed, benchmark
 from red_onnx.input_spec import InputSpec
+from red_onnx.kernel_profile import WEIGHTED_OPS, kernel_time_by_op, weighted_share
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from zoo import zoo_dir
@@ -64,6 +65,67 @@ def test_cli_benchmark_reports_latency(tmp_path: Path, capfd: pytest.CaptureFixt
     assert "latency (onnxruntime CPUExecutionProvider, threads 1, median of 20 runs" in out
     latency = json.loads(report.read_text())["latency"]
     assert set(latency["batches"]) == {"1", "16"}
+
+
+def elementwise_tail(ops: int) -> onnx.ModelProto:
+    """A 1×1 conv to 4 channels, then ``ops`` Add/Mul/Clip ops on its 64×64 output."""
+    weight = np.random.default_rng(1).standard_normal((4, 3, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["t0"], name="conv")]
+    for k in range(ops):
+        kind = ("Add", "Mul", "Clip")[k % 3]
+        inputs = [f"t{k}", f"t{k}"] if kind != "Clip" else [f"t{k}"]
+        nodes.append(helper.make_node(kind, inputs, [f"t{k + 1}"], name=f"op{k}"))
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 64, 64])],
+        [helper.make_tensor_value_info(f"t{ops}", TensorProto.FLOAT, ["N", 4, 64, 64])],
+        [numpy_helper.from_array(weight, "w")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def wide_convs() -> onnx.ModelProto:
+    """Two 3×3 convs of 64 channels: nearly all kernel time in convolutions."""
+    rng = np.random.default_rng(2)
+    weights = [rng.standard_normal(shape).astype(np.float32) for shape in ((64, 3, 3, 3), (64, 64, 3, 3))]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w0"], ["h"], name="c0", pads=[1, 1, 1, 1]),
+         helper.make_node("Conv", ["h", "w1"], ["y"], name="c1", pads=[1, 1, 1, 1])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64, 32, 32])],
+        [numpy_helper.from_array(w, f"w{k}") for k, w in enumerate(weights)],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_kernel_time_is_summed_per_op_type_and_the_conv_share_follows_the_graph() -> None:
+    feed = {"x": np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)}
+    tail = kernel_time_by_op(elementwise_tail(30), feed, provider="CPUExecutionProvider", threads=1, runs=3)
+    assert {"Add", "Mul", "Clip"} <= set(tail) and all(value > 0 for value in tail.values())
+    assert set(tail) & WEIGHTED_OPS  # the conv (Conv, or FusedConv once onnxruntime fused it)
+    feed = {"x": feed["x"][:, :, :32, :32]}
+    convs = kernel_time_by_op(wide_convs(), feed, provider="CPUExecutionProvider", threads=1, runs=3)
+    tail_share, conv_share = weighted_share(tail), weighted_share(convs)
+    assert tail_share is not None and conv_share is not None
+    assert 0.0 < tail_share < 0.5 < conv_share <= 1.0
+    assert weighted_share({}) is None and weighted_share({"Conv": 3.0, "Add": 1.0}) == 0.75
+
+
+def test_benchmark_reports_the_conv_share_before_and_after(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    model = elementwise_tail(12)
+    figures = benchmark(model, model, InputSpec(), runs=2, threads=1)
+    share = figures.weighted_share
+    assert share is not None and share["batch"] == "1"
+    assert 0.0 < share["before"] < 1.0 and 0.0 < share["after"] < 1.0
+    source = tmp_path / "m.onnx"
+    onnx.save(wide_convs(), source)
+    code = cli.main([str(source), str(tmp_path / "o.onnx"), "--exact", "--benchmark", "--threads", "1"])
+    out = capfd.readouterr().out
+    assert code == 0
+    assert "convolutions and matmuls:" in out and "of onnxruntime's kernel time (batch 1)" in out
 
 
 def test_cli_bad_thread_count_is_a_usage_error(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
