@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from red_onnx import cli
 from red_onnx.benchmark import NO_DYNAMIC_BATCH, BatchAxisError, batch_axes, batched_feed, benchmark
 from red_onnx.input_spec import InputSpec
-from red_onnx.kernel_profile import WEIGHTED_OPS, kernel_time_by_op, weighted_share
+from red_onnx.kernel_profile import WEIGHTED_OPS, _summed, kernel_time_by_op, weighted_share
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from zoo import zoo_dir
@@ -110,6 +110,21 @@ def test_kernel_time_is_summed_per_op_type_and_the_conv_share_follows_the_graph(
     assert tail_share is not None and conv_share is not None
     assert 0.0 < tail_share < 0.5 < conv_share <= 1.0
     assert weighted_share({}) is None and weighted_share({"Conv": 3.0, "Add": 1.0}) == 0.75
+
+
+def test_the_first_run_is_left_out_of_the_kernel_times() -> None:
+    def node(op: str, ts: int, dur: int) -> dict:
+        name = f"{op}_node_kernel_time"
+        return {"cat": "Node", "name": name, "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    events = [
+        {"cat": "Session", "name": "model_run", "ts": 0, "dur": 100},
+        node("Conv", 10, 80), node("Add", 95, 5),  # the first run: allocations, left out
+        {"cat": "Session", "name": "model_run", "ts": 200, "dur": 50},
+        node("Conv", 205, 30), node("Add", 240, 10),
+        {"cat": "Node", "name": "Conv_node_fence_before", "ts": 230, "dur": 7, "args": {"op_name": "Conv"}},
+    ]  # fmt: skip
+    assert _summed(events) == {"Conv": 30.0, "Add": 10.0}
 
 
 def test_benchmark_reports_the_conv_share_before_and_after(
