@@ -19,7 +19,7 @@ import onnx
 from red_onnx.errors import RedOnnxError, first_line
 from red_onnx.input_spec import InputSpec
 from red_onnx.inputs import make_inputs, real_inputs
-from red_onnx.kernel_profile import kernel_time_by_op, weighted_share
+from red_onnx.kernel_profile import profile_kernels
 from red_onnx.latency import CPU_PROVIDER, DEFAULT_RUNS, LatencyService
 
 BATCHES = (1, 16)
@@ -34,9 +34,9 @@ class BatchAxisError(RedOnnxError):
 class LatencyFigures:
     """Latency before/after at each batch, and how it was measured.
 
-    ``weighted_share``: at the first batch measured, the fraction of onnxruntime's kernel time spent in
-    convolutions and matrix products before and after (``red_onnx.kernel_profile``), the part of the
-    time that removing channels shortens in proportion; or ``{"skipped": reason}``.
+    ``weighted_share``: at the first batch measured, the fraction of the median run that onnxruntime's
+    convolution and matrix-product kernels take, before and after (``red_onnx.kernel_profile``): the
+    part of the time that removing channels shortens in proportion; or ``{"skipped": reason}``.
     """
 
     provider: str
@@ -178,22 +178,19 @@ def benchmark(
             "ratio": round(after / before, 4),
         }
         if figures.weighted_share is None:
-            figures.weighted_share = _weighted_shares(original, compressed, feed, provider, threads)
-            figures.weighted_share["batch"] = str(batch)
+            share = _weighted_shares((original, compressed), feed, provider, threads)
+            figures.weighted_share = {**share, "batch": str(batch)}
     return figures
 
 
 def _weighted_shares(
-    original: onnx.ModelProto, compressed: onnx.ModelProto, feed: dict, provider: str, threads: int | None
+    models: tuple[onnx.ModelProto, onnx.ModelProto], feed: dict, provider: str, threads: int | None
 ) -> dict[str, float | str]:
-    """Both models' share of kernel time in convolutions and matmuls, or why it was not measured."""
+    """Both models' share of a run in convolutions and matmuls, or why it was not measured."""
     try:
-        times = [
-            kernel_time_by_op(m, feed, provider=provider, threads=threads) for m in (original, compressed)
-        ]
+        shares = [profile_kernels(m, feed, provider=provider, threads=threads).share for m in models]
     except Exception as error:  # onnxruntime's errors share no base class: a reason, not a crash
         return {"skipped": f"onnxruntime could not profile: {first_line(error)[:200]}"}
-    shares = [weighted_share(t) for t in times]
     if None in shares:
         return {"skipped": "onnxruntime's profile timed no kernel"}
     return {"before": round(shares[0], 4), "after": round(shares[1], 4)}

@@ -1,15 +1,19 @@
-"""Where onnxruntime spends a model's time: the share of its kernel time in convolutions and matmuls.
+"""Where onnxruntime spends a model's time: how much of a run its convolutions and matmuls take.
 
 Removing channels shrinks the layers that carry MACs (convolutions, Gemm, MatMul) in proportion, and
-the elementwise work on the removed channels; the rest of onnxruntime's time (layout reorders,
-pooling, reshapes, small elementwise ops, per-op overhead) barely moves. ``--benchmark`` reports this
-share next to the latency, so that a latency ratio far above the MACs ratio comes with its reason: on
-PP-OCR cls (hard-swish and squeeze-excite blocks) these layers are 39% of the kernel time at batch 1
-(YOLOv8n: 82%), and 21% fewer MACs give about 10% less latency.
+the elementwise work on the removed channels; the rest of a run (layout reorders, pooling, reshapes,
+small elementwise ops, onnxruntime's per-op and per-run overhead) barely moves. ``--benchmark``
+reports this share next to the latency, so that a latency ratio far above the MACs ratio comes with
+its reason: at batch 1 and 1 thread these layers take 26% of PP-OCR cls's run (hard-swish and
+squeeze-excite blocks; 21% fewer MACs give about 10% less latency), 55-60% of the two sub-0.05 ms
+models' (per-run overhead), 78% of YOLOv8n's, 96-99% of MobileNetV2's and the ResNet-50 layouts'.
+It is not a bound: the rest shrinks too, by the elementwise work of the removed channels.
 
-The share is read from onnxruntime's own profile (``SessionOptions.enable_profiling``) of a session
-like the latency service's (``ORT_ENABLE_ALL``, the same provider and threads), over ``runs`` runs
-after the first, which is left out (it allocates).
+Both times are read from onnxruntime's own profile (``SessionOptions.enable_profiling``) of a session
+like the latency service's (``ORT_ENABLE_ALL``, the same provider and threads), averaged over ``runs``
+runs after the first, which is left out (it allocates): the kernels' and the runs' durations in one
+profile, since its bookkeeping lengthens small kernels (divided by an unprofiled run's time, the
+bundled digits model's convs took over 100% of it).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import tempfile
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +38,34 @@ WEIGHTED_OPS = frozenset({
 PROFILED_RUNS = 10
 
 
-def kernel_time_by_op(
+@dataclass(frozen=True)
+class KernelProfile:
+    """Mean microseconds per run: of each onnxruntime op type's kernels, and of the whole run."""
+
+    times: dict[str, float]
+    run_time: float  # 0.0 when the profile had no run events (then the kernels' sum stands in)
+
+    @property
+    def weighted_time(self) -> float:
+        """Mean microseconds per run in :data:`WEIGHTED_OPS`."""
+        return sum(value for op, value in self.times.items() if op in WEIGHTED_OPS)
+
+    @property
+    def share(self) -> float | None:
+        """:attr:`weighted_time` over the run (at most 1); None when nothing was timed."""
+        total = self.run_time or sum(self.times.values())
+        return min(self.weighted_time / total, 1.0) if total > 0 and self.times else None
+
+
+def profile_kernels(
     model: onnx.ModelProto | str,
     feed: Mapping[str, np.ndarray],
     *,
     provider: str,
     threads: int | None,
     runs: int = PROFILED_RUNS,
-) -> dict[str, float]:
-    """Microseconds of kernel time per onnxruntime op type over ``runs`` runs (the first left out).
+) -> KernelProfile:
+    """Profile ``runs`` runs of ``model`` after a first one, which is left out (it allocates).
 
     Args:
         model: The model, or its path.
@@ -64,23 +88,17 @@ def kernel_time_by_op(
         for _ in range(runs + 1):
             session.run(None, inputs)
         events = json.loads(Path(session.end_profiling()).read_text())
-    return _summed(events)
+    return summed(events)
 
 
-def _summed(events: list[dict]) -> dict[str, float]:
-    """Kernel microseconds per op type, after the end of the first run (its allocations)."""
-    first_runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
-    after = first_runs[0][1] if first_runs else -1
+def summed(events: list[dict]) -> KernelProfile:
+    """The mean per run of onnxruntime's profile ``events``, after the end of the first run."""
+    run_spans = sorted((e["ts"], e["dur"]) for e in events if e.get("name") == "model_run")
+    after = run_spans[0][0] + run_spans[0][1] if run_spans else -1
+    counted = max(len(run_spans) - 1, 1)
     totals: Counter[str] = Counter()
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] > after:
             totals[event.get("args", {}).get("op_name", "?")] += float(event["dur"])
-    return dict(totals)
-
-
-def weighted_share(times: Mapping[str, float]) -> float | None:
-    """The fraction of the kernel time spent in :data:`WEIGHTED_OPS` (None: nothing was timed)."""
-    total = sum(times.values())
-    if total <= 0:
-        return None
-    return sum(value for op, value in times.items() if op in WEIGHTED_OPS) / total
+    run_time = sum(duration for _, duration in run_spans[1:]) / counted
+    return KernelProfile({op: total / counted for op, total in totals.items()}, run_time)

@@ -233,11 +233,11 @@ def _render_latency(latency: dict[str, Any] | None) -> list[str]:
     lines += [f"  batch {batch:>3}: not measured: {why}" for batch, why in latency["skipped"].items()]
     share = latency.get("weighted_share")
     if share and "skipped" in share:
-        lines.append(f"  share of kernel time in convolutions and matmuls: not measured: {share['skipped']}")
+        lines.append(f"  share of the run in convolutions and matmuls: not measured: {share['skipped']}")
     elif share:
         lines.append(
-            f"  convolutions and matmuls: {share['before']:.0%} -> {share['after']:.0%} of onnxruntime's "
-            f"kernel time (batch {share['batch']}): the part that fewer channels shorten"
+            f"  convolutions and matmuls: {share['before']:.0%} -> {share['after']:.0%} of the run "
+            f"(batch {share['batch']}, onnxruntime's profiler): the part that fewer channels shorten"
         )
     return lines
 

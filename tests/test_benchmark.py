@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from red_onnx import cli
 from red_onnx.benchmark import NO_DYNAMIC_BATCH, BatchAxisError, batch_axes, batched_feed, benchmark
 from red_onnx.input_spec import InputSpec
-from red_onnx.kernel_profile import WEIGHTED_OPS, _summed, kernel_time_by_op, weighted_share
+from red_onnx.kernel_profile import WEIGHTED_OPS, KernelProfile, profile_kernels, summed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from zoo import zoo_dir
@@ -101,18 +101,17 @@ def wide_convs() -> onnx.ModelProto:
 
 def test_kernel_time_is_summed_per_op_type_and_the_conv_share_follows_the_graph() -> None:
     feed = {"x": np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)}
-    tail = kernel_time_by_op(elementwise_tail(30), feed, provider="CPUExecutionProvider", threads=1, runs=3)
-    assert {"Add", "Mul", "Clip"} <= set(tail) and all(value > 0 for value in tail.values())
-    assert set(tail) & WEIGHTED_OPS  # the conv (Conv, or FusedConv once onnxruntime fused it)
+    tail = profile_kernels(elementwise_tail(30), feed, provider="CPUExecutionProvider", threads=1, runs=3)
+    assert {"Add", "Mul", "Clip"} <= set(tail.times) and all(value > 0 for value in tail.times.values())
+    assert set(tail.times) & WEIGHTED_OPS  # the conv (Conv, or FusedConv once onnxruntime fused it)
+    assert tail.run_time >= sum(tail.times.values())  # a run holds its kernels
     feed = {"x": feed["x"][:, :, :32, :32]}
-    convs = kernel_time_by_op(wide_convs(), feed, provider="CPUExecutionProvider", threads=1, runs=3)
-    tail_share, conv_share = weighted_share(tail), weighted_share(convs)
-    assert tail_share is not None and conv_share is not None
-    assert 0.0 < tail_share < 0.5 < conv_share <= 1.0
-    assert weighted_share({}) is None and weighted_share({"Conv": 3.0, "Add": 1.0}) == 0.75
+    convs = profile_kernels(wide_convs(), feed, provider="CPUExecutionProvider", threads=1, runs=3)
+    assert tail.share is not None and convs.share is not None
+    assert 0.0 < tail.share < 0.5 < convs.share <= 1.0
 
 
-def test_the_first_run_is_left_out_of_the_kernel_times() -> None:
+def test_the_share_is_of_the_run_and_without_the_first_one() -> None:
     def node(op: str, ts: int, dur: int) -> dict:
         name = f"{op}_node_kernel_time"
         return {"cat": "Node", "name": name, "ts": ts, "dur": dur, "args": {"op_name": op}}
@@ -123,8 +122,15 @@ def test_the_first_run_is_left_out_of_the_kernel_times() -> None:
         {"cat": "Session", "name": "model_run", "ts": 200, "dur": 50},
         node("Conv", 205, 30), node("Add", 240, 10),
         {"cat": "Node", "name": "Conv_node_fence_before", "ts": 230, "dur": 7, "args": {"op_name": "Conv"}},
+        {"cat": "Session", "name": "model_run", "ts": 300, "dur": 70},
+        node("Conv", 305, 50), node("Add", 360, 10),
     ]  # fmt: skip
-    assert _summed(events) == {"Conv": 30.0, "Add": 10.0}
+    profile = summed(events)
+    assert profile.times == {"Conv": 40.0, "Add": 10.0} and profile.run_time == 60.0
+    assert profile.weighted_time == 40.0 and profile.share == pytest.approx(2 / 3)
+    assert KernelProfile({"Conv": 3.0, "Add": 1.0}, 0.0).share == 0.75  # no run events: the kernels
+    assert KernelProfile({"Conv": 3.0}, 2.0).share == 1.0  # capped
+    assert KernelProfile({}, 5.0).share is None
 
 
 def test_benchmark_reports_the_conv_share_before_and_after(
@@ -140,7 +146,7 @@ def test_benchmark_reports_the_conv_share_before_and_after(
     code = cli.main([str(source), str(tmp_path / "o.onnx"), "--exact", "--benchmark", "--threads", "1"])
     out = capfd.readouterr().out
     assert code == 0
-    assert "convolutions and matmuls:" in out and "of onnxruntime's kernel time (batch 1)" in out
+    assert "convolutions and matmuls:" in out and "of the run (batch 1, onnxruntime's profiler)" in out
 
 
 def test_cli_bad_thread_count_is_a_usage_error(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
