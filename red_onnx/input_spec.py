@@ -194,3 +194,35 @@ def resolve_shape(vi: onnx.ValueInfoProto, spec: InputSpec) -> tuple[int, ...]:
             f"input {vi.name!r} has no declared shape (rank unknown); pass --input-shape {vi.name}:D1,D2,..."
         )
     return tuple(spec.default_dim if d is None else d for d in declared)
+
+
+def defaulted_dims_hint(inputs: Sequence[onnx.ValueInfoProto], spec: InputSpec) -> str | None:
+    """What to do when the model failed at the sizes given to dynamic dims by default (None: none was).
+
+    Only dims after the first count (a batch of 1 is rarely what a model cannot run); inputs the spec
+    shapes (``--input-shape``) or feeds (``--inputs``) are left out.
+    """
+    if spec.npz is not None:
+        return None
+    defaulted = [
+        (vi.name, dims)
+        for vi in inputs
+        if vi.name not in spec.shapes and (dims := declared_dims(vi)) is not None and None in dims[1:]
+    ]
+    if not defaulted:
+        return None
+    shown = ", ".join(f"{name} {format_dims(dims)}" for name, dims in defaulted)
+    first = next(vi for vi in inputs if vi.name == defaulted[0][0])
+    return (
+        f"its dynamic dims were set to {spec.default_dim} ({shown}); "
+        f"give the sizes it runs at with --input-shape, e.g. {first.name}:{_shape_example(first)}"
+    )
+
+
+def _shape_example(vi: onnx.ValueInfoProto) -> str:
+    """``1,3,<height>,<width>``: fixed dims as declared, a dynamic axis 0 as 1, others by their name."""
+    dims = vi.type.tensor_type.shape.dim
+    return ",".join(
+        str(d.dim_value) if d.dim_value > 0 else "1" if k == 0 else f"<{d.dim_param or 'size'}>"
+        for k, d in enumerate(dims)
+    )

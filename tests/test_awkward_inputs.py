@@ -35,7 +35,7 @@ from graphs import shared_weight
 from onnx import TensorProto, helper, numpy_helper
 from test_pipeline import list_initializers_as_inputs, planted_conv
 
-from red_onnx import cli, noise, sessions
+from red_onnx import InputError, cli, compress, noise, sessions
 from red_onnx import io as model_io
 from red_onnx.demo import demo_path
 from red_onnx.input_spec import InputSpec
@@ -517,6 +517,42 @@ def test_dynamic_batch_and_spatial_dims(
         assert out_channels(tmp_path / "out.onnx", "c1") == 7
     for other in ((3, 3, 5, 9), (1, 3, 8, 8)):  # shapes the run never saw
         assert_same_outputs(model, tmp_path / "out.onnx", mode, InputSpec(shapes={"x": other}))
+
+
+def unpadded_3x3(spatial: list[int | str]) -> onnx.ModelProto:
+    """A 3×3 conv without padding on [N, 3, *spatial]: onnxruntime cannot run it on a 1×1 image."""
+    weight = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="c")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, *spatial])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "h_out", "w_out"])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_model_that_fails_at_the_default_dims_is_told_to_give_input_shape(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], mode: str
+) -> None:
+    """Dynamic dims are fed at 1 by default; when onnxruntime then fails, the error says which and how."""
+    onnx.save_model(unpadded_3x3(["height", 8]), tmp_path / "in.onnx")
+    before = listing(tmp_path)
+    code = run_cli(tmp_path, None, mode)
+    err = capfd.readouterr().err
+    assert_refused(tmp_path, before, code, err, "onnxruntime cannot run the input model")
+    assert "its dynamic dims were set to 1 (x [?, 3, ?, 8])" in err
+    assert "--input-shape, e.g. x:1,3,<height>,8" in err
+    assert_done(tmp_path, before, run_cli(tmp_path, None, mode, "--input-shape", "x:1,3,8,8"), "")
+
+
+def test_the_shape_hint_is_left_out_where_the_sizes_were_given(tmp_path: Path) -> None:
+    broken = unpadded_3x3([2, 2])  # fixed 2×2: fails whatever the user gives
+    with pytest.raises(InputError, match=r"cannot run the input model: .*onnxruntime$"):
+        compress(broken, exact=True)
+    with pytest.raises(InputError, match=r"onnxruntime$"):
+        compress(unpadded_3x3(["h", "w"]), exact=True, input_spec=InputSpec(shapes={"x": (1, 3, 2, 2)}))
 
 
 @pytest.mark.parametrize("mode", MODES)
