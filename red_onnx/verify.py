@@ -26,8 +26,8 @@ import onnx
 import onnxruntime as ort
 
 from red_onnx.compare import OutputCheck, compare_outputs, merge_checks
-from red_onnx.errors import UsageError
-from red_onnx.input_spec import InputSpec
+from red_onnx.errors import InputError, UsageError
+from red_onnx.input_spec import InputSpec, defaulted_dims_hint
 from red_onnx.inputs import (
     build_feed,
     load_npz,
@@ -189,6 +189,7 @@ class Verifier:
         self._reference = held.source if held is not None else model_source(reference)
         structure = structure if structure is not None else load_structure(reference)
         self.rounding_floor = ROUNDING_UNITS * rounding_unit(structure)
+        self._shape_hint = defaulted_dims_hint(real_inputs(structure), spec)  # for a failed reference run
         self._reference_cache: dict[str, list[Feed]] = {}
         self._fed: list[list[Feed]] = []  # a stream's feeds as the unoptimised reference saw them
         self.sessions_built = 0
@@ -277,7 +278,14 @@ class Verifier:
         """Return the reference outputs at ``level``, one dict per seed or stream (computed once)."""
         check_level(level)
         if level not in self._reference_cache:
-            self._reference_cache[level] = self._run_source(self._reference, level, reference=True)
+            try:
+                self._reference_cache[level] = self._run_source(self._reference, level, reference=True)
+            except (
+                InputError
+            ) as error:  # the sizes it ran at may be the cause: say which, and how to set them
+                if self._shape_hint is None:
+                    raise
+                raise InputError(f"{error}; {self._shape_hint}") from error
         return self._reference_cache[level]
 
     def outputs_of(self, runner: Runner) -> list[Feed]:
