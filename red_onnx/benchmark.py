@@ -178,17 +178,17 @@ def benchmark(
             "ratio": round(after / before, 4),
         }
         if figures.weighted_share is None:
-            share = _weighted_shares((original, compressed), feed, provider, threads)
+            share = _weighted_shares((original, compressed), feed, service)
             figures.weighted_share = {**share, "batch": str(batch)}
     return figures
 
 
 def _weighted_shares(
-    models: tuple[onnx.ModelProto, onnx.ModelProto], feed: dict, provider: str, threads: int | None
+    models: tuple[onnx.ModelProto, onnx.ModelProto], feed: dict, service: LatencyService
 ) -> dict[str, float | str]:
     """Both models' share of a run in convolutions and matmuls, or why it was not measured."""
     try:
-        shares = [profile_kernels(m, feed, provider=provider, threads=threads).share for m in models]
+        shares = [profile_kernels(m, feed, service).share for m in models]
     except Exception as error:  # onnxruntime's errors share no base class: a reason, not a crash
         return {"skipped": f"onnxruntime could not profile: {first_line(error)[:200]}"}
     if None in shares:

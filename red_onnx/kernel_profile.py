@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+
+from red_onnx.latency import LatencyService
 
 #: onnxruntime kernels whose work scales with the MACs of the layer (after its fusions and layouts).
 WEIGHTED_OPS = frozenset({
@@ -60,9 +61,7 @@ class KernelProfile:
 def profile_kernels(
     model: onnx.ModelProto | str,
     feed: Mapping[str, np.ndarray],
-    *,
-    provider: str,
-    threads: int | None,
+    service: LatencyService,
     runs: int = PROFILED_RUNS,
 ) -> KernelProfile:
     """Profile ``runs`` runs of ``model`` after a first one, which is left out (it allocates).
@@ -70,20 +69,14 @@ def profile_kernels(
     Args:
         model: The model, or its path.
         feed: Inputs by name (extra names are ignored).
-        provider: onnxruntime execution provider.
-        threads: ``intra_op_num_threads`` (None: onnxruntime's default).
+        service: The latency service whose sessions are profiled (provider, threads, optimisations).
         runs: Profiled runs counted.
     """
     with tempfile.TemporaryDirectory(prefix="red_onnx_profile_") as folder:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 4
+        options = service.session_options()
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(folder) / "profile")
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        source = model if isinstance(model, str) else model.SerializeToString()
-        session = ort.InferenceSession(source, options, providers=[provider])
+        session = service.session(model, options)
         inputs = {value.name: feed[value.name] for value in session.get_inputs()}
         for _ in range(runs + 1):
             session.run(None, inputs)

@@ -79,15 +79,21 @@ class LatencyService:
         if self.runs < 1 or self.warmup < 0:
             raise UsageError(f"latency runs must be >= 1 and warm-up >= 0, got {self.runs} and {self.warmup}")
 
-    def session(self, model: onnx.ModelProto | str) -> ort.InferenceSession:
-        """A session on the measured provider with graph optimisations on (as deployed)."""
+    def session_options(self) -> ort.SessionOptions:
+        """The options of a measured session: graph optimisations on (as deployed), the thread count."""
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 4
         if self.threads is not None:
             options.intra_op_num_threads = self.threads
+        return options
+
+    def session(
+        self, model: onnx.ModelProto | str, options: ort.SessionOptions | None = None
+    ) -> ort.InferenceSession:
+        """A session on the measured provider (``options``: default :meth:`session_options`)."""
         source = model if isinstance(model, str) else model.SerializeToString()
-        return ort.InferenceSession(source, options, providers=[self.provider])
+        return ort.InferenceSession(source, options or self.session_options(), providers=[self.provider])
 
     def compare(self, before: onnx.ModelProto, after: onnx.ModelProto, feed: Feed) -> tuple[float, float]:
         """Median seconds per run of each model, timed in interleaved runs (cached by content)."""

@@ -16,11 +16,13 @@ from red_onnx import cli
 from red_onnx.benchmark import NO_DYNAMIC_BATCH, BatchAxisError, batch_axes, batched_feed, benchmark
 from red_onnx.input_spec import InputSpec
 from red_onnx.kernel_profile import WEIGHTED_OPS, KernelProfile, profile_kernels, summed
+from red_onnx.latency import LatencyService
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from zoo import zoo_dir
 
 HIDDEN = 6
+ONE_THREAD = LatencyService(threads=1)
 
 
 def conv_relu(batch: int | str) -> onnx.ModelProto:
@@ -101,12 +103,12 @@ def wide_convs() -> onnx.ModelProto:
 
 def test_kernel_time_is_summed_per_op_type_and_the_conv_share_follows_the_graph() -> None:
     feed = {"x": np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)}
-    tail = profile_kernels(elementwise_tail(30), feed, provider="CPUExecutionProvider", threads=1, runs=3)
+    tail = profile_kernels(elementwise_tail(30), feed, ONE_THREAD, runs=3)
     assert {"Add", "Mul", "Clip"} <= set(tail.times) and all(value > 0 for value in tail.times.values())
     assert set(tail.times) & WEIGHTED_OPS  # the conv (Conv, or FusedConv once onnxruntime fused it)
     assert tail.run_time >= sum(tail.times.values())  # a run holds its kernels
     feed = {"x": feed["x"][:, :, :32, :32]}
-    convs = profile_kernels(wide_convs(), feed, provider="CPUExecutionProvider", threads=1, runs=3)
+    convs = profile_kernels(wide_convs(), feed, ONE_THREAD, runs=3)
     assert tail.share is not None and convs.share is not None
     assert 0.0 < tail.share < 0.5 < convs.share <= 1.0
 
