@@ -10,8 +10,8 @@ models' (per-run overhead), 78% of YOLOv8n's, 96-99% of MobileNetV2's and the Re
 It is not a bound: the rest shrinks too, by the elementwise work of the removed channels.
 
 Both times are read from onnxruntime's own profile (``SessionOptions.enable_profiling``) of a session
-like the latency service's (``ORT_ENABLE_ALL``, the same provider and threads), averaged over ``runs``
-runs after the first, which is left out (it allocates): the kernels' and the runs' durations in one
+of the latency service (``ORT_ENABLE_ALL``, its provider and threads), averaged over ``runs`` runs
+after the first, which is left out (it allocates): the kernels' and the runs' durations in one
 profile, since its bookkeeping lengthens small kernels (divided by an unprofiled run's time, the
 bundled digits model's convs took over 100% of it).
 """
