@@ -14,10 +14,11 @@ searches, :meth:`Verifier.rel_l2_errors` also measures the parts of packed outpu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -225,8 +226,9 @@ class Verifier:
         stepped = stepped_names(structure, arrays, self.pairs)
         states = [pair.input for pair in self.pairs]
         feed = build_feed(structure, self.spec, arrays, stepped, self.seeds[0], 0, states)
-        session = self._session(self._reference, "disable_all", reference=True)
-        got = session_runner(session, "disable_all", reference=True)([feed])[0]
+        with self._shape_hinted():
+            session = self._session(self._reference, "disable_all", reference=True)
+            got = session_runner(session, "disable_all", reference=True)([feed])[0]
         kept = confirm_pairs(self.pairs, feed, got)
         for pair in self.pairs:
             if pair not in kept:
@@ -278,15 +280,19 @@ class Verifier:
         """Return the reference outputs at ``level``, one dict per seed or stream (computed once)."""
         check_level(level)
         if level not in self._reference_cache:
-            try:
+            with self._shape_hinted():
                 self._reference_cache[level] = self._run_source(self._reference, level, reference=True)
-            except (
-                InputError
-            ) as error:  # the sizes it ran at may be the cause: say which, and how to set them
-                if self._shape_hint is None:
-                    raise
-                raise InputError(f"{error}; {self._shape_hint}") from error
         return self._reference_cache[level]
+
+    @contextlib.contextmanager
+    def _shape_hinted(self) -> Iterator[None]:
+        """Around a reference run: its InputError also says the sizes the dynamic dims had, and how to set."""
+        try:
+            yield
+        except InputError as error:
+            if self._shape_hint is None:
+                raise
+            raise InputError(f"{error}; {self._shape_hint}") from error
 
     def outputs_of(self, runner: Runner) -> list[Feed]:
         """Outputs of ``runner`` (one model call per feed) on this verifier's inputs, as the reference's are.

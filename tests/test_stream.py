@@ -197,6 +197,18 @@ def test_the_verifier_streams_a_recurrent_model_from_the_zero_state() -> None:
     assert verifier.check(model).passed and verifier.check(model).stream["steps"] == STREAM_STEPS
 
 
+def test_a_recurrent_model_that_fails_at_the_default_dims_says_which_and_how_to_set_them() -> None:
+    model = recurrent()
+    features = model.graph.input[0].type.tensor_type.shape.dim[1]
+    features.ClearField("dim_value")
+    features.dim_param = "F"  # fed at 1 by default: fc1's MatMul cannot take it
+    with pytest.raises(InputError, match=r"cannot run the input model: .*dims were set to 1 \(x \[1, \?\]\)"):
+        Verifier(model, InputSpec())  # the state pairs are confirmed by a reference call at construction
+    with pytest.raises(InputError, match=r"--input-shape, e.g. x:1,<F>$"):
+        Verifier(model, InputSpec())
+    assert Verifier(model, InputSpec(shapes={"x": (1, FEATURES)})).pairs  # with the size given, it runs
+
+
 def test_the_head_of_a_recurrent_verifier_is_its_first_stream() -> None:
     model = recurrent()
     verifier = Verifier(model, InputSpec(), seeds=(0, 1))
