@@ -34,9 +34,10 @@ class BatchAxisError(RedOnnxError):
 class LatencyFigures:
     """Latency before/after at each batch, and how it was measured.
 
-    ``weighted_share``: at the first batch measured, the fraction of the median run that onnxruntime's
-    convolution and matrix-product kernels take, before and after (``red_onnx.kernel_profile``): the
-    part of the time that removing channels shortens in proportion; or ``{"skipped": reason}``.
+    ``weighted_share``: at the first batch measured, the fraction of a run that onnxruntime's convolution
+    and matrix-product kernels take, before and after (both timed in one profile,
+    ``red_onnx.kernel_profile``): the part of the time that removing channels shortens in proportion;
+    or ``{"skipped": reason}``.
     """
 
     provider: str
