@@ -36,7 +36,7 @@ from bench.data import (
     top1_agreement,
 )
 from red_onnx.errors import InputError
-from red_onnx.metrics import measure
+from red_onnx.measure.metrics import measure
 
 LOG = logging.getLogger("bench.baseline")
 
@@ -73,7 +73,7 @@ def input_shapes(model: onnx.ModelProto, batch: int = 1) -> dict[str, list[int]]
 
 
 def macs(model: onnx.ModelProto) -> int:
-    """Multiply-accumulates of one sample (batch 1), by ``red_onnx.metrics.measure``."""
+    """Multiply-accumulates of one sample (batch 1), by ``red_onnx.measure.metrics.measure``."""
     return measure(model, input_shapes(model)).macs
 
 

@@ -94,7 +94,7 @@ def skeleton(model: Any) -> dict[str, dict[str, Any]]:
 
 def feed_shapes(model: Any, spec: Any) -> dict[str, Any]:
     """Per batch, each input's shape and dtype as bench/latency_table.py feeds it; or why not."""
-    from red_onnx.benchmark import BatchAxisError, batched_feed
+    from red_onnx.measure.benchmark import BatchAxisError, batched_feed
 
     shapes: dict[str, Any] = {}
     for batch in BATCHES:

@@ -10,10 +10,10 @@ Usage (from the repository root; models as for ``bench/zoo_table.py``, conv5m/co
 Per model: ``compress(tolerance=0.02)`` with the zoo table's verification inputs and, for the conv nets,
 ``compress(target_macs=0.8)`` (the run where MACs drop >= 20%) at the default channel multiple (16) and
 at each of ``--multiples`` (8), each saved to a temporary folder. Then, per intra-op thread count and batch
-(1 and 16, repeated along ``red_onnx.benchmark.batch_axes``: axis 0 of the inputs where it is dynamic, and the
+(1 and 16, repeated along ``measure.benchmark.batch_axes``: axis 0 of the inputs where it is dynamic, and the
 axis of the same name — or, unnamed, of the same size — in the others, e.g. silero's ``state``), the
 original, each compressed model and **the original again** (a second session: the A/A check) are timed
-in interleaved runs by ``red_onnx.latency.LatencyService`` (CPU execution provider, ``ORT_ENABLE_ALL``,
+in interleaved runs by ``measure.latency.LatencyService`` (CPU execution provider, ``ORT_ENABLE_ALL``,
 warm-up, medians; at least ``--runs`` timed runs, more for fast models up to ``--seconds`` per group); a
 model without a batch axis its inputs agree on is timed at batch 1 only. A run counts as slower where at
 least two of its timings exceed 1 + max(the A/A deviation at that thread count, 3%). Each model
@@ -45,13 +45,13 @@ from bench.tasks import mobilenet_path
 from bench.zoo import zoo_dir
 from bench.zoo_table import REAL_MODELS, _spec
 from red_onnx import compress
-from red_onnx.benchmark import BATCHES, BatchAxisError, batched_feed
 from red_onnx.demo import demo_path
 from red_onnx.errors import RedOnnxError
-from red_onnx.input_spec import InputSpec
-from red_onnx.io import save_model
-from red_onnx.latency import CPU_PROVIDER, LatencyService
+from red_onnx.io.files import save_model
+from red_onnx.measure.benchmark import BATCHES, BatchAxisError, batched_feed
+from red_onnx.measure.latency import CPU_PROVIDER, LatencyService
 from red_onnx.pipeline import DEFAULT_TOLERANCE
+from red_onnx.verify.input_spec import InputSpec
 
 NCHWC_DOMAIN = "com.microsoft.nchwc"
 TARGET_MACS = 0.8

@@ -37,13 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from red_onnx.passes.separate_depthwise import SeparateDepthwise, probe_models
 
 import red_onnx
-from red_onnx import graph as graph_utils
-from red_onnx.input_spec import InputSpec
-from red_onnx.inputs import make_inputs
-from red_onnx.kde import bandwidth_ladder, hash_weights
-from red_onnx.latency import LatencyService
-from red_onnx.separation import break_even_units, factor_kernels
-from red_onnx.shapes import ShapeService
+from red_onnx.analysis.kde import bandwidth_ladder, hash_weights
+from red_onnx.analysis.separation import break_even_units, factor_kernels
+from red_onnx.io import graph as graph_utils
+from red_onnx.measure.latency import LatencyService
+from red_onnx.runtime.shapes import ShapeService
+from red_onnx.verify.input_spec import InputSpec
+from red_onnx.verify.inputs import make_inputs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ZOO = Path(os.environ.get("RED_ONNX_ZOO", Path.home() / ".cache" / "red-onnx" / "zoo"))

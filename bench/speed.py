@@ -61,7 +61,7 @@ RESULTS = ROOT / "bench" / "results"
 DEFAULT_MODELS = ("conv1m", "conv5m", "conv25m", "transformer25m")
 LARGE_MODELS = ("conv100m", "transformer85m")
 #: ``target`` lets ``--sensitivity auto`` choose (calibrated above 1 GMAC per input, measured below);
-#: the ``target-*`` modes force one way of finding each group's error (``red_onnx.budget``).
+#: the ``target-*`` modes force one way of finding each group's error (``red_onnx.search.budget``).
 MODES = {
     "target": ["--target-macs", "{target}"],
     "target-measured": ["--target-macs", "{target}", "--sensitivity", "measured"],
@@ -128,7 +128,9 @@ class StageRecorder:
 
 def _instrument(record: StageRecorder) -> dict[str, float]:
     """Wrap the CLI's progress callback, compress, save and the latency probes to feed ``record``."""
-    from red_onnx import cli, io, latency
+    from red_onnx import cli
+    from red_onnx.io import files as io
+    from red_onnx.measure import latency
 
     probes = {"seconds": 0.0, "measured": 0, "calls": 0}
     original_call, original_compress = cli._ProgressBar.__call__, cli.compress

@@ -33,7 +33,7 @@ import onnxruntime as ort
 
 from bench.data import cache_dir, natural_image_views, natural_images, top1_agreement
 from bench.zoo import zoo_dir
-from red_onnx.input_spec import InputSpec
+from red_onnx.verify.input_spec import InputSpec
 
 #: Lines rendered with Pillow's scalable default font for the OCR check (ASCII, digits, punctuation).
 OCR_LINES: tuple[str, ...] = (

@@ -102,7 +102,7 @@ def real_inputs(
     """Write real inputs for ``model`` (``--inputs``) to ``target``, an ``.npz``, and return it.
 
     ``speech`` (text, espeak-ng voice), then a quarter second of silence, as a stream in the step
-    semantics of ``red_onnx.input_spec.InputSpec``: ``input`` holds every chunk in order ``[steps, 1, 576]``
+    semantics of ``verify.input_spec.InputSpec``: ``input`` holds every chunk in order ``[steps, 1, 576]``
     (one call each), ``state`` the zero state the stream starts from, ``sr`` the rate where the model
     takes it — so the verification carries the state through the real stream, each model its own. The
     sequence variant (its LSTM runs over the windows inside one call and returns ``hn``/``cn``) gets the

@@ -34,8 +34,9 @@ from torch import nn
 LOG = logging.getLogger("train_digits")
 
 HERE = Path(__file__).resolve().parent
-ONNX_PATH = HERE / "digits_cnn.onnx"
-NPZ_PATH = HERE / "digits_test.npz"
+DATA = HERE.parent / "red_onnx" / "data"
+ONNX_PATH = DATA / "digits_cnn.onnx"
+NPZ_PATH = DATA / "digits_test.npz"
 
 SEED = 0
 TEST_SIZE = 0.2
@@ -50,7 +51,7 @@ DOC_STRING = (
     "Demo model for red_onnx: residual CNN (Conv+BN+ReLU stem, one residual block, "
     "stride-2 Conv+BN+ReLU, Flatten, Gemm+ReLU, Gemm) trained on sklearn load_digits "
     "8x8 images scaled to [0, 1]. "
-    "BatchNormalization is kept un-folded on purpose. Held-out split: models/digits_test.npz."
+    "BatchNormalization is kept un-folded on purpose. Held-out split: digits_test.npz beside the model."
 )
 
 

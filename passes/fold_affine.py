@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from red_onnx.passes.infra import Pass, PassResult, Skip
 
-from red_onnx.graph import WorkingModel, constant_values
-from red_onnx.pass_infra import Pass, PassResult, Skip
-from red_onnx.redundancy import per_channel_constant
+from red_onnx.analysis.redundancy import per_channel_constant
+from red_onnx.io.graph import WorkingModel, constant_values
 
 from .fold_batchnorm import bypass, scale_producer, sole_producer
 

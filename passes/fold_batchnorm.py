@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from red_onnx.passes.infra import Pass, PassResult, Skip
 
-from red_onnx.graph import WorkingModel, constant_values, is_empty_input, set_constant_input
-from red_onnx.pass_infra import Pass, PassResult, Skip
-from red_onnx.weights import producer_axis
+from red_onnx.analysis.weights import producer_axis
+from red_onnx.io.graph import WorkingModel, constant_values, is_empty_input, set_constant_input
 
 FOLDABLE_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 SUFFIX = "bnfold"

@@ -11,24 +11,24 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+from red_onnx.passes.infra import Pass, PassResult, Skip
 
-from red_onnx.channels import ChannelAnalysis, ChannelGroup, analyse_model
-from red_onnx.constants import (
+from red_onnx.analysis.channels import ChannelAnalysis, ChannelGroup, analyse_model
+from red_onnx.analysis.constants import (
     ChannelConstants,
     analyse_constants,
     consumer_absorbs,
     consumer_slices_zero,
 )
-from red_onnx.graph import (
+from red_onnx.analysis.reasons import Reason
+from red_onnx.analysis.redundancy import atom_params, exact_merges
+from red_onnx.analysis.weights import producer_rows
+from red_onnx.io.graph import (
     WorkingModel,
     clear_intermediate_shapes,
     constant_values,
 )
-from red_onnx.pass_infra import Pass, PassResult, Skip
-from red_onnx.reasons import Reason
-from red_onnx.redundancy import atom_params, exact_merges
-from red_onnx.rewrite import GroupPlan, apply_plan, attach_graph
-from red_onnx.weights import producer_rows
+from red_onnx.rewrite.editor import GroupPlan, apply_plan, attach_graph
 
 
 def _seen_constant(group: ChannelGroup, consts: ChannelConstants) -> np.ndarray:

@@ -1,9 +1,9 @@
 """Approximate merging: apply chosen near-duplicate merges, group by group (RED's merging step).
 
 The pass decides nothing: it receives, per group name, the merges to apply (the budget search in
-``red_onnx.budget`` chooses them from the candidates ``candidates_of`` ranks for each of the
+``red_onnx.search.budget`` chooses them from the candidates ``candidates_of`` ranks for each of the
 ``mergeable_groups``) and hands them to
-``red_onnx.rewrite``. It reports how much each changed consumer's weight range widened (λ-merges add
+``red_onnx.rewrite.editor``. It reports how much each changed consumer's weight range widened (λ-merges add
 scaled rows, which matters for a later int8 quantization).
 """
 
@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from red_onnx.passes.infra import Pass, PassResult
 
-from red_onnx.channels import ChannelGroup, analyse_model
-from red_onnx.graph import WorkingModel, clear_intermediate_shapes, constant_values
-from red_onnx.pass_infra import Pass, PassResult
-from red_onnx.redundancy import AtomParams, Merge, atom_params
-from red_onnx.rewrite import GroupPlan, apply_plan, attach_graph
-from red_onnx.similarity import Candidates, near_candidates
+from red_onnx.analysis.channels import ChannelGroup, analyse_model
+from red_onnx.analysis.redundancy import AtomParams, Merge, atom_params
+from red_onnx.analysis.similarity import Candidates, near_candidates
+from red_onnx.io.graph import WorkingModel, clear_intermediate_shapes, constant_values
+from red_onnx.rewrite.editor import GroupPlan, apply_plan, attach_graph
 
 Shapes = Mapping[str, "tuple[int, ...] | None"]
 

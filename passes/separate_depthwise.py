@@ -1,9 +1,9 @@
 """Uneven depthwise separation (RED's third technique), kept only where it is measured faster.
 
 For every group-1 Conv with a k×k (or k, or k×k×k) kernel, k > 1: factor its kernels per input channel
-into repeated unit kernels (``red_onnx.separation``); when the separated form has fewer MACs
+into repeated unit kernels (``red_onnx.analysis.separation``); when the separated form has fewer MACs
 (``U·K + O·U < O·I·K``), ask the latency probe to time the conv alone and its separated form at the
-input shape the model runs at, and rewrite (``red_onnx.rewrite_separation``) only when the separated
+input shape the model runs at, and rewrite (``red_onnx.rewrite.separation``) only when the separated
 form is at least ``min_gain`` faster. Without a probe (``--no-latency-check``) MACs alone decide. 1×1
 convs are never candidates (``u_c ≤ 1``: the separated form costs more). The rewrite is exact, so the
 exact mode applies it too; on trained weights kernels rarely repeat and the report says so per conv.
@@ -18,14 +18,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from red_onnx.passes.infra import Pass, PassResult, Skip
 
-from red_onnx.channels import user_frozen
-from red_onnx.graph import WorkingModel, constant_values, is_empty_input
-from red_onnx.latency import LatencyProbe
-from red_onnx.pass_infra import Pass, PassResult, Skip
-from red_onnx.reasons import Reason
-from red_onnx.rewrite_separation import separate_conv
-from red_onnx.separation import (
+from red_onnx.analysis.channels import user_frozen
+from red_onnx.analysis.reasons import Reason
+from red_onnx.analysis.separation import (
     KernelBasis,
     break_even_units,
     conv_macs,
@@ -33,6 +30,9 @@ from red_onnx.separation import (
     separated_macs,
     units_lower_bound,
 )
+from red_onnx.io.graph import WorkingModel, constant_values, is_empty_input
+from red_onnx.measure.latency import LatencyProbe
+from red_onnx.rewrite.separation import separate_conv
 
 Shapes = Mapping[str, "tuple[int, ...] | None"]
 #: A factorisation rebuilding some kernel worse than this (relative L2) is not an exact re-expression.

@@ -18,12 +18,12 @@ from onnx import external_data_helper
 
 from red_onnx import demo, io
 from red_onnx._version import __version__
-from red_onnx.benchmark import benchmark
-from red_onnx.budget import SENSITIVITY_MODES
 from red_onnx.errors import RedOnnxError, UsageError, VerificationError
-from red_onnx.input_spec import InputSpec, parse_input_range, parse_input_shape, parse_input_value
+from red_onnx.measure.benchmark import benchmark
 from red_onnx.pipeline import Result, compress
-from red_onnx.report import render_table
+from red_onnx.report.report import render_table
+from red_onnx.search.budget import SENSITIVITY_MODES
+from red_onnx.verify.input_spec import InputSpec, parse_input_range, parse_input_shape, parse_input_value
 
 logger = logging.getLogger("red_onnx")
 #: Exit code of an unexpected exception (a bug), next to 0 done, 1 verification failed, 2 bad input/usage.
@@ -264,7 +264,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         _write_json(result, Path(args.json))
     if args.plot:
-        from red_onnx.plots import write_plots
+        from red_onnx.report.plots import write_plots
 
         write_plots(args.plot, result.report, onnx.load(str(source)))
     if not args.quiet:

@@ -1,4 +1,4 @@
-"""The bundled demo model (``models/``): a digits CNN and its held-out test split."""
+"""The bundled demo model (``red_onnx/data/``): a digits CNN and its held-out test split."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ DEMO_SPLIT = "digits_test.npz"
 
 def demo_path(name: str = DEMO_MODEL) -> Path:
     """Path of a bundled demo file (works from a source checkout and from an install)."""
-    path = Path(str(resources.files("red_onnx.models").joinpath(name)))
+    path = Path(str(resources.files("red_onnx.data").joinpath(name)))
     if not path.is_file():
         from red_onnx.errors import InputError
 

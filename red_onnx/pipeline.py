@@ -20,25 +20,28 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from red_onnx import graph as graph_utils
-from red_onnx import io, metrics, sessions, wire
+from red_onnx import io
 from red_onnx._version import __version__
-from red_onnx.budget import SENSITIVITY_MODES, BudgetSearch
 from red_onnx.errors import InputError, UsageError, VerificationError
-from red_onnx.input_spec import InputSpec
-from red_onnx.inputs import make_inputs
-from red_onnx.latency import CPU_PROVIDER, LatencyProbe, LatencyService, check_provider
-from red_onnx.memory import release_free_memory
-from red_onnx.pass_infra import Pass
+from red_onnx.io import graph as graph_utils
+from red_onnx.io import wire
+from red_onnx.io.memory import release_free_memory
+from red_onnx.measure import metrics
+from red_onnx.measure.latency import CPU_PROVIDER, LatencyProbe, LatencyService, check_provider
 from red_onnx.passes.fold_affine import FoldAffine
 from red_onnx.passes.fold_batchnorm import FoldBatchNorm
+from red_onnx.passes.infra import Pass
 from red_onnx.passes.merge_exact import MergeExact
 from red_onnx.passes.merge_near import MergeNear
 from red_onnx.passes.separate_depthwise import SeparateDepthwise
-from red_onnx.report import FrozenGroup, Report
-from red_onnx.sessions import HeldSessions, model_source
-from red_onnx.shapes import ShapeService
-from red_onnx.verify import Verifier
+from red_onnx.report.report import FrozenGroup, Report
+from red_onnx.runtime import sessions
+from red_onnx.runtime.sessions import HeldSessions, model_source
+from red_onnx.runtime.shapes import ShapeService
+from red_onnx.search.budget import SENSITIVITY_MODES, BudgetSearch
+from red_onnx.verify.input_spec import InputSpec
+from red_onnx.verify.inputs import make_inputs
+from red_onnx.verify.verifier import Verifier
 
 logger = logging.getLogger(__name__)
 ort.set_default_logger_severity(4)

@@ -10,13 +10,13 @@ from graphs import Net
 from onnx import TensorProto, helper, numpy_helper
 
 import red_onnx
-from red_onnx.budget import BudgetSearch
+from red_onnx.analysis.redundancy import Merge
+from red_onnx.analysis.similarity import Candidates, resolve_merges
 from red_onnx.errors import RewriteError
-from red_onnx.input_spec import InputSpec
-from red_onnx.inputs import make_inputs
-from red_onnx.redundancy import Merge
-from red_onnx.shapes import ShapeService
-from red_onnx.similarity import Candidates, resolve_merges
+from red_onnx.runtime.shapes import ShapeService
+from red_onnx.search.budget import BudgetSearch
+from red_onnx.verify.input_spec import InputSpec
+from red_onnx.verify.inputs import make_inputs
 
 
 def _candidates(rows: list[tuple[int, int, float, float]]) -> Candidates:
@@ -79,7 +79,7 @@ def test_activation_ranking_is_off_on_synthetic_inputs_and_on_with_real_ones(tmp
 
 
 def test_pink_prior_is_smooth_unit_variance_noise() -> None:
-    from red_onnx.inputs import make_inputs
+    from red_onnx.verify.inputs import make_inputs
 
     value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 64, 64])
     out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 64, 64])

@@ -35,17 +35,19 @@ from graphs import shared_weight
 from onnx import TensorProto, helper, numpy_helper
 from test_pipeline import list_initializers_as_inputs, planted_conv
 
-from red_onnx import InputError, cli, compress, noise, sessions
-from red_onnx import io as model_io
+from red_onnx import InputError, cli, compress
 from red_onnx.demo import demo_path
-from red_onnx.input_spec import InputSpec
-from red_onnx.inputs import make_inputs
+from red_onnx.io import files as model_io
+from red_onnx.runtime import sessions
+from red_onnx.verify import noise
+from red_onnx.verify.input_spec import InputSpec
+from red_onnx.verify.inputs import make_inputs
 
 MODES = {"exact": ["--exact"], "approximate": ["--tolerance", "0.02"]}
 TOLERANCE = 0.02
 #: Exact rule of the pipeline: |y' - y| <= EXACT_ATOL·max(1, max|y|) + EXACT_RTOL·|y|.
 EXACT_RTOL, EXACT_ATOL = 1e-5, 1e-6
-#: float16 rounding floor (red_onnx.noise.ROUNDING_UNITS unit roundoffs of float16, see there).
+#: float16 rounding floor (red_onnx.verify.noise.ROUNDING_UNITS unit roundoffs of float16, see there).
 FLOAT16_FLOOR = noise.ROUNDING_UNITS * 2.0**-11
 #: Seeds of the inputs these tests check outputs on (the pipeline verifies on 0 and 1).
 CHECK_SEEDS = (5, 6)

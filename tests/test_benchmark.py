@@ -13,10 +13,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from red_onnx import cli
-from red_onnx.benchmark import NO_DYNAMIC_BATCH, BatchAxisError, batch_axes, batched_feed, benchmark
-from red_onnx.input_spec import InputSpec
-from red_onnx.kernel_profile import WEIGHTED_OPS, KernelProfile, profile_kernels, summed
-from red_onnx.latency import LatencyService
+from red_onnx.measure.benchmark import NO_DYNAMIC_BATCH, BatchAxisError, batch_axes, batched_feed, benchmark
+from red_onnx.measure.kernel_profile import WEIGHTED_OPS, KernelProfile, profile_kernels, summed
+from red_onnx.measure.latency import LatencyService
+from red_onnx.verify.input_spec import InputSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from zoo import zoo_dir

@@ -22,10 +22,11 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 
 import red_onnx
-from red_onnx import cli, metrics
-from red_onnx.budget import removal_levels
-from red_onnx.channel_steps import effective_multiple
-from red_onnx.report import Report
+from red_onnx import cli
+from red_onnx.measure import metrics
+from red_onnx.report.report import Report
+from red_onnx.search.budget import removal_levels
+from red_onnx.search.channel_steps import effective_multiple
 
 #: Seeds of our own error measurements (the pipeline uses 0, 1, 7 and 100..103).
 FRESH_SEEDS = (901, 902, 903)
@@ -438,10 +439,10 @@ def test_same_call_gives_the_same_bytes() -> None:
 
 
 def test_an_inputs_batch_is_split_between_the_search_and_the_heldout_check(tmp_path: Path) -> None:
-    from red_onnx.budget import BudgetSearch
-    from red_onnx.input_spec import InputSpec
-    from red_onnx.inputs import make_inputs
-    from red_onnx.shapes import ShapeService
+    from red_onnx.runtime.shapes import ShapeService
+    from red_onnx.search.budget import BudgetSearch
+    from red_onnx.verify.input_spec import InputSpec
+    from red_onnx.verify.inputs import make_inputs
 
     model = conv_net(0.05)
     for value in (*model.graph.input, *model.graph.output):
@@ -462,11 +463,11 @@ def test_an_inputs_batch_is_split_between_the_search_and_the_heldout_check(tmp_p
 def test_a_search_over_the_callers_working_model_reads_it_only_and_finds_what_the_proto_search_finds(
     mode: str,
 ) -> None:
-    from red_onnx import graph
-    from red_onnx.budget import BudgetSearch
-    from red_onnx.input_spec import InputSpec
-    from red_onnx.inputs import make_inputs
-    from red_onnx.shapes import ShapeService
+    from red_onnx.io import graph
+    from red_onnx.runtime.shapes import ShapeService
+    from red_onnx.search.budget import BudgetSearch
+    from red_onnx.verify.input_spec import InputSpec
+    from red_onnx.verify.inputs import make_inputs
 
     model = residual_net(0.05)
     spec = InputSpec()
@@ -486,10 +487,11 @@ def test_a_search_over_the_callers_working_model_reads_it_only_and_finds_what_th
 
 
 def test_a_search_that_rebuilds_keeps_its_exported_proto(monkeypatch: pytest.MonkeyPatch) -> None:
-    from red_onnx import budget, graph
-    from red_onnx.input_spec import InputSpec
-    from red_onnx.inputs import make_inputs
-    from red_onnx.shapes import ShapeService
+    from red_onnx.io import graph
+    from red_onnx.runtime.shapes import ShapeService
+    from red_onnx.search import budget
+    from red_onnx.verify.input_spec import InputSpec
+    from red_onnx.verify.inputs import make_inputs
 
     monkeypatch.setattr(budget, "_simulator", lambda *args: None)  # as when the one-session simulator fails
     model = conv_net(0.05)

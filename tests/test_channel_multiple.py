@@ -1,6 +1,6 @@
 """Kept channel counts on hardware-friendly steps (``--channel-multiple``), per group and per segment.
 
-Two rules (``red_onnx.channel_steps``): a group narrower than twice the multiple falls back to the
+Two rules (``red_onnx.search.channel_steps``): a group narrower than twice the multiple falls back to the
 largest power of two it holds twice (``effective_multiple``: 24 channels at 16 keep multiples of 8); and
 the rule holds per *segment* — the atoms present in the same tensors, e.g. one ``Split`` chunk — not only
 for the tensor feeding the Split (YOLOv8n's C2f kept a 31-channel chunk of a 64-channel group at 8).
@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
 import red_onnx
-from red_onnx.budget_options import Ordering, removal_levels
-from red_onnx.channel_steps import ChannelSteps, effective_multiple
+from red_onnx.analysis.similarity import Candidates, resolve_merges
 from red_onnx.pipeline import make_options
-from red_onnx.similarity import Candidates, resolve_merges
+from red_onnx.search.budget_options import Ordering, removal_levels
+from red_onnx.search.channel_steps import ChannelSteps, effective_multiple
 
 FRESH_SEEDS = (911, 912)
 

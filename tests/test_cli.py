@@ -25,7 +25,7 @@ from test_pipeline import (
 )
 
 from red_onnx import cli
-from red_onnx.verify import VerificationResult, Verifier
+from red_onnx.verify.verifier import VerificationResult, Verifier
 
 ERROR_PREFIX = "red-onnx: error: "
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from red_onnx.components import component_labels
+from red_onnx.analysis.components import component_labels
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,4 +1,4 @@
-"""The bundled demo model (models/digits_cnn.onnx) and its held-out split (digits_test.npz)."""
+"""The bundled demo model (red_onnx/data/digits_cnn.onnx) and its held-out split (digits_test.npz)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-MODELS = Path(__file__).parents[1] / "models"
+MODELS = Path(__file__).parents[1] / "red_onnx" / "data"
 ONNX_PATH = MODELS / "digits_cnn.onnx"
 NPZ_PATH = MODELS / "digits_test.npz"
 

@@ -24,11 +24,13 @@ from graphs import Net, check_planted, random_feeds, removed_by_report, run
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from red_onnx import VerificationError, graph, shapes
-from red_onnx.budget import HELDOUT_SEEDS, SEARCH_SEEDS
-from red_onnx.input_spec import InputSpec
-from red_onnx.inputs import make_inputs
+from red_onnx import VerificationError
+from red_onnx.io import graph
 from red_onnx.pipeline import EXACT_ATOL, EXACT_RTOL, VERIFY_SEEDS
+from red_onnx.runtime import shapes
+from red_onnx.search.budget import HELDOUT_SEEDS, SEARCH_SEEDS
+from red_onnx.verify.input_spec import InputSpec
+from red_onnx.verify.inputs import make_inputs
 
 #: Seeds of the inputs the tests check on (none of them is one the pipeline uses).
 FRESH_SEEDS = (7919, 104729)

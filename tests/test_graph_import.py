@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from red_onnx import graph as graph_utils
-from red_onnx import wire
+from red_onnx.io import graph as graph_utils
+from red_onnx.io import wire
 from tests.graphs import conv_chain_identical, random_feeds, run
 
 

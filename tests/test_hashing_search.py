@@ -11,13 +11,13 @@ from red_onnx.passes.merge_near import GroupCandidates, candidates_of, mergeable
 from test_budget import conv_net, deep_net
 
 import red_onnx
-from red_onnx import graph as graph_utils
-from red_onnx.budget import BudgetSearch, hashed_orderings
-from red_onnx.input_spec import InputSpec
-from red_onnx.inputs import make_inputs
-from red_onnx.redundancy import AtomParams
-from red_onnx.shapes import ShapeService
-from red_onnx.similarity import pair_distance
+from red_onnx.analysis.redundancy import AtomParams
+from red_onnx.analysis.similarity import pair_distance
+from red_onnx.io import graph as graph_utils
+from red_onnx.runtime.shapes import ShapeService
+from red_onnx.search.budget import BudgetSearch, hashed_orderings
+from red_onnx.verify.input_spec import InputSpec
+from red_onnx.verify.inputs import make_inputs
 
 
 def _search(model: onnx.ModelProto, *, hashing: bool, activations: bool = False) -> BudgetSearch:

@@ -1,4 +1,4 @@
-"""Tests of red_onnx.io: validated loading, atomic deterministic saving, external data, checks."""
+"""Tests of red_onnx.io.files: validated loading, atomic deterministic saving, external data, checks."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from red_onnx import io
 from red_onnx.errors import InputError, VerificationError
+from red_onnx.io import files as io
 
 OPSET = [helper.make_opsetid("", 17)]
 IR_VERSION = 8

@@ -1,4 +1,4 @@
-"""red_onnx.kde: binned FFT KDE against scikit-learn, basins, snapping, bandwidths (method.md, "Hashing")."""
+"""analysis.kde: binned FFT KDE against scikit-learn, basins, snapping, bandwidths (method.md, "Hashing")."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from sklearn.neighbors import KernelDensity
 
-from red_onnx import kde
-from red_onnx.errors import InputError
-from red_onnx.kde import (
+from red_onnx.analysis import kde
+from red_onnx.analysis.kde import (
     Basins,
     Density,
     KdeInputError,
@@ -26,6 +25,7 @@ from red_onnx.kde import (
     scott_bandwidth,
     snap,
 )
+from red_onnx.errors import InputError
 
 SETTINGS = settings(
     max_examples=50, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
@@ -94,7 +94,7 @@ def test_grid_covers_three_bandwidths_and_resolves_kernel() -> None:
 
 def test_grid_cap_is_logged(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(kde, "MAX_GRID_SIZE", 4096)
-    with caplog.at_level(logging.WARNING, logger="red_onnx.kde"):
+    with caplog.at_level(logging.WARNING, logger="red_onnx.analysis.kde"):
         density = binned_kde(np.array([0.0, 1.0]), 1e-4)
     assert density.grid.size == 4096
     assert "capped" in caplog.text

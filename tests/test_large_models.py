@@ -11,8 +11,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from red_onnx import cli, io, sessions
+from red_onnx import cli
 from red_onnx.demo import demo_path
+from red_onnx.io import files as io
+from red_onnx.runtime import sessions
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The latency table's pure logic: ratios and verdicts (``bench/latency_table.py``; no timing).
 
-Its batch axes are the library's (``red_onnx.benchmark``, tested in ``tests/test_benchmark.py``).
+Its batch axes are the library's (``red_onnx.measure.benchmark``, tested in ``tests/test_benchmark.py``).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from red_onnx import memory
+from red_onnx.io import memory
 
 
 def _rss_bytes() -> int:

@@ -1,4 +1,4 @@
-"""``red_onnx.metrics.measure``: MACs against hand-computed formulas, and the parameter count."""
+"""``red_onnx.measure.metrics.measure``: MACs against hand-computed formulas, and the parameter count."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from red_onnx.errors import InputError
-from red_onnx.metrics import count_params, measure
+from red_onnx.measure.metrics import count_params, measure
 
 OPSET = 17
 

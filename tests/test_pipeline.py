@@ -11,11 +11,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from red_onnx.passes.fold_affine import FoldAffine
+from red_onnx.passes.infra import PassResult
 
 import red_onnx
 from red_onnx.errors import InputError, RedOnnxError, VerificationError
-from red_onnx.graph import WorkingModel
-from red_onnx.pass_infra import PassResult
+from red_onnx.io.graph import WorkingModel
 
 OPSET = 17
 BATCH = "N"
@@ -510,7 +510,7 @@ def test_a_run_that_rewrites_nothing_returns_the_input_graph(tmp_path: Path) -> 
         report = result.report
         assert (report.params_after, report.macs_after) == (report.params_before, report.macs_before)
     assert not model.metadata_props  # the caller's proto is not touched
-    assert "no rewrite applied" in red_onnx.report.render_table(result.report)
+    assert "no rewrite applied" in red_onnx.report.report.render_table(result.report)
 
 
 def test_a_run_that_rewrites_returns_the_rewritten_graph() -> None:

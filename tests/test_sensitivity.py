@@ -15,13 +15,14 @@ from graphs import Net, flatten_gemm, gemm_mlp, nhwc_matmul
 from red_onnx.passes.merge_near import mergeable_groups
 from test_budget import conv_net, residual_net
 
-from red_onnx import compress, graph
-from red_onnx.budget import BudgetSearch
+from red_onnx import compress
+from red_onnx.analysis.redundancy import Merge
 from red_onnx.errors import UsageError
-from red_onnx.input_spec import InputSpec
-from red_onnx.inputs import make_inputs
-from red_onnx.redundancy import Merge
-from red_onnx.sensitivity import (
+from red_onnx.io import graph
+from red_onnx.runtime.shapes import ShapeService
+from red_onnx.runtime.tensor_values import run_tensors, tensor_fetch
+from red_onnx.search.budget import BudgetSearch
+from red_onnx.search.sensitivity import (
     ConsumerGrams,
     ConsumerRows,
     LocalSensitivity,
@@ -29,8 +30,8 @@ from red_onnx.sensitivity import (
     capture_grams,
     consumer_inputs,
 )
-from red_onnx.shapes import ShapeService
-from red_onnx.tensor_values import run_tensors, tensor_fetch
+from red_onnx.verify.input_spec import InputSpec
+from red_onnx.verify.inputs import make_inputs
 
 
 def wide_gemm_net(seed: int = 0) -> onnx.ModelProto:
@@ -244,7 +245,7 @@ def test_rows_folded_into_the_gram_mid_capture_give_the_same_sums() -> None:
 
 @pytest.mark.parametrize("n", [3, 10, 40])  # the product of the two Grams (3, 10), or the product itself
 def test_product_norm_by_either_route_matches_float64(n: int, monkeypatch) -> None:
-    monkeypatch.setattr("red_onnx.sensitivity.PRODUCT_ELEMENTS", 1000)  # several column blocks
+    monkeypatch.setattr("red_onnx.search.sensitivity.PRODUCT_ELEMENTS", 1000)  # several column blocks
     rng = np.random.default_rng(n)
     weights = rng.standard_normal((n, 50)).astype(np.float32)
     rows = rng.standard_normal((n, 30)) + 5.0  # a common mean: the products cancel

@@ -16,10 +16,17 @@ from onnx import TensorProto, helper, numpy_helper
 from red_onnx.passes.separate_depthwise import SeparateDepthwise, probe_models
 
 import red_onnx
-from red_onnx import cli, metrics
-from red_onnx.latency import LatencyService
-from red_onnx.rewrite_separation import separate_conv
-from red_onnx.separation import break_even_units, conv_macs, factor_kernels, separated_macs, units_lower_bound
+from red_onnx import cli
+from red_onnx.analysis.separation import (
+    break_even_units,
+    conv_macs,
+    factor_kernels,
+    separated_macs,
+    units_lower_bound,
+)
+from red_onnx.measure import metrics
+from red_onnx.measure.latency import LatencyService
+from red_onnx.rewrite.separation import separate_conv
 
 SETTINGS = settings(
     max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
@@ -284,7 +291,7 @@ def test_grouped_conv_is_skipped_with_the_reason() -> None:
     conv.attrs["group"] = 2
     conv.inputs[1].values = conv.inputs[1].values[:, :16].copy()
     item = SeparateDepthwise(shapes=lambda m: {}, latency=None)
-    working = red_onnx.graph.import_model(gs.export_onnx(graph))
+    working = red_onnx.io.graph.import_model(gs.export_onnx(graph))
     skips = item(working).skips
     assert any(s.subject == "c2" and "group=2" in s.reason for s in skips)
 

@@ -1,8 +1,8 @@
-"""``red_onnx.similarity``: distances, neighbour candidates, merge resolution and per-atom MACs.
+"""``red_onnx.analysis.similarity``: distances, neighbour candidates, merge resolution and per-atom MACs.
 
 Pure analysis tests: groups are built directly as :class:`AtomParams` (rows with planted
 near-duplicates at known noise levels among random rows), or taken from the channel analysis of
-small graphs whose MACs ``red_onnx.metrics.measure`` counts independently.
+small graphs whose MACs ``red_onnx.measure.metrics.measure`` counts independently.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from red_onnx.passes.merge_near import analyse_model
 
-from red_onnx import graph as graph_utils
-from red_onnx import metrics, similarity
-from red_onnx.input_spec import InputSpec
-from red_onnx.inputs import make_inputs
-from red_onnx.redundancy import AtomParams, Merge
-from red_onnx.shapes import ShapeService
-from red_onnx.similarity import Candidates, atom_macs, near_candidates, pair_distance, resolve_merges
+from red_onnx.analysis import similarity
+from red_onnx.analysis.redundancy import AtomParams, Merge
+from red_onnx.analysis.similarity import Candidates, atom_macs, near_candidates, pair_distance, resolve_merges
+from red_onnx.io import graph as graph_utils
+from red_onnx.measure import metrics
+from red_onnx.runtime.shapes import ShapeService
+from red_onnx.verify.input_spec import InputSpec
+from red_onnx.verify.inputs import make_inputs
 
 
 def _params(

@@ -3,7 +3,7 @@
 For every topology the builders cover, every searchable group and several merge counts (and all
 groups at once): the simulator's outputs equal onnxruntime's outputs of the model rebuilt by the
 rewrite (zeroing a merged channel's consumer slice is the same function as deleting it), and the
-counted MACs fraction equals the MACs counter of ``red_onnx.metrics`` on the rebuilt model.
+counted MACs fraction equals the MACs counter of ``red_onnx.measure.metrics`` on the rebuilt model.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ import onnx
 import pytest
 from test_budget import conv_net, deep_net, residual_net
 
-from red_onnx import budget, graph, metrics
-from red_onnx.budget import BudgetSearch
-from red_onnx.input_spec import InputSpec
-from red_onnx.inputs import make_inputs
-from red_onnx.shapes import ShapeService
+from red_onnx.io import graph
+from red_onnx.measure import metrics
+from red_onnx.runtime.shapes import ShapeService
+from red_onnx.search import budget
+from red_onnx.search.budget import BudgetSearch
+from red_onnx.verify.input_spec import InputSpec
+from red_onnx.verify.inputs import make_inputs
 
 BUILDERS = {
     "conv_net": lambda: conv_net(0.05),
@@ -155,8 +157,8 @@ def test_a_model_that_hard_codes_its_batch_is_run_sample_by_sample() -> None:
 
 
 def test_simulator_fetches_intermediate_tensors_and_leaves_the_base_model_as_it_was() -> None:
-    from red_onnx.simulate import MergeSimulator
-    from red_onnx.tensor_values import run_tensors
+    from red_onnx.runtime.tensor_values import run_tensors
+    from red_onnx.search.simulate import MergeSimulator
 
     search = search_of(residual_net(0.05))
     before = search.base.SerializeToString()
@@ -174,6 +176,6 @@ def test_simulator_fetches_intermediate_tensors_and_leaves_the_base_model_as_it_
 def mergeable_groups_of(search: BudgetSearch) -> list:
     from red_onnx.passes.merge_near import mergeable_groups
 
-    from red_onnx import graph
+    from red_onnx.io import graph
 
     return mergeable_groups(graph.import_model(search.base), search.shapes, ())

@@ -18,13 +18,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from red_onnx import compress
-from red_onnx.budget import BudgetSearch
 from red_onnx.errors import InputError
-from red_onnx.input_spec import InputSpec
-from red_onnx.inputs import make_inputs
-from red_onnx.shapes import ShapeService
-from red_onnx.stream import Runner, StatePair, confirm_pairs, find_state_pairs, join_steps, run_stream
-from red_onnx.verify import STREAM_STEPS, Verifier
+from red_onnx.runtime.shapes import ShapeService
+from red_onnx.runtime.stream import Runner, StatePair, confirm_pairs, find_state_pairs, join_steps, run_stream
+from red_onnx.search.budget import BudgetSearch
+from red_onnx.verify.input_spec import InputSpec
+from red_onnx.verify.inputs import make_inputs
+from red_onnx.verify.verifier import STREAM_STEPS, Verifier
 
 FEATURES, HIDDEN, STATE = 4, 16, 8
 TOLERANCE = 0.02
@@ -91,7 +91,7 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 
 def runner_of(model: onnx.ModelProto) -> Runner:
-    """A runner for ``red_onnx.stream``: one onnxruntime call per feed."""
+    """A runner for ``red_onnx.runtime.stream``: one onnxruntime call per feed."""
     run = session(model)
     names = [out.name for out in run.get_outputs()]
     return lambda feeds: [dict(zip(names, run.run(names, feed), strict=True)) for feed in feeds]
@@ -361,7 +361,7 @@ def test_the_heldout_part_of_a_batch_file_uses_the_other_rows(tmp_path: Path) ->
 
 
 def test_worst_step_error_bounds_every_step_against_the_stream_size() -> None:
-    from red_onnx.stream import worst_step_error
+    from red_onnx.runtime.stream import worst_step_error
 
     reference = np.array([0.9, 0.8, 0.0, 0.0, 0.7, 0.0], np.float64).reshape(6, 1)  # speech, silence
     candidate = reference.copy()

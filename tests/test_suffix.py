@@ -7,11 +7,11 @@ import onnx
 import pytest
 from test_simulate import BUILDERS, assert_outputs_close, plans, search_of
 
-from red_onnx.budget import BudgetSearch
-from red_onnx.input_spec import InputSpec
-from red_onnx.inputs import make_inputs
-from red_onnx.shapes import ShapeService
-from red_onnx.suffix import SuffixSimulator, boundary, suffix_model
+from red_onnx.runtime.shapes import ShapeService
+from red_onnx.search.budget import BudgetSearch
+from red_onnx.search.suffix import SuffixSimulator, boundary, suffix_model
+from red_onnx.verify.input_spec import InputSpec
+from red_onnx.verify.inputs import make_inputs
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))

@@ -1,4 +1,4 @@
-"""Tests of red_onnx.verify: input generation, metrics, the pass rule and onnxruntime wrapping."""
+"""Tests of red_onnx.verify.verifier: input generation, metrics, the pass rule and onnxruntime wrapping."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper, numpy_helper
 
-from red_onnx import sessions
-from red_onnx.compare import compare_outputs, merge_checks
 from red_onnx.errors import InputError, UsageError, VerificationError
-from red_onnx.input_spec import InputSpec, parse_input_range, parse_input_shape, parse_input_value
-from red_onnx.inputs import make_inputs
-from red_onnx.parts import box_error, is_box_head
-from red_onnx.verify import Verifier
+from red_onnx.runtime import sessions
+from red_onnx.verify.compare import compare_outputs, merge_checks
+from red_onnx.verify.input_spec import InputSpec, parse_input_range, parse_input_shape, parse_input_value
+from red_onnx.verify.inputs import make_inputs
+from red_onnx.verify.parts import box_error, is_box_head
+from red_onnx.verify.verifier import Verifier
 
 OPSET = [helper.make_opsetid("", 17)]
 RNG = np.random.default_rng(1234)
@@ -429,7 +429,7 @@ def test_metric_properties(ref: np.ndarray, data: st.DataObject) -> None:
 
 
 def test_scale_slices_split_a_detection_head_only() -> None:
-    from red_onnx.parts import measured_parts, scale_slices
+    from red_onnx.verify.parts import measured_parts, scale_slices
 
     rng = np.random.default_rng(0)
     head = np.concatenate([rng.random((1, 4, 50)) * 300, rng.random((1, 80, 50)) * 0.01], axis=1)

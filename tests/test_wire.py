@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from red_onnx import io, wire
+from red_onnx.io import files as io
+from red_onnx.io import wire
 
 
 def _sized_model(sizes: list[int], doc: str, subgraph: bool, metadata: bool) -> onnx.ModelProto:

@@ -34,10 +34,10 @@ from bench.tasks import (
 from bench.vad import TEST_SPEECH, espeak_available, real_inputs, vad_check, vad_windows
 from bench.zoo import zoo_dir
 from red_onnx import compress
-from red_onnx.input_spec import InputSpec
-from red_onnx.io import save_model
+from red_onnx.io.files import save_model
 from red_onnx.pipeline import DEFAULT_TOLERANCE, Result
-from red_onnx.verify import Verifier
+from red_onnx.verify.input_spec import InputSpec
+from red_onnx.verify.verifier import Verifier
 
 TOLERANCE = DEFAULT_TOLERANCE
 #: Neither the verification (seeds 0, 1) nor the budget search (100-115, 200-215) uses this seed.
@@ -48,7 +48,7 @@ SILERO = ("silero_vad", "silero_vad_op18_ifless", "silero_vad_16k_sequence", "si
           "silero_vad_half", "silero_vad_openvino_16k")  # fmt: skip
 #: Variants expected to drift beyond 0.02 in streamed speech probability (xfail, strict), with figures.
 #: None since the search and the verification measure silero on the calibration stream, each model
-#: carrying its own state, and bound every step's change (red_onnx.stream): 16k_op15 and openvino_16k
+#: carrying its own state, and bound every step's change (red_onnx.runtime.stream): 16k_op15 and openvino_16k
 #: keep every channel; half merged 5.6% and drifted 0.069 with the stream's relative L2 alone.
 SILERO_DRIFT: dict[str, str] = {}
 

@@ -1,0 +1,253 @@
+"""The report: what was done, what it saved, what stayed and why, and the proof (verification)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from red_onnx.measure.metrics import ModelFigures
+from red_onnx.passes.infra import PassResult
+from red_onnx.rewrite.separation import SUFFIX as SEPARATION_SUFFIX
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """Channels and MACs of one weighted layer before and after."""
+
+    name: str
+    op: str
+    channels_before: int
+    channels_after: int
+    macs_before: int
+    macs_after: int
+
+
+@dataclass(frozen=True)
+class PassReport:
+    """One pass: time, whether it changed the model, its statistics and skips."""
+
+    name: str
+    seconds: float
+    modified: bool
+    stats: dict[str, Any]
+    skips: list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class FrozenGroup:
+    """A channel group that could not change, and why."""
+
+    group: str
+    reason: str
+
+
+@dataclass
+class Report:
+    """Everything a user needs to trust (or refuse) the result."""
+
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    size_before: int = 0
+    size_after: int = 0
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    layers: list[LayerReport] = field(default_factory=list)
+    passes: list[PassReport] = field(default_factory=list)
+    frozen: list[FrozenGroup] = field(default_factory=list)
+    kept_zero_channels: list[dict[str, str]] = field(default_factory=list)
+    overridable_initializers: list[str] = field(default_factory=list)
+    verification: dict[str, Any] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    accuracy: dict[str, float] | None = None
+    budget: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
+    unchanged: bool = False  # no rewrite applied: the output is the input model as it was
+
+    def add_pass(self, result: PassResult, name: str) -> None:
+        """Record a pass result."""
+        skips = [s.to_dict() for s in result.skips]
+        self.passes.append(PassReport(name, round(result.seconds, 4), result.modified, result.stats, skips))
+
+    def set_figures(self, before: ModelFigures, after: ModelFigures) -> None:
+        """Fill the headline and per-layer figures."""
+        self.params_before, self.params_after = before.params, after.params
+        self.macs_before, self.macs_after = before.macs, after.macs
+        self.layers = []
+        for name, layer in before.layers.items():
+            new = after.layers.get(name)
+            channels, macs = (new.channels, new.macs) if new else _separated_figures(after, name)
+            self.layers.append(LayerReport(name, layer.op, layer.channels, channels, layer.macs, macs))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the ``--json`` file)."""
+        data = asdict(self)
+        data["frozen"] = [{"group": f.group, "reason": f.reason} for f in self.frozen]
+        return data
+
+    def to_json(self) -> str:
+        """The JSON text, stable key order."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)
+
+    def headline(self) -> dict[str, Any]:
+        """The few figures written into the output model's provenance."""
+        verification = self.verification or {}
+        return {
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "verified": verification.get("passed"),
+            "max_rel_err": verification.get("max_rel_err"),
+        }
+
+
+def _separated_figures(after: ModelFigures, name: str) -> tuple[int, int]:
+    """Channels and MACs of a conv rewritten as Gather → depthwise → pointwise (0, 0: removed)."""
+    parts = [after.layers.get(f"{name}_{SEPARATION_SUFFIX}_{part}") for part in ("dw", "pw")]
+    if parts[1] is None:
+        return 0, 0
+    return parts[1].channels, sum(part.macs for part in parts if part is not None)
+
+
+def _ratio(after: int, before: int) -> str:
+    return f"{after / before:.3f}" if before else "-"
+
+
+def _human(count: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(count) < 1000:
+            return f"{count:.4g}{unit}"
+        count /= 1000
+    return f"{count:.4g}P"
+
+
+def render_table(report: Report, *, max_layers: int = 40) -> str:
+    """A terminal rendering of the report."""
+    lines = [
+        f"{'':22}{'before':>14}{'after':>14}{'ratio':>9}",
+        f"{'parameters':22}{_human(report.params_before):>14}{_human(report.params_after):>14}"
+        f"{_ratio(report.params_after, report.params_before):>9}",
+        f"{'MACs':22}{_human(report.macs_before):>14}{_human(report.macs_after):>14}"
+        f"{_ratio(report.macs_after, report.macs_before):>9}",
+        f"{'file size (bytes)':22}{_human(report.size_before):>14}{_human(report.size_after):>14}"
+        f"{_ratio(report.size_after, report.size_before):>9}",
+        "",
+    ]
+    changed = [layer for layer in report.layers if layer.channels_after != layer.channels_before]
+    lines.append(f"layers: {len(report.layers)} weighted, {len(changed)} changed")
+    for layer in changed[:max_layers]:
+        lines.append(
+            f"  {layer.name[:48]:48} {layer.op:13} {layer.channels_before:>6} -> {layer.channels_after:<6}"
+        )
+    if len(changed) > max_layers:
+        lines.append(f"  ... {len(changed) - max_layers} more (see --json)")
+    if report.unchanged:
+        lines.append("no rewrite applied: the output is the input model as it was, with provenance metadata")
+    lines.append("passes:")
+    for item in report.passes:
+        stats = ", ".join(f"{k}={v}" for k, v in item.stats.items() if not isinstance(v, (list, dict)))
+        lines.append(f"  {item.name:18} {item.seconds:7.2f}s  {stats}")
+    lines += _render_frozen(report, max_layers)
+    lines += _render_separation(report, max_layers)
+    if report.budget:
+        budget = report.budget
+        merged = [g for g in budget["groups"] if g["removed"]]
+        how = {"local": "estimated on its consumers", "calibrated": "estimated, calibrated by one run"}
+        basis = how.get(budget.get("sensitivity", "measured"), "measured")
+        lines.append(
+            f"merged groups: {len(merged)} (channels, ranking used, error of that group alone, {basis})"
+        )
+        for group in merged[:max_layers]:
+            alone = group["error_alone"]
+            kept = group["channels"] - group["removed"]
+            shown = "-" if alone is None else format(alone, ".3g")
+            name, ranking = group["group"][:40], group["ordering"][:32]
+            lines.append(f"  {name:40} {group['channels']:>5} -> {kept:<5} {ranking:32} {shown}")
+        lines.append(
+            f"budget search ({budget.get('sensitivity', 'measured')} sensitivity): "
+            f"{budget['evaluations']} measurements in {budget['seconds']:.1f}s; error "
+            f"{budget['error']:.3g} on search inputs, {budget['heldout_error']:.3g} held out; "
+            f"MACs kept {budget['macs_fraction']:.3f}"
+        )
+    if report.verification:
+        lines.append(_render_verification(report.verification))
+    lines += _render_latency(report.latency)
+    if report.accuracy:
+        acc = report.accuracy
+        lines.append(
+            f"accuracy on the bundled test split ({acc['samples']} samples): "
+            f"{acc['before']:.4f} before, {acc['after']:.4f} after"
+        )
+    return "\n".join(lines)
+
+
+def _render_frozen(report: Report, limit: int) -> list[str]:
+    lines = []
+    if report.frozen:
+        lines.append(f"frozen groups: {len(report.frozen)}")
+        lines += [f"  {f.group[:40]:40} {f.reason}" for f in report.frozen[:limit]]
+    if report.kept_zero_channels:
+        lines.append(f"all-zero channels kept: {len(report.kept_zero_channels)}")
+        lines += [f"  {k['channel'][:40]:40} {k['reason']}" for k in report.kept_zero_channels[:limit]]
+    if report.overridable_initializers:
+        lines.append(f"initializers a caller may override (frozen): {len(report.overridable_initializers)}")
+    return lines
+
+
+def _render_separation(report: Report, limit: int) -> list[str]:
+    """Per k×k conv that would cut MACs: U, MACs, latency and the decision; the rest summed up."""
+    item = next((p for p in report.passes if p.name == "separate_depthwise"), None)
+    if item is None or not item.stats.get("candidates"):
+        return []
+    convs = item.stats["convs"]
+    paying = [c for c in convs if c["macs_after"] < c["macs_before"]]
+    probe = item.stats.get("provider", "MACs only: --no-latency-check")
+    lines = [
+        f"depthwise separation ({probe}): {item.stats['separated']} of {len(convs)} k×k convs separated; "
+        f"{len(convs) - len(paying)} have too many distinct kernels to cut MACs (U >= break-even)"
+    ]
+    for conv in paying[:limit]:
+        timed = ""
+        if conv["latency_before_ms"] is not None:
+            timed = f" {conv['latency_before_ms']:.3f} -> {conv['latency_after_ms']:.3f} ms"
+        macs = _ratio(conv["macs_after"], conv["macs_before"])
+        verdict = "separated" if conv["separated"] else "kept"
+        lines.append(f"  {conv['name'][:40]:40} U={conv['units']:<5} MACs {macs}{timed}: {verdict}")
+    return lines
+
+
+def _render_latency(latency: dict[str, Any] | None) -> list[str]:
+    """The --benchmark figures: median latency before/after per batch."""
+    if not latency:
+        return []
+    lines = [
+        f"latency (onnxruntime {latency['provider']}, threads {latency['threads']}, median of "
+        f"{latency['runs']} runs after warm-up):"
+    ]
+    for batch, row in latency["batches"].items():
+        lines.append(
+            f"  batch {batch:>3}: {row['before_ms']:.3f} ms -> {row['after_ms']:.3f} ms (x{row['ratio']:.3f})"
+        )
+    lines += [f"  batch {batch:>3}: not measured: {why}" for batch, why in latency["skipped"].items()]
+    share = latency.get("weighted_share")
+    if share and "skipped" in share:
+        lines.append(f"  share of the run in convolutions and matmuls: not measured: {share['skipped']}")
+    elif share:
+        lines.append(
+            f"  convolutions and matmuls: {share['before']:.0%} -> {share['after']:.0%} of the run "
+            f"(batch {share['batch']}, onnxruntime's profiler): the part that fewer channels shorten"
+        )
+    return lines
+
+
+def _render_verification(verification: dict[str, Any]) -> str:
+    verdict = "PASSED" if verification.get("passed") else "FAILED"
+    criterion = f" [{verification['criterion']}]" if verification.get("criterion") else ""
+    worst = max((o.get("rel_l2_err") or 0.0 for o in verification.get("outputs", [])), default=0.0)
+    return (
+        f"verification {verdict} (onnxruntime, levels {', '.join(verification.get('levels', []))}, "
+        f"seeds {verification.get('seeds')}): max abs err {verification.get('max_abs_err'):.3g}, "
+        f"max rel err {verification.get('max_rel_err'):.3g}, worst rel L2 {worst:.3g}{criterion}"
+    )

@@ -1,0 +1,306 @@
+"""The one place that deletes and merges channels of a group and rewires its consumers.
+
+Given a :class:`GroupPlan` (which atoms go, which are merged into which kept atom with which scale,
+which constant values deleted atoms carry into which consumer), it edits the producers' rows, every
+per-channel parameter on the path, index-carrying attributes (depthwise group, Split sizes, Slice
+bounds, Reshape targets) and the consumers' input slices.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from red_onnx.analysis.channel_ops import slice_params
+from red_onnx.analysis.channels import ChannelGroup, Consumer, GroupTensor
+from red_onnx.analysis.redundancy import Merge
+from red_onnx.analysis.weights import consumer_axis, output_scale, producer_axis
+from red_onnx.errors import RewriteError
+from red_onnx.io.graph import constant_values, is_empty_input, set_constant_input
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = "red"
+
+
+@dataclass
+class GroupPlan:
+    """What to do with one group.
+
+    Attributes:
+        group: The group.
+        delete: Boolean mask over atoms: True for every atom that goes.
+        merges: Merges (each source atom is also in ``delete``).
+        constants: Per consumer tensor name, the constant value of each of its channels (NaN where
+            not constant); deleted non-merged atoms with a finite value are folded into the consumer's
+            bias; where the value is NaN the consumer slice must be zero (unused channel).
+    """
+
+    group: ChannelGroup
+    delete: np.ndarray
+    merges: list[Merge] = field(default_factory=list)
+    constants: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def removed(self) -> int:
+        """Number of atoms deleted."""
+        return int(self.delete.sum())
+
+
+def apply_plan(plan: GroupPlan) -> None:
+    """Apply a plan to the graph in place (consumers first, then producers and path ops)."""
+    group = plan.group
+    if plan.removed == 0:
+        return
+    if plan.removed >= group.n_atoms:
+        raise RewriteError(f"plan deletes all {group.n_atoms} channels of group {group.name}")
+    for consumer in group.consumers:
+        _rewire_consumer(plan, consumer)
+    for producer in group.producers:
+        keep = _keep(plan, group.tensors[producer.tensor])
+        _delete_producer_channels(producer.node, keep)
+        added = _inserted_bias_add(producer.node)
+        if added is not None and not any(node is added for node in group.path):
+            _take_bias_add(added, keep)  # inserted by an earlier plan of this round: not on the path
+    for node in group.path:
+        _rewrite_path_node(plan, node)
+
+
+def _keep(plan: GroupPlan, member: GroupTensor) -> np.ndarray:
+    """Local indices of ``member`` that stay, in order."""
+    return np.flatnonzero(~plan.delete[member.atoms])
+
+
+def _take(values: np.ndarray, keep: np.ndarray, axis: int, block: int = 1) -> np.ndarray:
+    if block != 1:
+        keep = (keep[:, None] * block + np.arange(block)).reshape(-1)
+    return np.take(values, keep, axis=axis)
+
+
+def _rewire_consumer(plan: GroupPlan, consumer: Consumer) -> None:
+    node = consumer.node
+    member = plan.group.tensors[consumer.tensor]
+    weight = constant_values(node.inputs[1])
+    axis = consumer_axis(node)
+    moved = np.moveaxis(weight, axis, 0)
+    rows = moved.reshape(member.channels, member.block, *moved.shape[1:]).copy()
+    local = plan.group.atom_index(consumer.tensor)
+    add_merged_rows(rows.reshape(member.channels, -1), local, plan.merges)
+    _absorb_constants(plan, consumer, rows, local)
+    keep = _keep(plan, member)
+    new = np.moveaxis(rows[keep].reshape(-1, *moved.shape[1:]), 0, axis).astype(weight.dtype)
+    set_constant_input(node, 1, new, suffix=SUFFIX)
+
+
+def add_merged_rows(flat: np.ndarray, local: np.ndarray, merges: Sequence[Merge]) -> np.ndarray:
+    """``V_target += scale·V_source`` in place for each merge inside this tensor; the source rows.
+
+    Args:
+        flat: A consumer's weight as ``[channels, rest]`` (edited in place; summed in float64 and
+            rounded once to its dtype, float16 too).
+        local: Local channel index of each atom in the tensor the consumer reads (-1: absent).
+        merges: The merges of the group.
+
+    Returns:
+        The local indices of the merged (source) rows.
+
+    Raises:
+        RewriteError: A merge's source is read here but its target is not (atoms of different segments:
+            the compensation would land on a wrong row).
+    """
+    inside = [m for m in merges if local[m.source] >= 0]
+    if not inside:
+        return np.zeros(0, np.int64)
+    stray = [m for m in inside if local[m.target] < 0]
+    if stray:
+        raise RewriteError(
+            f"merge of atom {stray[0].source} into atom {stray[0].target}: a consumer reads the source but "
+            f"not the target ({len(stray)} such merges); merges must stay within one segment of the group"
+        )
+    src = np.array([local[m.source] for m in inside])
+    dst = np.array([local[m.target] for m in inside])
+    targets, slot = np.unique(dst, return_inverse=True)
+    moved = np.zeros((len(targets), flat.shape[1]))  # Σ scale·V_src per target, summed in merge order
+    np.add.at(moved, slot, np.array([m.scale for m in inside])[:, None] * flat[src].astype(np.float64))
+    merged = flat[targets].astype(np.float64) + moved
+    flat[targets] = merged.astype(flat.dtype)
+    return src
+
+
+def _absorb_constants(plan: GroupPlan, consumer: Consumer, rows: np.ndarray, local: np.ndarray) -> None:
+    """Fold deleted constant channels and merge offsets into the consumer's bias: bias += Σ V_j · c_j."""
+    values = plan.constants.get(consumer.tensor)
+    merged = {m.source for m in plan.merges}
+    picked = [(local[m.source], m.offset) for m in plan.merges if m.offset and local[m.source] >= 0]
+    if values is not None:
+        atoms = [a for a in np.flatnonzero(plan.delete) if a not in merged and local[a] >= 0]
+        constant = [(local[a], values[local[a]]) for a in atoms if np.isfinite(values[local[a]])]
+        picked += [(index, value) for index, value in constant if value != 0.0]
+    if not picked:
+        return
+    index = np.array([i for i, _ in picked])
+    value = np.array([v for _, v in picked]).reshape((-1,) + (1,) * (rows.ndim - 1))
+    contribution = (rows[index] * value).sum(axis=(0, 1))  # [out, *kernel] or [N]
+    node = consumer.node
+    if node.op == "Conv":
+        contribution = contribution.reshape(contribution.shape[0], -1).sum(axis=1)
+    contribution = contribution * output_scale(node)
+    _add_output_bias(node, contribution)
+
+
+def _add_output_bias(node: gs.Node, contribution: np.ndarray) -> None:
+    """Add a per-output-channel constant to what ``node`` computes."""
+    if node.op == "MatMul":
+        _add_after_matmul(node, contribution)
+        return
+    dtype = constant_values(node.inputs[1]).dtype
+    if node.op == "Gemm":
+        beta = float(node.attrs.get("beta", 1.0))
+        if is_empty_input(node, 2) or beta == 0.0:
+            node.attrs["beta"] = 1.0
+            set_constant_input(node, 2, contribution.astype(dtype), suffix=SUFFIX)
+            return
+        bias = np.broadcast_to(constant_values(node.inputs[2]).reshape(-1), contribution.shape)
+        set_constant_input(node, 2, (bias + contribution / beta).astype(dtype), suffix=SUFFIX)
+        return
+    bias = np.zeros(contribution.shape) if is_empty_input(node, 2) else constant_values(node.inputs[2])
+    set_constant_input(node, 2, (bias + contribution).astype(dtype), suffix=SUFFIX)
+
+
+def _bias_add_name(node: gs.Node) -> str:
+    return f"{node.name}_{SUFFIX}_bias_add"
+
+
+def _inserted_bias_add(node: gs.Node) -> gs.Node | None:
+    """The Add that :func:`_add_after_matmul` put after MatMul ``node``, if any."""
+    if node.op != "MatMul" or not node.outputs:
+        return None
+    return next((n for n in node.outputs[0].outputs if n.name == _bias_add_name(node)), None)
+
+
+def _take_bias_add(add: gs.Node, keep: np.ndarray) -> None:
+    """Keep only the ``keep`` channels of an inserted bias Add (its producer lost the others)."""
+    set_constant_input(add, 1, constant_values(add.inputs[1])[..., keep], suffix=SUFFIX)
+
+
+def _add_after_matmul(node: gs.Node, contribution: np.ndarray) -> None:
+    """Add ``contribution`` after MatMul ``node``: into the bias Add inserted earlier, else a new one.
+
+    The inserted Add is not on the path of the MatMul's own group as analysed this round, so
+    :func:`apply_plan` slices its bias when a later plan deletes the MatMul's output channels.
+    """
+    dtype = constant_values(node.inputs[1]).dtype
+    added = _inserted_bias_add(node)
+    if added is not None:  # a second fold (a later round): one Add, one bias
+        bias = constant_values(added.inputs[1])
+        set_constant_input(added, 1, (bias + contribution).astype(dtype), suffix=SUFFIX)
+        return
+    out = node.outputs[0]
+    bias = gs.Constant(f"{node.name}_{SUFFIX}_bias", contribution.astype(dtype))
+    inner = gs.Variable(f"{out.name}_{SUFFIX}_matmul", dtype=out.dtype)
+    node.outputs[0] = inner
+    add = gs.Node("Add", name=_bias_add_name(node), inputs=[inner, bias], outputs=[out])
+    _graph_of(node).nodes.append(add)
+
+
+def _graph_of(node: gs.Node) -> gs.Graph:
+    graph = getattr(node, "red_graph", None)
+    if graph is None:
+        raise RewriteError(f"node {node.name} is not attached to a graph; call attach_graph first")
+    return graph
+
+
+def attach_graph(graph: gs.Graph) -> None:
+    """Let rewrite helpers that insert nodes find the graph from any node."""
+    for node in graph.nodes:
+        node.red_graph = graph
+
+
+def _delete_producer_channels(node: gs.Node, keep: np.ndarray) -> None:
+    weight = constant_values(node.inputs[1])
+    set_constant_input(node, 1, _take(weight, keep, producer_axis(node)), suffix=SUFFIX)
+    if node.op == "MatMul" or is_empty_input(node, 2):
+        return
+    bias = constant_values(node.inputs[2])
+    if bias.size > 1:
+        flat = bias.reshape(-1)
+        set_constant_input(node, 2, flat[keep].reshape((*bias.shape[:-1], len(keep))), suffix=SUFFIX)
+
+
+def _rewrite_path_node(plan: GroupPlan, node: gs.Node) -> None:
+    group = plan.group
+    if node.op == "Split":
+        _rewrite_split(plan, node)
+        return
+    if node.op == "Slice":
+        _rewrite_slice(plan, node)
+        return
+    out = group.tensors.get(node.outputs[0].name)
+    if out is None:
+        return
+    keep = _keep(plan, out)
+    if node.op == "Conv":  # depthwise, multiplier 1
+        node.attrs["group"] = len(keep)
+    if node.op == "Reshape":
+        _rewrite_reshape_target(node, out, len(keep))
+        return
+    rank = out.rank
+    for index, tensor in enumerate(node.inputs):
+        if isinstance(tensor, gs.Constant) and tensor.name:
+            _delete_param_channels(node, index, out, keep, rank)
+
+
+def _delete_param_channels(node: gs.Node, index: int, out: GroupTensor, keep: np.ndarray, rank: int) -> None:
+    values = constant_values(node.inputs[index])
+    if node.op in ("Conv", "BatchNormalization", "InstanceNormalization"):
+        if values.ndim >= 1 and values.shape[0] == out.channels:
+            set_constant_input(node, index, values[keep], suffix=SUFFIX)
+        return
+    axis = out.axis - (rank - values.ndim)
+    if axis >= 0 and values.shape[axis] == out.channels and out.channels > 1:
+        set_constant_input(node, index, np.take(values, keep, axis=axis), suffix=SUFFIX)
+
+
+def _rewrite_split(plan: GroupPlan, node: gs.Node) -> None:
+    source = plan.group.tensors[node.inputs[0].name]
+    axis = int(node.attrs.get("axis", 0)) % source.rank
+    if axis != source.axis:
+        return
+    sizes = np.array([len(_keep(plan, plan.group.tensors[t.name])) for t in node.outputs], np.int64)
+    if "split" in node.attrs:
+        node.attrs["split"] = [int(s) for s in sizes]
+    elif not is_empty_input(node, 1):
+        set_constant_input(node, 1, sizes, suffix=SUFFIX)
+    elif len(set(sizes.tolist())) != 1:
+        node.attrs.pop("num_outputs", None)
+        set_constant_input(node, 1, sizes, suffix=SUFFIX)
+
+
+def _rewrite_slice(plan: GroupPlan, node: gs.Node) -> None:
+    source = plan.group.tensors[node.inputs[0].name]
+    starts, ends, axes, _ = slice_params(node, source.rank)
+    if source.axis not in axes:
+        return
+    k = axes.index(source.axis)
+    start, stop, _ = slice(int(starts[k]), int(ends[k])).indices(source.channels)
+    kept_before = (~plan.delete[source.atoms[:start]]).sum()
+    kept_inside = (~plan.delete[source.atoms[start:stop]]).sum()
+    starts[k], ends[k] = int(kept_before), int(kept_before + kept_inside)
+    if "starts" in node.attrs:
+        node.attrs["starts"], node.attrs["ends"] = starts, ends
+        return
+    set_constant_input(node, 1, np.array(starts, np.int64), suffix=SUFFIX)
+    set_constant_input(node, 2, np.array(ends, np.int64), suffix=SUFFIX)
+
+
+def _rewrite_reshape_target(node: gs.Node, out: GroupTensor, kept: int) -> None:
+    target = constant_values(node.inputs[1]).astype(np.int64).copy()
+    entry = int(target[out.axis])
+    if entry in (0, -1):
+        return
+    target[out.axis] = kept * out.block
+    set_constant_input(node, 1, target, suffix=SUFFIX)

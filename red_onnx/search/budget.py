@@ -1,0 +1,572 @@
+"""The fidelity budget search (orchestration): how many channels each group may lose.
+
+One knob: the largest allowed relative L2 error of every model output on the verification inputs
+(``--tolerance``), or the fraction of MACs to keep (``--target-macs``). The search
+
+1. ranks, per channel group, the merge candidates (``search.budget_options``, ``analysis.similarity``)
+   and the MACs each atom costs;
+2. finds each group's error alone at a few removal levels (kept counts rounded to the channel multiple):
+   measured on the model's outputs, stopping at the first level over budget, or estimated from one
+   activation capture (``red_onnx.search.sensitivity``), optionally calibrated by one run per group;
+3. orders the level steps greedily by MACs saved per squared error added (errors of independent
+   groups add roughly in squares);
+4. bisects the prefix of that order whose *measured* joint error fits the budget (or whose MACs reach the
+   target), and re-checks the choice on a seed the search did not use, backing off if needed.
+
+Measurements run in one onnxruntime session with the consumer weights as inputs (``red_onnx.search.simulate``;
+the model is rebuilt only where that cannot run); nothing here edits the caller's model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from red_onnx.analysis.channels import ChannelGroup
+from red_onnx.analysis.redundancy import Merge
+from red_onnx.analysis.similarity import (
+    activation_candidates,
+    atom_macs,
+)
+from red_onnx.errors import VerificationError
+from red_onnx.io import graph as graph_utils
+from red_onnx.io.memory import release_free_memory
+from red_onnx.measure import metrics
+from red_onnx.passes.merge_near import GroupCandidates, MergeNear, candidates_of, mergeable_groups
+from red_onnx.runtime.sessions import HeldSessions
+from red_onnx.runtime.shapes import ShapeService
+from red_onnx.runtime.stream import find_state_pairs
+from red_onnx.runtime.tensor_values import tensor_fetch
+from red_onnx.search.activations import capture
+from red_onnx.search.budget_options import (
+    HASH_RUNGS,
+    LEVEL_FRACTIONS,
+    BudgetResult,
+    Counts,
+    GroupOption,
+    Ordering,
+    achievable,
+    hashed_orderings,
+    removal_levels,
+)
+from red_onnx.search.channel_steps import ChannelSteps
+from red_onnx.search.sensitivity import LocalSensitivity, consumer_inputs
+from red_onnx.search.simulate import MacsCounter, MergeSimulator
+from red_onnx.search.suffix import SuffixSimulator
+from red_onnx.verify.input_spec import InputSpec
+from red_onnx.verify.verifier import Verifier
+
+logger = logging.getLogger(__name__)
+
+#: Seeds of the inputs the search measures on (one sample each at the default batch of 1) and of
+#: the held-out re-check. 16 samples: with 4, the MNIST-1D model at 56% of its MACs kept 0.796
+#: test accuracy, with 16 it kept 0.945 (the search's choices are only as good as its estimate).
+SEARCH_SEEDS = tuple(range(100, 116))
+HELDOUT_SEEDS = tuple(range(200, 216))
+#: Groups with at least this many weights get the heap's free pages returned before they are hashed:
+#: its work arrays (~27 bytes a weight) beside the free pages earlier groups left were the search's
+#: peak (conv25m, 5.3M weights in the last stage's group: 120 MB free in the heap at that point).
+HASHING_RELEASE_WEIGHTS = 2**20
+#: Inputs with more elements than this per sample get half the seeds (search time).
+LARGE_SAMPLE = 100_000
+#: Models above this many MACs per verification sample get the large-model search: LARGE_SEEDS samples,
+#: LARGE_LEVEL_FRACTIONS and LARGE_HASH_RUNGS, so that its measurements (each a full onnxruntime run of
+#: every sample) stay in the hundreds, not thousands (a 25M-parameter ResNet-50 at --target-macs 0.8 took
+#: 53 min on 2 cores with the small-model settings).
+LARGE_MODEL_MACS = 1_000_000_000
+LARGE_SEEDS = 4
+LARGE_LEVEL_FRACTIONS = (1 / 8, 1 / 4, 1 / 2)
+LARGE_HASH_RUNGS = (4,)
+#: Prefixes of the greedy order measured for the reported MACs-vs-error curve.
+CURVE_POINTS = 8
+#: Joint error above which a candidate is hopeless even for --target-macs.
+DESTROYED = 1.0
+#: --target-macs measures levels up to this error alone first, and raises the cap by TARGET_CAP_GROWTH
+#: only while the levels measured cannot reach the target (MobileNetV2 at 0.85: 585 measurements with
+#: every level measured up to DESTROYED).
+TARGET_START_CAP = 0.05
+TARGET_CAP_GROWTH = 4.0
+#: How each group's error alone is found: "measured" (a full run per group, level and ranking),
+#: "local" (estimated from one activation capture: ``red_onnx.search.sensitivity``; only the bisected
+#: prefixes are measured), "calibrated" (local, scaled per group by one measured run), "auto"
+#: (calibrated for models above LARGE_MODEL_MACS per sample, measured below).
+SENSITIVITY_MODES = ("auto", "measured", "calibrated", "local")
+#: The search measures with graph optimisations off (the final verification adds ORT_ENABLE_ALL).
+LEVEL = ("disable_all",)
+
+
+def _simulator(
+    working: graph_utils.WorkingModel, groups: list, capture: Sequence[str] = ()
+) -> MergeSimulator | None:
+    """The one-session merge simulator (able to fetch ``capture``), or None (then measurements rebuild)."""
+    try:
+        return MergeSimulator.of_working(working, groups, extra_outputs=capture)
+    except Exception as error:  # onnxruntime's errors share no base class; the rebuild path still works
+        logger.warning("measuring by rebuilding the model (the one-session simulator failed: %s)", error)
+        return None
+
+
+def _cache_key(plan: dict[str, list[Merge]], role: str) -> tuple:
+    """What a measured error is cached under: the inputs' role and the plan's merges by content."""
+    return role, tuple(sorted((name, tuple(merges)) for name, merges in plan.items() if merges))
+
+
+class BudgetSearch:
+    """Search per-group merge counts on ``base`` against ``reference`` (the user's original model).
+
+    Args:
+        base: The model after exact rewrites (what approximate merging starts from): a proto, or the
+            caller's working model, which the search only reads (no copy of its weights: the simulator's
+            session is fed the working model's arrays).
+        reference: The original model the error is measured against (a path keeps no copy in memory).
+        spec: How verification inputs are built.
+        shapes: The shape service (at the run's concrete inputs).
+        freeze: Node-name glob patterns of protected layers.
+        channel_multiple: Kept channel counts are multiples of this, per segment of a group (a Split chunk,
+            a Concat part); a narrower one keeps a smaller power of two (``effective_multiple``).
+        hashing: Also rank merge candidates on KDE-hashed weights and keep, per group and level,
+            whichever ranking measures better (off: the ablation without hashing).
+        activations: Also rank candidates by a least-squares fit of channel activations on the
+            synthetic search inputs (``red_onnx.analysis.similarity.activation_candidates``).
+        sensitivity: One of SENSITIVITY_MODES.
+        progress: Called with a short label for every measurement.
+        reference_structure: ``reference`` as a ModelProto when the caller holds it while passing a path
+            (the verifiers read its inputs there instead of loading the file once each).
+        held: The reference's sessions, open already (``sessions.HeldSessions``): the search's
+            reference outputs are computed with them instead of opening the reference again; released
+            once they are.
+    """
+
+    def __init__(
+        self,
+        base: onnx.ModelProto | graph_utils.WorkingModel,
+        reference: onnx.ModelProto | str,
+        spec: InputSpec,
+        shapes: ShapeService,
+        *,
+        freeze: Sequence[str] = (),
+        channel_multiple: int = 1,
+        hashing: bool = True,
+        activations: bool = True,
+        sensitivity: str = "auto",
+        progress: Callable[[str], None] | None = None,
+        reference_structure: onnx.ModelProto | None = None,
+        held: HeldSessions | None = None,
+    ) -> None:
+        if sensitivity not in SENSITIVITY_MODES:
+            raise ValueError(f"sensitivity {sensitivity!r} is not one of {', '.join(SENSITIVITY_MODES)}")
+        self.freeze = tuple(freeze)
+        self.progress = progress or (lambda label: None)
+        if isinstance(base, onnx.ModelProto):
+            working, self.base = graph_utils.import_model(base), base
+        else:  # exported only where a measurement has to rebuild the model (apply_plan)
+            working, self.base = base, None
+        self.working = working
+        self.shapes = shapes(working, self.base)
+        structure, _ = graph_utils.export_light(working)  # dims only: no weight copied
+        volume = sum(math.prod(shape) for shape in shapes.input_shapes.values())
+        figures = metrics.measure(structure, shapes.input_shapes, self.shapes)
+        self.total_macs = max(figures.macs, 1)
+        self.large = figures.macs > LARGE_MODEL_MACS
+        count = len(SEARCH_SEEDS) if volume <= LARGE_SAMPLE else len(SEARCH_SEEDS) // 2
+        count = LARGE_SEEDS if self.large else count
+        # an --inputs batch is split: the search sees one half, the held-out re-check the other. Not a
+        # recurrent model's stream: on half of silero-vad's 121-chunk calibration stream the search
+        # overfits (held-out speech: worst step 0.10-0.19 at a 0.02 budget; whole stream: within 0.02)
+        split = not find_state_pairs(structure)
+        self.part = "search" if split else "all"
+        self.reference, self.spec, self.reference_structure = reference, spec, reference_structure
+        self.held = held
+        self.verifier = self._verifier(SEARCH_SEEDS[:count], self.part)
+        self.heldout = self._verifier(HELDOUT_SEEDS[:count], "heldout" if split else "all")
+        for verifier in (self.verifier, self.heldout):  # now, while little else is alive: the held-out
+            verifier.reference_outputs(LEVEL[0])  # reference session at the end was the search's peak
+        if held is not None:  # not alive beside the rankings' work arrays
+            held.release()
+        self.calibration_verifier: Verifier | None = None
+        self.suffix: SuffixSimulator | None = None
+        self.input_shapes = shapes.input_shapes
+        layer_macs = {name: layer.macs for name, layer in figures.layers.items()}
+        self.merges: dict[str, dict[int, list[Merge]]] = {}
+        self.channel_multiple = channel_multiple
+        self.orderings: dict[str, list[Ordering]] = {}
+        self.chosen: dict[tuple[str, int], Ordering] = {}
+        self.atom_cost: dict[str, np.ndarray] = {}
+        groups = mergeable_groups(working, self.shapes, self.freeze)
+        samples = self._activations(groups) if activations else {}
+        # a group's atom vectors (a copy of its weights) live only while its rankings are made: all
+        # groups' at once beside the hashing's work arrays were the search's peak (conv25m: 138 MB)
+        self.options = [
+            self._option(candidates_of(group), layer_macs, samples, hashing=hashing) for group in groups
+        ]
+        del samples
+        self.cache: dict[tuple, float] = {}  # errors measured (their count is the report's evaluations)
+        self.macs_cache: dict[tuple, float] = {}
+        self.macs_counter = MacsCounter(layer_macs, groups)
+        local = sensitivity in ("local", "calibrated") or (sensitivity == "auto" and self.large)
+        self.simulator = _simulator(working, groups, list(consumer_inputs(groups)) if local else [])
+        if self.simulator is None and self.base is None:  # every measurement rebuilds: export once
+            self.base = graph_utils.export_model(working)
+        elif self.simulator is not None and self.large:  # one sample a run: a batch's activations beside
+            self.simulator.batched = False  # a plan's merged weights were the peak (conv25m: -85 MB, +0.1 s)
+        self.local = self._local_sensitivity(groups) if local else None
+        self.calibrate = sensitivity != "local"
+        self.gain: dict[str, float] = {}  # per group: measured / estimated error ("calibrated")
+
+    def _option(
+        self, item: GroupCandidates, layer_macs: dict[str, int], samples: dict, *, hashing: bool
+    ) -> GroupOption:
+        """One group's rankings (weights, hashed, activations), removal levels and MACs per level."""
+        name, n_atoms = item.group.name, item.group.n_atoms
+        orderings = [Ordering("weights", 0.0, 0, item.candidates)]
+        if hashing:
+            if item.params.scaled.size >= HASHING_RELEASE_WEIGHTS:  # its work arrays come next
+                release_free_memory("hashing")
+            orderings += hashed_orderings(item, LARGE_HASH_RUNGS if self.large else HASH_RUNGS)
+        if name in samples:
+            tensor, rows = samples[name]
+            params = item.params
+            found = activation_candidates(item.group, tensor, rows, params.outgoing, params.signature)
+            orderings.append(Ordering("activations", 0.0, 0, found))
+        steps = ChannelSteps.of(item.params.signature, self.channel_multiple)
+        orderings = [dataclasses.replace(o, steps=steps) for o in orderings]
+        fractions = LARGE_LEVEL_FRACTIONS if self.large else LEVEL_FRACTIONS
+        available = achievable(orderings, n_atoms)
+        levels = removal_levels(n_atoms, available, self.channel_multiple, fractions, steps=steps)
+        self.orderings[name] = orderings
+        self.atom_cost[name] = atom_macs(item.group, layer_macs)
+        self.merges[name] = {level: orderings[0].merges(level) for level in levels}
+        option = GroupOption(name, n_atoms, levels, [self._saved(name, level) for level in levels])
+        option.producers = [p.node.name for p in item.group.producers]
+        option.bandwidths = {o.label: o.bandwidth for o in orderings}
+        option.basins = {o.label: o.basins for o in orderings}
+        return option
+
+    def _activations(self, groups: list[ChannelGroup]) -> dict[str, tuple[str, np.ndarray]]:
+        """Per group: the tensor its first consumer reads, and that tensor's sampled activations."""
+        wanted = {}
+        for group in groups:
+            if group.consumers:
+                member = group.tensors[group.consumers[0].tensor]
+                wanted[group.name] = (member.tensor.name, member.axis, member.block)
+        base = self.base if self.base is not None else graph_utils.export_model(self.working)
+        captured = capture(base, self.verifier.inputs, {t: (a, b) for t, a, b in wanted.values()})
+        return {name: (t, captured[t]) for name, (t, _, _) in wanted.items() if t in captured}
+
+    def _local_sensitivity(self, groups: list) -> LocalSensitivity | None:
+        """The capture-based estimate of every group's error (None: measure instead, with the reason)."""
+        self.progress("capture activations")
+        try:
+            names = list(consumer_inputs(groups))
+            fetch = self.simulator.tensors if self.simulator else tensor_fetch(self.base, names)
+            return LocalSensitivity(fetch, groups, self.verifier.inputs)
+        except Exception as error:  # onnxruntime's errors share no base class; measuring still works
+            logger.warning("measuring each group's error (the activation capture failed: %s)", error)
+            return None
+
+    @property
+    def sensitivity(self) -> str:
+        """How the groups' errors alone were found ("local" estimate or "measured")."""
+        if self.local is None:
+            return "measured"
+        return "calibrated" if self.calibrate else "local"
+
+    def _saved(self, name: str, level: int) -> float:
+        return float(self.atom_cost[name][[m.source for m in self.merges[name][level]]].sum())
+
+    # -- measurements --------------------------------------------------------------------------
+
+    def _plan(self, counts: Counts) -> dict[str, list[Merge]]:
+        """The merges ``counts`` stands for."""
+        return {name: self.merges[name][count] for name, count in counts.items() if count}
+
+    def apply_plan(self, plan: dict[str, list[Merge]]) -> onnx.ModelProto:
+        """The base model with the given merges applied."""
+        base = self.base if self.base is not None else graph_utils.export_model(self.working)
+        working = graph_utils.import_model(base)
+        MergeNear(shapes=lambda _: self.shapes, merges=plan, freeze=self.freeze)(working)
+        return graph_utils.export_model(working)
+
+    def _measured(self, counts: Counts) -> float | None:
+        """The error of ``counts`` on the search inputs if it was measured already, else None."""
+        return self.cache.get(_cache_key(self._plan(counts), "search"))
+
+    def error(self, counts: Counts, *, heldout: bool = False) -> float:
+        """Worst relative L2 error over outputs and the search (or held-out) inputs (cached)."""
+        return self.plan_error(self._plan(counts), heldout=heldout)
+
+    def plan_error(self, plan: dict[str, list[Merge]], *, heldout: bool = False) -> float:
+        """Worst relative L2 error of the base model with ``plan`` applied (cached by content)."""
+        return self._plan_error(plan, "heldout" if heldout else "search")
+
+    def _plan_error(self, plan: dict[str, list[Merge]], role: str) -> float:
+        """:meth:`plan_error` on the inputs of ``role``: "search", "heldout" or "calibration" (one sample)."""
+        key = _cache_key(plan, role)
+        if key not in self.cache:
+            self.progress(f"measure {len(self.cache) + 1}")
+            verifier = {"search": self.verifier, "heldout": self.heldout}.get(role) or self._calibrator()
+            try:
+                got = self._simulated(plan, verifier)
+                if got is not None:
+                    errors = verifier.rel_l2_errors_of(got, "disable_all")
+                else:
+                    errors = verifier.rel_l2_errors(self.apply_plan(plan), level="disable_all")
+                self.cache[key] = max(errors.values(), default=0.0)
+            except VerificationError as error:
+                logger.warning("candidate could not run: %s", error)
+                self.cache[key] = math.inf
+        return self.cache[key]
+
+    def _verifier(self, seeds: Sequence[int], part: str) -> Verifier:
+        """A verifier of the reference on ``seeds`` at the search's level."""
+        structure = self.reference_structure
+        return Verifier(
+            self.reference,
+            self.spec,
+            seeds=seeds,
+            levels=LEVEL,
+            part=part,
+            structure=structure,
+            held=self.held,
+        )
+
+    def _calibrator(self) -> Verifier:
+        """The one-sample verifier that calibrates local estimates: the search's first feed or stream."""
+        if self.calibration_verifier is None:
+            self.calibration_verifier = self.verifier.head(1)  # shares the reference outputs
+            self.suffix = self._suffix(self.calibration_verifier)
+        return self.calibration_verifier
+
+    def _suffix(self, verifier: Verifier) -> SuffixSimulator | None:
+        """Suffix sessions for the one calibration feed (None: its runs use the whole simulator)."""
+        if self.simulator is None or verifier.pairs:  # a stream's feeds change step by step
+            return None
+        try:
+            return SuffixSimulator(self.simulator, verifier.inputs[0])
+        except Exception as error:  # onnxruntime's errors share no base class; the full runs still work
+            logger.info("calibration runs the whole model (no suffix sessions: %s)", error)
+            return None
+
+    def _simulated(self, plan: dict[str, list[Merge]], verifier: Verifier) -> list[dict] | None:
+        """The plan's outputs from the one-session simulator, or None (then the model is rebuilt).
+
+        Through ``verifier.outputs_of``: a recurrent model's streams carry the simulated model's own state.
+        """
+        if self.simulator is None or not self.simulator.supports(plan):
+            return None
+        if verifier is self.calibration_verifier and self.suffix is not None:
+            suffix = self.suffix
+            try:
+                return verifier.outputs_of(lambda feeds: suffix.run(plan, feeds))
+            except Exception as error:  # onnxruntime's errors share no base class
+                logger.info("calibration runs the whole model (a suffix session failed: %s)", error)
+                self.suffix = None
+        simulator = self.simulator
+        try:
+            return verifier.outputs_of(lambda feeds: simulator.run(plan, feeds))
+        except Exception as error:  # onnxruntime's errors share no base class
+            logger.warning("measuring by rebuilding the model (the simulator failed: %s)", error)
+            self.simulator = self.suffix = None
+            return None
+
+    def _sensitivity(self, cap: float) -> None:
+        """Each group's error alone per level, with the best ordering (weights or hashed) per level.
+
+        Incremental: a later call with a larger cap goes on from the last level measured. With the
+        local estimate every level is estimated at once (no run; the cap does not apply).
+        """
+        if self.local is not None:
+            self._estimate_levels()
+            return
+        for option in self.options:
+            if not option.errors:
+                option.errors, option.orderings = [0.0], ["-"]
+            elif option.errors[-1] > cap:
+                continue  # measured up to a level over this cap already
+            for level in option.levels[len(option.errors) :]:
+                if self._add_level(option, level, lambda name, merges: self.plan_error({name: merges})) > cap:
+                    break
+
+    def _estimate_levels(self) -> None:
+        """Each group's local error estimate per level, with the best ranking per level.
+
+        In "calibrated" mode each group's estimates are then scaled by its measured/estimated ratio at
+        one level (one run per group), which carries the estimate from the consumers to the outputs.
+        """
+        assert self.local is not None
+        for option in self.options:
+            if option.errors:
+                continue
+            option.errors, option.orderings = [0.0], ["-"]
+            for level in option.levels[1:]:
+                self._add_level(option, level, self.local.error)
+            if self.calibrate and len(option.levels) > 1:
+                self.gain[option.name] = self._calibration(option)
+                option.errors = [self.gain[option.name] * value for value in option.errors]
+
+    def _add_level(
+        self, option: GroupOption, level: int, score: Callable[[str, list[Merge]], float]
+    ) -> float:
+        """Score every ranking's merges at ``level``, keep the best for the group; its error."""
+        tried = [(o, o.merges(level)) for o in self.orderings[option.name]]
+        scored = [(score(option.name, merges), o, merges) for o, merges in tried if merges]
+        value, ordering, merges = min(scored, key=lambda item: item[0])
+        self.merges[option.name][level] = merges
+        self.chosen[(option.name, level)] = ordering
+        option.macs_saved[option.levels.index(level)] = self._saved(option.name, level)
+        option.errors.append(value)
+        option.orderings.append(ordering.label)
+        return value
+
+    def _calibration(self, option: GroupOption) -> float:
+        """Measured (on one sample) over estimated error of one group at its middle level (1 when 0)."""
+        middle = len(option.levels) // 2
+        level, estimate = option.levels[middle], option.errors[middle]
+        measured = self._plan_error({option.name: self.merges[option.name][level]}, "calibration")
+        if estimate <= 0.0 or measured <= 0.0:
+            return 1.0
+        return measured / estimate if math.isfinite(measured) else DESTROYED / estimate
+
+    def _alone(self, name: str, count: int) -> float:
+        """One group's error alone at ``count`` merges: estimated (local) or measured."""
+        if self.local is not None and not self.local.released:
+            return self.gain.get(name, 1.0) * self.local.error(name, self.merges[name][count])
+        return self.error({name: count})
+
+    def _release_estimates(self) -> None:
+        """Free the local estimate's Gram matrices before the joint measurements.
+
+        Their batched runs are the search's memory peak; a later error alone is measured instead.
+        """
+        if self.local is not None:
+            self.local.release()
+
+    def _greedy_order(self, cap: float) -> list[Counts]:
+        cap = DESTROYED if self.local is not None else cap  # estimates: every level short of destroyed
+        state = {o.name: 0 for o in self.options}
+        order: list[Counts] = [{}]
+        while True:
+            best, best_score = None, -1.0
+            for option in self.options:
+                step = state[option.name] + 1
+                if step >= len(option.errors) or option.errors[step] > cap:
+                    continue
+                gained = option.macs_saved[step] - option.macs_saved[step - 1]
+                added = max(option.errors[step] ** 2 - option.errors[step - 1] ** 2, 1e-12)
+                if gained / added > best_score:
+                    best, best_score = option, gained / added
+            if best is None:
+                return order
+            state[best.name] += 1
+            order.append({o.name: o.levels[state[o.name]] for o in self.options if state[o.name]})
+
+    def _largest_within(self, order: list[Counts], tolerance: float) -> int:
+        low, high = 0, len(order) - 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.error(order[middle]) <= tolerance:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    def _result(self, order: list[Counts], index: int, heldout: float) -> BudgetResult:
+        counts = order[index]
+        return BudgetResult(
+            counts=counts, error=self.error(counts), heldout_error=heldout,
+            macs_fraction=self.measured_fraction(counts), evaluations=len(self.cache),
+            curve=self._curve(order, index), groups=self.options, sensitivity=self.sensitivity,
+        )  # fmt: skip
+
+    def _curve(
+        self, order: list[Counts], chosen: int, points: int = CURVE_POINTS
+    ) -> list[tuple[float, float]]:
+        """(MACs kept, error) along the greedy order: a few evenly spaced prefixes and the chosen one."""
+        picks = {int(k) for k in np.linspace(0, len(order) - 1, min(points, len(order)))} | {chosen}
+        if self.local is not None:  # only what the search measured anyway (the curve is for the report)
+            picks = {k for k in picks if self._measured(order[k]) is not None} | {chosen}
+        finite = [(self.measured_fraction(order[k]), self.error(order[k])) for k in sorted(picks)]
+        return sorted((m, e) for m, e in finite if math.isfinite(e))
+
+    def within_tolerance(self, tolerance: float) -> BudgetResult:
+        """The most MACs removed with every output's relative L2 error within ``tolerance``."""
+        self._sensitivity(tolerance)
+        order = self._greedy_order(tolerance)
+        self._release_estimates()
+        index = self._largest_within(order, tolerance)
+        heldout = self.error(order[index], heldout=True)
+        while index > 0 and heldout > tolerance:  # over budget on unseen inputs: step back
+            index -= max(1, index // 5)
+            heldout = self.error(order[index], heldout=True)
+        return self._result(order, index, heldout)
+
+    def measured_fraction(self, counts: Counts) -> float:
+        """The fraction of MACs kept, counted per layer from kept channels (``red_onnx.search.simulate``)."""
+        key = tuple(sorted((name, len(merges)) for name, merges in self._plan(counts).items()))
+        if key not in self.macs_cache:
+            self.macs_cache[key] = self.macs_counter.fraction(self._plan(counts))
+        return self.macs_cache[key]
+
+    def to_target(self, fraction: float) -> tuple[BudgetResult, float]:
+        """The smallest error reaching ``fraction`` of the MACs; also the lowest fraction reachable."""
+        cap = DESTROYED if self.local is not None else TARGET_START_CAP
+        while True:  # measure deeper levels only while the cheap ones cannot reach the target
+            self._sensitivity(cap)
+            order = self._greedy_order(cap)
+            reachable = self.measured_fraction(order[-1])
+            if reachable <= fraction or cap >= DESTROYED:
+                break
+            cap = min(cap * TARGET_CAP_GROWTH, DESTROYED)
+        if reachable > fraction:
+            return self._result(order, len(order) - 1, math.inf), reachable
+        low, high = 0, len(order) - 1  # the shortest prefix that reaches the target
+        while low < high:
+            middle = (low + high) // 2
+            if self.measured_fraction(order[middle]) <= fraction:
+                high = middle
+            else:
+                low = middle + 1
+        order[low] = self._refine(order[low - 1] if low else {}, order[low], fraction)
+        self._release_estimates()
+        heldout = self.error(order[low], heldout=True)
+        return self._result(order, low, heldout), reachable
+
+    def _refine(self, before: Counts, after: Counts, fraction: float) -> Counts:
+        """Land just under ``fraction``: the fewest merges of the last step's group that still reach it.
+
+        The greedy order moves in whole levels (fractions of a group); the step that crosses the target
+        is cut to the smallest merge count in between, with the same ranking, that reaches it.
+        """
+        changed = [name for name in after if after[name] != before.get(name, 0)]
+        if len(changed) != 1:
+            return after
+        name = changed[0]
+        ordering = self.chosen.get((name, after[name]))
+        if ordering is None:
+            return after
+        option = next(o for o in self.options if o.name == name)
+        allowed = ordering.allowed()  # the counts keeping every segment on its step (ChannelSteps)
+        start = before.get(name, 0) + 1
+        counts = [k for k in range(start, after[name]) if allowed is None or k in allowed] + [after[name]]
+        low, high = 0, len(counts) - 1
+        while low < high:
+            middle = (low + high) // 2
+            self.merges[name].setdefault(counts[middle], ordering.merges(counts[middle]))
+            if self.measured_fraction({**after, name: counts[middle]}) <= fraction:
+                high = middle
+            else:
+                low = middle + 1
+        low = counts[low]
+        self.merges[name].setdefault(low, ordering.merges(low))
+        if low not in option.levels:
+            position = next(k for k, level in enumerate(option.levels) if level > low)
+            option.levels.insert(position, low)
+            option.macs_saved.insert(position, self._saved(name, low))
+            option.errors.insert(position, self._alone(name, low))
+            option.orderings.insert(position, ordering.label)
+        return {**after, name: low}

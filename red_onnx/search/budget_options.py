@@ -1,0 +1,207 @@
+"""Per-group merge options of the budget search (pure): removal levels, candidate rankings, the result.
+
+A group may lose channels in steps (``removal_levels``: fractions of its channels, kept counts on the
+channel multiple, per segment: ``ChannelSteps``); at each step its merges come from one of several
+rankings of its candidates (``Ordering``: the weights as they are, or KDE-hashed at a few bandwidths, or
+fitted activations). The search (``red_onnx.search.budget``) records per group the error of each level
+(``GroupOption``) and returns a ``BudgetResult``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from red_onnx.analysis.kde import bandwidth_ladder, hash_weights
+from red_onnx.analysis.redundancy import AtomParams, Merge
+from red_onnx.analysis.similarity import (
+    Candidates,
+    merge_cost,
+    near_candidates,
+    pair_distance,
+    resolve_merges,
+    taken_entries,
+)
+from red_onnx.passes.merge_near import GroupCandidates
+from red_onnx.search.channel_steps import ChannelSteps
+
+#: Fractions of a group's channels tried as removal levels (rounded to the channel multiple).
+LEVEL_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
+#: Rungs of a HASH_LADDER-step bandwidth ladder (tiny ... Scott) tried as hashed rankings.
+HASH_LADDER = 8
+HASH_RUNGS = (2, 4, 6)
+
+Counts = dict[str, int]
+
+
+@dataclass
+class GroupOption:
+    """One group's removal levels with their measured error alone and estimated MACs saved."""
+
+    name: str
+    n_atoms: int
+    levels: list[int]
+    macs_saved: list[float]
+    errors: list[float] = field(default_factory=list)
+    orderings: list[str] = field(default_factory=list)
+    producers: list[str] = field(default_factory=list)
+    bandwidths: dict[str, float] = field(default_factory=dict)
+    basins: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ordering:
+    """One ranking of a group's merge candidates: by the weights, or by the KDE-hashed weights.
+
+    Hashing (``red_onnx.analysis.kde``) snaps each weight to its basin's representative at ``bandwidth``; rows
+    that hashing makes identical or close rank first. The merges themselves always use the original
+    weights: hashing chooses *which* neurons merge, it never replaces a kept neuron's weights.
+    """
+
+    label: str
+    bandwidth: float
+    basins: int
+    candidates: Candidates
+    steps: ChannelSteps | None = None
+
+    def merges(self, count: int) -> list[Merge]:
+        """The first ``count`` merges of this ranking (with ``steps``: every segment kept on its step)."""
+        if self.steps is None or not self.steps.constrained:
+            return resolve_merges(self.candidates, count)
+        return self.steps.select(self.candidates, count)
+
+    def allowed(self) -> set[int] | None:
+        """The merge counts this ranking may stop at (None: any, without ``steps``)."""
+        if self.steps is None:
+            return None
+        caps = self.steps.available(self.candidates) if self.steps.constrained else None
+        return set(self.steps.totals(caps).tolist())
+
+    def achievable(self, n_atoms: int) -> int:
+        """How many merges this ranking can make at most (one per entry taken: no merge composed)."""
+        return len(taken_entries(self.candidates, [n_atoms]))
+
+
+@dataclass
+class BudgetResult:
+    """What the search chose and what it saw on the way."""
+
+    counts: Counts
+    error: float
+    heldout_error: float
+    macs_fraction: float
+    evaluations: int
+    curve: list[tuple[float, float]]
+    groups: list[GroupOption]
+    sensitivity: str = "measured"
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready summary."""
+        return {
+            "error": self.error,
+            "heldout_error": self.heldout_error,
+            "macs_fraction": self.macs_fraction,
+            "evaluations": self.evaluations,
+            "sensitivity": self.sensitivity,
+            "curve": [{"macs_fraction": m, "error": e} for m, e in self.curve],
+            "groups": [_group_summary(g, self.counts.get(g.name, 0)) for g in self.groups],
+        }  # fmt: skip
+
+
+def _chosen(option: GroupOption, count: int) -> str:
+    """The ranking used at the chosen level ("-" when nothing was removed)."""
+    if not count or option.levels.index(count) >= len(option.orderings):
+        return "-"
+    return option.orderings[option.levels.index(count)]
+
+
+def hashed_orderings(item: GroupCandidates, rungs: Sequence[int] = HASH_RUNGS) -> list[Ordering]:
+    """Rankings of the group's candidates on its KDE-hashed atom vectors, at a few bandwidths."""
+    params = item.params
+    ladder = bandwidth_ladder(params.scaled, HASH_LADDER)
+    found = []
+    for rung in rungs:
+        hashed, basins = hash_weights(params.scaled, float(ladder[rung]))
+        view = dataclasses.replace(params, scaled=hashed.astype(params.scaled.dtype))
+        ranked = near_candidates(view, item.group.homogeneous, np.ones(item.group.n_atoms, bool))
+        candidates = _ranked_by_hash_then_weights(ranked, params, item.group.homogeneous)
+        label = f"hashed h={ladder[rung]:.3g} ({len(basins.representatives)} basins)"
+        found.append(Ordering(label, float(ladder[rung]), len(basins.representatives), candidates))
+    return found
+
+
+#: Hashed distances below this are hash-identical rows (float64 rounding of λ-scaled duplicates).
+HASH_TIE = 1e-6
+
+
+def _ranked_by_hash_then_weights(ranked: Candidates, params: AtomParams, homogeneous: bool) -> Candidates:
+    """Hashed candidates re-ranked: by hashed cost, ties (hash-identical rows) by their true cost.
+
+    Hashing makes many rows identical; among candidates of equal hashed cost, the merge that perturbs
+    the true weights least goes first, where index order decided before. Scales and distances are
+    the true weights' (the merges use them).
+    """
+    scale, distance = pair_distance(params, ranked.source, ranked.target, homogeneous)
+    usable = np.flatnonzero(np.isfinite(distance))
+    source, target = ranked.source[usable], ranked.target[usable]
+    hashed_cost = np.where(ranked.distance[usable] < HASH_TIE, 0.0, ranked.cost[usable])
+    order = np.lexsort((merge_cost(params, source, distance[usable]), hashed_cost))
+    pick = usable[order]
+    return Candidates(source[order], target[order], scale[pick], distance[pick], hashed_cost[order])
+
+
+def _group_summary(option: GroupOption, count: int) -> dict[str, object]:
+    """One group in the report: channels before/after, the ranking used, its own error share."""
+    position = option.levels.index(count) if count in option.levels else 0
+    return {
+        "group": option.name, "producers": option.producers, "channels": option.n_atoms, "removed": count,
+        "ordering": _chosen(option, count), "bandwidth": option.bandwidths.get(_chosen(option, count), 0.0),
+        "basins": option.basins.get(_chosen(option, count), 0),
+        "error_alone": option.errors[position] if position < len(option.errors) else None,
+        "levels": option.levels, "errors": option.errors, "orderings": option.orderings,
+    }  # fmt: skip
+
+
+def removal_levels(
+    n_atoms: int,
+    available: int | Sequence[int],
+    multiple: int,
+    fractions: Sequence[float] = LEVEL_FRACTIONS,
+    *,
+    steps: ChannelSteps | None = None,
+) -> list[int]:
+    """Removal counts to try: 0, then fractions of ``n_atoms`` with kept counts on the steps.
+
+    Each fraction gives the largest count the candidates can make, at most ``round(n_atoms * fraction)``,
+    that keeps every segment of ``steps`` on its step (default: the group as one segment on
+    ``effective_multiple(n_atoms, multiple)``).
+
+    Args:
+        n_atoms: The group's channels (atoms).
+        available: How many merges the candidates can make: in all, or per segment of ``steps``.
+        multiple: The channel multiple.
+        fractions: Fractions of the group's channels to remove.
+        steps: The group's segments and their steps.
+    """
+    steps = steps or ChannelSteps.whole(n_atoms, multiple)
+    if np.ndim(available) == 0:
+        possible = steps.totals()
+        possible = possible[possible <= int(available)]  # type: ignore[arg-type]
+    else:
+        possible = steps.totals(available)  # type: ignore[arg-type]
+    levels = {0}
+    for fraction in fractions:
+        below = possible[possible <= round(n_atoms * fraction)]
+        levels.add(int(below[-1]))
+    return sorted(levels)
+
+
+def achievable(orderings: Sequence[Ordering], n_atoms: int) -> int | list[int]:
+    """The most merges any of the group's rankings can make: in all, or per segment where steps differ."""
+    steps = orderings[0].steps
+    if steps is None or not steps.constrained:
+        return max(o.achievable(n_atoms) for o in orderings)
+    return np.max([steps.available(o.candidates) for o in orderings], axis=0).tolist()

@@ -1,0 +1,106 @@
+"""Seeded synthetic values for one graph input: what the verification feeds where no file gives them.
+
+Floats are standard normal (or pink noise, ``InputSpec.prior``), integers uniform in
+``DEFAULT_INT_RANGE``, bools fair coins, unless the spec gives a range or a constant. Each
+(seed, input name[, step]) has its own random stream, so an input's values do not depend on the others.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import onnx
+
+from red_onnx.errors import UsageError
+from red_onnx.verify.input_spec import InputSpec, input_dtype, resolve_shape
+
+DEFAULT_INT_RANGE = (0.0, 10.0)
+
+
+def _int_bounds(dtype: np.dtype) -> tuple[int, int]:
+    if dtype.kind == "b":
+        return 0, 1
+    info = np.iinfo(dtype)
+    return max(int(info.min), -(2**63)), min(int(info.max), 2**63 - 1)
+
+
+def _random_ints(
+    name: str, rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype,
+    bounds: tuple[float, float],
+) -> np.ndarray:  # fmt: skip
+    lo, hi = math.ceil(bounds[0]), math.floor(bounds[1])
+    type_lo, type_hi = _int_bounds(dtype)
+    if lo > hi or lo < type_lo or hi > type_hi:
+        raise UsageError(
+            f"--input-range {name}:{bounds[0]:g},{bounds[1]:g} holds no {dtype} integer within "
+            f"[{type_lo}, {type_hi}]; give a range inside it"
+        )
+    return rng.integers(lo, hi, size=shape, endpoint=True, dtype=np.int64).astype(dtype)
+
+
+def _filled(name: str, value: float, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    if dtype.kind in "biu":
+        type_lo, type_hi = _int_bounds(dtype)
+        if value != int(value) or not type_lo <= value <= type_hi:
+            raise UsageError(
+                f"--input-value {name}:{value:g} is not a {dtype} value "
+                f"(integers in [{type_lo}, {type_hi}]); give one"
+            )
+        return np.full(shape, int(value), dtype=dtype)
+    array = np.full(shape, value, dtype=dtype)
+    if not np.isfinite(array).all():
+        raise UsageError(f"--input-value {name}:{value:g} overflows {dtype}; give a smaller value")
+    return array
+
+
+def _rng(seed: int, name: str, step: int = 0) -> np.random.Generator:
+    """One stream per (seed, input name[, step]): an input's values do not depend on the other inputs.
+
+    Step 0 (every non-recurrent feed) draws what it always drew; later steps of a recurrent model's
+    stream draw their own values.
+    """
+    key = [seed, zlib.crc32(name.encode("utf-8"))]
+    return np.random.default_rng([*key, step] if step else key)
+
+
+def generate(vi: onnx.ValueInfoProto, spec: InputSpec, seed: int, step: int = 0) -> np.ndarray:
+    """Seeded values of input ``vi`` at ``step`` (see the module docstring)."""
+    return np.asarray(_draw(vi, spec, seed, step))
+
+
+def pink_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Gaussian noise with a 1/f amplitude spectrum over the axes after the first two, unit variance.
+
+    For an image batch [N, C, H, W] each channel is a smooth random field (like natural images'
+    spectra); for [N, C, L] a 1/f signal. Each (n, c) slice is normalised to zero mean, unit variance.
+    """
+    white = rng.standard_normal(shape)
+    axes = tuple(range(2, len(shape)))
+    spectrum = np.fft.rfftn(white, axes=axes)
+    grids = np.meshgrid(*[np.fft.fftfreq(n) for n in shape[2:-1]], np.fft.rfftfreq(shape[-1]), indexing="ij")
+    radius = np.sqrt(sum(g**2 for g in grids))
+    radius.flat[0] = np.inf  # no DC: the mean is removed anyway
+    field_ = np.fft.irfftn(spectrum / np.maximum(radius, 1.0 / max(shape[2:])), s=shape[2:], axes=axes)
+    field_ -= field_.mean(axis=axes, keepdims=True)
+    return field_ / np.maximum(field_.std(axis=axes, keepdims=True), 1e-12)
+
+
+def _draw(vi: onnx.ValueInfoProto, spec: InputSpec, seed: int, step: int = 0) -> np.ndarray:
+    dtype, shape, name = input_dtype(vi), resolve_shape(vi, spec), vi.name
+    if name in spec.values:
+        return _filled(name, float(spec.values[name]), shape, dtype)
+    rng = _rng(seed, name, step)
+    bounds = spec.ranges.get(name)
+    if dtype.kind == "f":
+        pink = spec.prior == "pink" and len(shape) >= 3
+        if bounds is None:
+            return (pink_noise(rng, shape) if pink else rng.standard_normal(shape)).astype(dtype)
+        if pink:  # the same field squashed into the range
+            field_ = 0.5 * (1.0 + np.tanh(pink_noise(rng, shape)))
+            return (bounds[0] + (bounds[1] - bounds[0]) * field_).astype(dtype)
+        return rng.uniform(bounds[0], bounds[1], size=shape).astype(dtype)
+    if dtype.kind == "b" and bounds is None:
+        return rng.random(shape) < 0.5
+    return _random_ints(name, rng, shape, dtype, bounds or DEFAULT_INT_RANGE)
