@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import red_onnx
 from red_onnx.demo import accuracy, demo_path
-from red_onnx.verify.input_spec import InputSpec
+from red_onnx.options import InputSpec
 
 SPEC = InputSpec(ranges={"image": (0.0, 1.0)})
 RUNS = [

@@ -45,7 +45,7 @@ from bench.data import (
 from red_onnx import compress
 from red_onnx.demo import demo_path
 from red_onnx.errors import InputError, RedOnnxError
-from red_onnx.verify.input_spec import InputSpec
+from red_onnx.options import InputSpec
 
 GRID = (0.9, 0.8, 0.7, 0.6, 0.5)
 #: Models whose fidelity is top-1 agreement with the original (no labels).

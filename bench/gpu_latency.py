@@ -1,6 +1,6 @@
 """GPU latency before/after compression, for when an NVIDIA GPU machine is lent (one prepared run).
 
-That machine (../shared/docs/gpu.md) has torch with CUDA but onnxruntime with the CPU provider only and
+That machine (docs/gpu.md) has torch with CUDA but onnxruntime with the CPU provider only and
 no network, so the models run there through onnx2torch (pure Python, brought as a wheel). Three steps:
 
     python bench/gpu_latency.py prepare DIR            # here: compress the models into DIR (+ the wheel)

@@ -1,4 +1,4 @@
-"""Inference latency before/after compression, next to the MACs ratio, for every zoo model (issue 6).
+"""Inference latency before/after compression, next to the MACs ratio, for every zoo model.
 
 Usage (from the repository root; models as for ``bench/zoo_table.py``, conv5m/conv25m from
 ``bench/models/export_speed.py``)::
@@ -49,9 +49,8 @@ from red_onnx.demo import demo_path
 from red_onnx.errors import RedOnnxError
 from red_onnx.io.files import save_model
 from red_onnx.measure.benchmark import BATCHES, BatchAxisError, batched_feed
-from red_onnx.measure.latency import CPU_PROVIDER, LatencyService
-from red_onnx.pipeline import DEFAULT_TOLERANCE
-from red_onnx.verify.input_spec import InputSpec
+from red_onnx.measure.latency import LatencyService
+from red_onnx.options import CPU_PROVIDER, DEFAULT_TOLERANCE, InputSpec
 
 NCHWC_DOMAIN = "com.microsoft.nchwc"
 TARGET_MACS = 0.8
@@ -210,7 +209,7 @@ def run_model(label: str, file: str, scratch: Path, args: Any) -> dict[str, Any]
 
 
 # ---------------------------------------------------------------- ratios and verdicts (no timing)
-#: The issue's targets: latency reduction >= 0.8x the MACs reduction where MACs drop >= 20%.
+#: The latency targets checked: latency reduction >= 0.8x the MACs reduction where MACs drop >= 20%.
 LEAST_MACS_DROP = 0.2
 LEAST_EFFICIENCY = 0.8
 #: A run counts as slower when this many of its timed groups are over 1 + noise (one alone: maybe noise).

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,15 +35,14 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from red_onnx.passes.separate_depthwise import SeparateDepthwise, probe_models
-
 import red_onnx
 from red_onnx.analysis.kde import bandwidth_ladder, hash_weights
 from red_onnx.analysis.separation import break_even_units, factor_kernels
 from red_onnx.io import graph as graph_utils
 from red_onnx.measure.latency import LatencyService
+from red_onnx.options import InputSpec
+from red_onnx.passes.separate_depthwise import SeparateDepthwise, probe_models
 from red_onnx.runtime.shapes import ShapeService
-from red_onnx.verify.input_spec import InputSpec
 from red_onnx.verify.inputs import make_inputs
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -220,7 +220,7 @@ def main() -> None:
     parser.add_argument("--weight-error", type=float, default=0.05, help="hashing budget per layer (table 1)")
     parser.add_argument("--skip-end-to-end", action="store_true")
     args = parser.parse_args()
-    os.environ.setdefault("MPLCONFIGDIR", "/tmp/red-onnx-mpl")
+    os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="mpl-"))
     service = LatencyService(runs=args.runs)
     present = [m for m in args.models if MODELS[m][0].exists()]
     for missing in sorted(set(args.models) - set(present)):

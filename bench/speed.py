@@ -1,4 +1,4 @@
-"""Speed at scale (issue 6): wall time, stage times and peak memory of the full pipeline on big models.
+"""Speed at scale: wall time, stage times and peak memory of the full pipeline on big models.
 
 For each model (``bench/models/export_speed.py`` builds them into ``<bench cache>/speed/``; missing ones
 are exported first) and each mode (``--target-macs 0.8`` and ``--exact`` by default), this runs the real
@@ -11,7 +11,7 @@ command line, ``red-onnx IN OUT --target-macs 0.8 --json R.json``, in a **fresh 
   measurements, merge_near, separation, verification, saving), and the report's own ``passes[].seconds``
   and ``budget.seconds``;
 - latency-probe time (``LatencyService.compare`` wrapped in the child: the separation pass's timed
-  probes, cache misses only) and the wall time excluding it, which is what the issue's target counts;
+  probes, cache misses only) and the wall time excluding it (the pipeline's own time);
 - the MACs and parameter fractions reached (the error, for target runs);
 - peak RSS of the process (``wait4`` ru_maxrss) above the post-import baseline of a process that only
   does ``import red_onnx``, also as a multiple of the model file's size, and per stage the highest RSS
@@ -128,12 +128,12 @@ class StageRecorder:
 
 def _instrument(record: StageRecorder) -> dict[str, float]:
     """Wrap the CLI's progress callback, compress, save and the latency probes to feed ``record``."""
-    from red_onnx import cli
+    from red_onnx import cli, pipeline
     from red_onnx.io import files as io
     from red_onnx.measure import latency
 
     probes = {"seconds": 0.0, "measured": 0, "calls": 0}
-    original_call, original_compress = cli._ProgressBar.__call__, cli.compress
+    original_call, original_compress = cli._ProgressBar.__call__, pipeline.compress
     original_compare, original_save = latency.LatencyService.compare, io.save_model
 
     def progress(self: Any, stage: str) -> None:
@@ -159,7 +159,7 @@ def _instrument(record: StageRecorder) -> dict[str, float]:
         record("save")
         return original_save(*args, **kwargs)
 
-    cli._ProgressBar.__call__, cli.compress = progress, compress
+    cli._ProgressBar.__call__, pipeline.compress = progress, compress
     latency.LatencyService.compare, io.save_model = compare, save
     return probes
 
@@ -362,7 +362,8 @@ def run_red_onnx(
         events = _read_lines(work / "events.jsonl")
         summary = _read_json(work / "summary.json")
         report = _read_json(work / "report.json")
-    record = {"mode": mode, "command": "red-onnx " + " ".join([*argv[:1], "OUT", *argv[2:]]), **process}
+    shown = [*argv[:1], "OUT", *flags, "--json", "R.json", "-q"]  # without the scratch folder
+    record = {"mode": mode, "command": "red-onnx " + " ".join(shown), **process}
     record |= {"error": error_line(process["stderr"]) if process["rc"] else None, "summary": summary}
     stages = stage_times(events, summary, baseline)
     record |= {"stages": stages, "last_stage": last_stage(stages)}

@@ -33,7 +33,7 @@ import onnxruntime as ort
 
 from bench.data import cache_dir, natural_image_views, natural_images, top1_agreement
 from bench.zoo import zoo_dir
-from red_onnx.verify.input_spec import InputSpec
+from red_onnx.options import InputSpec
 
 #: Lines rendered with Pillow's scalable default font for the OCR check (ASCII, digits, punctuation).
 OCR_LINES: tuple[str, ...] = (
@@ -46,7 +46,7 @@ OCR_LINES: tuple[str, ...] = (
 )
 #: The detection IoU at which a candidate's box counts as the original's.
 MATCH_IOU = 0.9
-#: Number of natural-image views for the MobileNetV2 agreement (the hashing issue's benchmark).
+#: Number of natural-image views for the MobileNetV2 agreement (bench/compare.py).
 MOBILENET_VIEWS = 120
 #: Verification inputs by model file: the shapes the model is run at and the value ranges of its own
 #: preprocessing (PP-OCR: (x - 0.5) / 0.5; YOLOv8n: pixels / 255). silero-vad: real audio (bench/vad.py).

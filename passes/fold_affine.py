@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from red_onnx.passes.infra import Pass, PassResult, Skip
 
 from red_onnx.analysis.redundancy import per_channel_constant
-from red_onnx.io.graph import WorkingModel, constant_values
+from red_onnx.io.graph import WorkingModel, expect_constant
+from red_onnx.passes.infra import Pass, PassResult, Skip
 
 from .fold_batchnorm import bypass, scale_producer, sole_producer
 
@@ -28,7 +28,7 @@ def _variable_side(node: gs.Node) -> int | None:
 
 def _affine(node: gs.Node, side: int, channels: int, rank: int) -> tuple[np.ndarray, np.ndarray] | str:
     """(factor, shift) per channel of ``node`` as a function of its variable input, or why not."""
-    values = constant_values(node.inputs[1 - side]).astype(np.float64)
+    values = expect_constant(node.inputs[1 - side]).astype(np.float64)
     if values.ndim > rank:
         return "its constant is not per channel (more dims than the conv output)"
     if values.size == 1:
@@ -60,10 +60,12 @@ class FoldAffine(Pass):
         folded, skips = 0, []
         for node in [n for n in graph.nodes if n.op in AFFINE_OPS]:
             side = _variable_side(node)
-            producer = sole_producer(node, outputs, side) if side is not None else None
+            if side is None:
+                continue
+            producer = sole_producer(node, outputs, side)
             if not isinstance(producer, gs.Node) or producer.op != "Conv":
                 continue  # Gemm/ConvTranspose outputs rarely meet a per-channel affine op: left alone
-            weight = constant_values(producer.inputs[1])
+            weight = expect_constant(producer.inputs[1])
             affine = _affine(node, side, weight.shape[0], weight.ndim)
             if isinstance(affine, str):
                 skips.append(Skip(node.name, f"{node.op} not folded: {affine}"))

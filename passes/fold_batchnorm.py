@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from red_onnx.passes.infra import Pass, PassResult, Skip
 
 from red_onnx.analysis.weights import producer_axis
-from red_onnx.io.graph import WorkingModel, constant_values, is_empty_input, set_constant_input
+from red_onnx.errors import PassContractError
+from red_onnx.io.graph import (
+    WorkingModel,
+    constant_values,
+    expect_constant,
+    is_empty_input,
+    set_constant_input,
+)
+from red_onnx.passes.infra import Pass, PassResult, Skip
 
 FOLDABLE_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 SUFFIX = "bnfold"
@@ -35,7 +42,7 @@ def sole_producer(node: gs.Node, graph_outputs: set[str], index: int = 0) -> gs.
 
 def scale_producer(producer: gs.Node, factor: np.ndarray, shift: np.ndarray) -> None:
     """Make ``producer`` compute ``factor·y + shift`` per output channel, y its current output."""
-    weight = constant_values(producer.inputs[1])
+    weight = expect_constant(producer.inputs[1])
     axis = producer_axis(producer)
     shape = [1] * weight.ndim
     shape[axis] = -1
@@ -53,7 +60,7 @@ def scale_producer(producer: gs.Node, factor: np.ndarray, shift: np.ndarray) -> 
 def _effective_bias(producer: gs.Node, channels: int) -> np.ndarray:
     if is_empty_input(producer, 2):
         return np.zeros(channels)
-    bias = constant_values(producer.inputs[2]).astype(np.float64)
+    bias = expect_constant(producer.inputs[2]).astype(np.float64)
     if producer.op == "Gemm":
         bias = bias * float(producer.attrs.get("beta", 1.0))
     return np.broadcast_to(bias.reshape(-1), (channels,)).astype(np.float64)
@@ -84,7 +91,7 @@ class FoldBatchNorm(Pass):
             if producer is None:
                 skips.append(Skip(node.name, f"BatchNormalization not folded: {reason}"))
                 continue
-            scale, bias, mean, var = (constant_values(t).astype(np.float64) for t in node.inputs[1:5])
+            scale, bias, mean, var = (expect_constant(t).astype(np.float64) for t in node.inputs[1:5])
             factor = scale / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
             scale_producer(producer, factor, bias - mean * factor)
             bypass(graph, node)
@@ -92,16 +99,27 @@ class FoldBatchNorm(Pass):
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(model, folded > 0, {"folded": folded, "kept": len(skips)}, skips)
 
+    def ensures(self, model: WorkingModel) -> None:
+        """Every BatchNormalization left has a reason to stay (the pass folds all others)."""
+        outputs = {t.name for t in model.graph.outputs}
+        for node in [n for n in model.graph.nodes if n.op == "BatchNormalization"]:
+            if isinstance(self._problem(node, outputs), gs.Node):
+                raise PassContractError(f"BatchNormalization {node.name!r} was foldable but is still there")
+
     @staticmethod
     def _problem(node: gs.Node, outputs: set[str]) -> gs.Node | str:
         if int(node.attrs.get("training_mode", 0)) or any(t.outputs for t in node.outputs[1:]):
             return "it runs in training mode"
         if any(constant_values(t) is None for t in node.inputs[1:5]):
             return "its parameters are not constants"
-        if any(constant_values(t).ndim != 1 for t in node.inputs[1:5]):
+        if any(expect_constant(t).ndim != 1 for t in node.inputs[1:5]):
             return "its parameters are not per-channel vectors (spatial=0)"
         producer = sole_producer(node, outputs)
-        gemm = isinstance(producer, gs.Node) and producer.op == "Gemm" and not is_empty_input(producer, 2)
-        if gemm and constant_values(producer.inputs[2]).size not in (1, len(constant_values(node.inputs[1]))):
+        if (
+            isinstance(producer, gs.Node)
+            and producer.op == "Gemm"
+            and not is_empty_input(producer, 2)
+            and expect_constant(producer.inputs[2]).size not in (1, len(expect_constant(node.inputs[1])))
+        ):
             return f"the C of Gemm '{producer.name}' is a full matrix"
         return producer

@@ -1,6 +1,6 @@
 """Exact merging: delete channels that provably duplicate, scale or add nothing to others.
 
-Rules (method.md, "Exact rewrites"): identical channels; positively scaled channels through positively
+Rules (docs/method.md, "Exact rewrites"): identical channels; positively scaled channels through positively
 homogeneous groups; constant channels folded into consumers that see no padding; unused channels.
 Every rule holds across a whole coupled group, so outputs are unchanged up to float rounding.
 """
@@ -11,7 +11,6 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-from red_onnx.passes.infra import Pass, PassResult, Skip
 
 from red_onnx.analysis.channels import ChannelAnalysis, ChannelGroup, analyse_model
 from red_onnx.analysis.constants import (
@@ -26,8 +25,9 @@ from red_onnx.analysis.weights import producer_rows
 from red_onnx.io.graph import (
     WorkingModel,
     clear_intermediate_shapes,
-    constant_values,
+    expect_constant,
 )
+from red_onnx.passes.infra import Pass, PassResult, Skip, require_constant_weights
 from red_onnx.rewrite.editor import GroupPlan, apply_plan, attach_graph
 
 
@@ -95,6 +95,10 @@ class MergeExact(Pass):
         self.max_rounds = max_rounds
         self.channel_multiple = channel_multiple
 
+    def requires(self, model: WorkingModel) -> None:
+        """Weights are constants (normalised at import)."""
+        require_constant_weights(model, self.name)
+
     def call(self, model: WorkingModel) -> PassResult:
         """Merge and delete; report counts per rule, frozen groups and kept zero rows."""
         counts: Counter[str] = Counter()
@@ -111,7 +115,7 @@ class MergeExact(Pass):
                 apply_plan(plan)
             clear_intermediate_shapes(model)
             model.graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        skips = [Skip(g.name, g.frozen) for g in first.frozen] if first else []
+        skips = [Skip(g.name, g.frozen) for g in first.frozen if g.frozen] if first else []
         skips += [Skip(f"{layer}[{channel}]", reason) for (layer, channel), reason in sorted(kept.items())]
         stats = {
             "removed": sum(counts.values()),
@@ -193,9 +197,10 @@ def zero_row_nodes(group: ChannelGroup) -> list[tuple[str, str, np.ndarray]]:
         found.append((producer.node.name, producer.tensor, ~rows.any(axis=1)))
     for node in group.path:
         if node.op == "Conv" and node.outputs[0].name in group.tensors:
-            kernel = constant_values(node.inputs[1])
+            kernel = expect_constant(node.inputs[1])
             found.append((node.name, node.outputs[0].name, ~kernel.reshape(kernel.shape[0], -1).any(axis=1)))
-    return found
+    # numpy's stubs allow a scalar for any() with an axis; a 2-D array gives a 1-D one
+    return found  # type: ignore[return-value]
 
 
 def _kept_zero_rows(

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from red_onnx.passes.infra import Pass, PassResult
 
 from red_onnx.analysis.channels import ChannelGroup, analyse_model
 from red_onnx.analysis.redundancy import AtomParams, Merge, atom_params
 from red_onnx.analysis.similarity import Candidates, near_candidates
 from red_onnx.io.graph import WorkingModel, clear_intermediate_shapes, constant_values
+from red_onnx.passes.infra import Pass, PassResult, require_constant_weights
 from red_onnx.rewrite.editor import GroupPlan, apply_plan, attach_graph
 
 Shapes = Mapping[str, "tuple[int, ...] | None"]
@@ -70,6 +70,10 @@ class MergeNear(Pass):
         self.shapes = shapes
         self.merges = {name: list(items) for name, items in merges.items() if items}
         self.freeze = tuple(freeze)
+
+    def requires(self, model: WorkingModel) -> None:
+        """Weights are constants (normalised at import)."""
+        require_constant_weights(model, self.name)
 
     def call(self, model: WorkingModel) -> PassResult:
         """Apply the merges; report how many channels went and how much the weight ranges widened."""

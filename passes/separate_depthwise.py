@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from red_onnx.passes.infra import Pass, PassResult, Skip
 
 from red_onnx.analysis.channels import user_frozen
 from red_onnx.analysis.reasons import Reason
@@ -30,8 +29,10 @@ from red_onnx.analysis.separation import (
     separated_macs,
     units_lower_bound,
 )
-from red_onnx.io.graph import WorkingModel, constant_values, is_empty_input
+from red_onnx.errors import InternalError
+from red_onnx.io.graph import WorkingModel, constant_values, expect_constant, is_empty_input
 from red_onnx.measure.latency import LatencyProbe
+from red_onnx.passes.infra import Pass, PassResult, Skip, require_constant_weights
 from red_onnx.rewrite.separation import separate_conv
 
 Shapes = Mapping[str, "tuple[int, ...] | None"]
@@ -65,10 +66,10 @@ def probe_models(
     conv: gs.Node, basis: KernelBasis, input_shape: Sequence[int]
 ) -> tuple[onnx.ModelProto, ...]:
     """The conv alone and its separated form, as two one-input models at ``input_shape``."""
-    weight = constant_values(conv.inputs[1])
+    weight = expect_constant(conv.inputs[1])
     inputs = [gs.Constant("w", weight)]
     if not is_empty_input(conv, 2):
-        inputs.append(gs.Constant("b", constant_values(conv.inputs[2])))
+        inputs.append(gs.Constant("b", expect_constant(conv.inputs[2])))
     models = []
     for separate in (False, True):
         source = gs.Variable("x", dtype=weight.dtype, shape=list(input_shape))
@@ -104,6 +105,10 @@ class SeparateDepthwise(Pass):
         """
         self.shapes, self.latency, self.freeze, self.min_gain = shapes, latency, tuple(freeze), min_gain
 
+    def requires(self, model: WorkingModel) -> None:
+        """Weights are constants (normalised at import)."""
+        require_constant_weights(model, self.name)
+
     def call(self, model: WorkingModel) -> PassResult:
         """Decide and rewrite every candidate conv of the main graph."""
         shapes = self.shapes(model)
@@ -117,6 +122,8 @@ class SeparateDepthwise(Pass):
             if reason:
                 skips.append(Skip(conv.name, reason))
                 continue
+            if weight is None:  # _unsupported gives a reason for every conv without a constant weight
+                raise InternalError(f"conv {conv.name!r} without a constant weight passed the checks")
             decision = self._decide(model.graph, conv, weight, shapes)
             decisions.append(decision)
         separated = [d for d in decisions if d.separated]
@@ -162,13 +169,16 @@ class SeparateDepthwise(Pass):
             separate_conv(graph, conv, basis)
             return ConvDecision(**{**row, "separated": True}, decision=Reason.SEP_DONE_MACS)
         source_shape = shapes[conv.inputs[0].name]
+        if source_shape is None:  # _unsupported refuses a conv whose input shape is unknown
+            raise InternalError(f"conv {conv.name!r}: the input shape is unknown after the checks")
         before, after = probe_models(conv, basis, source_shape)
         feed = {"x": np.random.default_rng(PROBE_SEED).standard_normal(source_shape).astype(weight.dtype)}
         t_before, t_after = self.latency.compare(before, after, feed)
-        timed = {"before_ms": t_before * 1e3, "after_ms": t_after * 1e3, "provider": self.latency.provider}
+        before_ms, after_ms = t_before * 1e3, t_after * 1e3
+        timed = {"before_ms": before_ms, "after_ms": after_ms, "provider": self.latency.provider}
         row |= {
-            "latency_before_ms": round(timed["before_ms"], 4),
-            "latency_after_ms": round(timed["after_ms"], 4),
+            "latency_before_ms": round(before_ms, 4),
+            "latency_after_ms": round(after_ms, 4),
         }
         if t_after > (1.0 - self.min_gain) * t_before:
             return ConvDecision(**row, decision=Reason.SEP_SLOWER.format(**timed, gain=self.min_gain))
@@ -180,7 +190,10 @@ def _row(conv: gs.Node, weight: np.ndarray, shapes: Shapes, units: int) -> dict:
     """The figures of a decision row for ``units`` unit kernels (no latency, not separated)."""
     out_channels, in_channels, *kernel = weight.shape
     size = math.prod(kernel)
-    pixels = math.prod(shapes[conv.outputs[0].name]) // out_channels
+    output = shapes[conv.outputs[0].name]
+    if output is None:  # _unsupported refuses a conv whose output shape is unknown
+        raise InternalError(f"conv {conv.name!r}: the output shape is unknown after the checks")
+    pixels = math.prod(output) // out_channels
     return {
         "name": conv.name, "out_channels": out_channels, "in_channels": in_channels, "kernel": kernel,
         "units": units, "break_even": round(break_even_units(out_channels, in_channels, size), 2),

@@ -1,7 +1,9 @@
 """The ``red-onnx`` command: argument parsing, exit codes, progress display; no logic of its own.
 
-Exit codes: 0 done; 1 verification failed (nothing written); 2 bad input or usage (one line, no
-traceback, nothing written).
+``red-onnx --help`` and ``--version`` import nothing heavier than the standard library: the pipeline
+(onnx, onnxruntime, numpy) is imported when a run starts. Exit codes: 0 done; 1 verification failed
+or target unreachable (nothing written); 2 bad input or usage (one line, no traceback, nothing
+written); 3 internal error (a bug; ``-v`` prints the traceback).
 """
 
 from __future__ import annotations
@@ -9,25 +11,56 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx
-from onnx import external_data_helper
-
-from red_onnx import demo, io
 from red_onnx._version import __version__
-from red_onnx.errors import RedOnnxError, UsageError, VerificationError
-from red_onnx.measure.benchmark import benchmark
-from red_onnx.pipeline import Result, compress
-from red_onnx.report.report import render_table
-from red_onnx.search.budget import SENSITIVITY_MODES
-from red_onnx.verify.input_spec import InputSpec, parse_input_range, parse_input_shape, parse_input_value
+from red_onnx.errors import InternalError, RedOnnxError, UsageError, VerificationError
+from red_onnx.options import (
+    CPU_PROVIDER,
+    SENSITIVITY_MODES,
+    InputSpec,
+    parse_input_range,
+    parse_input_shape,
+    parse_input_value,
+)
+
+if TYPE_CHECKING:
+    from red_onnx.pipeline import Result
 
 logger = logging.getLogger("red_onnx")
 #: Exit code of an unexpected exception (a bug), next to 0 done, 1 verification failed, 2 bad input/usage.
 INTERNAL_ERROR = 3
+
+DESCRIPTION = """\
+Make an exported ONNX model smaller and faster without retraining, and prove what was done with
+onnxruntime.
+
+By default the run is exact: only function-preserving rewrites (BatchNorm and per-channel affine
+folding, merging of identical, scaled, constant and unused channels, uneven depthwise separation
+where it is measured faster), verified element-wise against the original. --tolerance or
+--target-macs turn on approximate merging (experimental), which trades fidelity for size.
+With no arguments: run on the bundled demo model and print its accuracy before and after."""
+
+EPILOG = """\
+examples:
+  red-onnx model.onnx model.red.onnx                       exact (the default)
+  red-onnx model.onnx model.red.onnx --tolerance 0.05      every output within 5% relative L2
+  red-onnx model.onnx model.red.onnx --target-macs 0.8     keep 80% of the MACs, report the error
+  red-onnx model.onnx model.red.onnx --inputs calib.npz    verify (and search) on your own samples
+  red-onnx model.onnx --dry-run --json report.json         report only, write nothing
+
+OUT is written only after verification passed, atomically; an existing OUT is replaced. The input
+is never modified.
+
+exit codes:
+  0  done
+  1  verification failed, or --target-macs cannot be reached (nothing written)
+  2  bad input or usage: one line on stderr, nothing written
+  3  internal error: a bug to report (-v prints the traceback), nothing written"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,48 +71,52 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface."""
+    """The command-line interface, its options in groups: basic, fidelity, inputs, speed, output."""
     parser = _Parser(
         prog="red-onnx",
-        description="Make an exported ONNX model smaller and faster without data or retraining, "
-        "and prove it with onnxruntime. With no arguments: run on the bundled demo model.",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("input", nargs="?", help="the .onnx model to compress (never modified)")
-    parser.add_argument("output", nargs="?", help="where to write the compressed model")
-    parser.add_argument("--exact", action="store_true", help="only function-preserving rewrites")
-    parser.add_argument(
+    basic = parser.add_argument_group("basic")
+    basic.add_argument("input", nargs="?", metavar="IN", help="the .onnx model to compress (never modified)")
+    basic.add_argument("output", nargs="?", metavar="OUT", help="where to write the compressed model")
+    basic.add_argument(
+        "--exact",
+        action="store_true",
+        help="only function-preserving rewrites (the default without a budget)",
+    )
+    basic.add_argument(
         "--tolerance",
         type=float,
         metavar="T",
-        help="approximate merging: largest relative L2 error allowed on every output "
-        "(experimental; without it or --target-macs the run is exact)",
+        help="approximate merging: largest relative L2 error allowed on every output, on the "
+        "verification inputs (experimental)",
     )
-    parser.add_argument(
+    basic.add_argument(
         "--target-macs",
         type=float,
         metavar="F",
-        help="approximate merging: fraction of MACs to keep (overrides --tolerance)",
+        help="approximate merging: fraction of the MACs to keep; the error reached is reported "
+        "(overrides --tolerance)",
     )
-    parser.add_argument(
+    basic.add_argument("--dry-run", action="store_true", help="report without writing the model")
+    fidelity = parser.add_argument_group("fidelity (approximate merging)")
+    fidelity.add_argument(
+        "--freeze",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="protect layers whose node name matches (glob; repeatable)",
+    )
+    fidelity.add_argument(
         "--channel-multiple",
         type=int,
         metavar="N",
         help="keep channel counts on multiples of N, per Split chunk / Concat part (default 16 with "
         "--target-macs, else 8; exact merges round up; narrower layers use a smaller power of two)",
     )
-    parser.add_argument(
-        "--no-hashing",
-        action="store_true",
-        help="rank merge candidates on the raw weights only (the ablation without KDE hashing)",
-    )
-    parser.add_argument(
-        "--activations",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="rank merge candidates by fits of channel activations too (auto: only with --inputs, "
-        "since on synthetic inputs it measured worse on real data)",
-    )
-    parser.add_argument(
+    fidelity.add_argument(
         "--sensitivity",
         choices=SENSITIVITY_MODES,
         default="auto",
@@ -87,76 +124,92 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrated (estimated from one activation capture, one run per group), local (estimate only); "
         "auto: calibrated above 1 GMAC per input, measured below",
     )
-    parser.add_argument(
-        "--no-separation",
+    fidelity.add_argument(
+        "--activations",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="rank merge candidates by fits of channel activations too (auto: only with --inputs, "
+        "since on synthetic inputs it measured worse on real data)",
+    )
+    fidelity.add_argument(
+        "--no-hashing",
         action="store_true",
-        help="never rewrite k×k convs as Gather + depthwise + pointwise (uneven depthwise separation)",
+        help="rank merge candidates on the raw weights only (the ablation without KDE hashing)",
     )
-    parser.add_argument(
-        "--provider",
-        default="CPUExecutionProvider",
-        metavar="NAME",
-        help="onnxruntime execution provider that separation candidates are timed on (default CPU)",
+    inputs = parser.add_argument_group(
+        "inputs", "the verification (and search) inputs: synthetic from the declared types unless --inputs"
     )
-    parser.add_argument(
-        "--no-latency-check",
-        action="store_true",
-        help="separate wherever it cuts MACs, without timing it (a CPU result never stands for a GPU)",
+    inputs.add_argument(
+        "--inputs",
+        metavar="FILE.npz",
+        help="your own samples, arrays by input name (real data: what the figures should be measured on)",
     )
-    parser.add_argument(
-        "--benchmark",
-        action="store_true",
-        help="time the input and the output with onnxruntime (median of 20 runs, batch 1 and 16)",
-    )
-    parser.add_argument(
-        "--threads", type=int, metavar="N", help="onnxruntime intra-op threads for --benchmark (default: all)"
-    )
-    parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
-    parser.add_argument(
-        "--plot",
-        metavar="DIR",
-        help="write PNGs: the MACs-vs-error curve and merged layers' weight densities "
-        "(approximate runs; needs matplotlib)",
-    )
-    parser.add_argument("--dry-run", action="store_true", help="report without writing the model")
-    parser.add_argument(
-        "--freeze",
-        metavar="NAME",
-        action="append",
-        default=[],
-        help="protect layers whose node name matches (glob; repeatable)",
-    )
-    parser.add_argument(
+    inputs.add_argument(
         "--input-shape",
         metavar="NAME:D1,D2,...",
         action="append",
         default=[],
-        help="shape of a verification input, e.g. x:1,3,48,320",
+        help="shape of an input, e.g. x:1,3,48,320 (dynamic dims are otherwise 1)",
     )
-    parser.add_argument(
+    inputs.add_argument(
         "--input-range",
         metavar="NAME:LO,HI",
         action="append",
         default=[],
-        help="uniform range of a verification input",
+        help="draw an input uniformly in [LO, HI], e.g. image:0,1",
     )
-    parser.add_argument(
+    inputs.add_argument(
         "--input-value",
         metavar="NAME:V",
         action="append",
         default=[],
-        help="fill a verification input with one value, e.g. sr:16000",
+        help="fill an input with one value, e.g. sr:16000",
     )
-    parser.add_argument("--inputs", metavar="FILE.npz", help="your own verification inputs, by name")
-    parser.add_argument(
+    inputs.add_argument(
         "--input-prior",
         choices=("normal", "pink"),
         default="normal",
         help="synthetic float inputs: i.i.d. normal, or spatially correlated 1/f noise",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="log diagnostics")
-    parser.add_argument("--version", action="version", version=f"red-onnx {__version__}")
+    speed = parser.add_argument_group("speed")
+    speed.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="time the input and the output with onnxruntime (median of 20 runs, batch 1 and 16)",
+    )
+    speed.add_argument(
+        "--threads", type=int, metavar="N", help="onnxruntime intra-op threads for --benchmark (default: all)"
+    )
+    speed.add_argument(
+        "--provider",
+        default=CPU_PROVIDER,
+        metavar="NAME",
+        help="onnxruntime execution provider that separation candidates and --benchmark are timed on "
+        "(default CPU)",
+    )
+    speed.add_argument(
+        "--no-separation",
+        action="store_true",
+        help="never rewrite k×k convs as Gather + depthwise + pointwise (uneven depthwise separation)",
+    )
+    speed.add_argument(
+        "--no-latency-check",
+        action="store_true",
+        help="separate wherever it cuts MACs, without timing it (a CPU result never stands for a GPU)",
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    output.add_argument(
+        "--plot",
+        metavar="DIR",
+        help="write PNGs: the MACs-vs-error curve and merged layers' weight densities "
+        "(approximate runs; needs matplotlib)",
+    )
+    output.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    output.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log diagnostics (-vv: more); tracebacks of bugs"
+    )
+    output.add_argument("--version", action="version", version=f"red-onnx {__version__}")
     return parser
 
 
@@ -170,6 +223,9 @@ def _input_spec(args: argparse.Namespace) -> InputSpec:
 
 def _input_files(path: Path) -> set[Path]:
     """The input model and the external data files it reads (all must stay untouched)."""
+    import onnx
+    from onnx import external_data_helper
+
     files = {path.resolve()}
     try:
         model = onnx.load(str(path), load_external_data=False)
@@ -227,7 +283,10 @@ class _ProgressBar:
 
 def _add_latency(result: Result, source: Path, args: argparse.Namespace) -> None:
     """Time the input and the output (``--benchmark``) into the report."""
-    original = io.load_model(source)
+    from red_onnx.io import files
+    from red_onnx.measure.benchmark import benchmark
+
+    original = files.load_model(source)
     figures = benchmark(
         original, result.model, _input_spec(args), provider=args.provider, threads=args.threads
     )
@@ -235,13 +294,17 @@ def _add_latency(result: Result, source: Path, args: argparse.Namespace) -> None
 
 
 def _run(args: argparse.Namespace) -> int:
+    from red_onnx import demo, pipeline
+    from red_onnx.io import files
+    from red_onnx.report.report import render_table
+
     _check_paths(args)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
     source = Path(args.input) if args.input else demo.demo_path()
     progress = _ProgressBar(not args.quiet)
     try:
-        result = compress(
+        result = pipeline.compress(
             source, exact=args.exact, tolerance=args.tolerance, target_macs=args.target_macs,
             channel_multiple=args.channel_multiple, hashing=not args.no_hashing,
             activations={"auto": None, "on": True, "off": False}[args.activations], freeze=args.freeze,
@@ -260,10 +323,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.benchmark:
         _add_latency(result, source, args)
     if args.output and not args.dry_run:
-        result.report.size_after = io.save_model(result.model, args.output)
+        result.report.size_after = files.save_model(result.model, args.output)
     if args.json:
         _write_json(result, Path(args.json))
     if args.plot:
+        import onnx
+
         from red_onnx.report.plots import write_plots
 
         write_plots(args.plot, result.report, onnx.load(str(source)))
@@ -275,6 +340,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _add_demo_accuracy(result: Result, source: Path) -> None:
+    from red_onnx import demo
+
     before, samples = demo.accuracy(source)
     after, _ = demo.accuracy(result.model)
     result.report.accuracy = {"before": before, "after": after, "samples": samples}
@@ -288,10 +355,14 @@ def _write_json(result: Result, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``red-onnx`` console script."""
+    verbose = 0
     try:
         args = build_parser().parse_intermixed_args(argv)
-        logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(name)s: %(message)s")
+        verbose = args.verbose
+        logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), format="%(name)s: %(message)s")
         return _run(args)
+    except InternalError as error:
+        return _internal_error(error, verbose)
     except RedOnnxError as error:
         print(f"red-onnx: error: {error}", file=sys.stderr)
         return error.exit_code
@@ -299,14 +370,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("red-onnx: interrupted; nothing was written", file=sys.stderr)
         return 130
     except Exception as error:  # a bug: one line (traceback with -v), never a half-written output
-        logger.debug("internal error", exc_info=True)
-        first = str(error).splitlines()[0] if str(error) else ""
-        print(
-            f"red-onnx: internal error: {type(error).__name__}: {first}; "
-            "nothing was written — please report it (run with -v for the traceback)",
-            file=sys.stderr,
-        )
-        return INTERNAL_ERROR
+        return _internal_error(error, verbose)
+
+
+def _internal_error(error: Exception, verbose: int) -> int:
+    """Report a bug in one line (with ``-v``, its traceback first); exit code 3."""
+    if verbose:
+        traceback.print_exception(error, file=sys.stderr)
+    first = str(error).splitlines()[0] if str(error) else ""
+    print(
+        f"red-onnx: internal error: {type(error).__name__}: {first}; "
+        "nothing was written — please report it (run with -v for the traceback)",
+        file=sys.stderr,
+    )
+    return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

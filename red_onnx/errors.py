@@ -6,6 +6,8 @@ without a traceback and exits with the class's ``exit_code``.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def first_line(error: BaseException) -> str:
     """The first non-empty line of an exception's message (or its type name): what a one-line error quotes."""
@@ -32,12 +34,27 @@ class UsageError(RedOnnxError):
 
 
 class VerificationError(RedOnnxError):
-    """The rewritten model does not match the original within tolerance (exit code 1)."""
+    """The rewritten model does not match the original within tolerance (exit code 1).
+
+    Attributes:
+        result: The run's result (model and report) when the failure came after a full run, else None.
+    """
 
     exit_code = 1
+    result: Any = None
 
 
 class RewriteError(RedOnnxError):
     """A rewrite plan is inconsistent with the graph; an internal error, reported with its numbers."""
 
     exit_code = 1
+
+
+class InternalError(RedOnnxError):
+    """A broken internal invariant: a bug to report, never an outcome (exit code 3)."""
+
+    exit_code = 3
+
+
+class PassContractError(InternalError):
+    """A pass broke its contract: a failed precondition or postcondition, or a changed model interface."""

@@ -146,7 +146,7 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
 
 
 # ----------------------------------------------------------------------------------------------
-# Producer layout (method.md, "Where the channels are")
+# Producer layout (docs/method.md, "Where the channels are")
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int | float) -> int | float:

@@ -13,9 +13,9 @@ import red_onnx
 from red_onnx.analysis.redundancy import Merge
 from red_onnx.analysis.similarity import Candidates, resolve_merges
 from red_onnx.errors import RewriteError
+from red_onnx.options import InputSpec
 from red_onnx.runtime.shapes import ShapeService
 from red_onnx.search.budget import BudgetSearch
-from red_onnx.verify.input_spec import InputSpec
 from red_onnx.verify.inputs import make_inputs
 
 

@@ -38,9 +38,9 @@ from test_pipeline import list_initializers_as_inputs, planted_conv
 from red_onnx import InputError, cli, compress
 from red_onnx.demo import demo_path
 from red_onnx.io import files as model_io
+from red_onnx.options import InputSpec
 from red_onnx.runtime import sessions
 from red_onnx.verify import noise
-from red_onnx.verify.input_spec import InputSpec
 from red_onnx.verify.inputs import make_inputs
 
 MODES = {"exact": ["--exact"], "approximate": ["--tolerance", "0.02"]}

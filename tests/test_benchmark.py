@@ -16,7 +16,7 @@ from red_onnx import cli
 from red_onnx.measure.benchmark import NO_DYNAMIC_BATCH, BatchAxisError, batch_axes, batched_feed, benchmark
 from red_onnx.measure.kernel_profile import WEIGHTED_OPS, KernelProfile, profile_kernels, summed
 from red_onnx.measure.latency import LatencyService
-from red_onnx.verify.input_spec import InputSpec
+from red_onnx.options import InputSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from zoo import zoo_dir

@@ -174,7 +174,7 @@ def deleted_without_compensation(
 
 def merged_by_hand(model: onnx.ModelProto, producers: Sequence[str], consumers: dict[str, int],
                    merges: dict[int, int]) -> onnx.ModelProto:  # fmt: skip
-    """method.md's rule with numpy: λ = <v_j, v_i>/‖v_i‖², V_i += λ·V_j, V_j = 0."""
+    """docs/method.md, "Approximate merging", with numpy: λ = <v_j, v_i>/‖v_i‖², V_i += λ·V_j, V_j = 0."""
     vectors = producer_vectors(model, producers)
     w = weights(model)
     changes = {}
@@ -439,9 +439,9 @@ def test_same_call_gives_the_same_bytes() -> None:
 
 
 def test_an_inputs_batch_is_split_between_the_search_and_the_heldout_check(tmp_path: Path) -> None:
+    from red_onnx.options import InputSpec
     from red_onnx.runtime.shapes import ShapeService
     from red_onnx.search.budget import BudgetSearch
-    from red_onnx.verify.input_spec import InputSpec
     from red_onnx.verify.inputs import make_inputs
 
     model = conv_net(0.05)
@@ -464,9 +464,9 @@ def test_a_search_over_the_callers_working_model_reads_it_only_and_finds_what_th
     mode: str,
 ) -> None:
     from red_onnx.io import graph
+    from red_onnx.options import InputSpec
     from red_onnx.runtime.shapes import ShapeService
     from red_onnx.search.budget import BudgetSearch
-    from red_onnx.verify.input_spec import InputSpec
     from red_onnx.verify.inputs import make_inputs
 
     model = residual_net(0.05)
@@ -488,9 +488,9 @@ def test_a_search_over_the_callers_working_model_reads_it_only_and_finds_what_th
 
 def test_a_search_that_rebuilds_keeps_its_exported_proto(monkeypatch: pytest.MonkeyPatch) -> None:
     from red_onnx.io import graph
+    from red_onnx.options import InputSpec
     from red_onnx.runtime.shapes import ShapeService
     from red_onnx.search import budget
-    from red_onnx.verify.input_spec import InputSpec
     from red_onnx.verify.inputs import make_inputs
 
     monkeypatch.setattr(budget, "_simulator", lambda *args: None)  # as when the one-session simulator fails

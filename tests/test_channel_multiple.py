@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 
 import red_onnx
 from red_onnx.analysis.similarity import Candidates, resolve_merges
-from red_onnx.pipeline import make_options
+from red_onnx.options import make_options
 from red_onnx.search.budget_options import Ordering, removal_levels
 from red_onnx.search.channel_steps import ChannelSteps, effective_multiple
 

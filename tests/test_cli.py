@@ -24,7 +24,7 @@ from test_pipeline import (
     x_feed,
 )
 
-from red_onnx import cli
+from red_onnx import cli, pipeline
 from red_onnx.verify.verifier import VerificationResult, Verifier
 
 ERROR_PREFIX = "red-onnx: error: "
@@ -536,7 +536,7 @@ def test_an_internal_error_is_one_line_exit_3_and_writes_nothing(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("simulated bug\nsecond line")
 
-    monkeypatch.setattr(cli, "compress", broken)
+    monkeypatch.setattr(pipeline, "compress", broken)
     out = model_path.parent / "out.onnx"
     code = cli.main([str(model_path), str(out)])
     err = capfd.readouterr().err.strip()
@@ -546,3 +546,33 @@ def test_an_internal_error_is_one_line_exit_3_and_writes_nothing(
         "(run with -v for the traceback)"
     )
     assert not out.exists()
+
+
+def test_an_internal_error_with_v_prints_its_traceback_then_the_line(
+    model_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(pipeline, "compress", broken)
+    code = cli.main([str(model_path), str(model_path.parent / "out.onnx"), "-v"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 3
+    assert err[0] == "Traceback (most recent call last):"
+    assert any("def broken" in line or "raise RuntimeError" in line for line in err)
+    assert err[-1].startswith("red-onnx: internal error: RuntimeError: simulated bug; nothing was written")
+
+
+def test_a_broken_pass_contract_is_an_internal_error(
+    model_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from red_onnx.errors import PassContractError
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise PassContractError("pass merge_exact changed the model's interface")
+
+    monkeypatch.setattr(pipeline, "compress", broken)
+    code = cli.main([str(model_path), str(model_path.parent / "out.onnx")])
+    err = capfd.readouterr().err.strip()
+    assert code == 3
+    assert err.startswith("red-onnx: internal error: PassContractError: pass merge_exact changed")

@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper, numpy_helper
+
+from red_onnx.io.graph import export_model, import_model
 from red_onnx.passes.fold_affine import FoldAffine
 from red_onnx.passes.fold_batchnorm import FoldBatchNorm
 from red_onnx.passes.infra import Pass, PassResult
-
-from red_onnx.io.graph import export_model, import_model
 
 OPSET = 17
 C = 4  # output channels of the producers below

@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 
 from red_onnx import VerificationError
 from red_onnx.io import graph
+from red_onnx.options import InputSpec
 from red_onnx.pipeline import EXACT_ATOL, EXACT_RTOL, VERIFY_SEEDS
 from red_onnx.runtime import shapes
 from red_onnx.search.budget import HELDOUT_SEEDS, SEARCH_SEEDS
-from red_onnx.verify.input_spec import InputSpec
 from red_onnx.verify.inputs import make_inputs
 
 #: Seeds of the inputs the tests check on (none of them is one the pipeline uses).

@@ -7,16 +7,16 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 import pytest
-from red_onnx.passes.merge_near import GroupCandidates, candidates_of, mergeable_groups
 from test_budget import conv_net, deep_net
 
 import red_onnx
 from red_onnx.analysis.redundancy import AtomParams
 from red_onnx.analysis.similarity import pair_distance
 from red_onnx.io import graph as graph_utils
+from red_onnx.options import InputSpec
+from red_onnx.passes.merge_near import GroupCandidates, candidates_of, mergeable_groups
 from red_onnx.runtime.shapes import ShapeService
 from red_onnx.search.budget import BudgetSearch, hashed_orderings
-from red_onnx.verify.input_spec import InputSpec
 from red_onnx.verify.inputs import make_inputs
 
 

@@ -1,4 +1,7 @@
-"""analysis.kde: binned FFT KDE against scikit-learn, basins, snapping, bandwidths (method.md, "Hashing")."""
+"""analysis.kde: binned FFT KDE against scikit-learn, basins, snapping, bandwidths.
+
+See docs/method.md, "Hashing".
+"""
 
 from __future__ import annotations
 

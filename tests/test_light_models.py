@@ -26,8 +26,9 @@ from graphs import (
 )
 
 SLOW = {"vgg19", "zfnet512", "bvlc_alexnet"}  # 61-144 M parameters
-#: Operators that legitimately freeze parts of a model (method.md): LRN mixes channels; AlexNet has
-#: grouped convs; ShuffleNet is grouped 1x1 convs around a Reshape-Transpose-Reshape shuffle.
+#: Operators that legitimately freeze parts of a model (docs/method.md, "Traps that break
+#: exactness"): LRN mixes channels; AlexNet has grouped convs; ShuffleNet is grouped 1x1 convs
+#: around a Reshape-Transpose-Reshape shuffle.
 BLOCKERS = {
     "bvlc_alexnet": ("LRN", "group"),
     "zfnet512": ("LRN",),

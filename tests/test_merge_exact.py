@@ -26,9 +26,9 @@ from graphs import (
     removed_by_report,
     run,
 )
-from red_onnx.passes.merge_exact import align_to_multiple
 
 import red_onnx
+from red_onnx.passes.merge_exact import align_to_multiple
 
 CASES = sorted(BUILDERS)
 SEEDS = (0, 1, 2)

@@ -10,12 +10,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from red_onnx.passes.fold_affine import FoldAffine
-from red_onnx.passes.infra import PassResult
 
 import red_onnx
 from red_onnx.errors import InputError, RedOnnxError, VerificationError
 from red_onnx.io.graph import WorkingModel
+from red_onnx.passes.fold_affine import FoldAffine
+from red_onnx.passes.infra import PassResult
 
 OPSET = 17
 BATCH = "N"

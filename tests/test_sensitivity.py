@@ -12,13 +12,14 @@ import numpy as np
 import onnx
 import pytest
 from graphs import Net, flatten_gemm, gemm_mlp, nhwc_matmul
-from red_onnx.passes.merge_near import mergeable_groups
 from test_budget import conv_net, residual_net
 
 from red_onnx import compress
 from red_onnx.analysis.redundancy import Merge
 from red_onnx.errors import UsageError
 from red_onnx.io import graph
+from red_onnx.options import InputSpec
+from red_onnx.passes.merge_near import mergeable_groups
 from red_onnx.runtime.shapes import ShapeService
 from red_onnx.runtime.tensor_values import run_tensors, tensor_fetch
 from red_onnx.search.budget import BudgetSearch
@@ -30,7 +31,6 @@ from red_onnx.search.sensitivity import (
     capture_grams,
     consumer_inputs,
 )
-from red_onnx.verify.input_spec import InputSpec
 from red_onnx.verify.inputs import make_inputs
 
 

@@ -13,7 +13,6 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from red_onnx.passes.separate_depthwise import SeparateDepthwise, probe_models
 
 import red_onnx
 from red_onnx import cli
@@ -26,6 +25,7 @@ from red_onnx.analysis.separation import (
 )
 from red_onnx.measure import metrics
 from red_onnx.measure.latency import LatencyService
+from red_onnx.passes.separate_depthwise import SeparateDepthwise, probe_models
 from red_onnx.rewrite.separation import separate_conv
 
 SETTINGS = settings(

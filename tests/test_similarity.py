@@ -16,15 +16,15 @@ import pytest
 from graphs import Net, depthwise_m1, residual_identity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from red_onnx.passes.merge_near import analyse_model
 
 from red_onnx.analysis import similarity
 from red_onnx.analysis.redundancy import AtomParams, Merge
 from red_onnx.analysis.similarity import Candidates, atom_macs, near_candidates, pair_distance, resolve_merges
 from red_onnx.io import graph as graph_utils
 from red_onnx.measure import metrics
+from red_onnx.options import InputSpec
+from red_onnx.passes.merge_near import analyse_model
 from red_onnx.runtime.shapes import ShapeService
-from red_onnx.verify.input_spec import InputSpec
 from red_onnx.verify.inputs import make_inputs
 
 

@@ -18,10 +18,10 @@ from test_budget import conv_net, deep_net, residual_net
 
 from red_onnx.io import graph
 from red_onnx.measure import metrics
+from red_onnx.options import InputSpec
 from red_onnx.runtime.shapes import ShapeService
 from red_onnx.search import budget
 from red_onnx.search.budget import BudgetSearch
-from red_onnx.verify.input_spec import InputSpec
 from red_onnx.verify.inputs import make_inputs
 
 BUILDERS = {
@@ -174,8 +174,7 @@ def test_simulator_fetches_intermediate_tensors_and_leaves_the_base_model_as_it_
 
 
 def mergeable_groups_of(search: BudgetSearch) -> list:
-    from red_onnx.passes.merge_near import mergeable_groups
-
     from red_onnx.io import graph
+    from red_onnx.passes.merge_near import mergeable_groups
 
     return mergeable_groups(graph.import_model(search.base), search.shapes, ())

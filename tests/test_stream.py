@@ -19,10 +19,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from red_onnx import compress
 from red_onnx.errors import InputError
+from red_onnx.options import InputSpec
 from red_onnx.runtime.shapes import ShapeService
 from red_onnx.runtime.stream import Runner, StatePair, confirm_pairs, find_state_pairs, join_steps, run_stream
 from red_onnx.search.budget import BudgetSearch
-from red_onnx.verify.input_spec import InputSpec
 from red_onnx.verify.inputs import make_inputs
 from red_onnx.verify.verifier import STREAM_STEPS, Verifier
 

@@ -7,10 +7,10 @@ import onnx
 import pytest
 from test_simulate import BUILDERS, assert_outputs_close, plans, search_of
 
+from red_onnx.options import InputSpec
 from red_onnx.runtime.shapes import ShapeService
 from red_onnx.search.budget import BudgetSearch
 from red_onnx.search.suffix import SuffixSimulator, boundary, suffix_model
-from red_onnx.verify.input_spec import InputSpec
 from red_onnx.verify.inputs import make_inputs
 
 

@@ -15,9 +15,9 @@ from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper, numpy_helper
 
 from red_onnx.errors import InputError, UsageError, VerificationError
+from red_onnx.options import InputSpec, parse_input_range, parse_input_shape, parse_input_value
 from red_onnx.runtime import sessions
 from red_onnx.verify.compare import compare_outputs, merge_checks
-from red_onnx.verify.input_spec import InputSpec, parse_input_range, parse_input_shape, parse_input_value
 from red_onnx.verify.inputs import make_inputs
 from red_onnx.verify.parts import box_error, is_box_head
 from red_onnx.verify.verifier import Verifier

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from zoo import zoo_dir
 
 import red_onnx
-from red_onnx.verify.input_spec import InputSpec
+from red_onnx.options import InputSpec
 
 ZOO = zoo_dir()
 

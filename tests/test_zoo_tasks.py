@@ -35,8 +35,8 @@ from bench.vad import TEST_SPEECH, espeak_available, real_inputs, vad_check, vad
 from bench.zoo import zoo_dir
 from red_onnx import compress
 from red_onnx.io.files import save_model
-from red_onnx.pipeline import DEFAULT_TOLERANCE, Result
-from red_onnx.verify.input_spec import InputSpec
+from red_onnx.options import DEFAULT_TOLERANCE, InputSpec
+from red_onnx.pipeline import Result
 from red_onnx.verify.verifier import Verifier
 
 TOLERANCE = DEFAULT_TOLERANCE

@@ -1,4 +1,4 @@
-"""Export the speed-benchmark models (issue 6, "Speed at scale") to ONNX: ResNet-50-style conv nets and
+"""Export the speed-benchmark models (``bench/speed.py``) to ONNX: ResNet-50-style conv nets and
 BERT-like MatMul encoders at several parameter counts.
 
 Run from the repository root (torch is a bench-only dependency; torchvision is not used)::

@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from red_onnx.analysis.reasons import Reason
-from red_onnx.io.graph import constant_values, is_empty_input
+from red_onnx.io.graph import constant_values, expect_constant, is_empty_input
 
 if TYPE_CHECKING:
     from red_onnx.analysis.channels import GroupTensor
@@ -291,7 +291,7 @@ def _visit_conv(node: gs.Node, member: GroupTensor, context: GraphContext) -> No
     problem = _weight_problem(node, 1)
     if problem:
         return problem
-    weight = constant_values(node.inputs[1])
+    weight = expect_constant(node.inputs[1])
     group = int(node.attrs.get("group", 1))
     multiplier = _depthwise_multiplier(node)
     if multiplier == 1 and node.op == "Conv":
@@ -408,7 +408,7 @@ def _prelu_map(node: gs.Node, member: GroupTensor, context: GraphContext) -> Nod
     return _arange_map("path", *links, channels=member.channels)
 
 
-def _broadcasts_per_channel(shape: tuple[int, ...], rank: int, member: GroupTensor) -> bool:
+def _broadcasts_per_channel(shape: tuple[int, ...], rank: int, member: GroupTensor | _Axis) -> bool:
     """Whether a constant of ``shape`` is scalar along every axis but the channel axis (or C there)."""
     if member.block != 1 and math.prod(shape) != 1:
         return False
@@ -436,8 +436,9 @@ def _visit_norm(node: gs.Node, member: GroupTensor, context: GraphContext) -> No
 def _visit_binary(node: gs.Node, member: GroupTensor, context: GraphContext) -> NodeMap | str:
     out = node.outputs[0]
     out_rank = context.rank(out)
-    ranks = [context.rank(t) for t in node.inputs]
-    if out_rank is None or any(r is None for r in ranks):
+    known = [context.rank(t) for t in node.inputs]
+    ranks = [r for r in known if r is not None]
+    if out_rank is None or len(ranks) < len(known):
         return Reason.UNKNOWN_SHAPE.format(tensor=out.name)
     if _is_output(node, member):
         out_axis = member.axis
@@ -511,10 +512,11 @@ def _offset_map(
     if any(isinstance(t, gs.Constant) for t in [whole, *parts]):
         return _fmt(Reason.VARIABLE_PARAMETER, node, tensor=node.inputs[0].name)
     if axis != member.axis:  # joined along another axis: channel c of every piece is channel c
-        links = [Link(t, member.axis, member.block) for t in [whole, *parts]]
-        return _arange_map("path", *links, channels=member.channels)
-    counts = [context.channels(t, axis, member.block) for t in parts]
-    if any(c is None for c in counts):
+        same = [Link(t, member.axis, member.block) for t in [whole, *parts]]
+        return _arange_map("path", *same, channels=member.channels)
+    known = [context.channels(t, axis, member.block) for t in parts]
+    counts = [c for c in known if c is not None]
+    if len(counts) < len(known):
         return Reason.UNKNOWN_SHAPE.format(tensor=whole.name)
     offsets = np.concatenate([[0], np.cumsum(counts)])
     links = [(Link(t, axis, member.block), offsets[k] + np.arange(counts[k])) for k, t in enumerate(parts)]
@@ -544,7 +546,8 @@ def slice_params(node: gs.Node, rank: int) -> tuple[list[int], list[int], list[i
             v is None and k < len(node.inputs) - 1 and node.inputs[k + 1].name for k, v in enumerate(values)
         ):
             return None
-        starts, ends = values[0].tolist(), values[1].tolist()
+        # both constant: checked just above
+        starts, ends = cast(np.ndarray, values[0]).tolist(), cast(np.ndarray, values[1]).tolist()
         axes = values[2].tolist() if len(values) > 2 and values[2] is not None else list(range(len(starts)))
         steps = values[3].tolist() if len(values) > 3 and values[3] is not None else [1] * len(starts)
     return starts, ends, [a % rank for a in axes], steps
@@ -567,11 +570,11 @@ def _visit_slice(node: gs.Node, member: GroupTensor, context: GraphContext) -> N
     if steps[k] != 1 or member.block != 1 or total is None:
         return _fmt(Reason.CHANNEL_AXIS_ATTR, node)
     start, stop, _ = slice(int(starts[k]), int(ends[k])).indices(total)
-    links = [
+    positions = [
         (Link(node.inputs[0], member.axis), np.arange(total)),
         (Link(node.outputs[0], member.axis), np.arange(start, max(start, stop))),
     ]
-    return NodeMap("path", links)
+    return NodeMap("path", positions)
 
 
 def _visit_transpose(node: gs.Node, member: GroupTensor, context: GraphContext) -> NodeMap | str:
@@ -647,7 +650,7 @@ def _reduce_axes(node: gs.Node, rank: int) -> list[int] | None:
 def _visit_reduce(node: gs.Node, member: GroupTensor, context: GraphContext) -> NodeMap | str:
     rank = context.rank(node.inputs[0])
     axes = _reduce_axes(node, rank) if rank else None
-    if axes is None:
+    if rank is None or axes is None:
         return _fmt(Reason.VARIABLE_PARAMETER, node, tensor=node.inputs[0].name)
     keep = int(node.attrs.get("keepdims", 1))
     if member.block != 1:

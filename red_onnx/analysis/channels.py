@@ -134,7 +134,7 @@ class _GroupBuilder:
         self.group = ChannelGroup(index=index)
         self.context = context
         self.queue: deque[str] = deque()
-        self.visited_nodes: set[int] = set()
+        self.visited_nodes: set[tuple[int, str]] = set()  # (id(node), member tensor name)
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = []
         self.n_slots = 0
 

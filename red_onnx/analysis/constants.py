@@ -18,7 +18,8 @@ from red_onnx.analysis.channels import ChannelGroup
 from red_onnx.analysis.reasons import Reason
 from red_onnx.analysis.redundancy import per_channel_constant
 from red_onnx.analysis.weights import consumer_axis, conv_has_padding, producer_bias, producer_rows
-from red_onnx.io.graph import constant_values, is_empty_input
+from red_onnx.errors import InternalError
+from red_onnx.io.graph import expect_constant, is_empty_input
 
 MAPPING_OPS = frozenset(
     {
@@ -152,6 +153,10 @@ def _evaluate(
     """Output constants of one path node and the reason where constants are lost."""
     member = group.tensors[out]
     with np.errstate(all="ignore"):
+        if node.op in BINARY or node.op == "Mean":
+            return _binary(group, node, member, values), Reason.CONST_MIXED
+        if source is None:  # only a binary op's output joins a group without any of its inputs
+            raise InternalError(f"{node.op} node {node.name!r} has no input in its channel group")
         if node.op in UNARY:
             return UNARY[node.op](source, node.attrs), Reason.CONST_UNKNOWN_OP
         if node.op == "Clip":
@@ -160,19 +165,17 @@ def _evaluate(
             pad_value = 0.0 if node.op == "AveragePool" else _pad_constant(node)
             return np.where(source == pad_value, source, np.nan), Reason.CONST_PADDED
         if node.op == "BatchNormalization":
-            scale, bias, mean, var = (constant_values(t).astype(np.float64) for t in node.inputs[1:5])
+            scale, bias, mean, var = (expect_constant(t).astype(np.float64) for t in node.inputs[1:5])
             factor = scale / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
             return factor * (source - mean) + bias, Reason.CONST_UNKNOWN_OP
         if node.op == "InstanceNormalization":
-            bias = constant_values(node.inputs[2]).astype(np.float64)
+            bias = expect_constant(node.inputs[2]).astype(np.float64)
             return np.where(np.isfinite(source), bias, np.nan), Reason.CONST_UNKNOWN_OP
         if node.op == "PRelu":
             slope = _per_channel(node.inputs[1], member)
             return np.where(source >= 0, source, slope * source), Reason.CONST_UNKNOWN_OP
         if node.op == "Conv":
             return _depthwise(node, source), Reason.CONST_PADDED
-        if node.op in BINARY or node.op == "Mean":
-            return _binary(group, node, member, values), Reason.CONST_MIXED
     return np.full(member.channels, np.nan), Reason.CONST_UNKNOWN_OP
 
 
@@ -180,9 +183,9 @@ def _clip(node: gs.Node, x: np.ndarray) -> np.ndarray:
     low = node.attrs.get("min", -np.inf)
     high = node.attrs.get("max", np.inf)
     if not is_empty_input(node, 1):
-        low = float(constant_values(node.inputs[1]))
+        low = float(expect_constant(node.inputs[1]))
     if not is_empty_input(node, 2):
-        high = float(constant_values(node.inputs[2]))
+        high = float(expect_constant(node.inputs[2]))
     return np.clip(x, low, high)
 
 
@@ -190,12 +193,12 @@ def _pad_constant(node: gs.Node) -> float:
     if "value" in node.attrs:
         return float(node.attrs["value"])
     if not is_empty_input(node, 2):
-        return float(constant_values(node.inputs[2]).reshape(-1)[0])
+        return float(expect_constant(node.inputs[2]).reshape(-1)[0])
     return 0.0
 
 
 def _per_channel(tensor: gs.Tensor, member) -> np.ndarray:
-    values = constant_values(tensor).astype(np.float64)
+    values = expect_constant(tensor).astype(np.float64)
     if values.size == 1:
         return np.full(member.channels, float(values.reshape(-1)[0]))
     rows = per_channel_constant(values, member.rank, member.axis, member.channels)
@@ -205,9 +208,9 @@ def _per_channel(tensor: gs.Tensor, member) -> np.ndarray:
 
 
 def _depthwise(node: gs.Node, x: np.ndarray) -> np.ndarray:
-    weight = constant_values(node.inputs[1]).astype(np.float64)
+    weight = expect_constant(node.inputs[1]).astype(np.float64)
     kernel = weight.reshape(weight.shape[0], -1)
-    bias = np.zeros(len(kernel)) if is_empty_input(node, 2) else constant_values(node.inputs[2]).astype(float)
+    bias = np.zeros(len(kernel)) if is_empty_input(node, 2) else expect_constant(node.inputs[2]).astype(float)
     zero_kernel = ~kernel.any(axis=1)
     through = x * kernel.sum(axis=1) + bias
     if conv_has_padding(node):
@@ -245,7 +248,8 @@ def consumer_absorbs(node: gs.Node) -> bool:
 def consumer_slices_zero(group: ChannelGroup, node: gs.Node, tensor: str) -> np.ndarray:
     """Per local channel of ``tensor``: whether the consumer's weight slice for it is all zero."""
     member = group.tensors[tensor]
-    weight = constant_values(node.inputs[1])
+    weight = expect_constant(node.inputs[1])
     moved = np.moveaxis(weight, consumer_axis(node), 0)
     rows = moved.reshape(member.channels, -1)
-    return ~rows.any(axis=1)
+    # numpy's stubs allow a scalar for any() with an axis; a 2-D array gives a 1-D one
+    return ~rows.any(axis=1)  # type: ignore[return-value]

@@ -1,8 +1,8 @@
 """Gaussian kernel density of a layer's weights and its basins: the core of weight hashing.
 
-method.md, "Hashing": estimate the density of the weights with a Gaussian kernel of bandwidth ``h``,
-cut the weight axis at the local minima of that density, and replace every weight by one value per
-basin (the basin's mean, or its mode). Pure numpy, O(n + G log G) for n weights and a G-point grid:
+docs/method.md, "Hashing": estimate the density of the weights with a Gaussian kernel of bandwidth
+``h``, cut the weight axis at the local minima of that density, and replace every weight by one value
+per basin (the basin's mean, or its mode). Pure numpy, O(n + G log G) for n weights and a G-point grid:
 
 * **Linear binning.** Each weight splits its unit mass between the two grid points around it, in
   proportion to its distance to each. Smoothing the binned masses with the *sampled* kernel gives, at
@@ -368,7 +368,10 @@ def _linear_bin(
         cells[past] = size - 2
         right_share[past] = 1.0
     on_right = np.bincount(cells, weights=right_share, minlength=size)
-    mass = np.bincount(cells, weights=np.subtract(1.0, right_share, out=right_share), minlength=size)
+    # float64 with weights, though bincount's stubs say intp
+    mass: np.ndarray = np.bincount(
+        cells, weights=np.subtract(1.0, right_share, out=right_share), minlength=size
+    )
     filling = mass[:-1] + on_right[:-1]  # a weight gives 1 - r > 0, or r = 1, to its own cell
     mass[1:] += on_right[:-1]
     mass /= w.size

@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from red_onnx.analysis.channels import ChannelGroup
 from red_onnx.analysis.weights import channel_rows, consumer_axis, producer_bias, producer_rows
-from red_onnx.io.graph import constant_values, is_empty_input
+from red_onnx.io.graph import expect_constant, is_empty_input
 
 #: Relative residual under which ``scaled_j`` counts as ``λ·scaled_i`` in exact mode (fp32 rounding).
 EXACT_SCALE_RTOL = 1e-6
@@ -76,18 +76,18 @@ def _path_params(group: ChannelGroup, node: gs.Node, ranks: dict[str, int]) -> t
         return equal, scaled
     member = group.tensors[out]
     if node.op == "Conv":  # depthwise, multiplier 1
-        weight = constant_values(node.inputs[1]).astype(np.float64)
+        weight = expect_constant(node.inputs[1]).astype(np.float64)
         equal.append((out, weight.reshape(weight.shape[0], -1)))
         if not is_empty_input(node, 2):
-            scaled.append((out, constant_values(node.inputs[2]).astype(np.float64).reshape(-1, 1)))
+            scaled.append((out, expect_constant(node.inputs[2]).astype(np.float64).reshape(-1, 1)))
     elif node.op == "BatchNormalization":
-        scale, bias, mean, var = (constant_values(t).astype(np.float64) for t in node.inputs[1:5])
+        scale, bias, mean, var = (expect_constant(t).astype(np.float64) for t in node.inputs[1:5])
         factor = scale / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
         equal.append((out, factor.reshape(-1, 1)))
         scaled.append((out, (bias - mean * factor).reshape(-1, 1)))
     elif node.op in ("InstanceNormalization", "PRelu"):
         for tensor in node.inputs[1:]:
-            rows = per_channel_constant(constant_values(tensor), ranks[out], member.axis, member.channels)
+            rows = per_channel_constant(expect_constant(tensor), ranks[out], member.axis, member.channels)
             if rows is not None:
                 equal.append((out, rows))
     else:
@@ -117,9 +117,9 @@ def atom_params(group: ChannelGroup, ranks: dict[str, int]) -> AtomParams:
         scaled_parts.append(_by_atom(group, producer.tensor, rows))
         scaled_parts.append(_by_atom(group, producer.tensor, bias[:, None].astype(rows.dtype)))
     for node in group.path:
-        equal, scaled = _path_params(group, node, ranks)
-        equal_parts += [_by_atom(group, name, rows) for name, rows in equal]
-        scaled_parts += [_by_atom(group, name, rows) for name, rows in scaled]
+        node_equal, node_scaled = _path_params(group, node, ranks)
+        equal_parts += [_by_atom(group, name, rows) for name, rows in node_equal]
+        scaled_parts += [_by_atom(group, name, rows) for name, rows in node_scaled]
     membership = np.zeros((group.n_atoms, len(group.tensors)), bool)
     for column, member in enumerate(group.tensors.values()):
         membership[member.atoms, column] = True
@@ -133,7 +133,7 @@ def outgoing_norms(group: ChannelGroup) -> np.ndarray:
     squared = np.zeros(group.n_atoms)
     for consumer in group.consumers:
         member = group.tensors[consumer.tensor]
-        weight = constant_values(consumer.node.inputs[1])
+        weight = expect_constant(consumer.node.inputs[1])
         rows = np.moveaxis(weight, consumer_axis(consumer.node), 0).reshape(member.channels, -1)
         np.add.at(squared, member.atoms, np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
     return np.sqrt(squared)

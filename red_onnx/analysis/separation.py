@@ -5,8 +5,9 @@ one of the ``u_c`` distinct unit kernels of input channel ``c`` (zero kernels ne
 
     y_o = Σ_(c,u) P[o, (c,u)] · (B[c,u] ∗ x_c)
 
-which ONNX writes as ``Gather(axis=1)`` → ``Conv(group=U)`` → ``Conv 1×1`` (method.md, "Uneven depthwise
-separation"). This module only analyses (pure numpy); ``red_onnx.rewrite.separation`` edits the graph.
+which ONNX writes as ``Gather(axis=1)`` → ``Conv(group=U)`` → ``Conv 1×1`` (docs/method.md,
+"Uneven depthwise separation"). This module only analyses (pure numpy); ``red_onnx.rewrite.separation``
+edits the graph.
 
 Unit kernels: each nonzero kernel divided by its L2 norm, its sign chosen so that its first entry of
 largest magnitude is positive. Two kernels share a unit when their unit vectors agree to ``atol`` in

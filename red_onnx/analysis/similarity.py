@@ -7,7 +7,8 @@ is not positively homogeneous) and costs the relative distance
     d(j → i) = sqrt( ‖s_j − λ·s_i‖² / ‖s_j‖²  +  ‖e_j − e_i‖² / ē² ),   ē = median row norm of e,
 
 the compensation being ``V_i += λ·V_j`` in every consumer, as for exact merges. Candidates come from a
-neighbour search (scikit-learn) on normalised rows, never from all pairs. They are ranked by the
+neighbour search on normalised rows (``_nearest``: blocked matrix products), never from all pairs,
+re-ranked by the exact distance. They are ranked by the
 perturbation a merge causes downstream, ``d(j → i)·‖s_j‖·‖V_j‖`` (‖V_j‖: the consumers' weights that read
 j): on the digits model this ordering cut the error of removing 8 of 64 channels from 0.21 to 0.14.
 """
@@ -78,7 +79,7 @@ def _features(params: AtomParams, atoms: np.ndarray, homogeneous: bool) -> np.nd
     """
     width = params.scaled.shape[1]
     features = np.empty((len(atoms), width + params.equal.shape[1]), np.float32)
-    divisor = 1.0 if homogeneous else _median_positive(_row_norms(params.scaled, atoms))
+    divisor: float | np.ndarray = 1.0 if homogeneous else _median_positive(_row_norms(params.scaled, atoms))
     for part, rows in _float64_rows(params.scaled, atoms):
         if homogeneous:
             norms = np.linalg.norm(rows, axis=1, keepdims=True)

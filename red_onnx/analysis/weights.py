@@ -1,4 +1,4 @@
-"""Where a channel lives in each weighted op's tensors (method.md, "Where the channels are").
+"""Where a channel lives in each weighted op's tensors (docs/method.md, "Where the channels are").
 
 One table, used by analysis (reading rows) and rewrite (editing them), so the layouts are written once.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from red_onnx.io.graph import constant_values, is_empty_input
+from red_onnx.io.graph import constant_values, expect_constant, is_empty_input
 
 
 def producer_axis(node: gs.Node) -> int:
@@ -48,7 +48,7 @@ def producer_bias(node: gs.Node, channels: int) -> np.ndarray:
     """The per-output-channel bias a producer adds (Gemm: beta·C), zeros when absent."""
     if node.op == "MatMul" or is_empty_input(node, 2):
         return np.zeros(channels)
-    bias = constant_values(node.inputs[2]).astype(np.float64)
+    bias = expect_constant(node.inputs[2]).astype(np.float64)
     if node.op == "Gemm":
         bias = float(node.attrs.get("beta", 1.0)) * bias
     return np.broadcast_to(bias.reshape(-1), (channels,)).copy() if bias.size == 1 else bias.reshape(-1)
@@ -56,7 +56,7 @@ def producer_bias(node: gs.Node, channels: int) -> np.ndarray:
 
 def producer_rows(node: gs.Node) -> np.ndarray:
     """The producer's weight as ``[out_channels, ...]`` rows, scaled by Gemm's alpha (weight dtype)."""
-    weight = constant_values(node.inputs[1])
+    weight = expect_constant(node.inputs[1])
     rows = channel_rows(weight, producer_axis(node))
     scale = output_scale(node)
     return rows * np.asarray(scale, rows.dtype) if scale != 1.0 else rows

@@ -18,6 +18,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from red_onnx.errors import InternalError
+
 logger = logging.getLogger(__name__)
 FLOAT = onnx.TensorProto.FLOAT
 
@@ -192,6 +194,7 @@ def _fold_stored_weights(graph: gs.Graph) -> None:
 
 def _narrow_values(tensor: gs.Tensor) -> np.ndarray | None:
     """The values of a float16 constant (an initializer or a Constant node's output), else None."""
+    values: np.ndarray | None
     if isinstance(tensor, gs.Constant):
         values = np.asarray(tensor.values)
     elif len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
@@ -207,7 +210,7 @@ def _restore_storage(model: onnx.ModelProto, graph: gs.Graph) -> None:
 
     A weight whose values overflow the storage type (a fold scaled it up) stays float32.
     """
-    stored = {
+    stored: dict[str, StoredAs] = {
         name: tensor.red_stored_as
         for name, tensor in graph.tensors().items()
         if isinstance(tensor, gs.Constant) and hasattr(tensor, "red_stored_as")
@@ -220,8 +223,10 @@ def _restore_storage(model: onnx.ModelProto, graph: gs.Graph) -> None:
     casts = []
     for init in model.graph.initializer:
         storage = stored.get(init.name)
-        narrow = onnx.numpy_helper.to_array(init).astype(storage.dtype) if storage else None
-        if narrow is None or not np.isfinite(narrow).all():
+        if storage is None:
+            continue
+        narrow = onnx.numpy_helper.to_array(init).astype(storage.dtype)
+        if not np.isfinite(narrow).all():
             continue
         source = _free_name(storage.source, f"{init.name}_{storage.dtype.name}", taken)
         cast = _free_name(storage.cast, f"{init.name}_cast", taken)
@@ -316,6 +321,18 @@ def constant_values(tensor: gs.Tensor) -> np.ndarray | None:
     if isinstance(tensor, gs.Constant):
         return np.asarray(tensor.values)
     return None
+
+
+def expect_constant(tensor: gs.Tensor) -> np.ndarray:
+    """The values of a tensor the caller has already established is a constant.
+
+    Raises:
+        InternalError: ``tensor`` is not a constant: the caller's check is missing or wrong.
+    """
+    values = constant_values(tensor)
+    if values is None:
+        raise InternalError(f"tensor {tensor.name!r} is not a constant where one was established")
+    return values
 
 
 def node_constant_input(node: gs.Node, index: int) -> np.ndarray | None:

@@ -11,7 +11,7 @@ with the same tags and length prefixes upb writes, in the same field order, so t
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
@@ -20,7 +20,9 @@ from google.protobuf.message import EncodeError, Message
 try:
     from google.protobuf import unknown_fields
 except ImportError:  # protobuf < 4.22: every model is written whole
-    unknown_fields = None
+    unknown_fields = None  # type: ignore[assignment]  # the stubs describe only protobufs that have it
+
+_M = TypeVar("_M", bound=Message)
 
 #: Wire type of length-delimited fields (messages, bytes, strings).
 _LENGTH_DELIMITED = 2
@@ -98,7 +100,7 @@ def _split(message: Message, field_name: str) -> tuple[bytes, bytes]:
     return head.SerializeToString(), tail.SerializeToString()
 
 
-def _shell(message: Message, field_name: str, *, before: int | None, after: int | None = None) -> Message:
+def _shell(message: _M, field_name: str, *, before: int | None, after: int | None = None) -> _M:
     """A new message with the fields of ``message`` but ``field_name`` (only those numbered in range)."""
     shell = type(message)()
     for field, value in message.ListFields():
@@ -138,7 +140,8 @@ def _size_without(message: Message, field_name: str, part_sizes: Iterable[int]) 
 def _is_repeated(field: FieldDescriptor) -> bool:
     """Whether a field is repeated (``is_repeated`` since protobuf 5.29, ``label`` before)."""
     repeated = getattr(field, "is_repeated", None)
-    return bool(repeated) if repeated is not None else field.label == field.LABEL_REPEATED
+    # ``label`` is gone from the stubs, which describe protobuf >= 5.29 only
+    return bool(repeated) if repeated is not None else field.label == field.LABEL_REPEATED  # type: ignore[attr-defined]
 
 
 def _varint(value: int) -> bytes:

@@ -18,8 +18,8 @@ import onnx
 
 from red_onnx.errors import RedOnnxError, first_line
 from red_onnx.measure.kernel_profile import profile_kernels
-from red_onnx.measure.latency import CPU_PROVIDER, DEFAULT_RUNS, LatencyService
-from red_onnx.verify.input_spec import InputSpec
+from red_onnx.measure.latency import DEFAULT_RUNS, LatencyService
+from red_onnx.options import CPU_PROVIDER, InputSpec
 from red_onnx.verify.inputs import make_inputs, real_inputs
 
 BATCHES = (1, 16)
@@ -192,6 +192,7 @@ def _weighted_shares(
         shares = [profile_kernels(m, feed, service).share for m in models]
     except Exception as error:  # onnxruntime's errors share no base class: a reason, not a crash
         return {"skipped": f"onnxruntime could not profile: {first_line(error)[:200]}"}
-    if None in shares:
+    before, after = shares
+    if before is None or after is None:
         return {"skipped": "onnxruntime's profile timed no kernel"}
-    return {"before": round(shares[0], 4), "after": round(shares[1], 4)}
+    return {"before": round(before, 4), "after": round(after, 4)}

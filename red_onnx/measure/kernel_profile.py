@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +89,7 @@ def summed(events: list[dict]) -> KernelProfile:
     run_spans = sorted((e["ts"], e["dur"]) for e in events if e.get("name") == "model_run")
     after = run_spans[0][0] + run_spans[0][1] if run_spans else -1
     counted = max(len(run_spans) - 1, 1)
-    totals: Counter[str] = Counter()
+    totals: defaultdict[str, float] = defaultdict(float)
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] > after:
             totals[event.get("args", {}).get("op_name", "?")] += float(event["dur"])

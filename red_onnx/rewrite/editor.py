@@ -19,8 +19,8 @@ from red_onnx.analysis.channel_ops import slice_params
 from red_onnx.analysis.channels import ChannelGroup, Consumer, GroupTensor
 from red_onnx.analysis.redundancy import Merge
 from red_onnx.analysis.weights import consumer_axis, output_scale, producer_axis
-from red_onnx.errors import RewriteError
-from red_onnx.io.graph import constant_values, is_empty_input, set_constant_input
+from red_onnx.errors import InternalError, RewriteError
+from red_onnx.io.graph import expect_constant, is_empty_input, set_constant_input
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _take(values: np.ndarray, keep: np.ndarray, axis: int, block: int = 1) -> np
 def _rewire_consumer(plan: GroupPlan, consumer: Consumer) -> None:
     node = consumer.node
     member = plan.group.tensors[consumer.tensor]
-    weight = constant_values(node.inputs[1])
+    weight = expect_constant(node.inputs[1])
     axis = consumer_axis(node)
     moved = np.moveaxis(weight, axis, 0)
     rows = moved.reshape(member.channels, member.block, *moved.shape[1:]).copy()
@@ -157,17 +157,17 @@ def _add_output_bias(node: gs.Node, contribution: np.ndarray) -> None:
     if node.op == "MatMul":
         _add_after_matmul(node, contribution)
         return
-    dtype = constant_values(node.inputs[1]).dtype
+    dtype = expect_constant(node.inputs[1]).dtype
     if node.op == "Gemm":
         beta = float(node.attrs.get("beta", 1.0))
         if is_empty_input(node, 2) or beta == 0.0:
             node.attrs["beta"] = 1.0
             set_constant_input(node, 2, contribution.astype(dtype), suffix=SUFFIX)
             return
-        bias = np.broadcast_to(constant_values(node.inputs[2]).reshape(-1), contribution.shape)
+        bias = np.broadcast_to(expect_constant(node.inputs[2]).reshape(-1), contribution.shape)
         set_constant_input(node, 2, (bias + contribution / beta).astype(dtype), suffix=SUFFIX)
         return
-    bias = np.zeros(contribution.shape) if is_empty_input(node, 2) else constant_values(node.inputs[2])
+    bias = np.zeros(contribution.shape) if is_empty_input(node, 2) else expect_constant(node.inputs[2])
     set_constant_input(node, 2, (bias + contribution).astype(dtype), suffix=SUFFIX)
 
 
@@ -184,7 +184,7 @@ def _inserted_bias_add(node: gs.Node) -> gs.Node | None:
 
 def _take_bias_add(add: gs.Node, keep: np.ndarray) -> None:
     """Keep only the ``keep`` channels of an inserted bias Add (its producer lost the others)."""
-    set_constant_input(add, 1, constant_values(add.inputs[1])[..., keep], suffix=SUFFIX)
+    set_constant_input(add, 1, expect_constant(add.inputs[1])[..., keep], suffix=SUFFIX)
 
 
 def _add_after_matmul(node: gs.Node, contribution: np.ndarray) -> None:
@@ -193,10 +193,10 @@ def _add_after_matmul(node: gs.Node, contribution: np.ndarray) -> None:
     The inserted Add is not on the path of the MatMul's own group as analysed this round, so
     :func:`apply_plan` slices its bias when a later plan deletes the MatMul's output channels.
     """
-    dtype = constant_values(node.inputs[1]).dtype
+    dtype = expect_constant(node.inputs[1]).dtype
     added = _inserted_bias_add(node)
     if added is not None:  # a second fold (a later round): one Add, one bias
-        bias = constant_values(added.inputs[1])
+        bias = expect_constant(added.inputs[1])
         set_constant_input(added, 1, (bias + contribution).astype(dtype), suffix=SUFFIX)
         return
     out = node.outputs[0]
@@ -221,11 +221,11 @@ def attach_graph(graph: gs.Graph) -> None:
 
 
 def _delete_producer_channels(node: gs.Node, keep: np.ndarray) -> None:
-    weight = constant_values(node.inputs[1])
+    weight = expect_constant(node.inputs[1])
     set_constant_input(node, 1, _take(weight, keep, producer_axis(node)), suffix=SUFFIX)
     if node.op == "MatMul" or is_empty_input(node, 2):
         return
-    bias = constant_values(node.inputs[2])
+    bias = expect_constant(node.inputs[2])
     if bias.size > 1:
         flat = bias.reshape(-1)
         set_constant_input(node, 2, flat[keep].reshape((*bias.shape[:-1], len(keep))), suffix=SUFFIX)
@@ -255,7 +255,7 @@ def _rewrite_path_node(plan: GroupPlan, node: gs.Node) -> None:
 
 
 def _delete_param_channels(node: gs.Node, index: int, out: GroupTensor, keep: np.ndarray, rank: int) -> None:
-    values = constant_values(node.inputs[index])
+    values = expect_constant(node.inputs[index])
     if node.op in ("Conv", "BatchNormalization", "InstanceNormalization"):
         if values.ndim >= 1 and values.shape[0] == out.channels:
             set_constant_input(node, index, values[keep], suffix=SUFFIX)
@@ -282,7 +282,10 @@ def _rewrite_split(plan: GroupPlan, node: gs.Node) -> None:
 
 def _rewrite_slice(plan: GroupPlan, node: gs.Node) -> None:
     source = plan.group.tensors[node.inputs[0].name]
-    starts, ends, axes, _ = slice_params(node, source.rank)
+    params = slice_params(node, source.rank)
+    if params is None:
+        raise InternalError(f"Slice {node.name} is on a channel path but its parameters are not constant")
+    starts, ends, axes, _ = params
     if source.axis not in axes:
         return
     k = axes.index(source.axis)
@@ -298,7 +301,7 @@ def _rewrite_slice(plan: GroupPlan, node: gs.Node) -> None:
 
 
 def _rewrite_reshape_target(node: gs.Node, out: GroupTensor, kept: int) -> None:
-    target = constant_values(node.inputs[1]).astype(np.int64).copy()
+    target = expect_constant(node.inputs[1]).astype(np.int64).copy()
     entry = int(target[out.axis])
     if entry in (0, -1):
         return

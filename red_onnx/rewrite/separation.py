@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from red_onnx.analysis.separation import KernelBasis
 from red_onnx.errors import RewriteError
-from red_onnx.io.graph import constant_values, is_empty_input
+from red_onnx.io.graph import expect_constant, is_empty_input
 
 SUFFIX = "red_sep"
 #: Conv attributes the depthwise conv inherits (``group`` and ``kernel_shape`` are set anew).
@@ -33,7 +33,7 @@ def separate_conv(graph: gs.Graph, conv: gs.Node, basis: KernelBasis) -> list[gs
     """
     if basis.size == 0:
         raise RewriteError(f"conv {conv.name} has only zero kernels: nothing to separate")
-    weight = constant_values(conv.inputs[1])
+    weight = expect_constant(conv.inputs[1])
     dtype, spatial = weight.dtype, weight.ndim - 2
     source, output = conv.inputs[0], conv.outputs[0]
     bias = [] if is_empty_input(conv, 2) else [conv.inputs[2]]

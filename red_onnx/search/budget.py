@@ -22,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -33,10 +34,11 @@ from red_onnx.analysis.similarity import (
     activation_candidates,
     atom_macs,
 )
-from red_onnx.errors import VerificationError
+from red_onnx.errors import InternalError, VerificationError
 from red_onnx.io import graph as graph_utils
 from red_onnx.io.memory import release_free_memory
 from red_onnx.measure import metrics
+from red_onnx.options import SENSITIVITY_MODES, InputSpec
 from red_onnx.passes.merge_near import GroupCandidates, MergeNear, candidates_of, mergeable_groups
 from red_onnx.runtime.sessions import HeldSessions
 from red_onnx.runtime.shapes import ShapeService
@@ -58,7 +60,6 @@ from red_onnx.search.channel_steps import ChannelSteps
 from red_onnx.search.sensitivity import LocalSensitivity, consumer_inputs
 from red_onnx.search.simulate import MacsCounter, MergeSimulator
 from red_onnx.search.suffix import SuffixSimulator
-from red_onnx.verify.input_spec import InputSpec
 from red_onnx.verify.verifier import Verifier
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,6 @@ TARGET_CAP_GROWTH = 4.0
 #: "local" (estimated from one activation capture: ``red_onnx.search.sensitivity``; only the bisected
 #: prefixes are measured), "calibrated" (local, scaled per group by one measured run), "auto"
 #: (calibrated for models above LARGE_MODEL_MACS per sample, measured below).
-SENSITIVITY_MODES = ("auto", "measured", "calibrated", "local")
 #: The search measures with graph optimisations off (the final verification adds ORT_ENABLE_ALL).
 LEVEL = ("disable_all",)
 
@@ -145,7 +145,7 @@ class BudgetSearch:
     def __init__(
         self,
         base: onnx.ModelProto | graph_utils.WorkingModel,
-        reference: onnx.ModelProto | str,
+        reference: onnx.ModelProto | str | Path,
         spec: InputSpec,
         shapes: ShapeService,
         *,
@@ -162,6 +162,7 @@ class BudgetSearch:
             raise ValueError(f"sensitivity {sensitivity!r} is not one of {', '.join(SENSITIVITY_MODES)}")
         self.freeze = tuple(freeze)
         self.progress = progress or (lambda label: None)
+        self.base: onnx.ModelProto | None
         if isinstance(base, onnx.ModelProto):
             working, self.base = graph_utils.import_model(base), base
         else:  # exported only where a measurement has to rebuild the model (apply_plan)
@@ -231,6 +232,8 @@ class BudgetSearch:
         if name in samples:
             tensor, rows = samples[name]
             params = item.params
+            if params.outgoing is None:
+                raise InternalError(f"group {name}: its atom params lack the outgoing norms")
             found = activation_candidates(item.group, tensor, rows, params.outgoing, params.signature)
             orderings.append(Ordering("activations", 0.0, 0, found))
         steps = ChannelSteps.of(item.params.signature, self.channel_multiple)
@@ -263,7 +266,13 @@ class BudgetSearch:
         self.progress("capture activations")
         try:
             names = list(consumer_inputs(groups))
-            fetch = self.simulator.tensors if self.simulator else tensor_fetch(self.base, names)
+            fetch: Callable[[Sequence[str], Mapping[str, np.ndarray]], list[np.ndarray]]
+            if self.simulator:
+                fetch = self.simulator.tensors
+            elif self.base is not None:
+                fetch = tensor_fetch(self.base, names)
+            else:  # __init__ exports the base model whenever there is no simulator
+                raise InternalError("no simulator and no exported base model to capture activations from")
             return LocalSensitivity(fetch, groups, self.verifier.inputs)
         except Exception as error:  # onnxruntime's errors share no base class; measuring still works
             logger.warning("measuring each group's error (the activation capture failed: %s)", error)

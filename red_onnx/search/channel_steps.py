@@ -9,7 +9,6 @@ search keeps every group's kept count on ``--channel-multiple``, narrow groups o
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,7 +76,7 @@ class ChannelSteps:
         last = size - step if cap is None else min(size - step, cap)
         return np.array([0, *range(size % step or step, last + 1, step)], np.int64)
 
-    def totals(self, caps: Sequence[int] | None = None) -> np.ndarray:
+    def totals(self, caps: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """Every group removal count the segments allow together (``caps``: at most so many per segment)."""
         reach = np.zeros(sum(self.sizes) + 1, bool)
         reach[0] = True
@@ -106,7 +105,15 @@ class ChannelSteps:
         costs = [np.concatenate([[0.0], np.cumsum(candidates.cost[taken[mask]])]) for mask in masks]
         quotas = self._quotas(costs, [int(mask.sum()) for mask in masks], count)
         taken = self._walk(candidates, quotas)
-        subset = Candidates(*(None if a is None else a[taken] for a in dataclasses.astuple(candidates)))
+        offset = candidates.offset
+        subset = Candidates(
+            candidates.source[taken],
+            candidates.target[taken],
+            candidates.scale[taken],
+            candidates.distance[taken],
+            candidates.cost[taken],
+            None if offset is None else offset[taken],
+        )
         return resolve_merges(subset, len(taken))
 
     def _walk(self, candidates: Candidates, quotas: Sequence[int] | None) -> np.ndarray:
@@ -115,7 +122,8 @@ class ChannelSteps:
 
     def _quotas(self, costs: list[np.ndarray], caps: list[int], count: int) -> list[int]:
         """Per segment, how many atoms it gives: the cheapest allowed split of the largest total <= count."""
-        best, picks = np.full(count + 1, np.inf), []
+        best = np.full(count + 1, np.inf)
+        picks: list[np.ndarray] = []
         best[0] = 0.0
         for segment, cumulative in enumerate(costs):
             grown, pick = np.full(count + 1, np.inf), np.zeros(count + 1, np.int64)

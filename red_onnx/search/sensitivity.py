@@ -251,7 +251,7 @@ class LocalSensitivity:
     @property
     def nbytes(self) -> int:
         """Bytes of the arrays held (Gram matrices, ``H``, sampled rows; not the model's weights)."""
-        held = {}
+        held: dict[int, int] = {}  # id(array) -> nbytes, an array shared by consumers counted once
         for consumer in (c for consumers in (self.consumers or {}).values() for c in consumers):
             arrays = [consumer.inputs] + ([consumer.weights] if isinstance(consumer, ConsumerGrams) else [])
             held.update((id(array), array.nbytes) for array in arrays)

@@ -25,7 +25,7 @@ import onnxruntime as ort
 from red_onnx.analysis.channels import ChannelGroup
 from red_onnx.analysis.redundancy import Merge
 from red_onnx.analysis.weights import consumer_axis
-from red_onnx.io.graph import WorkingModel, constant_values, export_light
+from red_onnx.io.graph import WorkingModel, expect_constant, export_light
 from red_onnx.rewrite.editor import add_merged_rows
 from red_onnx.runtime.sessions import session_options
 
@@ -52,7 +52,7 @@ def consumer_slots(group: ChannelGroup) -> list[ConsumerSlot]:
     for consumer in group.consumers:
         member = group.tensors[consumer.tensor]
         weight = consumer.node.inputs[1]
-        values = constant_values(weight)
+        values = expect_constant(weight)
         slots.append(ConsumerSlot(weight.name, values, consumer_axis(consumer.node), member.block,
                                   group.atom_index(consumer.tensor)))  # fmt: skip
     return slots
@@ -162,7 +162,7 @@ class MergeSimulator:
         fixed = {name: np.ascontiguousarray(constants[name].values, dtype=np.float32) for name in names}
         return cls(light, groups, providers, extra_outputs, fixed=fixed)
 
-    def tensors(self, names: Sequence[str], feed: Feed) -> list[np.ndarray]:
+    def tensors(self, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Values of ``extra_outputs`` (or outputs) of the base model on one feed (weights unchanged)."""
         values = self.session.run(list(names), self.base_inputs(feed))
         return [np.asarray(value) for value in values]
@@ -190,7 +190,7 @@ class MergeSimulator:
         values = self.session.run(self.outputs, {**self.base_inputs(feed), **weights})
         return dict(zip(self.outputs, (np.asarray(v) for v in values), strict=True))
 
-    def base_inputs(self, feed: Feed) -> Feed:
+    def base_inputs(self, feed: Mapping[str, np.ndarray]) -> Feed:
         """The session's inputs for one feed with the base weights: the real inputs and ``fixed``."""
         return {**{n: feed[n] for n in self.real_inputs}, **self.fixed}
 

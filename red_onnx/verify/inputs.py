@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 
 from red_onnx.errors import InputError, UsageError, first_line
+from red_onnx.options import InputSpec
 from red_onnx.runtime.stream import Feed, StatePair, find_state_pairs
 from red_onnx.verify.input_spec import (
-    InputSpec,
     declared_dims,
     fits_declared,
     format_dims,
@@ -191,7 +191,7 @@ def rows_part(feeds: list[Feed], model: onnx.ModelProto, names: set[str], part: 
     declared = {vi.name: declared_dims(vi) for vi in real_inputs(model)}
     batched = [name for name in names if np.ndim(feeds[0][name]) >= 1]
     sizes = {feeds[0][name].shape[0] for name in batched}
-    dynamic = all(declared[name] and declared[name][0] is None for name in batched)
+    dynamic = all((dims := declared[name]) and dims[0] is None for name in batched)
     if not batched or len(sizes) != 1 or min(sizes) < 2 or not dynamic:
         logger.info("the --inputs file holds no batch to split: the %s part uses all of it", part)
         return feeds

@@ -15,7 +15,7 @@ from onnx import TensorProto
 
 #: Unit roundoff u (half an ulp at 1) of the float types below float32 that a model may store or compute in
 #: (bfloat16 is left out: onnxruntime's CPU kernels do not compute in it, and no floor was measured for it).
-UNIT_ROUNDOFF = {TensorProto.FLOAT16: 2.0**-11}
+UNIT_ROUNDOFF: dict[int, float] = {TensorProto.FLOAT16: 2.0**-11}
 #: Rounding floor of a float16 model, in units of u: each rewritten weight is rounded once when stored
 #: (<= u relative, so a layer's output moves by <= u·sum|w·x|, a few u of its largest magnitude), the output
 #: itself is rounded (<= u·|y|), and onnxruntime's levels keep intermediates in float16 or float32 (the

@@ -33,7 +33,7 @@ def measured_parts(reference: np.ndarray, slices: list[slice] | None = None) -> 
     parts = scale_slices(reference) if slices is None else slices
     if len(parts) == 1:
         return parts
-    split = []
+    split: list[slice] = []
     for part in parts:
         width = part.stop - part.start
         split += (
@@ -93,7 +93,7 @@ def part_errors(
     """
     pieces: dict[str, tuple[np.ndarray | None, np.ndarray]] = {name: (actual, expected)}
     parts = [] if slices is None or actual is None else measured_parts(expected, slices)
-    if len(parts) > 1:
+    if actual is not None and len(parts) > 1:
         pieces |= {
             f"{name}[{part.start}:{part.stop}]": (actual[:, part], expected[:, part]) for part in parts
         }

@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 
 from red_onnx.errors import UsageError
-from red_onnx.verify.input_spec import InputSpec, input_dtype, resolve_shape
+from red_onnx.options import InputSpec
+from red_onnx.verify.input_spec import input_dtype, resolve_shape
 
 DEFAULT_INT_RANGE = (0.0, 10.0)
 

@@ -28,6 +28,7 @@ import onnxruntime as ort
 
 from red_onnx.errors import InputError, UsageError
 from red_onnx.io.memory import release_free_memory
+from red_onnx.options import InputSpec
 from red_onnx.runtime.sessions import (
     HeldSessions,
     ModelLike,
@@ -49,7 +50,7 @@ from red_onnx.runtime.stream import (
     worst_step_error,
 )
 from red_onnx.verify.compare import OutputCheck, compare_outputs, merge_checks
-from red_onnx.verify.input_spec import InputSpec, defaulted_dims_hint
+from red_onnx.verify.input_spec import defaulted_dims_hint
 from red_onnx.verify.inputs import (
     build_feed,
     load_npz,
@@ -364,13 +365,13 @@ class Verifier:
         allowances: list[dict[str, np.ndarray | float]] = []
         refs = self.reference_outputs(ref_level)
         drifts = self.reference_outputs(level) if level != ref_level else refs
-        levels = [self._reference_cache.get(name) for name in ("disable_all", "enable_all")]
+        disabled, enabled = (self._reference_cache.get(name) for name in ("disable_all", "enable_all"))
         for k, (ref, other) in enumerate(zip(refs, drifts, strict=True)):
             allowed: dict[str, np.ndarray | float] = {}
             for name, values in ref.items():
                 allowed[name] = noise_allowance(values, other.get(name), self.rounding_floor)
-                if all(levels):  # a reassociation may move it as far as onnxruntime's own fusions do
-                    drift = max_drift(levels[0][k][name], levels[1][k].get(name))
+                if disabled and enabled:  # a reassociation may move it as far as onnxruntime's own fusions do
+                    drift = max_drift(disabled[k][name], enabled[k].get(name))
                     allowed[name] = allowed[name] + DRIFT_FACTOR * drift
             allowances.append(allowed)
         return allowances
@@ -393,13 +394,14 @@ class Verifier:
         for cand, ref in zip(got, self.reference_outputs(level), strict=True):
             for name, expected in ref.items():
                 actual = cand.get(name)
-                same_shape = actual is not None and actual.shape == expected.shape
-                slices = scale_slices(expected) if same_shape and expected.ndim >= 3 else None
+                # the output when it has the expected shape, else None
+                same = actual if actual is not None and actual.shape == expected.shape else None
+                slices = scale_slices(expected) if same is not None and expected.ndim >= 3 else None
                 errors = part_errors(name, actual, expected, slices)  # a head packing different scales
-                if self.pairs and same_shape:
-                    errors[f"{name} worst step"] = worst_step_error(actual, expected, self.steps)
-                if same_shape and is_box_head(expected, slices):
-                    errors[f"{name}[0:4] per box"] = box_error(actual, expected)
+                if self.pairs and same is not None:
+                    errors[f"{name} worst step"] = worst_step_error(same, expected, self.steps)
+                if same is not None and is_box_head(expected, slices):
+                    errors[f"{name}[0:4] per box"] = box_error(same, expected)
                 for label, err in errors.items():
                     worst[label] = max(worst.get(label, 0.0), err)
         return worst

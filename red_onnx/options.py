@@ -1,0 +1,297 @@
+"""The options of a run, with their defaults and validation: light enough for ``red-onnx --help``.
+
+Imports nothing heavier than the standard library (no onnx, onnxruntime or numpy), so the CLI can
+build its parser and the API can validate options before any model is read. Every floor may import
+it, as it may import :mod:`red_onnx.errors`.
+
+- :class:`InputSpec`: what the user says about the verification inputs (``--input-shape``,
+  ``--input-range``, ``--input-value``, ``--inputs``, the prior); ``parse_input_*`` read the options.
+- :class:`Options`: one compression run's settings; :func:`make_options` validates a combination
+  (one-line :class:`~red_onnx.errors.UsageError`) and fills the defaults.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from red_onnx.errors import UsageError
+
+#: The execution provider separation decisions and ``--benchmark`` are timed on by default.
+CPU_PROVIDER = "CPUExecutionProvider"
+#: How the budget search finds each group's error alone (``--sensitivity``).
+SENSITIVITY_MODES = ("auto", "measured", "calibrated", "local")
+#: Default fidelity budget: relative L2 error of every output on the verification inputs.
+DEFAULT_TOLERANCE = 0.02
+#: Default channel multiple. Measured here (bench/channel_multiple.py, six 3x3 convs at 56x56, ORT CPU):
+#: odd inner widths ran 1.10-1.27x slower than 64, multiples of 4 cost nothing extra, and latency only
+#: dropped at multiples of 16 (48: 0.63x, 32: 0.34x). 8 never slows a layer down and keeps steps fine:
+#: the exact mode's default (it rounds kept counts *up*, keeping redundant channels).
+DEFAULT_CHANNEL_MULTIPLE = 8
+#: Default channel multiple with --target-macs (a request for speed). On the conv nets of
+#: bench/latency_table.py (bench/results/latency_tolerance16.json): at --target-macs 0.8, 16 met the
+#: latency target (≥0.8× the MACs reduction) on every conv net above 1 ms where 8 met it on three of
+#: six. --tolerance keeps 8: at 0.02 on the trained zoo, 16 gave up the little it removes (YOLOv8n's
+#: 0.2% of MACs went to 0, PP-OCRv4 rec's 0.44% to 0) for no measured latency change.
+DEFAULT_TARGET_CHANNEL_MULTIPLE = 16
+
+#: Ways of drawing float inputs (InputSpec.prior).
+PRIORS = ("normal", "pink")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How to build the verification inputs.
+
+    Attributes:
+        shapes: Full shape per input name (``--input-shape``); replaces the dynamic dims of the
+            declared shape (its static dims must agree: onnxruntime rejects anything else).
+        ranges: Uniform ``[lo, hi]`` per input (``--input-range``); integers are drawn inclusive.
+        values: Constant fill per input (``--input-value``).
+        npz: A ``.npz`` file of arrays by input name (``--inputs``), used as given; wins over all.
+            Each array has the input's declared shape (a batch on a dynamic axis is welcome). For a
+            recurrent model (``red_onnx.runtime.stream``) a data input may have one leading axis more: the
+            **step** axis, one call per entry, in stream order (all such arrays the same length); a
+            state input holds the stream's initial state at its declared shape. Without a step axis,
+            the file's values are fed on every call of a ``STREAM_STEPS``-call stream. A state that
+            neither the file nor ``ranges``/``values`` gives starts at zero, where deployed streams
+            start (random values can be unreachable: an LSTM's h lies in (-1, 1); and measured on
+            silero-vad, onnxruntime's own drift between its optimisation levels over 32 calls needs
+            rtol 5.0e-5 from a standard-normal state, 5.9e-6 from zero).
+        default_dim: Size given to dynamic dims not covered by ``shapes``.
+        prior: How float inputs are drawn: ``"normal"`` (i.i.d. standard normal) or ``"pink"``
+            (spatially correlated 1/f noise over the trailing axes of inputs of rank ≥ 3, scaled to unit
+            variance — closer to images and signals than white noise; ``--input-prior``).
+    """
+
+    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    values: Mapping[str, float] = field(default_factory=dict)
+    npz: Path | None = None
+    default_dim: int = 1
+    prior: str = "normal"
+
+    def __post_init__(self) -> None:
+        if self.prior not in PRIORS:
+            raise UsageError(f"input prior {self.prior!r} is not one of {', '.join(PRIORS)}")
+        if self.default_dim < 1:
+            raise UsageError(f"default dim {self.default_dim} is not a positive integer; use >= 1")
+        both = sorted(set(self.ranges) & set(self.values))
+        if both:
+            raise UsageError(f"inputs {', '.join(both)} have both --input-range and --input-value; give one")
+
+
+def _split_option(text: str, option: str, example: str) -> tuple[str, str]:
+    """Split ``NAME:REST`` at the last colon (input names such as ``x:0`` keep theirs)."""
+    name, sep, rest = text.rpartition(":")
+    if not sep or not name.strip():
+        raise UsageError(f"bad {option} {text!r}: expected {example}")
+    return name.strip(), rest.strip()
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """Parse ``--input-shape NAME:D1,D2,...`` (``NAME:`` alone means a scalar).
+
+    Args:
+        text: The option value, e.g. ``"x:1,3,48,320"``.
+
+    Returns:
+        The input name and its shape.
+
+    Raises:
+        UsageError: The text is malformed or a dimension is not a positive integer.
+    """
+    example = "NAME:D1,D2,... with positive integers, e.g. images:1,3,224,224"
+    name, rest = _split_option(text, "--input-shape", example)
+    if not rest:
+        return name, ()
+    try:
+        dims = tuple(int(part) for part in rest.split(","))
+    except ValueError:
+        raise UsageError(f"bad --input-shape {text!r}: expected {example}") from None
+    if any(d < 1 for d in dims):
+        raise UsageError(f"bad --input-shape {text!r}: dimensions must be positive integers")
+    return name, dims
+
+
+def _parse_floats(text: str, option: str, example: str, count: int) -> tuple[str, list[float]]:
+    name, rest = _split_option(text, option, example)
+    try:
+        numbers = [float(part) for part in rest.split(",")]
+    except ValueError:
+        raise UsageError(f"bad {option} {text!r}: expected {example}") from None
+    if len(numbers) != count or not all(math.isfinite(v) for v in numbers):
+        raise UsageError(f"bad {option} {text!r}: expected {example} with finite numbers")
+    return name, numbers
+
+
+def parse_input_range(text: str) -> tuple[str, tuple[float, float]]:
+    """Parse ``--input-range NAME:LO,HI`` (uniform in ``[LO, HI]``).
+
+    Raises:
+        UsageError: The text is malformed, a bound is not finite, or ``LO > HI``.
+    """
+    name, (lo, hi) = _parse_floats(text, "--input-range", "NAME:LO,HI, e.g. x:-1,1", 2)
+    if lo > hi:
+        raise UsageError(f"bad --input-range {text!r}: LO {lo:g} is above HI {hi:g}; swap them")
+    return name, (lo, hi)
+
+
+def parse_input_value(text: str) -> tuple[str, float]:
+    """Parse ``--input-value NAME:V`` (every element equals ``V``).
+
+    Raises:
+        UsageError: The text is malformed or the value is not finite.
+    """
+    name, (value,) = _parse_floats(text, "--input-value", "NAME:VALUE, e.g. sr:16000", 1)
+    return name, value
+
+
+@dataclass(frozen=True)
+class Options:
+    """Options of one compression run (what the output's provenance records).
+
+    Build it with :func:`make_options`, which validates combinations and fills the defaults.
+
+    Attributes:
+        exact: Only function-preserving rewrites.
+        approximate: Run the budget search and approximate merging (asked for by a tolerance or a
+            target; without either the run is exact).
+        tolerance: Largest allowed relative L2 error of each output (approximate mode).
+        target_macs: Fraction of MACs to keep; overrides ``tolerance`` (approximate mode).
+        channel_multiple: Kept channel counts are on multiples of this (default: 16 with
+            ``target_macs``, else 8; exact merges round counts up).
+        hashing: Let KDE-hashed weights rank merge candidates too (approximate mode; off = ablation).
+        activations: Let least-squares fits of channel activations on the verification inputs rank
+            merge candidates too. Off by default: on synthetic inputs it picks channels that are idle
+            on noise but matter on real data (measured: MobileNetV2 top-1 agreement 0.39 at 95% of
+            the MACs with a synthetic error of 0.0); on by default when ``--inputs`` gives real inputs.
+        freeze: Node-name glob patterns of layers to protect.
+        input_spec: How verification inputs are built.
+        verify: Whether to verify with onnxruntime (on by default; off only for analysis tools).
+        separation: Try uneven depthwise separation of k×k convs (exact; kept where it pays).
+        provider: The onnxruntime execution provider separation decisions are measured on.
+        latency_check: Measure before separating (False: decide on MACs alone).
+        sensitivity: How the budget search finds each group's error alone: "measured", "calibrated"
+            (estimated from one activation capture, scaled per group by one run), "local" (the
+            estimate only) or "auto" (calibrated above 1 GMAC per sample, measured below).
+    """
+
+    exact: bool = False
+    approximate: bool = False
+    tolerance: float = DEFAULT_TOLERANCE
+    target_macs: float | None = None
+    channel_multiple: int = DEFAULT_CHANNEL_MULTIPLE
+    hashing: bool = True
+    activations: bool = False
+    freeze: tuple[str, ...] = ()
+    input_spec: InputSpec = field(default_factory=InputSpec)
+    verify: bool = True
+    separation: bool = True
+    provider: str = CPU_PROVIDER
+    latency_check: bool = True
+    sensitivity: str = "auto"
+
+    def provenance(self) -> dict[str, object]:
+        """The options as recorded in the output model (no paths that differ between machines)."""
+        spec = asdict(self.input_spec)
+        spec["npz"] = Path(spec["npz"]).name if spec["npz"] else None
+        recorded: dict[str, object] = {"exact": self.exact, "freeze": list(self.freeze), "input_spec": spec}
+        recorded |= {
+            "separation": self.separation,
+            "provider": self.provider,
+            "latency_check": self.latency_check,
+        }
+        if self.approximate:
+            recorded |= {"tolerance": self.tolerance, "target_macs": self.target_macs,
+                         "channel_multiple": self.channel_multiple, "hashing": self.hashing,
+                         "activations": self.activations}  # fmt: skip
+        return recorded
+
+
+def make_options(
+    *,
+    exact: bool = False,
+    tolerance: float | None = None,
+    target_macs: float | None = None,
+    channel_multiple: int | None = None,
+    freeze: Sequence[str] = (),
+    input_spec: InputSpec | None = None,
+    verify: bool = True,
+    hashing: bool = True,
+    activations: bool | None = None,
+    separation: bool = True,
+    provider: str = CPU_PROVIDER,
+    latency_check: bool = True,
+    sensitivity: str = "auto",
+) -> Options:
+    """Validate an option combination (one-line UsageError) and fill the defaults.
+
+    Args:
+        exact: Only function-preserving rewrites (an error with ``tolerance`` or ``target_macs``).
+        tolerance: Largest allowed relative L2 error of each output on the verification inputs;
+            giving it (or ``target_macs``) turns on approximate merging under that budget. Without
+            either, the run is exact.
+        target_macs: Fraction of MACs to keep (overrides ``tolerance``; the error reached is reported).
+        channel_multiple: Kept channel counts are multiples of this (default: 16 with ``target_macs``,
+            else 8).
+        freeze: Node-name glob patterns of layers whose channels must not change.
+        input_spec: Shapes, ranges, values or an ``.npz`` for the verification inputs.
+        verify: Verify the result with onnxruntime (graph optimisations off and at ORT_ENABLE_ALL).
+        hashing: Let KDE-hashed weights rank merge candidates too (False: the ablation without it).
+        activations: Let fits of channel activations rank candidates too (None: only when
+            ``input_spec.npz`` gives real inputs; on synthetic inputs it measured worse on real data).
+        separation: Try uneven depthwise separation of k×k convs (exact; only where it is measured
+            faster, or cuts MACs when ``latency_check`` is False).
+        provider: onnxruntime execution provider that separation candidates are timed on (checked
+            against this onnxruntime build when separation is timed).
+        latency_check: Time separation candidates (False: decide on MACs alone).
+        sensitivity: How the budget search finds each group's error alone: ``"measured"`` (a run per
+            group, level and ranking), ``"calibrated"`` (estimated from one activation capture, scaled
+            per group by one one-sample run), ``"local"`` (the estimate only) or ``"auto"`` (calibrated
+            above 1 GMAC per verification sample, measured below).
+
+    Returns:
+        The validated options.
+
+    Raises:
+        UsageError: A contradictory or out-of-range option.
+    """
+    if sensitivity not in SENSITIVITY_MODES:
+        raise UsageError(f"--sensitivity {sensitivity!r} is not one of {', '.join(SENSITIVITY_MODES)}")
+    if exact and (tolerance is not None or target_macs is not None):
+        raise UsageError("--exact keeps the function exactly; it cannot take --tolerance or --target-macs")
+    if tolerance is not None and not 0 < tolerance < 1:
+        raise UsageError(f"--tolerance must be in (0, 1), got {tolerance}")
+    if target_macs is not None and not 0 < target_macs <= 1:
+        raise UsageError(f"--target-macs is the fraction of MACs to keep, in (0, 1], got {target_macs}")
+    if channel_multiple is not None and channel_multiple < 1:
+        raise UsageError(f"--channel-multiple must be at least 1, got {channel_multiple}")
+    if separation and latency_check:
+        from red_onnx.measure.latency import check_provider  # onnxruntime: only when it is needed
+
+        check_provider(provider)
+    approximate = not exact and (tolerance is not None or target_macs is not None)
+    if channel_multiple is None:  # a target implies approximate mode (with --exact it raised above)
+        targeted = target_macs is not None
+        channel_multiple = DEFAULT_TARGET_CHANNEL_MULTIPLE if targeted else DEFAULT_CHANNEL_MULTIPLE
+    return Options(
+        exact=exact,
+        approximate=approximate,
+        tolerance=DEFAULT_TOLERANCE if tolerance is None else float(tolerance),
+        target_macs=target_macs,
+        channel_multiple=int(channel_multiple),
+        hashing=hashing,
+        activations=(input_spec is not None and input_spec.npz is not None)
+        if activations is None
+        else activations,
+        freeze=tuple(freeze),
+        input_spec=input_spec or InputSpec(),
+        verify=verify,
+        separation=separation,
+        provider=provider,
+        latency_check=latency_check,
+        sensitivity=sensitivity,
+    )
