@@ -16,10 +16,9 @@ from red_onnx.analysis.channels import ChannelAnalysis, ChannelGroup, analyse_mo
 from red_onnx.analysis.constants import (
     ChannelConstants,
     analyse_constants,
-    consumer_absorbs,
+    consumer_absorb_problem,
     consumer_slices_zero,
 )
-from red_onnx.analysis.reasons import Reason
 from red_onnx.analysis.redundancy import atom_params, exact_merges
 from red_onnx.analysis.weights import producer_rows
 from red_onnx.io.graph import (
@@ -49,12 +48,13 @@ def removable_constants(group: ChannelGroup, consts: ChannelConstants) -> tuple[
         present = np.flatnonzero(local >= 0)
         values = consts.values[consumer.tensor][local[present]]
         zero = consumer_slices_zero(group, consumer.node, consumer.tensor)[local[present]]
-        ok = zero | (values == 0.0) | (np.isfinite(values) & consumer_absorbs(consumer.node))
+        problem = consumer_absorb_problem(consumer.node)
+        ok = zero | (values == 0.0) | (np.isfinite(values) & (problem is None))
         removable[present[~ok]] = False
         for atom in present[~ok]:
             reason = consts.reasons[consumer.tensor][local[atom]]
             if reason is None and np.isfinite(consts.values[consumer.tensor][local[atom]]):
-                reason = Reason.CONST_CONSUMER.format(op=consumer.node.op, node=consumer.node.name)
+                reason = problem
             why.setdefault(int(atom), reason or "channel is not constant at the consumers")
     if not group.consumers:
         removable[:] = False

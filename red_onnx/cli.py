@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="approximate merging: fraction of the MACs to keep; the error reached is reported "
         "(overrides --tolerance)",
     )
+    basic.add_argument(
+        "--force-target",
+        action="store_true",
+        help="with --target-macs: write the result even when its error on held-out inputs is more than "
+        "twice the search's (otherwise a failure, exit 1)",
+    )
     basic.add_argument("--dry-run", action="store_true", help="report without writing the model")
     fidelity = parser.add_argument_group("fidelity (approximate merging)")
     fidelity.add_argument(
@@ -196,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-latency-check",
         action="store_true",
         help="separate wherever it cuts MACs, without timing it (a CPU result never stands for a GPU)",
+    )
+    speed.add_argument(
+        "--latency-cache",
+        metavar="FILE",
+        help="replay the separation timings recorded in FILE (JSON; created when missing) and record new "
+        "ones there: the same file repeats a latency-checked run byte for byte",
     )
     output = parser.add_argument_group("output")
     output.add_argument("--json", metavar="PATH", help="write the report as JSON")
@@ -310,6 +322,7 @@ def _run(args: argparse.Namespace) -> int:
             activations={"auto": None, "on": True, "off": False}[args.activations], freeze=args.freeze,
             input_spec=_input_spec(args), separation=not args.no_separation, provider=args.provider,
             latency_check=not args.no_latency_check, sensitivity=args.sensitivity, progress=progress,
+            latency_cache=args.latency_cache, force_target=args.force_target,
         )  # fmt: skip
     except VerificationError as error:
         progress.close()

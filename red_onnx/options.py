@@ -36,6 +36,12 @@ DEFAULT_CHANNEL_MULTIPLE = 8
 #: six. --tolerance keeps 8: at 0.02 on the trained zoo, 16 gave up the little it removes (YOLOv8n's
 #: 0.2% of MACs went to 0, PP-OCRv4 rec's 0.44% to 0) for no measured latency change.
 DEFAULT_TARGET_CHANNEL_MULTIPLE = 16
+#: A result whose error on the held-out inputs exceeds this multiple of the search's (and
+#: HELDOUT_FLOOR) did not generalise from the search inputs: a failure under --target-macs unless
+#: --force-target. (A patterned --inputs file dealt even/odd measured 0.0023 in the search, 1.29 held out.)
+HELDOUT_DRIFT = 2.0
+#: Held-out errors below this are never called a drift (ratios of round-off mean nothing).
+HELDOUT_FLOOR = 1e-3
 
 #: Ways of drawing float inputs (InputSpec.prior).
 PRIORS = ("normal", "pink")
@@ -101,9 +107,9 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
         The input name and its shape.
 
     Raises:
-        UsageError: The text is malformed or a dimension is not a positive integer.
+        UsageError: The text is malformed or a dimension is negative (0 is a size: an empty tensor).
     """
-    example = "NAME:D1,D2,... with positive integers, e.g. images:1,3,224,224"
+    example = "NAME:D1,D2,... with integers >= 0, e.g. images:1,3,224,224"
     name, rest = _split_option(text, "--input-shape", example)
     if not rest:
         return name, ()
@@ -111,8 +117,8 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
         dims = tuple(int(part) for part in rest.split(","))
     except ValueError:
         raise UsageError(f"bad --input-shape {text!r}: expected {example}") from None
-    if any(d < 1 for d in dims):
-        raise UsageError(f"bad --input-shape {text!r}: dimensions must be positive integers")
+    if any(d < 0 for d in dims):
+        raise UsageError(f"bad --input-shape {text!r}: dimensions must be integers >= 0")
     return name, dims
 
 
@@ -174,6 +180,10 @@ class Options:
         separation: Try uneven depthwise separation of k×k convs (exact; kept where it pays).
         provider: The onnxruntime execution provider separation decisions are measured on.
         latency_check: Measure before separating (False: decide on MACs alone).
+        latency_cache: A JSON file of separation timings to replay, where new ones are recorded
+            (``--latency-cache``): repeats a latency-checked run exactly.
+        force_target: With ``target_macs``, write the result even when its error on the held-out
+            inputs is far above the search's (``--force-target``; otherwise that is a failure).
         sensitivity: How the budget search finds each group's error alone: "measured", "calibrated"
             (estimated from one activation capture, scaled per group by one run), "local" (the
             estimate only) or "auto" (calibrated above 1 GMAC per sample, measured below).
@@ -193,6 +203,8 @@ class Options:
     provider: str = CPU_PROVIDER
     latency_check: bool = True
     sensitivity: str = "auto"
+    latency_cache: Path | None = None
+    force_target: bool = False
 
     def provenance(self) -> dict[str, object]:
         """The options as recorded in the output model (no paths that differ between machines)."""
@@ -204,10 +216,12 @@ class Options:
             "provider": self.provider,
             "latency_check": self.latency_check,
         }
+        if self.latency_cache is not None:  # its name only, like the .npz's
+            recorded["latency_cache"] = self.latency_cache.name
         if self.approximate:
             recorded |= {"tolerance": self.tolerance, "target_macs": self.target_macs,
                          "channel_multiple": self.channel_multiple, "hashing": self.hashing,
-                         "activations": self.activations}  # fmt: skip
+                         "activations": self.activations, "force_target": self.force_target}  # fmt: skip
         return recorded
 
 
@@ -226,6 +240,8 @@ def make_options(
     provider: str = CPU_PROVIDER,
     latency_check: bool = True,
     sensitivity: str = "auto",
+    latency_cache: str | Path | None = None,
+    force_target: bool = False,
 ) -> Options:
     """Validate an option combination (one-line UsageError) and fill the defaults.
 
@@ -248,6 +264,10 @@ def make_options(
         provider: onnxruntime execution provider that separation candidates are timed on (checked
             against this onnxruntime build when separation is timed).
         latency_check: Time separation candidates (False: decide on MACs alone).
+        latency_cache: A JSON file of separation timings: replayed where they match, new ones recorded
+            (created when missing); the same file repeats a latency-checked run byte for byte.
+        force_target: With ``target_macs``, write the result even when its error on the held-out
+            inputs is more than ``HELDOUT_DRIFT`` times the search's (else a failure, exit code 1).
         sensitivity: How the budget search finds each group's error alone: ``"measured"`` (a run per
             group, level and ranking), ``"calibrated"`` (estimated from one activation capture, scaled
             per group by one one-sample run), ``"local"`` (the estimate only) or ``"auto"`` (calibrated
@@ -269,6 +289,14 @@ def make_options(
         raise UsageError(f"--target-macs is the fraction of MACs to keep, in (0, 1], got {target_macs}")
     if channel_multiple is not None and channel_multiple < 1:
         raise UsageError(f"--channel-multiple must be at least 1, got {channel_multiple}")
+    if force_target and target_macs is None:
+        raise UsageError("--force-target only applies to --target-macs; give the fraction of MACs to keep")
+    cache = None if latency_cache is None else Path(latency_cache)
+    if cache is not None:
+        if not latency_check:
+            raise UsageError("--latency-cache replays the latency check; it cannot take --no-latency-check")
+        if cache.is_dir() or not cache.resolve().parent.is_dir():
+            raise UsageError(f"--latency-cache {cache}: give a file path in an existing directory")
     if separation and latency_check:
         from red_onnx.measure.latency import check_provider  # onnxruntime: only when it is needed
 
@@ -294,4 +322,6 @@ def make_options(
         provider=provider,
         latency_check=latency_check,
         sensitivity=sensitivity,
+        latency_cache=cache,
+        force_target=force_target,
     )

@@ -330,6 +330,21 @@ def test_target_macs_unreachable_names_the_lowest_fraction() -> None:
     assert 0.01 < float(lowest.group(1)) < 1.0
 
 
+def test_an_unreachable_target_is_refused_before_any_error_is_measured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from red_onnx.search.budget import BudgetSearch
+
+    def measured(*args: object, **kwargs: object) -> None:
+        raise AssertionError("no group error may be measured for a target under the MACs floor")
+
+    monkeypatch.setattr(BudgetSearch, "_sensitivity", measured)
+    with pytest.raises(red_onnx.VerificationError, match=r"--target-macs 0.01 cannot be reached") as caught:
+        red_onnx.compress(conv_net(1e-3), target_macs=0.01, channel_multiple=1)
+    floor = float(re.search(r"lowest fraction[^0-9]*([0-9.]+)", str(caught.value)).group(1))
+    assert 0.01 + 0.02 < floor < 1.0
+
+
 @pytest.mark.parametrize("knob", [{"tolerance": 0.05}, {"target_macs": 0.5}])
 def test_exact_refuses_approximate_knobs(knob: dict[str, float]) -> None:
     with pytest.raises(red_onnx.UsageError):
@@ -442,7 +457,7 @@ def test_an_inputs_batch_is_split_between_the_search_and_the_heldout_check(tmp_p
     from red_onnx.options import InputSpec
     from red_onnx.runtime.shapes import ShapeService
     from red_onnx.search.budget import BudgetSearch
-    from red_onnx.verify.inputs import make_inputs
+    from red_onnx.verify.inputs import make_inputs, split_rows
 
     model = conv_net(0.05)
     for value in (*model.graph.input, *model.graph.output):
@@ -453,8 +468,9 @@ def test_an_inputs_batch_is_split_between_the_search_and_the_heldout_check(tmp_p
     search = BudgetSearch(model, model, spec, ShapeService(make_inputs(model, spec, 0)), channel_multiple=1)
     searched = np.concatenate([feed["x"] for feed in search.verifier.inputs])
     held_out = np.concatenate([feed["x"] for feed in search.heldout.inputs])
-    assert {row.tobytes() for row in searched} == {row.tobytes() for row in rows[0::2]}
-    assert {row.tobytes() for row in held_out} == {row.tobytes() for row in rows[1::2]}
+    halves = split_rows(len(rows))
+    assert {row.tobytes() for row in searched} == {row.tobytes() for row in rows[halves["search"]]}
+    assert {row.tobytes() for row in held_out} == {row.tobytes() for row in rows[halves["heldout"]]}
     result = search.within_tolerance(0.04)
     assert result.heldout_error <= 0.04 and result.macs_fraction < 1.0
 

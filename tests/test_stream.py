@@ -23,7 +23,7 @@ from red_onnx.options import InputSpec
 from red_onnx.runtime.shapes import ShapeService
 from red_onnx.runtime.stream import Runner, StatePair, confirm_pairs, find_state_pairs, join_steps, run_stream
 from red_onnx.search.budget import BudgetSearch
-from red_onnx.verify.inputs import make_inputs
+from red_onnx.verify.inputs import make_inputs, split_rows
 from red_onnx.verify.verifier import STREAM_STEPS, Verifier
 
 FEATURES, HIDDEN, STATE = 4, 16, 8
@@ -352,8 +352,9 @@ def test_the_heldout_part_of_a_batch_file_uses_the_other_rows(tmp_path: Path) ->
     np.savez(tmp_path / "batch.npz", x=rows)
     spec = InputSpec(npz=tmp_path / "batch.npz")
     search, heldout = Verifier(model, spec, part="search"), Verifier(model, spec, part="heldout")
-    assert np.array_equal(search.inputs[0]["x"], rows[0::2])
-    assert np.array_equal(heldout.inputs[0]["x"], rows[1::2])
+    halves = split_rows(len(rows))
+    assert np.array_equal(search.inputs[0]["x"], rows[halves["search"]])
+    assert np.array_equal(heldout.inputs[0]["x"], rows[halves["heldout"]])
     assert np.array_equal(Verifier(model, spec).inputs[0]["x"], rows)  # the final verification: all of it
     relu = [helper.make_node("Relu", ["x"], ["y"])]
     fixed = single_output_model(relu, {"x": (f32, [6, 3])}, {"y": (f32, [6, 3])})
@@ -372,3 +373,20 @@ def test_worst_step_error_bounds_every_step_against_the_stream_size() -> None:
     assert whole < worst_step_error(candidate, reference, 6)  # the stream's relative L2 hides one step
     assert worst_step_error(reference, reference, 6) == 0.0
     assert worst_step_error(candidate, np.zeros_like(reference), 6) == math.inf
+
+
+@pytest.mark.parametrize("count", [2, 3, 7, 16, 69])
+def test_a_batch_splits_at_random_into_disjoint_halves(count: int) -> None:
+    halves = split_rows(count)
+    together = np.concatenate(list(halves.values()))
+    assert sorted(together.tolist()) == list(range(count))  # disjoint, and every row in one part
+    assert all(len(rows) >= 1 for rows in halves.values())
+    assert abs(len(halves["search"]) - len(halves["heldout"])) <= 1
+    assert split_rows(count)["search"].tolist() == halves["search"].tolist()  # seeded: the same split
+
+
+def test_a_patterned_file_gives_both_halves_every_kind() -> None:
+    kinds = np.arange(64) % 4  # rotations 0/90/180/270 repeating: even/odd rows saw two of the four
+    halves = split_rows(len(kinds))
+    assert set(kinds[0::2]) == {0, 2}  # what a split by position gave
+    assert set(kinds[halves["search"]]) == set(kinds[halves["heldout"]]) == {0, 1, 2, 3}

@@ -98,6 +98,7 @@ def relu_model(shape, elem=TensorProto.FLOAT) -> onnx.ModelProto:
 def test_parse_good_text() -> None:
     assert parse_input_shape("x:1,3,48,320") == ("x", (1, 3, 48, 320))
     assert parse_input_shape("input:0:2, 3") == ("input:0", (2, 3))
+    assert parse_input_shape("x:1,0") == ("x", (1, 0))  # a 0 dim is a size: an empty tensor
     assert parse_input_shape("sr:") == ("sr", ())
     assert parse_input_range("x:-1,1") == ("x", (-1.0, 1.0))
     assert parse_input_range("a:b:1e-3,2.5") == ("a:b", (1e-3, 2.5))
@@ -111,7 +112,7 @@ def test_parse_good_text() -> None:
         (parse_input_shape, "x"),
         (parse_input_shape, ":1,2"),
         (parse_input_shape, "x:1,a"),
-        (parse_input_shape, "x:1,0"),
+        (parse_input_shape, "x:1,-1"),
         (parse_input_shape, "x:1.5"),
         (parse_input_shape, "x:1,,2"),
         (parse_input_range, "x:1"),

@@ -3,7 +3,8 @@
 A producer row of zeros emits its bias everywhere. Whether that constant survives to the consumers is
 decided op by op along the path (padding breaks it, a product with a non-constant tensor breaks it).
 A channel can go when every consumer either reads nothing from it (its slice is zero) or sees a
-constant it can fold into its bias (Gemm, MatMul, Conv without padding).
+constant it can fold into its bias (Gemm, MatMul, Conv without padding, ConvTranspose at stride 1 with
+full padding; never a consumer whose bias is not a constant).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from red_onnx.analysis.reasons import Reason
 from red_onnx.analysis.redundancy import per_channel_constant
 from red_onnx.analysis.weights import consumer_axis, conv_has_padding, producer_bias, producer_rows
 from red_onnx.errors import InternalError
-from red_onnx.io.graph import expect_constant, is_empty_input
+from red_onnx.io.graph import constant_values, expect_constant, is_empty_input
 
 MAPPING_OPS = frozenset(
     {
@@ -240,9 +241,76 @@ def _binary(group: ChannelGroup, node: gs.Node, member, values: dict) -> np.ndar
 
 def consumer_absorbs(node: gs.Node) -> bool:
     """Whether a consumer can fold a constant input channel into its bias exactly."""
-    if node.op == "Conv":
-        return not conv_has_padding(node)
-    return node.op in ("Gemm", "MatMul")
+    return consumer_absorb_problem(node) is None
+
+
+def consumer_absorb_problem(node: gs.Node) -> str | None:
+    """Why a consumer cannot fold a constant input channel into its bias exactly (None: it can).
+
+    Gemm and MatMul (an Add is inserted) always can, a Conv without padding can, a ConvTranspose only
+    where every output position receives every kernel tap (:func:`conv_transpose_full_taps`); none can
+    whose bias is not a constant (a graph input, an overridable initializer, a computed tensor).
+    """
+    if not takes_bias(node):
+        return Reason.CONST_VARIABLE_BIAS.format(op=node.op, node=node.name, tensor=node.inputs[2].name)
+    if node.op == "Conv" and conv_has_padding(node):
+        return Reason.CONST_CONSUMER.format(op=node.op, node=node.name)
+    if node.op == "ConvTranspose" and not conv_transpose_full_taps(node):
+        return Reason.CONST_CONV_TRANSPOSE.format(node=node.name)
+    if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        return Reason.CONST_CONSUMER.format(op=node.op, node=node.name)
+    return None
+
+
+def takes_bias(node: gs.Node) -> bool:
+    """Whether a per-output-channel constant can be added to what a consumer computes.
+
+    Its bias input (Conv, ConvTranspose: B; Gemm: C) is absent or a constant; MatMul has none (the
+    editor inserts an Add of its own after it).
+    """
+    if node.op == "MatMul" or is_empty_input(node, 2):
+        return True
+    return constant_values(node.inputs[2]) is not None
+
+
+def offset_atoms(group: ChannelGroup) -> np.ndarray:
+    """Per atom: whether every consumer reading it can take a bias (a merge offset, a folded constant)."""
+    ok = np.ones(group.n_atoms, bool)
+    for consumer in group.consumers:
+        if not takes_bias(consumer.node):
+            ok[group.tensors[consumer.tensor].atoms] = False
+    return ok
+
+
+def conv_transpose_full_taps(node: gs.Node) -> bool:
+    """Whether every output position of a ConvTranspose receives every kernel tap.
+
+    At stride 1 the full output is ``u = i + k·d`` (input ``i`` in ``[0, n-1]``, tap ``k`` in
+    ``[0, K-1]``), cropped by ``pads`` on each side: output ``t`` receives tap ``k`` iff
+    ``0 <= t + pad_begin - k·d <= n-1``, for every ``k`` and every ``t`` iff ``pad_begin >= d·(K-1)``
+    and ``pad_end >= d·(K-1)``. Then a constant input ``c_j`` adds ``c_j·Σ_taps W[j, o]`` at every
+    position. With a stride above 1, output ``u`` receives only the taps with ``u - k·d ≡ 0 (mod s)``
+    (a periodic contribution); ``output_padding`` appends positions past the last tap. ``auto_pad``
+    SAME or VALID pads ``d·(K-1)`` in total at stride 1 (split between the sides), and an
+    ``output_shape`` attribute overrides ``pads``: those qualify only for 1-tap kernels (SAME, VALID)
+    or not at all (``output_shape``, whose padding depends on the input size).
+    """
+    weight = constant_values(node.inputs[1])
+    if weight is None or "output_shape" in node.attrs:
+        return False
+    spatial = weight.ndim - 2
+    strides = list(node.attrs.get("strides", [1] * spatial))
+    output_padding = list(node.attrs.get("output_padding", [0] * spatial))
+    if any(int(s) != 1 for s in strides) or any(int(p) != 0 for p in output_padding):
+        return False
+    dilations = np.array(node.attrs.get("dilations", [1] * spatial), np.int64)
+    reach = dilations * (np.array(weight.shape[2:], np.int64) - 1)  # d·(K-1) per spatial axis
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad != "NOTSET":
+        return not reach.any()
+    pads = np.array(node.attrs.get("pads", [0] * (2 * spatial)), np.int64)
+    return bool(np.all(pads[:spatial] >= reach) and np.all(pads[spatial:] >= reach))
 
 
 def consumer_slices_zero(group: ChannelGroup, node: gs.Node, tensor: str) -> np.ndarray:

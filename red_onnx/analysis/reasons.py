@@ -41,6 +41,15 @@ class Reason:
     CONST_MIXED = "constant channel is combined with a non-constant tensor in {op} node '{node}'"
     CONST_UNKNOWN_OP = "constant channel passes {op} node '{node}', whose effect on constants is not modelled"
     CONST_CONSUMER = "constant channel reaches {op} node '{node}', which cannot absorb a constant input"
+    CONST_CONV_TRANSPOSE = (
+        "constant channel reaches ConvTranspose node '{node}', whose strides or borders make its "
+        "contribution differ by position (it folds only at stride 1, output_padding 0, "
+        "pads >= dilation·(kernel-1))"
+    )
+    CONST_VARIABLE_BIAS = (
+        "constant channel reaches {op} node '{node}', whose bias '{tensor}' is not a constant (it cannot "
+        "absorb the channel)"
+    )
 
     # Why a k×k conv is not separated (uneven depthwise separation, passes/separate_depthwise.py).
     SEP_NOT_GROUP1 = "grouped Conv (group={group}): only group-1 convs are separated"

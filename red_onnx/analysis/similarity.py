@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from red_onnx.analysis.channels import ChannelGroup
+from red_onnx.analysis.constants import offset_atoms
 from red_onnx.analysis.redundancy import AtomParams, Merge
 
 #: Neighbours examined per atom; the best by exact distance wins.
@@ -325,8 +326,10 @@ def activation_candidates(
     For atoms j, i with activation rows a_j, a_i the merge fits ``a_j ≈ λ·a_i + c`` by least squares
     (c goes into the consumers' biases); its cost is the residual energy times ‖V_j‖². Channels that
     never vary on these inputs cost nothing: they merge into the most active channel of their segment
-    with λ = 0. Only atoms of one segment (the same set of tensors, ``AtomParams.signature``) pair up: a
-    consumer reading the source but not the target could not take the compensation.
+    with λ = 0. A merge with ``c ≠ 0`` is left out where a consumer reading j cannot take a bias (its
+    bias is not a constant: ``constants.offset_atoms``). Only atoms of one segment (the same set of
+    tensors, ``AtomParams.signature``) pair up: a consumer reading the source but not the target could
+    not take the compensation.
 
     Args:
         group: The group.
@@ -358,6 +361,8 @@ def activation_candidates(
     row_of[atoms] = np.arange(len(atoms))
     j, i = row_of[source], row_of[target]
     offset = means[j] - scale * means[i]
+    takes = (offset == 0.0) | offset_atoms(group)[source]  # an offset needs every reader to take a bias
+    source, target, scale, offset, j, i = (a[takes] for a in (source, target, scale, offset, j, i))
     gap = centred[j] - scale[:, None] * centred[i]  # the offset absorbs the means
     residual = np.einsum("ij,ij->i", gap, gap)
     cost = residual * outgoing[source] ** 2

@@ -434,7 +434,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> int:
 # --- full check
 
 
-def check_model(model_or_path: onnx.ModelProto | bytes | str | os.PathLike) -> None:
+def check_model(model_or_path: onnx.ModelProto | bytes | str | os.PathLike, label: str | None = None) -> None:
     """Run the full ONNX check (checker plus strict shape inference).
 
     Paths are checked by path (works above 2 GB, external data included); serialized bytes as they
@@ -443,24 +443,25 @@ def check_model(model_or_path: onnx.ModelProto | bytes | str | os.PathLike) -> N
 
     Args:
         model_or_path: The model, its serialized bytes (under 2 GB), or the path of a saved model.
+        label: How the error names the model (default: its path, or "the model").
 
     Raises:
         VerificationError: The model fails the full check.
     """
     if isinstance(model_or_path, bytes):
-        _full_check(model_or_path, "the model")
+        _full_check(model_or_path, label or "the model")
     elif not isinstance(model_or_path, onnx.ModelProto):
         path = Path(os.fspath(model_or_path))
         if not path.is_file():
             raise InputError(f"{path}: no such file; check the path to the ONNX model")
-        _full_check(str(path), str(path))
+        _full_check(str(path), label or str(path))
     elif model_nbytes(model_or_path) < TWO_GB:
-        _full_check(model_or_path, "the model")
+        _full_check(model_or_path, label or "the model")
     else:
         with tempfile.TemporaryDirectory(prefix="red_onnx_check.") as temp_dir:
             temp = Path(temp_dir) / "model.onnx"
             _save_external(model_or_path, temp)
-            _full_check(str(temp), "the model")
+            _full_check(str(temp), label or "the model")
 
 
 def _full_check(target: onnx.ModelProto | bytes | str, label: str) -> None:

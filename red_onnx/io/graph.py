@@ -7,10 +7,11 @@ metadata, initializers a caller may override).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -93,6 +94,12 @@ class WorkingModel:
         overridable: Initializers listed as graph inputs from IR 4 on: frozen, a caller may override
             them. Kept as inputs on export.
         functions: Local functions of the model, copied through.
+        overridable_inputs: The value infos of ``overridable``, as the input declares them.
+        typed_values: Value infos whose type is not a plain tensor (optional, map, sparse, opaque, or
+            a sequence of those), by name, from every graph of the model: graph surgeon cannot export
+            them, so they are written back as the input declares them (no rewrite changes them).
+        typed_attributes: Type attributes (``TYPE_PROTO``, e.g. ``Optional``'s ``type``) of nodes, by
+            the node's first output: graph surgeon drops them on import; they are written back.
     """
 
     graph: gs.Graph
@@ -106,6 +113,8 @@ class WorkingModel:
     overridable: frozenset[str] = frozenset()
     functions: list[onnx.FunctionProto] = field(default_factory=list)
     overridable_inputs: list[onnx.ValueInfoProto] = field(default_factory=list)
+    typed_values: dict[str, onnx.ValueInfoProto] = field(default_factory=dict)
+    typed_attributes: dict[str, list[onnx.AttributeProto]] = field(default_factory=dict)
 
     @property
     def opset(self) -> int:
@@ -151,7 +160,86 @@ def import_model(model: onnx.ModelProto) -> WorkingModel:
         overridable=overridable,
         functions=[copy.deepcopy(f) for f in model.functions],
         overridable_inputs=[copy.deepcopy(v) for v in overridable_inputs],
+        typed_values=_typed_values(model.graph),
+        typed_attributes=_typed_attributes(model.graph),
     )
+
+
+def _proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every graph nested in its nodes' attributes."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                yield from _proto_graphs(sub)
+
+
+def _is_plain(type_proto: onnx.TypeProto) -> bool:
+    """Whether graph surgeon exports a value of this type itself (a tensor, or a sequence of tensors)."""
+    if type_proto.HasField("sequence_type"):
+        return type_proto.sequence_type.elem_type.HasField("tensor_type")
+    return type_proto.HasField("tensor_type") or not type_proto.WhichOneof("value")
+
+
+def _typed_values(graph: onnx.GraphProto) -> dict[str, onnx.ValueInfoProto]:
+    return {
+        info.name: copy.deepcopy(info)
+        for sub in _proto_graphs(graph)
+        for info in [*sub.input, *sub.output, *sub.value_info]
+        if not _is_plain(info.type)
+    }
+
+
+_TYPE_ATTRIBUTES = (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS)
+
+
+def _typed_attributes(graph: onnx.GraphProto) -> dict[str, list[onnx.AttributeProto]]:
+    return {
+        node.output[0]: [copy.deepcopy(a) for a in node.attribute if a.type in _TYPE_ATTRIBUTES]
+        for sub in _proto_graphs(graph)
+        for node in sub.node
+        if node.output and any(a.type in _TYPE_ATTRIBUTES for a in node.attribute)
+    }
+
+
+def _gs_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """``graph`` and every graph nested in its nodes' attributes."""
+    yield graph
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, list) else [value]:
+                if isinstance(sub, gs.Graph):
+                    yield from _gs_graphs(sub)
+
+
+@contextlib.contextmanager
+def _untyped(graph: gs.Graph, names: Mapping[str, onnx.ValueInfoProto]) -> Iterator[None]:
+    """Within: the tensors named in ``names`` carry no type, so graph surgeon exports them untyped."""
+    saved = []
+    for sub in _gs_graphs(graph):
+        for tensor in [*sub.inputs, *sub.outputs]:
+            if tensor.name in names and isinstance(tensor, gs.Variable):
+                saved.append((tensor, tensor.dtype, tensor.type))
+                tensor.dtype, tensor.type = None, "tensor_type"
+    try:
+        yield
+    finally:
+        for tensor, dtype, kind in saved:
+            tensor.dtype, tensor.type = dtype, kind
+
+
+def _retype(model: onnx.ModelProto, working: WorkingModel) -> None:
+    """Write the value infos and type attributes graph surgeon cannot export back, into every graph."""
+    names, attributes = working.typed_values, working.typed_attributes
+    for sub in _proto_graphs(model.graph):
+        for infos in (sub.input, sub.output, sub.value_info):
+            for info in infos:
+                if info.name in names:
+                    info.CopyFrom(names[info.name])
+        for node in sub.node:
+            missing = [a for a in attributes.get(node.output[0] if node.output else "", [])
+                       if all(b.name != a.name for b in node.attribute)]  # fmt: skip
+            node.attribute.extend(missing)
 
 
 def _unconstant_overridable(graph: gs.Graph, names: frozenset[str], infos: list) -> None:
@@ -284,7 +372,9 @@ def export_model(working: WorkingModel, metadata: Mapping[str, str] | None = Non
     """
     graph = working.graph
     defaults = {t.name: t.red_default for t in graph.inputs if hasattr(t, "red_default")}
-    model = gs.export_onnx(graph, do_type_check=False, opset_imports=working.opset_imports)
+    with _untyped(graph, working.typed_values):
+        model = gs.export_onnx(graph, do_type_check=False, opset_imports=working.opset_imports)
+    _retype(model, working)
     _restore_storage(model, graph)
     if defaults:
         existing = {t.name for t in model.graph.initializer}

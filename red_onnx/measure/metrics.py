@@ -136,11 +136,11 @@ def measure(
             MACs then counted only its first three MatMuls).
 
     Raises:
-        InputError: An input shape has a dimension below 1 (e.g. a declared ``-1`` batch taken as a size).
+        InputError: An input shape has a negative dimension (e.g. a declared ``-1`` batch taken as a size).
     """
     for name, shape in input_shapes.items():
-        if any(int(dim) < 1 for dim in shape):
-            raise InputError(f"input {name!r} has shape {list(shape)}; give every dimension a positive size")
+        if any(int(dim) < 0 for dim in shape):
+            raise InputError(f"input {name!r} has shape {list(shape)}; give every dimension a size >= 0")
     shapes = {name: tuple(shape) for name, shape in (known or {}).items() if shape is not None}
     shapes |= _shape_map(model, input_shapes)
     weights = _weights(model)

@@ -10,6 +10,9 @@ from red_onnx.measure.metrics import ModelFigures
 from red_onnx.passes.infra import PassResult
 from red_onnx.rewrite.separation import SUFFIX as SEPARATION_SUFFIX
 
+#: The name of the separation pass, whose statistics hold the per-conv decisions.
+SEPARATION_PASS = "separate_depthwise"
+
 
 @dataclass(frozen=True)
 class LayerReport:
@@ -91,9 +94,13 @@ class Report:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)
 
     def headline(self) -> dict[str, Any]:
-        """The few figures written into the output model's provenance."""
+        """The few figures written into the output model's provenance.
+
+        With ``latency_decisions`` when the latency check timed separation candidates: their decisions
+        can differ between runs, so the model says which they were (:meth:`latency_decisions`).
+        """
         verification = self.verification or {}
-        return {
+        headline = {
             "params_before": self.params_before,
             "params_after": self.params_after,
             "macs_before": self.macs_before,
@@ -101,6 +108,30 @@ class Report:
             "verified": verification.get("passed"),
             "max_rel_err": verification.get("max_rel_err"),
         }
+        measured = self.latency_decisions()
+        if measured:
+            headline["latency_decisions"] = measured
+        return headline
+
+    def latency_decisions(self) -> dict[str, Any] | None:
+        """The separation decisions a measurement made, compactly: conv name → verdict.
+
+        The gains stay in the report's pass statistics: they vary from run to run, and the output's
+        bytes should not where the decisions agree.
+
+        Returns:
+            ``{"provider", "min_gain", "band", "convs": {name: verdict}}``, or None when no decision
+            was measured (computed decisions repeat exactly and are not listed).
+        """
+        item = next((p for p in self.passes if p.name == SEPARATION_PASS), None)
+        if item is None:
+            return None
+        stats = item.stats
+        convs = {c["name"]: c["verdict"] for c in stats["convs"] if c.get("gain") is not None}
+        if not convs:
+            return None
+        gate = {key: stats[key] for key in ("provider", "min_gain", "band")}
+        return {**gate, "convs": convs}
 
 
 def _separated_figures(after: ModelFigures, name: str) -> tuple[int, int]:
@@ -198,23 +229,32 @@ def _render_frozen(report: Report, limit: int) -> list[str]:
 
 def _render_separation(report: Report, limit: int) -> list[str]:
     """Per k×k conv that would cut MACs: U, MACs, latency and the decision; the rest summed up."""
-    item = next((p for p in report.passes if p.name == "separate_depthwise"), None)
+    item = next((p for p in report.passes if p.name == SEPARATION_PASS), None)
     if item is None or not item.stats.get("candidates"):
         return []
-    convs = item.stats["convs"]
+    stats, convs = item.stats, item.stats["convs"]
     paying = [c for c in convs if c["macs_after"] < c["macs_before"]]
-    probe = item.stats.get("provider", "MACs only: --no-latency-check")
+    probe = stats.get("provider", "MACs only: --no-latency-check")
     lines = [
-        f"depthwise separation ({probe}): {item.stats['separated']} of {len(convs)} k×k convs separated; "
+        f"depthwise separation ({probe}): {stats['separated']} of {len(convs)} k×k convs separated; "
         f"{len(convs) - len(paying)} have too many distinct kernels to cut MACs (U >= break-even)"
     ]
+    if stats.get("measured"):
+        low, high = stats["min_gain"] - stats["band"], stats["min_gain"] + stats["band"]
+        lines.append(
+            f"  {stats['measured']} decided by measured latency (can differ between runs; --latency-cache "
+            f"replays them): separated at a gain >= {high:.0%}, kept below {low:.0%}, re-measured in "
+            f"between ({stats['marginal']} kept as marginal)"
+        )
     for conv in paying[:limit]:
         timed = ""
         if conv["latency_before_ms"] is not None:
-            timed = f" {conv['latency_before_ms']:.3f} -> {conv['latency_after_ms']:.3f} ms"
+            gains = ", then ".join(f"{gain:+.1%}" for gain in conv.get("gains") or [])
+            timed = f" {conv['latency_before_ms']:.3f} -> {conv['latency_after_ms']:.3f} ms, gain {gains}"
         macs = _ratio(conv["macs_after"], conv["macs_before"])
-        verdict = "separated" if conv["separated"] else "kept"
-        lines.append(f"  {conv['name'][:40]:40} U={conv['units']:<5} MACs {macs}{timed}: {verdict}")
+        verdict = conv.get("verdict") or ("separated" if conv["separated"] else "kept")
+        by = f" [{conv['decided_by']}]" if conv.get("decided_by") else ""
+        lines.append(f"  {conv['name'][:40]:40} U={conv['units']:<5} MACs {macs}{timed}: {verdict}{by}")
     return lines
 
 
@@ -242,12 +282,30 @@ def _render_latency(latency: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
 def _render_verification(verification: dict[str, Any]) -> str:
     verdict = "PASSED" if verification.get("passed") else "FAILED"
     criterion = f" [{verification['criterion']}]" if verification.get("criterion") else ""
     worst = max((o.get("rel_l2_err") or 0.0 for o in verification.get("outputs", [])), default=0.0)
-    return (
-        f"verification {verdict} (onnxruntime, levels {', '.join(verification.get('levels', []))}, "
-        f"seeds {verification.get('seeds')}): max abs err {verification.get('max_abs_err'):.3g}, "
-        f"max rel err {verification.get('max_rel_err'):.3g}, worst rel L2 {worst:.3g}{criterion}"
+    inputs = verification.get("inputs") or f"seeds {verification.get('seeds')}"
+    levels = ", ".join(verification.get("levels", []))
+    heldout = verification.get("heldout_error")
+    if verification.get("target"):  # no bound was asked: figures, not a verdict
+        state = "target reached" if verification.get("passed") else "target reached, NOT WRITTEN"
+        return (
+            f"{state} (no fidelity bound was asked): worst rel L2 {worst:.3g} on {inputs} (onnxruntime, "
+            f"levels {levels}); search {_figure(verification.get('search_error'))}, held out "
+            f"{_figure(heldout)} [{verification.get('criterion')}]"
+        )
+    line = (
+        f"verification {verdict} (onnxruntime, levels {levels}, "
+        f"{inputs}): max abs err {verification.get('max_abs_err'):.3g}, "
+        f"max rel err {verification.get('max_rel_err'):.3g}, worst rel L2 {worst:.3g}"
+        f"{'' if heldout is None else f', held out {heldout:.3g}'}{criterion}"
     )
+    if verification.get("full_check"):
+        line += f"\n  full ONNX check {verification['full_check']}"
+    return line

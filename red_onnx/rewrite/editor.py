@@ -146,10 +146,25 @@ def _absorb_constants(plan: GroupPlan, consumer: Consumer, rows: np.ndarray, loc
     value = np.array([v for _, v in picked]).reshape((-1,) + (1,) * (rows.ndim - 1))
     contribution = (rows[index] * value).sum(axis=(0, 1))  # [out, *kernel] or [N]
     node = consumer.node
-    if node.op == "Conv":
+    if node.op in ("Conv", "ConvTranspose"):  # both [out, *kernel] here: every tap adds V_j·c_j
         contribution = contribution.reshape(contribution.shape[0], -1).sum(axis=1)
+    if node.op == "ConvTranspose":
+        contribution = contribution / _positions_per_input(node)
     contribution = contribution * output_scale(node)
     _add_output_bias(node, contribution)
+
+
+def _positions_per_input(node: gs.Node) -> int:
+    """Output positions per input position of a ConvTranspose: the product of its strides.
+
+    A constant input ``c_j`` reaches an output position through the taps whose offset matches the
+    position's phase modulo the stride, ``c_j·ΣW[j, o]`` over all phases together: the mean over the
+    interior is ``c_j·ΣW[j, o] / Π strides``. At stride 1 (the only case exact mode folds, with
+    padding that gives every position every tap: ``conv_transpose_full_taps``) it is the value at
+    every position; elsewhere it is the best per-channel bias for an approximate merge's offset.
+    """
+    strides = node.attrs.get("strides")
+    return int(np.prod([int(s) for s in strides])) if strides else 1
 
 
 def _add_output_bias(node: gs.Node, contribution: np.ndarray) -> None:

@@ -7,7 +7,7 @@ file, by path; above ``MAX_PROTO_BYTES`` only by path. An error of the input mod
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,22 @@ from red_onnx.runtime.stream import Feed, Runner
 
 #: A model: in memory, serialized (``SerializeToString()`` bytes, handed over as they are), or a path.
 ModelLike = onnx.ModelProto | bytes | str | Path
+
+#: Element types numpy lacks, fed to onnxruntime from their raw bits: the unsigned integer type of
+#: the same width that carries them. (4-bit types are packed two to a byte in onnxruntime, which its
+#: Python API cannot express: inputs of those types are refused.)
+RAW_BIT_CARRIERS: dict[int, np.dtype] = {
+    getattr(onnx.TensorProto, name): np.dtype(carrier)
+    for name, carrier in (
+        ("BFLOAT16", np.uint16), ("FLOAT8E4M3FN", np.uint8), ("FLOAT8E4M3FNUZ", np.uint8),
+        ("FLOAT8E5M2", np.uint8), ("FLOAT8E5M2FNUZ", np.uint8), ("FLOAT8E8M0", np.uint8),
+    )
+    if hasattr(onnx.TensorProto, name)
+}  # fmt: skip
+#: onnxruntime's names of those types (``NodeArg.type``), and their element types.
+_RAW_BIT_NAMES = {
+    f"tensor({onnx.TensorProto.DataType.Name(elem).lower()})": elem for elem in RAW_BIT_CARRIERS
+}
 
 #: ModelProtos larger than this (serialized) cannot be handed to onnxruntime as bytes.
 MAX_PROTO_BYTES = 1_800_000_000
@@ -81,6 +97,31 @@ def as_array(value: Any) -> np.ndarray:
         return array
 
 
+def feeder(session: ort.InferenceSession) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """``feed -> what session.run takes``: the session's inputs only, raw-bit arrays as typed values.
+
+    An input of a type numpy lacks (:data:`RAW_BIT_CARRIERS`) arrives as its raw bits in an unsigned
+    integer array and is handed to onnxruntime as a value of the declared type; every other array is
+    passed as it is. Arrays for names the session does not take are left out.
+    """
+    wanted = [value.name for value in session.get_inputs()]
+    raw = {
+        value.name: _RAW_BIT_NAMES[value.type]
+        for value in session.get_inputs()
+        if value.type in _RAW_BIT_NAMES
+    }
+
+    def feed_of(feed: Mapping[str, Any]) -> dict[str, Any]:
+        fed = {name: feed[name] for name in wanted if name in feed}
+        for name, elem in raw.items():
+            if name in fed and isinstance(fed[name], np.ndarray):
+                array = np.ascontiguousarray(fed[name])
+                fed[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, elem)
+        return fed
+
+    return feed_of
+
+
 def ort_error(exc: BaseException, level: str, *, reference: bool) -> Exception:
     """The one-line error for onnxruntime's ``exc``: InputError for the reference, else VerificationError."""
     if reference:
@@ -127,6 +168,7 @@ def session_runner(session: ort.InferenceSession, level: str, *, reference: bool
     """One ``session.run`` per feed; onnxruntime's errors: InputError (reference), VerificationError."""
     names = [out.name for out in session.get_outputs()]
     wanted = [inp.name for inp in session.get_inputs()]
+    feed_of = feeder(session)
 
     def run(feeds: Sequence[Feed]) -> list[Feed]:
         missing = [name for name in wanted if feeds and name not in feeds[0]]
@@ -138,7 +180,7 @@ def session_runner(session: ort.InferenceSession, level: str, *, reference: bool
         results: list[Feed] = []
         for feed in feeds:
             try:
-                values = session.run(names, {name: feed[name] for name in wanted})
+                values = session.run(names, feed_of(feed))
             except Exception as exc:  # see open_session
                 raise ort_error(exc, level, reference=reference) from exc
             results.append({n: as_array(v) for n, v in zip(names, values, strict=True)})

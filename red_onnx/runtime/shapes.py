@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -65,7 +66,15 @@ class ShapeService:
             logger.warning("could not measure %d tensor shapes: %s", len(names), first_line(error))
             return {}
         self.runs += 1
-        return {name: tuple(np.shape(value)) for name, value in zip(names, values, strict=True)}
+        return {name: _shape_of(value) for name, value in zip(names, values, strict=True)}
+
+
+def _shape_of(value: Any) -> tuple[int, ...] | None:
+    """The shape of a measured value; None for a sequence of tensors of different shapes (no one shape)."""
+    try:
+        return tuple(np.shape(value))
+    except ValueError:
+        return None
 
 
 def _inferred(probe: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> Shapes:

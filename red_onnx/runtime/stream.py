@@ -53,7 +53,7 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | None] | None:
     tensor = value.type.tensor_type
     if not tensor.HasField("shape"):
         return None
-    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim]
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in tensor.shape.dim]
 
 
 def _shapes_agree(a: onnx.ValueInfoProto, b: onnx.ValueInfoProto) -> bool:

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from red_onnx.runtime.sessions import session_options
+from red_onnx.runtime.sessions import feeder, session_options
 
 
 def tensor_fetch(
@@ -27,8 +27,8 @@ def tensor_fetch(
         probe.SerializeToString(), session_options("disable_all"), providers=["CPUExecutionProvider"]
     )
     del probe
-    wanted = [value.name for value in session.get_inputs()]
-    return lambda fetched, feed: session.run(list(fetched), {n: feed[n] for n in wanted if n in feed})
+    feed_of = feeder(session)
+    return lambda fetched, feed: session.run(list(fetched), feed_of(feed))
 
 
 def run_tensors(

@@ -92,6 +92,9 @@ DESTROYED = 1.0
 #: every level measured up to DESTROYED).
 TARGET_START_CAP = 0.05
 TARGET_CAP_GROWTH = 4.0
+#: A --target-macs this far under the MACs floor (every group at its deepest level, first ranking) is
+#: refused before any error is measured: other rankings may remove channels that carry other MACs.
+FLOOR_MARGIN = 0.02
 #: How each group's error alone is found: "measured" (a full run per group, level and ranking),
 #: "local" (estimated from one activation capture: ``red_onnx.search.sensitivity``; only the bisected
 #: prefixes are measured), "calibrated" (local, scaled per group by one measured run), "auto"
@@ -521,8 +524,19 @@ class BudgetSearch:
             self.macs_cache[key] = self.macs_counter.fraction(self._plan(counts))
         return self.macs_cache[key]
 
+    def macs_floor(self) -> float:
+        """The fraction of MACs kept with every group at its deepest level (first ranking; no run)."""
+        return self.measured_fraction({o.name: o.levels[-1] for o in self.options if o.levels})
+
     def to_target(self, fraction: float) -> tuple[BudgetResult, float]:
-        """The smallest error reaching ``fraction`` of the MACs; also the lowest fraction reachable."""
+        """The smallest error reaching ``fraction`` of the MACs; also the lowest fraction reachable.
+
+        A target under the MACs floor by more than ``FLOOR_MARGIN`` is answered at once (no error
+        measured), with the floor as the lowest fraction reachable.
+        """
+        floor = self.macs_floor()
+        if floor > fraction + FLOOR_MARGIN:
+            return self._result([{}], 0, math.inf), floor
         cap = DESTROYED if self.local is not None else TARGET_START_CAP
         while True:  # measure deeper levels only while the cheap ones cannot reach the target
             self._sensitivity(cap)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -163,9 +163,29 @@ def compare_outputs(
     candidate = np.asarray(candidate)
     if candidate.shape != reference.shape:
         return _failed(name, tuple(reference.shape))
+    if reference.dtype == object and any(isinstance(value, np.ndarray) for value in reference.flat):
+        return _compare_ragged(name, candidate, reference, rtol, atol)
     if reference.dtype.kind == "f" and candidate.dtype.kind == "f":
         return _compare_float(name, candidate, reference, rtol, atol, allowance)
     return _compare_exact(name, candidate, reference)
+
+
+def _compare_ragged(
+    name: str, candidate: np.ndarray, reference: np.ndarray, rtol: float, atol: float
+) -> OutputCheck:
+    """A sequence of tensors of different shapes (an object array of arrays), element by element.
+
+    Each element is compared by the rules of its own type; the worst element gives the verdict.
+    """
+    checks = [
+        compare_outputs(name, np.asarray(cand), np.asarray(ref), rtol=rtol, atol=atol)
+        if isinstance(cand, np.ndarray) and isinstance(ref, np.ndarray)
+        else _failed(name, tuple(reference.shape))
+        for cand, ref in zip(candidate.flat, reference.flat, strict=True)
+    ]
+    if not checks:
+        return OutputCheck(name, tuple(reference.shape), 0.0, 0.0, 0.0, 1.0, None, 0.0, True)
+    return replace(merge_checks(checks), shape=tuple(reference.shape))
 
 
 def merge_checks(checks: Sequence[OutputCheck]) -> OutputCheck:

@@ -15,6 +15,7 @@ from onnx import TensorProto
 
 from red_onnx.errors import InputError
 from red_onnx.options import InputSpec
+from red_onnx.runtime.sessions import RAW_BIT_CARRIERS
 
 #: Input element types that :func:`make_inputs` can generate.
 GENERATED_TYPES = frozenset({
@@ -24,30 +25,68 @@ GENERATED_TYPES = frozenset({
 })  # fmt: skip
 
 
-def input_dtype(vi: onnx.ValueInfoProto) -> np.dtype:
-    """The numpy dtype of tensor input ``vi``; InputError for other inputs and types it cannot generate."""
+def _tensor_elem(vi: onnx.ValueInfoProto) -> int:
+    """The element type of tensor input ``vi``; InputError for inputs that are not tensors."""
     if vi.type.WhichOneof("value") != "tensor_type":
         kind = vi.type.WhichOneof("value")
         raise InputError(f"input {vi.name!r} is a {kind}, not a tensor; red_onnx only feeds tensor inputs")
-    elem = vi.type.tensor_type.elem_type
+    return int(vi.type.tensor_type.elem_type)
+
+
+def input_dtype(vi: onnx.ValueInfoProto) -> np.dtype:
+    """The numpy dtype of tensor input ``vi``; InputError for other inputs and types it cannot generate."""
+    elem = _tensor_elem(vi)
     if elem not in GENERATED_TYPES:
+        feed_dtype(vi)  # refuses the types that cannot be fed either
         type_name = TensorProto.DataType.Name(elem)
         raise InputError(
             f"input {vi.name!r} has element type {type_name}, which red_onnx cannot generate; "
-            "pass its values in an --inputs file.npz"
+            f"pass its values in an --inputs file.npz, {encoding(elem)}"
         )
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
 
 
-def declared_dims(vi: onnx.ValueInfoProto) -> list[int | None] | None:
-    """Return the declared dims, None for dynamic ones (dim_param, no positive dim_value).
+def feed_dtype(vi: onnx.ValueInfoProto) -> np.dtype | None:
+    """The dtype an ``--inputs`` array of ``vi`` is stored in; None for STRING (any numpy unicode array).
 
-    Returns None when the input declares no shape at all (rank unknown).
+    The generated types' own dtype; for types numpy lacks, the unsigned carrier of their raw bits
+    (:data:`~red_onnx.runtime.sessions.RAW_BIT_CARRIERS`). InputError for inputs that are not tensors,
+    or of a type that cannot be fed at all (4-bit and 2-bit types).
+    """
+    elem = _tensor_elem(vi)
+    if elem == TensorProto.STRING:
+        return None
+    if elem in RAW_BIT_CARRIERS:
+        return RAW_BIT_CARRIERS[elem]
+    if elem not in GENERATED_TYPES:
+        raise InputError(
+            f"input {vi.name!r} has element type {TensorProto.DataType.Name(elem)}, which red_onnx can "
+            "neither generate nor feed to onnxruntime (its Python API has no arrays of that type); models "
+            "with such inputs are not supported: cast to it inside the model from a wider input instead"
+        )
+    return input_dtype(vi)
+
+
+def encoding(elem: int) -> str:
+    """How an ``--inputs`` file holds values of element type ``elem`` (a phrase for messages)."""
+    if elem == TensorProto.STRING:
+        return "as a numpy unicode array (dtype str)"
+    if elem in RAW_BIT_CARRIERS:
+        return f"as their raw bits in {RAW_BIT_CARRIERS[elem]} arrays"
+    return "in a numpy array of that type"
+
+
+def declared_dims(vi: onnx.ValueInfoProto) -> list[int | None] | None:
+    """Return the declared dims, None for dynamic ones (dim_param, no dim_value, or a negative one).
+
+    A declared 0 is a size (an empty tensor), not a dynamic dim. Returns None when the input declares
+    no shape at all (rank unknown).
     """
     tensor_type = vi.type.tensor_type
     if not tensor_type.HasField("shape"):
         return None
-    return [d.dim_value if d.dim_value > 0 else None for d in tensor_type.shape.dim]
+    dims = tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in dims]
 
 
 def format_dims(dims: Sequence[int | None]) -> str:

@@ -3,7 +3,7 @@
 :func:`make_inputs` builds one feed per seed (and per step of a recurrent model's stream,
 ``runtime.stream``); an ``.npz`` file's arrays are used as given, checked against the declared inputs.
 A recurrent model's file may carry a leading **step** axis (:func:`stepped_names`, :func:`file_steps`);
-:func:`rows_part` deals a file's batch into a search and a held-out half.
+:func:`rows_part` splits a file's batch into a search and a held-out half, at random (seeded).
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ import onnx
 
 from red_onnx.errors import InputError, UsageError, first_line
 from red_onnx.options import InputSpec
+from red_onnx.runtime.sessions import RAW_BIT_CARRIERS
 from red_onnx.runtime.stream import Feed, StatePair, find_state_pairs
 from red_onnx.verify.input_spec import (
     declared_dims,
+    encoding,
+    feed_dtype,
     fits_declared,
     format_dims,
     input_dtype,
@@ -49,29 +52,51 @@ def load_npz(path: Path | None) -> dict[str, np.ndarray]:
         raise InputError(f"inputs file {path} cannot be read as .npz: {first_line(exc)}") from exc
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise InputError(f"inputs file {path} is not a .npz archive; save it with np.savez")
+    arrays = {}
     with data:
-        return {key: data[key] for key in data.files}
+        for key in data.files:
+            try:
+                arrays[key] = data[key]
+            except Exception as exc:  # object arrays (pickles), dtypes numpy cannot read, corrupt members
+                raise InputError(
+                    f"array {key!r} of inputs file {path} cannot be read: {first_line(exc)}; save plain "
+                    "numeric arrays (types numpy lacks as their raw bits in unsigned integers, strings as "
+                    "unicode arrays) with np.savez"
+                ) from exc
+    return arrays
 
 
 def _checked_array(vi: onnx.ValueInfoProto, array: np.ndarray, source: Path) -> np.ndarray:
-    dtype, name = input_dtype(vi), vi.name
+    dtype, name, elem = feed_dtype(vi), vi.name, vi.type.tensor_type.elem_type
+    if dtype is None or elem in RAW_BIT_CARRIERS:  # strings, raw bits: stored as they are fed
+        if (array.dtype.kind != "U") if dtype is None else (array.dtype != dtype):
+            raise InputError(
+                f"input {name!r} in {source} has dtype {array.dtype}; the model's "
+                f"{onnx.TensorProto.DataType.Name(elem)} is given {encoding(elem)}"
+            )
+        return _checked_shape(vi, array, source)
     if not np.can_cast(array.dtype, dtype, casting="same_kind"):
         raise InputError(
             f"input {name!r} in {source} has dtype {array.dtype}, which cannot be cast to the "
             f"model's {dtype}; save it as {dtype}"
         )
-    declared = declared_dims(vi)
-    if declared is not None and not fits_declared(array.shape, declared):
-        raise InputError(
-            f"input {name!r} in {source} has shape {list(array.shape)}, but the model expects "
-            f"{format_dims(declared)} (? = any size); save an array of that shape"
-        )
+    _checked_shape(vi, array, source)
     cast = array.astype(dtype, copy=False)
     if dtype.kind in "biu" and not np.array_equal(cast, array):
         raise InputError(
             f"input {name!r} in {source} has values outside {dtype}; save values that fit {dtype}"
         )
     return cast
+
+
+def _checked_shape(vi: onnx.ValueInfoProto, array: np.ndarray, source: Path) -> np.ndarray:
+    declared = declared_dims(vi)
+    if declared is not None and not fits_declared(array.shape, declared):
+        raise InputError(
+            f"input {vi.name!r} in {source} has shape {list(array.shape)}, but the model expects "
+            f"{format_dims(declared)} (? = any size); save an array of that shape"
+        )
+    return array
 
 
 def _check_names(spec: InputSpec, npz_names: Sequence[str], real: Sequence[str]) -> None:
@@ -183,10 +208,12 @@ def file_steps(model: onnx.ModelProto, spec: InputSpec, pairs: Sequence[StatePai
 
 
 def rows_part(feeds: list[Feed], model: onnx.ModelProto, names: set[str], part: str) -> list[Feed]:
-    """The ``part`` rows of an ``--inputs`` batch: even rows search, odd rows held out.
+    """The ``part`` rows of an ``--inputs`` batch: a seeded random half searches, the other is held out.
 
     The rule of ``verify.verifier.Verifier`` (its ``part``): every array in the file shares one leading
-    size >= 2 on a dynamic axis; otherwise the whole file, and the log says so.
+    size >= 2 on a dynamic axis; otherwise the whole file, and the log says so. The halves are drawn at
+    random (seed ``SPLIT_SEED``), never by position: a file whose rows come in a pattern (rotations
+    0/90/180/270 repeating) dealt even/odd showed the search two of its four classes.
     """
     declared = {vi.name: declared_dims(vi) for vi in real_inputs(model)}
     batched = [name for name in names if np.ndim(feeds[0][name]) >= 1]
@@ -195,5 +222,22 @@ def rows_part(feeds: list[Feed], model: onnx.ModelProto, names: set[str], part: 
     if not batched or len(sizes) != 1 or min(sizes) < 2 or not dynamic:
         logger.info("the --inputs file holds no batch to split: the %s part uses all of it", part)
         return feeds
-    rows = slice(0, None, 2) if part == "search" else slice(1, None, 2)
+    rows = split_rows(sizes.pop())[part]
     return [{**feed, **{name: feed[name][rows] for name in batched}} for feed in feeds]
+
+
+#: Seed of the random split of an ``--inputs`` batch (fixed: the same file splits the same way).
+SPLIT_SEED = 20211
+#: The parts of an ``--inputs`` batch that a budget search uses, by their share of the rows.
+SPLIT_SHARES = {"search": 0.5, "heldout": 0.5}
+
+
+def split_rows(count: int, seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
+    """Disjoint, sorted row indices per part of a batch of ``count`` rows (each part at least one row).
+
+    A seeded permutation is cut by :data:`SPLIT_SHARES`; every row lands in exactly one part.
+    """
+    order = np.random.default_rng(seed).permutation(count)
+    cuts = np.cumsum([round(share * count) for share in SPLIT_SHARES.values()])[:-1]
+    cuts = np.clip(cuts, np.arange(1, len(cuts) + 1), count - np.arange(len(cuts), 0, -1))
+    return {part: np.sort(rows) for part, rows in zip(SPLIT_SHARES, np.split(order, cuts), strict=True)}

@@ -71,5 +71,6 @@ def max_drift(reference: np.ndarray, other: np.ndarray | None) -> float:
     """Largest finite |other - reference| (0 when absent, not float, or of another shape)."""
     if other is None or other.shape != reference.shape or not np.issubdtype(reference.dtype, np.floating):
         return 0.0
-    drift = np.abs(other.astype(np.float64) - reference.astype(np.float64))
+    with np.errstate(invalid="ignore"):  # inf - inf where both overflow: not a drift
+        drift = np.abs(other.astype(np.float64) - reference.astype(np.float64))
     return float(np.max(np.where(np.isfinite(drift), drift, 0.0), initial=0.0))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -18,6 +19,10 @@ from red_onnx.options import InputSpec
 from red_onnx.verify.input_spec import input_dtype, resolve_shape
 
 DEFAULT_INT_RANGE = (0.0, 10.0)
+_INT_TYPES = frozenset({
+    onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+    onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64,
+})  # fmt: skip
 
 
 def _int_bounds(dtype: np.dtype) -> tuple[int, int]:
@@ -105,3 +110,27 @@ def _draw(vi: onnx.ValueInfoProto, spec: InputSpec, seed: int, step: int = 0) ->
     if dtype.kind == "b" and bounds is None:
         return rng.random(shape) < 0.5
     return _random_ints(name, rng, shape, dtype, bounds or DEFAULT_INT_RANGE)
+
+
+def drawn_ints_hint(inputs: Sequence[onnx.ValueInfoProto], spec: InputSpec) -> str | None:
+    """What to do when the model failed on integer inputs drawn at random (None: none was).
+
+    Integer inputs are often indices, sizes or token ids that the model needs in a narrow range; an
+    input the spec fills (``--input-value``), bounds (``--input-range``) or feeds (``--inputs``) is left
+    out.
+    """
+    if spec.npz is not None:
+        return None
+    drawn = [
+        vi.name
+        for vi in inputs
+        if vi.name not in spec.values and vi.name not in spec.ranges
+        and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type in _INT_TYPES
+    ]  # fmt: skip
+    if not drawn:
+        return None
+    low, high = DEFAULT_INT_RANGE
+    return (
+        f"integer inputs {', '.join(drawn)} were drawn at random in [{low:g}, {high:g}]; give the values "
+        f"it runs on with --input-value, --input-range or --inputs, e.g. --input-value {drawn[0]}:1"
+    )

@@ -62,6 +62,7 @@ from red_onnx.verify.inputs import (
 )
 from red_onnx.verify.noise import DRIFT_FACTOR, ROUNDING_UNITS, max_drift, noise_allowance, rounding_unit
 from red_onnx.verify.parts import box_error, is_box_head, part_errors, scale_slices
+from red_onnx.verify.synthetic import drawn_ints_hint
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +148,8 @@ class Verifier:
     ``part`` selects the part of an ``--inputs`` file used (synthetic inputs ignore it: their seeds
     already differ): ``"all"``; ``"search"`` or ``"heldout"``, disjoint halves for a budget search and
     its held-out re-check — a recurrent model's steps are cut in two (the held-out half starts from the
-    state the reference carried out of the first), a batch is dealt alternately (even rows search, odd
-    rows held out) when every array in the file shares one leading size >= 2 on a dynamic axis. A file
+    state the reference carried out of the first), a batch is split at random, seeded (half search, half
+    held out) when every array in the file shares one leading size >= 2 on a dynamic axis. A file
     that cannot be split is used whole, and the log says so.
 
     ``structure`` is the reference as a ModelProto when the caller holds one while passing a path or
@@ -191,7 +192,11 @@ class Verifier:
         self._reference = held.source if held is not None else model_source(reference)
         structure = structure if structure is not None else load_structure(reference)
         self.rounding_floor = ROUNDING_UNITS * rounding_unit(structure)
-        self._shape_hint = defaulted_dims_hint(real_inputs(structure), spec)  # for a failed reference run
+        hints = (
+            defaulted_dims_hint(real_inputs(structure), spec),
+            drawn_ints_hint(real_inputs(structure), spec),
+        )
+        self._shape_hint = "; ".join(hint for hint in hints if hint) or None  # for a failed reference run
         self._reference_cache: dict[str, list[Feed]] = {}
         self._fed: list[list[Feed]] = []  # a stream's feeds as the unoptimised reference saw them
         self.sessions_built = 0
@@ -287,7 +292,10 @@ class Verifier:
 
     @contextlib.contextmanager
     def _shape_hinted(self) -> Iterator[None]:
-        """Around a reference run: its InputError also says the sizes the dynamic dims had, and how to set."""
+        """Around a reference run: its InputError also says how the inputs were made, and how to set them.
+
+        That is the sizes the dynamic dims had, and the integer inputs drawn at random.
+        """
         try:
             yield
         except InputError as error:
