@@ -97,3 +97,20 @@ def test_a_tolerance_verdict_names_its_held_out_error() -> None:
 def test_force_target_needs_a_target() -> None:
     with pytest.raises(red_onnx.UsageError, match="--force-target only applies to --target-macs"):
         red_onnx.compress(_idle_on_search_net(), tolerance=0.05, force_target=True)
+
+
+def test_every_report_field_is_documented() -> None:
+    import re
+
+    result = red_onnx.compress(
+        _idle_on_search_net(), target_macs=0.8, channel_multiple=1, latency_check=False
+    )
+    data = result.report.to_dict()
+    assert data["schema_version"] == 1
+    doc = (Path(__file__).parents[1] / "docs" / "report.md").read_text()
+    documented = set(re.findall(r"`([a-z_0-9]+)`", doc))
+    assert set(data) <= documented, sorted(set(data) - documented)
+    assert set(data["verification"]) - {"criterion"} <= documented, sorted(
+        set(data["verification"]) - documented
+    )
+    assert {k for k in data["budget"] if k != "groups"} <= documented

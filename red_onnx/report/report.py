@@ -37,6 +37,11 @@ class PassReport:
     skips: list[dict[str, str]]
 
 
+#: Version of the ``--json`` report's layout (``docs/report.md``): raised when a field changes meaning
+#: or goes; new fields may appear within a version.
+SCHEMA_VERSION = 1
+
+
 @dataclass(frozen=True)
 class FrozenGroup:
     """A channel group that could not change, and why."""
@@ -84,8 +89,8 @@ class Report:
             self.layers.append(LayerReport(name, layer.op, layer.channels, channels, layer.macs, macs))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (the ``--json`` file)."""
-        data = asdict(self)
+        """JSON-ready form (the ``--json`` file; its fields are documented in ``docs/report.md``)."""
+        data = {"schema_version": SCHEMA_VERSION, **asdict(self)}
         data["frozen"] = [{"group": f.group, "reason": f.reason} for f in self.frozen]
         return data
 
