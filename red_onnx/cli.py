@@ -58,7 +58,8 @@ is never modified.
 
 exit codes:
   0  done
-  1  verification failed, or --target-macs cannot be reached (nothing written)
+  1  verification failed, or --target-macs cannot be reached or does not hold on held-out inputs
+     (nothing written)
   2  bad input or usage: one line on stderr, nothing written
   3  internal error: a bug to report (-v prints the traceback), nothing written"""
 
