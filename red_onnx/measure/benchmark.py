@@ -173,15 +173,20 @@ def benchmark(
         except Exception as error:  # onnxruntime's errors share no base class: a reasoned skip, not a crash
             figures.skipped[str(batch)] = f"onnxruntime could not run this batch: {first_line(error)[:200]}"
             continue
-        figures.batches[str(batch)] = {
-            "before_ms": round(before * 1e3, 4),
-            "after_ms": round(after * 1e3, 4),
+        figures.batches[str(batch)] = {  # significant digits: a 7 µs run rounded to 4 decimals lost 1.5%
+            "before_ms": _significant(before * 1e3),
+            "after_ms": _significant(after * 1e3),
             "ratio": round(after / before, 4),
         }
         if figures.weighted_share is None:
             share = _weighted_shares((original, compressed), feed, service)
             figures.weighted_share = {**share, "batch": str(batch)}
     return figures
+
+
+def _significant(value: float, digits: int = 5) -> float:
+    """``value`` to ``digits`` significant digits (milliseconds of runs from microseconds to seconds)."""
+    return float(f"{value:.{digits}g}")
 
 
 def _weighted_shares(
