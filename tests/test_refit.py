@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from red_onnx.analysis import refit as refit_module
 from red_onnx.analysis.refit import (
     _obs_path,
     augmented_gram,
@@ -449,3 +450,17 @@ def test_choose_lambda_gram_and_validation_error_from_grams() -> None:
     chosen = choose_lambda_gram(gram_fit, gram_val, v, keep, grid)
     errors = {m: validation_error(gram_fit, gram_val, v, keep, m * lambda_scale(gram_fit)) for m in grid}
     assert chosen / lambda_scale(gram_fit) == pytest.approx(min(errors, key=errors.__getitem__))
+
+
+def test_mixing_is_the_refit_for_any_consumer() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((7, 300)) + rng.standard_normal((7, 1))
+    x[6] = 0.5 * x[1] - x[2] + 0.3 + 0.01 * rng.standard_normal(300)
+    gram = refit_module.augmented_gram(x)
+    keep = np.array([0, 1, 2, 3, 4])
+    a, intercept = refit_module.mixing(gram, keep, 0.1)
+    for outputs in (1, 3):
+        v = rng.standard_normal((7, outputs))
+        kept, bias = refit_module.refit(gram, v, keep, 0.1)
+        np.testing.assert_allclose(kept, v[keep] + a @ v[[5, 6]], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(bias, v[[5, 6]].T @ intercept, rtol=1e-10, atol=1e-12)

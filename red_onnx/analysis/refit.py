@@ -200,6 +200,32 @@ def _trace_form(gram: np.ndarray, w: np.ndarray) -> float:
     return float(max(np.einsum("io,io->", w, np.asarray(gram, dtype=np.float64) @ w), 0.0))
 
 
+def mixing(
+    gram: np.ndarray, keep_rows: Sequence[int] | np.ndarray, lam: float, *, free_bias: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """The refit as a regression of the removed rows' inputs on the kept ones: ``A`` and the intercept.
+
+    ``A = (G_c,KK + λ·I)⁻¹·G_c,KR`` (``[K, R]``, in the order of ``keep_rows`` and of the removed rows,
+    ascending) and ``c = (s_R − Aᵀ·s_K) / n`` (zero without a free bias): for any consumer weight ``V``,
+    :func:`refit` is ``V'_K = V_K + A·V_R`` and ``δb = V_Rᵀ·c``. So removing row ``j`` is a merge into
+    every kept row ``i`` with scale ``A_ij``, and ``c_j`` is its offset: it does not depend on ``V``.
+
+    Returns:
+        ``(A, c)``; empty when nothing is removed.
+    """
+    rows = np.asarray(gram).shape[0] - 1
+    system, _ = _system(gram, np.zeros((rows, 1)), lam, free_bias)
+    keep, removed = _split(keep_rows, rows)
+    if removed.size == 0:
+        return np.zeros((keep.size, 0)), np.zeros(0)
+    h = system.centred[np.ix_(keep, keep)]
+    h[np.diag_indices_from(h)] += system.lam
+    a = _cho_solve(_cholesky(h, system.scale), system.centred[np.ix_(keep, removed)])
+    if not system.free_bias:
+        return a, np.zeros(removed.size)
+    return a, (system.sums[removed] - a.T @ system.sums[keep]) / system.samples
+
+
 def refit(
     gram: np.ndarray,
     weight: np.ndarray,

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 
 from red_onnx.analysis.channels import ChannelGroup
+from red_onnx.analysis.constants import offset_atoms
 from red_onnx.analysis.redundancy import Merge
 from red_onnx.analysis.similarity import (
     activation_candidates,
@@ -52,13 +53,16 @@ from red_onnx.search.budget_options import (
     Counts,
     GroupOption,
     Ordering,
+    Ranking,
+    RefitOrdering,
     achievable,
     hashed_orderings,
+    refit_ordering,
     removal_levels,
 )
 from red_onnx.search.channel_steps import ChannelSteps
 from red_onnx.search.sensitivity import LocalSensitivity, consumer_inputs
-from red_onnx.search.simulate import MacsCounter, MergeSimulator
+from red_onnx.search.simulate import MacsCounter, MergeSimulator, consumer_slots
 from red_onnx.search.suffix import SuffixSimulator
 from red_onnx.verify.verifier import Verifier
 
@@ -198,8 +202,8 @@ class BudgetSearch:
         layer_macs = {name: layer.macs for name, layer in figures.layers.items()}
         self.merges: dict[str, dict[int, list[Merge]]] = {}
         self.channel_multiple = channel_multiple
-        self.orderings: dict[str, list[Ordering]] = {}
-        self.chosen: dict[tuple[str, int], Ordering] = {}
+        self.orderings: dict[str, list[Ranking]] = {}
+        self.chosen: dict[tuple[str, int], Ranking] = {}
         self.atom_cost: dict[str, np.ndarray] = {}
         groups = mergeable_groups(working, self.shapes, self.freeze)
         samples = self._activations(groups) if activations else {}
@@ -227,7 +231,7 @@ class BudgetSearch:
     ) -> GroupOption:
         """One group's rankings (weights, hashed, activations), removal levels and MACs per level."""
         name, n_atoms = item.group.name, item.group.n_atoms
-        orderings = [Ordering("weights", 0.0, 0, item.candidates)]
+        orderings: list[Ranking] = [Ordering("weights", 0.0, 0, item.candidates)]
         if hashing:
             if item.params.scaled.size >= HASHING_RELEASE_WEIGHTS:  # its work arrays come next
                 release_free_memory("hashing")
@@ -240,6 +244,10 @@ class BudgetSearch:
             found = activation_candidates(item.group, tensor, rows, params.outgoing, params.signature)
             orderings.append(Ordering("activations", 0.0, 0, found))
         steps = ChannelSteps.of(item.params.signature, self.channel_multiple)
+        one_segment = np.unique(item.params.signature).size == 1  # every kept atom may compensate any
+        refit = self._refit_ordering(item.group, *samples[name]) if name in samples and one_segment else None
+        if refit is not None:
+            orderings.append(refit)
         orderings = [dataclasses.replace(o, steps=steps) for o in orderings]
         fractions = LARGE_LEVEL_FRACTIONS if self.large else LEVEL_FRACTIONS
         available = achievable(orderings, n_atoms)
@@ -252,6 +260,22 @@ class BudgetSearch:
         option.bandwidths = {o.label: o.bandwidth for o in orderings}
         option.basins = {o.label: o.basins for o in orderings}
         return option
+
+    @staticmethod
+    def _refit_ordering(group: ChannelGroup, tensor: str, rows: np.ndarray) -> RefitOrdering | None:
+        """The least-squares refit ranking of ``group`` on ``tensor``'s activations (its first consumer's).
+
+        None where the tensor does not carry every atom of the group (the compensation must reach all).
+        """
+        local = group.atom_index(tensor)
+        if (local < 0).any() or not group.consumers or group.consumers[0].tensor != tensor:
+            return None
+        slot = consumer_slots(group)[0]
+        moved = np.moveaxis(slot.values, slot.axis, 0)
+        flat = moved.reshape(moved.shape[0] // slot.block, -1)
+        atoms = np.arange(group.n_atoms)
+        weight = flat[slot.local[atoms]].astype(np.float64)
+        return refit_ordering(rows[local[atoms]], atoms, weight, bool(offset_atoms(group).all()))
 
     def _activations(self, groups: list[ChannelGroup]) -> dict[str, tuple[str, np.ndarray]]:
         """Per group: the tensor its first consumer reads, and that tensor's sampled activations."""
@@ -289,7 +313,8 @@ class BudgetSearch:
         return "calibrated" if self.calibrate else "local"
 
     def _saved(self, name: str, level: int) -> float:
-        return float(self.atom_cost[name][[m.source for m in self.merges[name][level]]].sum())
+        removed = np.unique([m.source for m in self.merges[name][level]]).astype(np.int64)
+        return float(self.atom_cost[name][removed].sum())
 
     # -- measurements --------------------------------------------------------------------------
 
@@ -519,7 +544,8 @@ class BudgetSearch:
 
     def measured_fraction(self, counts: Counts) -> float:
         """The fraction of MACs kept, counted per layer from kept channels (``red_onnx.search.simulate``)."""
-        key = tuple(sorted((name, len(merges)) for name, merges in self._plan(counts).items()))
+        plan = self._plan(counts)  # a refit merges each removed atom into many: count the removed atoms
+        key = tuple(sorted((name, len({m.source for m in merges})) for name, merges in plan.items()))
         if key not in self.macs_cache:
             self.macs_cache[key] = self.macs_counter.fraction(self._plan(counts))
         return self.macs_cache[key]

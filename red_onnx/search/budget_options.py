@@ -3,7 +3,8 @@
 A group may lose channels in steps (``removal_levels``: fractions of its channels, kept counts on the
 channel multiple, per segment: ``ChannelSteps``); at each step its merges come from one of several
 rankings of its candidates (``Ordering``: the weights as they are, or KDE-hashed at a few bandwidths, or
-fitted activations). The search (``red_onnx.search.budget``) records per group the error of each level
+fitted activations), or from the least-squares refit on captured activations (``RefitOrdering``).
+The search (``red_onnx.search.budget``) records per group the error of each level
 (``GroupOption``) and returns a ``BudgetResult``.
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from red_onnx.analysis.kde import bandwidth_ladder, hash_weights
 from red_onnx.analysis.redundancy import AtomParams, Merge
+from red_onnx.analysis.refit import augmented_gram, choose_lambda_gram, greedy_obs, lambda_scale, mixing
 from red_onnx.analysis.similarity import (
     Candidates,
     merge_cost,
@@ -83,6 +85,104 @@ class Ordering:
     def achievable(self, n_atoms: int) -> int:
         """How many merges this ranking can make at most (one per entry taken: no merge composed)."""
         return len(taken_entries(self.candidates, [n_atoms]))
+
+
+#: Groups wider than this get no refit ranking (its greedy path costs O(channels³)).
+REFIT_MAX_ATOMS = 2048
+#: The ridge strength is chosen (``choose_lambda_gram``, half the samples fit, half validate) for the
+#: removal of this fraction of the group, and used at every level.
+REFIT_LAMBDA_AT = 0.25
+#: Seed of the fit/validation split of the captured positions.
+REFIT_SPLIT_SEED = 7
+
+
+@dataclass(frozen=True)
+class RefitOrdering:
+    """Channels removed in greedy structured-OBS order, the kept ones refit by ridge least squares.
+
+    On the captured activations ``X`` of the tensor the group's first consumer reads, removing the set
+    ``R`` refits the kept channels' consumer weights: ``V'_K = V_K + A·V_R`` with
+    ``A = (G_c,KK + λ·I)⁻¹·G_c,KR`` (``red_onnx.analysis.refit.mixing``) and the intercept into the
+    bias. That is a merge of each removed atom into every kept atom with scale ``A_ij`` (the intercept as
+    the offset of one of them), so the simulator and the one editor of channels apply it as they apply
+    λ-merges. The order is the greedy OBS path on ``H = G_c + λ·I`` with that consumer's weights; the
+    search measures every level on the model's outputs like the other rankings, and keeps it only
+    where it measures better.
+    """
+
+    label: str
+    order: np.ndarray  # atoms, cheapest removal first
+    atoms: np.ndarray  # the atoms of the captured tensor, in the order of ``gram``'s rows
+    gram: np.ndarray  # G1 of the captured activations, [atoms + 1, atoms + 1]
+    lam: float
+    free_bias: bool
+    steps: ChannelSteps | None = None
+    bandwidth: float = 0.0
+    basins: int = 0
+
+    def merges(self, count: int) -> list[Merge]:
+        """The first ``count`` removals of the OBS order, each a merge into every kept atom."""
+        if count <= 0:
+            return []
+        row_of = np.full(int(self.atoms.max()) + 1, -1)
+        row_of[self.atoms] = np.arange(self.atoms.size)
+        removed_rows = np.sort(row_of[self.order[:count]])
+        keep_rows = np.setdiff1d(np.arange(self.atoms.size), removed_rows)
+        a, intercept = mixing(self.gram, keep_rows, self.lam, free_bias=self.free_bias)
+        silent = ~np.any(a != 0.0, axis=0)  # a removal with no weight anywhere still needs one merge
+        columns, kept = np.nonzero(a.T != 0.0)
+        columns = np.concatenate([columns, np.flatnonzero(silent)])
+        kept = np.concatenate([kept, np.zeros(int(silent.sum()), np.int64)])
+        order = np.lexsort((kept, columns))
+        columns, kept = columns[order], kept[order]
+        first = np.r_[True, columns[1:] != columns[:-1]]
+        sources = self.atoms[removed_rows[columns]].tolist()
+        targets = self.atoms[keep_rows[kept]].tolist()
+        scales = a[kept, columns].tolist()
+        offsets = np.where(first, intercept[columns], 0.0).tolist()
+        return [Merge(s, t, w, o) for s, t, w, o in zip(sources, targets, scales, offsets, strict=True)]
+
+    def allowed(self) -> set[int] | None:
+        """The removal counts this ranking may stop at (None: any, without ``steps``)."""
+        return None if self.steps is None else set(self.steps.totals(None).tolist())
+
+    def achievable(self, n_atoms: int) -> int:
+        """How many atoms this ranking can remove at most."""
+        del n_atoms
+        return int(self.order.size)
+
+
+def refit_ordering(
+    rows: np.ndarray, atoms: np.ndarray, weight: np.ndarray, free_bias: bool
+) -> RefitOrdering | None:
+    """The refit ranking of a group from its captured activations and first consumer's weight rows.
+
+    Args:
+        rows: ``[atoms, samples]`` activations of the tensor the consumer reads, one row per atom.
+        atoms: The atom of each row.
+        weight: ``[atoms, outputs]`` the consumer's weight rows of those atoms.
+        free_bias: Whether every consumer reading these atoms can take a bias change (the intercept).
+
+    Returns:
+        The ranking; None for a group too wide (``REFIT_MAX_ATOMS``) or too small.
+    """
+    count = atoms.size
+    if count < 2 or count > REFIT_MAX_ATOMS or rows.shape[1] < 4:
+        return None
+    gram = augmented_gram(rows)
+    split = np.random.default_rng(REFIT_SPLIT_SEED).permutation(rows.shape[1])
+    fit, val = augmented_gram(rows[:, split[::2]]), augmented_gram(rows[:, split[1::2]])
+    probe = max(1, min(count - 1, round(REFIT_LAMBDA_AT * count)))
+    first = greedy_obs(fit, weight, probe, 0.1 * lambda_scale(fit, free_bias=free_bias), free_bias=free_bias)
+    keep = np.setdiff1d(np.arange(count), first.order)
+    chosen = choose_lambda_gram(fit, val, weight, keep, free_bias=free_bias)
+    lam = chosen / lambda_scale(fit, free_bias=free_bias) * lambda_scale(gram, free_bias=free_bias)
+    path = greedy_obs(gram, weight, count - 1, lam, free_bias=free_bias)
+    return RefitOrdering("refit", atoms[path.order], atoms, gram, lam, free_bias)
+
+
+#: A ranking of a group's removals: the merges of its first ``count`` entries, and where it may stop.
+Ranking = Ordering | RefitOrdering
 
 
 @dataclass
@@ -199,9 +299,10 @@ def removal_levels(
     return sorted(levels)
 
 
-def achievable(orderings: Sequence[Ordering], n_atoms: int) -> int | list[int]:
+def achievable(orderings: Sequence[Ranking], n_atoms: int) -> int | list[int]:
     """The most merges any of the group's rankings can make: in all, or per segment where steps differ."""
     steps = orderings[0].steps
     if steps is None or not steps.constrained:
         return max(o.achievable(n_atoms) for o in orderings)
-    return np.max([steps.available(o.candidates) for o in orderings], axis=0).tolist()
+    ranked = [o for o in orderings if isinstance(o, Ordering)]  # a refit ranking needs no steps
+    return np.max([steps.available(o.candidates) for o in ranked], axis=0).tolist()

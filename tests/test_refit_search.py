@@ -1,0 +1,73 @@
+"""The least-squares refit as a ranking of the budget search: its merges are the refit, and it wins
+where a removed channel is a mix of kept ones (which no single-target λ-merge can compensate)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from graphs import random_feeds, run
+from onnx import helper, numpy_helper
+
+import red_onnx
+from red_onnx.analysis.refit import augmented_gram, refit
+from red_onnx.rewrite.editor import add_merged_rows
+from red_onnx.search.budget_options import refit_ordering
+
+
+def test_the_merges_of_a_refit_ordering_apply_the_refit() -> None:
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((6, 400)) + 2.0
+    rows[5] = 0.7 * rows[0] - 0.2 * rows[3] + 1.5
+    weight = rng.standard_normal((6, 3))
+    atoms = np.arange(6)
+    ordering = refit_ordering(rows, atoms, weight, True)
+    assert ordering is not None
+    assert ordering.order[0] == 5  # the mix goes first
+    for count in (1, 2, 4):
+        merges = ordering.merges(count)
+        removed = sorted({m.source for m in merges})
+        assert removed == sorted(ordering.order[:count].tolist())
+        flat = weight.copy()
+        add_merged_rows(flat, atoms, merges)
+        keep = np.setdiff1d(atoms, removed)
+        kept, bias = refit(augmented_gram(rows), weight, keep, ordering.lam)
+        np.testing.assert_allclose(flat[keep], kept, rtol=1e-9, atol=1e-9)
+        offsets = np.zeros(6)
+        for m in merges:
+            offsets[m.source] += m.offset  # one merge per source carries its intercept
+        np.testing.assert_allclose(weight.T @ offsets, bias, rtol=1e-9, atol=1e-9)
+
+
+def _mixed_channel_net() -> onnx.ModelProto:
+    """conv1 (1×1, 4 -> 8) straight into conv2: channel 7 of conv1 is channel 0 plus channel 1."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 4, 1, 1)).astype(np.float32)
+    w1[7] = w1[0] + w1[1]
+    w2 = rng.standard_normal((4, 8, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1"),
+             helper.make_node("Conv", ["h", "w2"], ["y"], name="conv2")]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_the_search_refits_a_channel_that_mixes_two_others(tmp_path: Path) -> None:
+    model = _mixed_channel_net()
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((16, 4, 6, 6)).astype(np.float32))
+    spec = red_onnx.InputSpec(npz=tmp_path / "x.npz")
+    result = red_onnx.compress(
+        model, target_macs=0.9, channel_multiple=1, input_spec=spec, latency_check=False
+    )
+    group = next(g for g in result.report.budget["groups"] if g["removed"])
+    assert group["removed"] == 1 and group["ordering"] == "refit"  # the report names the rule used
+    assert result.report.budget["error"] < 1e-4 and result.report.budget["heldout_error"] < 1e-4
+    assert result.verified
+    feeds = random_feeds(model, 5)
+    got, want = run(result.model, feeds)["y"], run(model, feeds)["y"]
+    assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want)
