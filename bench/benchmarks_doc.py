@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import compare, gpu_latency, latency_table, speed, zoo_table
+from bench import compare, gpu_latency, latency_table, refit_digits, speed, zoo_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -599,6 +599,34 @@ What it shows:
     return _section("Latency on a GPU", "gpu_latency.json", commands, body)
 
 
+def refit_section(results: Path) -> str:
+    """The least-squares refit against merges only on the digits model (``bench/refit_digits.py``)."""
+    data = _load(results, "refit_digits.json")
+    rows = data["rows"]
+    pairs = [
+        (a, b) for a in rows for b in rows if a["target"] == b["target"] and a["refit"] and not b["refit"]
+    ]
+    ratios = [a[k] / b[k] for a, b in pairs for k in ("search_error", "heldout_error") if b[k]]
+    chosen = [name for a in rows if a["refit"] for name in a["rankings"]]
+    share = f"{sum(name == 'refit' for name in chosen)} of the {len(chosen)} changed groups"
+    points = [round(100 * (a["accuracy"] - b["accuracy"]), 2) for a, b in pairs]
+    body = f"""
+Calibration: {data["samples"]} images of scikit-learn's digits training split (never the test images);
+accuracy on the {data["test_images"]} held-out test images. Each target runs with the least-squares
+refit ranking and with merges only (`--no-refit`), the samples and options otherwise the same.
+
+{_verbatim(refit_digits.markdown(data))}
+
+- The search chose the refit ranking for {share}; the output error on the search and held-out
+  samples is {min(ratios):.2f}–{max(ratios):.2f}× that of merges only at equal MACs.
+- Test accuracy does not follow: {", ".join(f"{p:+.2f}" for p in points)} points against merges only,
+  one or two images of {data["test_images"]} — within what this test set can tell apart. A lower logit
+  error is not yet a better task metric here.
+"""
+    command = "python bench/refit_digits.py"
+    return _section("Least-squares refit against merges only", "refit_digits.json", [command], body)
+
+
 SECTIONS: tuple[Callable[[Path], str], ...] = (
     zoo_section,
     compare_section,
@@ -608,6 +636,7 @@ SECTIONS: tuple[Callable[[Path], str], ...] = (
     speed_section,
     speed_100m_section,
     gpu_section,
+    refit_section,
 )
 
 

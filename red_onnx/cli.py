@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rank merge candidates on the raw weights only (the ablation without KDE hashing)",
     )
+    fidelity.add_argument(
+        "--no-refit",
+        action="store_true",
+        help="compensate removals by merges only, never by the least-squares refit of the kept channels "
+        "(the ablation; the refit needs --inputs)",
+    )
     inputs = parser.add_argument_group(
         "inputs", "the verification (and search) inputs: synthetic from the declared types unless --inputs"
     )
@@ -319,7 +325,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         result = pipeline.compress(
             source, exact=args.exact, tolerance=args.tolerance, target_macs=args.target_macs,
-            channel_multiple=args.channel_multiple, hashing=not args.no_hashing,
+            channel_multiple=args.channel_multiple, hashing=not args.no_hashing, refit=not args.no_refit,
             activations={"auto": None, "on": True, "off": False}[args.activations], freeze=args.freeze,
             input_spec=_input_spec(args), separation=not args.no_separation, provider=args.provider,
             latency_check=not args.no_latency_check, sensitivity=args.sensitivity, progress=progress,

@@ -170,6 +170,7 @@ class Options:
         channel_multiple: Kept channel counts are on multiples of this (default: 16 with
             ``target_macs``, else 8; exact merges round counts up).
         hashing: Let KDE-hashed weights rank merge candidates too (approximate mode; off = ablation).
+        refit: With activations, let the least-squares refit rank removals too (off = ablation).
         activations: Let least-squares fits of channel activations on the verification inputs rank
             merge candidates too. Off by default: on synthetic inputs it picks channels that are idle
             on noise but matter on real data (measured: MobileNetV2 top-1 agreement 0.39 at 95% of
@@ -195,6 +196,7 @@ class Options:
     target_macs: float | None = None
     channel_multiple: int = DEFAULT_CHANNEL_MULTIPLE
     hashing: bool = True
+    refit: bool = True
     activations: bool = False
     freeze: tuple[str, ...] = ()
     input_spec: InputSpec = field(default_factory=InputSpec)
@@ -221,7 +223,8 @@ class Options:
         if self.approximate:
             recorded |= {"tolerance": self.tolerance, "target_macs": self.target_macs,
                          "channel_multiple": self.channel_multiple, "hashing": self.hashing,
-                         "activations": self.activations, "force_target": self.force_target}  # fmt: skip
+                         "refit": self.refit, "activations": self.activations,
+                         "force_target": self.force_target}  # fmt: skip
         return recorded
 
 
@@ -235,6 +238,7 @@ def make_options(
     input_spec: InputSpec | None = None,
     verify: bool = True,
     hashing: bool = True,
+    refit: bool = True,
     activations: bool | None = None,
     separation: bool = True,
     provider: str = CPU_PROVIDER,
@@ -257,6 +261,8 @@ def make_options(
         input_spec: Shapes, ranges, values or an ``.npz`` for the verification inputs.
         verify: Verify the result with onnxruntime (graph optimisations off and at ORT_ENABLE_ALL).
         hashing: Let KDE-hashed weights rank merge candidates too (False: the ablation without it).
+        refit: With activations, let the least-squares refit of the kept channels rank removals too
+            (False: the ablation without it).
         activations: Let fits of channel activations rank candidates too (None: only when
             ``input_spec.npz`` gives real inputs; on synthetic inputs it measured worse on real data).
         separation: Try uneven depthwise separation of k×k convs (exact; only where it is measured
@@ -312,6 +318,7 @@ def make_options(
         target_macs=target_macs,
         channel_multiple=int(channel_multiple),
         hashing=hashing,
+        refit=refit,
         activations=(input_spec is not None and input_spec.npz is not None)
         if activations is None
         else activations,

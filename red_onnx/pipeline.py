@@ -145,8 +145,9 @@ def compress(
         model_or_path: The model, or the path of an ``.onnx`` file (external data next to it).
         options: The run's options (from :func:`~red_onnx.options.make_options`); or give its keyword
             arguments here as ``settings`` (``exact``, ``tolerance``, ``target_macs``,
-            ``channel_multiple``, ``freeze``, ``input_spec``, ``verify``, ``hashing``, ``activations``,
-            ``separation``, ``provider``, ``latency_check``, ``latency_cache``, ``sensitivity``).
+            ``channel_multiple``, ``freeze``, ``input_spec``, ``verify``, ``hashing``, ``refit``,
+            ``activations``, ``separation``, ``provider``, ``latency_check``, ``latency_cache``,
+            ``sensitivity``, ``force_target``).
             Without ``tolerance`` or ``target_macs`` the run is exact.
         latency: A latency oracle to use instead of a ``LatencyService`` on the options' provider
             (tests).
@@ -337,8 +338,8 @@ def _searched_merges(working: graph_utils.WorkingModel, run: Run) -> Pass | None
     search = BudgetSearch(
         working, run.reference_model, options.input_spec, run.shapes,
         freeze=options.freeze, channel_multiple=options.channel_multiple, hashing=options.hashing,
-        activations=options.activations, sensitivity=options.sensitivity, progress=run.notify,
-        reference_structure=run.structure, held=run.held,
+        refit=options.refit, activations=options.activations, sensitivity=options.sensitivity,
+        progress=run.notify, reference_structure=run.structure, held=run.held,
     )  # fmt: skip
     if options.target_macs is None:
         outcome = search.within_tolerance(options.tolerance * SEARCH_MARGIN)

@@ -71,3 +71,17 @@ def test_the_search_refits_a_channel_that_mixes_two_others(tmp_path: Path) -> No
     feeds = random_feeds(model, 5)
     got, want = run(result.model, feeds)["y"], run(model, feeds)["y"]
     assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want)
+
+
+def test_no_refit_is_the_ablation(tmp_path: Path) -> None:
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((16, 4, 6, 6)).astype(np.float32))
+    spec = red_onnx.InputSpec(npz=tmp_path / "x.npz")
+    common = {"target_macs": 0.9, "channel_multiple": 1, "input_spec": spec, "latency_check": False}
+    without = red_onnx.compress(_mixed_channel_net(), refit=False, force_target=True, **common)
+    orderings = {g["ordering"] for g in without.report.budget["groups"] if g["removed"]}
+    assert orderings and "refit" not in orderings
+    assert without.report.options["refit"] is False
+    assert (
+        without.report.budget["error"]
+        > 100 * red_onnx.compress(_mixed_channel_net(), **common).report.budget["error"]
+    )

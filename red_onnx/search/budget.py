@@ -140,6 +140,8 @@ class BudgetSearch:
             whichever ranking measures better (off: the ablation without hashing).
         activations: Also rank candidates by a least-squares fit of channel activations on the
             synthetic search inputs (``red_onnx.analysis.similarity.activation_candidates``).
+        refit: With ``activations``, also rank removals by the least-squares refit
+            (``red_onnx.search.budget_options.RefitOrdering``; off: the ablation without it).
         sensitivity: One of SENSITIVITY_MODES.
         progress: Called with a short label for every measurement.
         reference_structure: ``reference`` as a ModelProto when the caller holds it while passing a path
@@ -160,6 +162,7 @@ class BudgetSearch:
         channel_multiple: int = 1,
         hashing: bool = True,
         activations: bool = True,
+        refit: bool = True,
         sensitivity: str = "auto",
         progress: Callable[[str], None] | None = None,
         reference_structure: onnx.ModelProto | None = None,
@@ -168,6 +171,7 @@ class BudgetSearch:
         if sensitivity not in SENSITIVITY_MODES:
             raise ValueError(f"sensitivity {sensitivity!r} is not one of {', '.join(SENSITIVITY_MODES)}")
         self.freeze = tuple(freeze)
+        self.refit = refit
         self.progress = progress or (lambda label: None)
         self.base: onnx.ModelProto | None
         if isinstance(base, onnx.ModelProto):
@@ -245,7 +249,8 @@ class BudgetSearch:
             orderings.append(Ordering("activations", 0.0, 0, found))
         steps = ChannelSteps.of(item.params.signature, self.channel_multiple)
         one_segment = np.unique(item.params.signature).size == 1  # every kept atom may compensate any
-        refit = self._refit_ordering(item.group, *samples[name]) if name in samples and one_segment else None
+        wanted = self.refit and name in samples and one_segment
+        refit = self._refit_ordering(item.group, *samples[name]) if wanted else None
         if refit is not None:
             orderings.append(refit)
         orderings = [dataclasses.replace(o, steps=steps) for o in orderings]
