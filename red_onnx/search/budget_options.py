@@ -87,8 +87,9 @@ class Ordering:
         return len(taken_entries(self.candidates, [n_atoms]))
 
 
-#: Groups wider than this get no refit ranking (its greedy path costs O(channels³)).
-REFIT_MAX_ATOMS = 2048
+#: Groups wider than this get no refit ranking: its greedy path costs O(channels³) and its Gram
+#: (kept for every level) channels² floats (1024: ~1e9 operations, 8 MB; MobileNetV2's widest is 960).
+REFIT_MAX_ATOMS = 1024
 #: The ridge strength is chosen (``choose_lambda_gram``, half the samples fit, half validate) for the
 #: removal of this fraction of the group, and used at every level.
 REFIT_LAMBDA_AT = 0.25
