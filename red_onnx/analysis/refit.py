@@ -167,14 +167,18 @@ def _split(keep_rows: Sequence[int] | np.ndarray, rows: int) -> tuple[np.ndarray
     return keep, np.setdiff1d(np.arange(rows), keep)
 
 
+def _regression(system: _System, keep: np.ndarray, removed: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """``(G_c,KK + λ·I)⁻¹ · rhs``: the ridge regression of the removed rows on the kept ones."""
+    h = system.centred[np.ix_(keep, keep)]
+    h[np.diag_indices_from(h)] += system.lam
+    return _cho_solve(_cholesky(h, system.scale), rhs)
+
+
 def _change(system: _System, v: np.ndarray, keep: np.ndarray, removed: np.ndarray) -> np.ndarray:
     """``D = (G_c,KK + λ·I)⁻¹ · G_c,KR · V_R``."""
     if removed.size == 0:
         return np.zeros((keep.size, v.shape[1]))
-    h = system.centred[np.ix_(keep, keep)]
-    h[np.diag_indices_from(h)] += system.lam
-    rhs = system.centred[np.ix_(keep, removed)] @ v[removed]
-    return _cho_solve(_cholesky(h, system.scale), rhs)
+    return _regression(system, keep, removed, system.centred[np.ix_(keep, removed)] @ v[removed])
 
 
 def _bias(system: _System, v: np.ndarray, keep: np.ndarray, removed: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -218,9 +222,7 @@ def mixing(
     keep, removed = _split(keep_rows, rows)
     if removed.size == 0:
         return np.zeros((keep.size, 0)), np.zeros(0)
-    h = system.centred[np.ix_(keep, keep)]
-    h[np.diag_indices_from(h)] += system.lam
-    a = _cho_solve(_cholesky(h, system.scale), system.centred[np.ix_(keep, removed)])
+    a = _regression(system, keep, removed, system.centred[np.ix_(keep, removed)])
     if not system.free_bias:
         return a, np.zeros(removed.size)
     return a, (system.sums[removed] - a.T @ system.sums[keep]) / system.samples

@@ -61,7 +61,7 @@ from red_onnx.search.budget_options import (
     removal_levels,
 )
 from red_onnx.search.channel_steps import ChannelSteps
-from red_onnx.search.sensitivity import LocalSensitivity, consumer_inputs
+from red_onnx.search.sensitivity import LocalSensitivity, consumer_inputs, weight_rows
 from red_onnx.search.simulate import MacsCounter, MergeSimulator, consumer_slots
 from red_onnx.search.suffix import SuffixSimulator
 from red_onnx.verify.verifier import Verifier
@@ -276,10 +276,8 @@ class BudgetSearch:
         if (local < 0).any() or not group.consumers or group.consumers[0].tensor != tensor:
             return None
         slot = consumer_slots(group)[0]
-        moved = np.moveaxis(slot.values, slot.axis, 0)
-        flat = moved.reshape(moved.shape[0] // slot.block, -1)
         atoms = np.arange(group.n_atoms)
-        weight = flat[slot.local[atoms]].astype(np.float64)
+        weight = weight_rows(slot, slot.local[atoms]).astype(np.float64)
         return refit_ordering(rows[local[atoms]], atoms, weight, bool(offset_atoms(group).all()))
 
     def _activations(self, groups: list[ChannelGroup]) -> dict[str, tuple[str, np.ndarray]]:

@@ -166,7 +166,7 @@ def _product_norm(weights: np.ndarray, rows: np.ndarray) -> float:
     return total
 
 
-def _weight_rows(slot: ConsumerSlot, channels: np.ndarray) -> np.ndarray:
+def weight_rows(slot: ConsumerSlot, channels: np.ndarray) -> np.ndarray:
     """Rows ``channels`` of ``channel_rows(slot.values, slot.axis, slot.block)``, gathered alone."""
     entries = (channels[:, None] * slot.block + np.arange(slot.block)[None, :]).ravel()
     return np.moveaxis(slot.values, slot.axis, 0)[entries].reshape(len(channels), -1)  # one copy
@@ -179,7 +179,7 @@ def _rows_disturbance(consumer: ConsumerRows, merges: Sequence[Merge]) -> float:
     scale = np.array([m.scale for m in merges])[:, None]
     offset = np.array([m.offset for m in merges])[:, None]
     change = scale * consumer.inputs[target] + offset - consumer.inputs[source]
-    return _product_norm(_weight_rows(consumer.slot, source), change)
+    return _product_norm(weight_rows(consumer.slot, source), change)
 
 
 def disturbance(consumer: ConsumerGrams | ConsumerRows, merges: Sequence[Merge]) -> float:
