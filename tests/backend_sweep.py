@@ -71,14 +71,11 @@ class Outcome:
     seconds: float = 0.0
 
 
-def zoo_dir() -> Path:
-    """Where ``bench/zoo.py`` puts the zoo (``RED_ONNX_ZOO``, else the default cache)."""
-    return Path(os.environ.get("RED_ONNX_ZOO", Path.home() / ".cache" / "red-onnx" / "zoo"))
-
-
 def folder_path(folder: str) -> Path | None:
     """The directory of ``folder`` of the suite, or None when it is not on this machine."""
     if folder == "node":
+        from bench.zoo import zoo_dir  # the repository root is on the path (pytest, or main below)
+
         path = zoo_dir() / "backend" / "node"
         installed = _installed_data() / "node"
         return path if path.is_dir() else (installed if installed.is_dir() else None)
