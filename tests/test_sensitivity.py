@@ -76,13 +76,13 @@ def weight_of(model: onnx.ModelProto, name: str) -> np.ndarray:
 def changed_output(x: np.ndarray, weight: np.ndarray, merges: list[Merge]) -> tuple[np.ndarray, np.ndarray]:
     """(Δy, y) of a linear consumer reading channels on axis 1 of ``x``, by hand (bias left out)."""
     merged = weight.astype(np.float64).copy()
-    for m in merges:
-        merged[:, m.target] += m.scale * merged[:, m.source]
-        merged[:, m.source] = 0.0
+    for m in merges:  # a source may be merged into several targets (the refit's plans)
+        merged[:, m.target] += m.scale * weight[:, m.source]
+    merged[:, [m.source for m in merges]] = 0.0
     x = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]).astype(np.float64)  # [positions, channels]
     offsets = np.zeros(weight.shape[1])
     for m in merges:
-        offsets[m.source] = m.offset
+        offsets[m.source] += m.offset
     delta = x @ (merged - weight).T + (weight.astype(np.float64) @ offsets)[None, :]
     return delta, x @ weight.T.astype(np.float64)
 
@@ -99,6 +99,24 @@ def test_estimate_equals_the_consumer_change_for_pointwise_convs(offset: float) 
     delta, full = changed_output(captured, weight, merges)
     expected = np.linalg.norm(delta) / np.linalg.norm(full)
     assert local.error(group.name, merges) == pytest.approx(expected, rel=1e-6)  # H = V·Vᵀ in float32
+
+
+#: Refit-style plans: each removed channel merged into several kept ones, one offset per source.
+SPREAD = [Merge(1, 0, 0.8, 0.2), Merge(1, 2, -0.4), Merge(1, 3, 0.1), Merge(6, 0, 0.5, -0.3),
+          Merge(6, 3, 1.1), Merge(5, 4, 0.7)]  # fmt: skip
+
+
+@pytest.mark.parametrize("form", ["gram", "rows"])
+def test_estimate_of_a_source_merged_into_many_targets_counts_its_removal_once(form: str) -> None:
+    model, hidden = pointwise_net()
+    local, groups = sensitivity_of(model, form=form)
+    (group,) = groups
+    feeds = [make_inputs(model, InputSpec(), seed) for seed in (0, 1)]
+    captured = np.concatenate([run[0] for run in run_tensors(model, [hidden], feeds)])
+    weight = weight_of(model, "conv2.W")[:, :, 0, 0]
+    delta, full = changed_output(captured, weight, SPREAD)
+    expected = np.linalg.norm(delta) / np.linalg.norm(full)
+    assert local.error(group.name, SPREAD) == pytest.approx(expected, rel=1e-6)
 
 
 def test_estimate_equals_the_consumer_change_for_gemm() -> None:

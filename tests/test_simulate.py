@@ -8,6 +8,7 @@ counted MACs fraction equals the MACs counter of ``red_onnx.measure.metrics`` on
 
 from __future__ import annotations
 
+import dataclasses
 from unittest import mock
 
 import graphs
@@ -178,3 +179,39 @@ def mergeable_groups_of(search: BudgetSearch) -> list:
     from red_onnx.passes.merge_near import mergeable_groups
 
     return mergeable_groups(graph.import_model(search.base), search.shapes, ())
+
+
+def with_offsets(plan: dict, seed: int) -> dict:
+    """The plan's merges with random offsets (as the refit's intercept and fitted merges carry)."""
+    rng = np.random.default_rng(seed)
+    return {
+        name: [dataclasses.replace(m, offset=float(rng.normal())) for m in merges]
+        for name, merges in plan.items()
+    }
+
+
+#: Builders whose every consumer has a bias of its own: offset plans must be simulated there.
+BIASED = ("conv_net", "gemm_mlp", "matmul_add", "conv_transpose", "deep_net")
+
+
+@pytest.mark.parametrize("light", [False, True], ids=["stored", "fed"])
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_offsets_go_into_the_consumers_bias_as_the_editor_puts_them(name: str, light: bool) -> None:
+    """Also with every weight and bias fed as an input (``fed``), as on large models."""
+    with mock.patch.object(graph, "LIGHT_ELEMENTS", 0 if light else graph.LIGHT_ELEMENTS):
+        search = search_of(BUILDERS[name]())
+    simulator = search.simulator
+    assert simulator is not None
+    cases = [with_offsets(plan, seed) for seed, plan in enumerate(plans(search)) if any(plan.values())]
+    if not cases:
+        pytest.skip(f"{name}: no searchable group (all frozen)")
+    supported = [plan for plan in cases if simulator.supports(plan)]
+    if name in BIASED:
+        assert supported, f"{name}: every consumer has a bias, yet offset plans are not simulated"
+    for plan in supported:
+        expected = search.verifier.run(search.apply_plan(plan), "disable_all")
+        got = simulator.run(plan, search.verifier.inputs)
+        assert_outputs_close(got, expected, name)
+    for plan in cases:  # a plan the simulator cannot take is refused, never simulated wrong
+        missing = [n for n, merges in plan.items() if merges and not all(s.bias for s in simulator.slots[n])]
+        assert simulator.supports(plan) == (not missing)

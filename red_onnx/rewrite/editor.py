@@ -143,15 +143,30 @@ def _absorb_constants(plan: GroupPlan, consumer: Consumer, rows: np.ndarray, loc
     if not picked:
         return
     index = np.array([i for i, _ in picked])
-    value = np.array([v for _, v in picked]).reshape((-1,) + (1,) * (rows.ndim - 1))
-    contribution = (rows[index] * value).sum(axis=(0, 1))  # [out, *kernel] or [N]
-    node = consumer.node
+    value = np.array([v for _, v in picked])
+    _add_output_bias(consumer.node, bias_contribution(consumer.node, rows[index], value))
+
+
+def bias_contribution(node: gs.Node, rows: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """What constant inputs ``value`` on the channels of ``rows`` add to each output of consumer ``node``.
+
+    Args:
+        node: The consumer (Conv, ConvTranspose, Gemm or MatMul).
+        rows: ``[k, block, *rest]`` the consumer's weight rows of those channels (its input-channel
+            axis moved first, split into channels and their blocks).
+        value: ``[k]`` the constant of each channel.
+
+    Returns:
+        The per-output-channel contribution (float64), in the units of Conv's bias and of a bias Add
+        after a MatMul (Gemm's ``C`` takes it divided by beta).
+    """
+    scaled = rows * value.reshape((-1,) + (1,) * (rows.ndim - 1))
+    contribution = scaled.sum(axis=(0, 1), dtype=np.float64)  # [out, *kernel] or [N]
     if node.op in ("Conv", "ConvTranspose"):  # both [out, *kernel] here: every tap adds V_j·c_j
         contribution = contribution.reshape(contribution.shape[0], -1).sum(axis=1)
     if node.op == "ConvTranspose":
         contribution = contribution / _positions_per_input(node)
-    contribution = contribution * output_scale(node)
-    _add_output_bias(node, contribution)
+    return contribution * output_scale(node)
 
 
 def _positions_per_input(node: gs.Node) -> int:

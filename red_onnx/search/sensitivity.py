@@ -172,39 +172,63 @@ def weight_rows(slot: ConsumerSlot, channels: np.ndarray) -> np.ndarray:
     return np.moveaxis(slot.values, slot.axis, 0)[entries].reshape(len(channels), -1)  # one copy
 
 
-def _rows_disturbance(consumer: ConsumerRows, merges: Sequence[Merge]) -> float:
-    """``‖V_srcᵀ·Y‖²`` with one row of ``Y`` per merge: ``s·x_dst + c − x_src`` (float64)."""
-    source = consumer.local[[m.source for m in merges]]
-    target = consumer.local[[m.target for m in merges]]
-    scale = np.array([m.scale for m in merges])[:, None]
-    offset = np.array([m.offset for m in merges])[:, None]
-    change = scale * consumer.inputs[target] + offset - consumer.inputs[source]
-    return _product_norm(weight_rows(consumer.slot, source), change)
+@dataclass
+class SourceChanges:
+    """A plan's merges within one consumer, per removed channel: what replaces it in the consumer.
+
+    Channel ``sources[k]`` is read no more; the consumer reads instead ``Σ s·x_t`` over its merges'
+    targets plus their offsets: its change is ``y_k = mix[k]·x[columns] + constant[k]`` (``mix`` holds
+    −1 at the source's own column). One merge per source (λ-merges) and many (the refit, which merges a
+    removed channel into every kept one) are the same sums.
+    """
+
+    sources: np.ndarray  # [S] local channels removed
+    columns: np.ndarray  # [U] local channels read by the changes (targets and sources)
+    mix: np.ndarray  # [S, U] float64
+    constant: np.ndarray  # [S] float64
+
+
+def source_changes(local: np.ndarray, merges: Sequence[Merge]) -> SourceChanges:
+    """The per-source change of ``merges`` whose source and target the consumer reads (``local`` ≥ 0)."""
+    source = np.array([local[m.source] for m in merges], np.int64)
+    target = np.array([local[m.target] for m in merges], np.int64)
+    sources, row = np.unique(source, return_inverse=True)
+    columns = np.union1d(sources, target)
+    mix = np.zeros((sources.size, columns.size))
+    np.add.at(mix, (row, np.searchsorted(columns, target)), np.array([m.scale for m in merges]))
+    mix[np.arange(sources.size), np.searchsorted(columns, sources)] -= 1.0
+    constant = np.zeros(sources.size)
+    np.add.at(constant, row, np.array([m.offset for m in merges]))
+    return SourceChanges(sources, columns, mix, constant)
+
+
+def _rows_disturbance(consumer: ConsumerRows, changes: SourceChanges) -> float:
+    """``‖V_srcᵀ·Y‖²`` with one row of ``Y`` per removed channel: ``mix·x[columns] + constant`` (float64)."""
+    change = changes.mix @ consumer.inputs[changes.columns].astype(np.float64) + changes.constant[:, None]
+    return _product_norm(weight_rows(consumer.slot, changes.sources), change)
 
 
 def disturbance(consumer: ConsumerGrams | ConsumerRows, merges: Sequence[Merge]) -> float:
     """``trace(G·P·H·Pᵀ)``: the estimated squared change of the consumer's output under ``merges``.
 
-    With ``q_m = s_m·e_dst + c_m·e_const − e_src`` (one column of P per merge), ``Qᵀ·G·Q`` is summed
-    term by term from gathered ``[merges, merges]`` blocks of G: O(merges²), never a dense product.
-    From rows: ``‖V_srcᵀ·Qᵀ·[X; 1]‖²``.
+    With one column of P per removed channel (``mix`` on the channels its merges read, ``constant``
+    on the constant channel: :class:`SourceChanges`), ``Pᵀ·G·P`` comes from the gathered block of G
+    over the columns read: O(sources·columns²), never a dense product over all channels.
+    From rows: ``‖V_srcᵀ·Pᵀ·[X; 1]‖²``.
     """
     inside = [m for m in merges if consumer.local[m.source] >= 0 and consumer.local[m.target] >= 0]
     if not inside:
         return 0.0
+    changes = source_changes(consumer.local, inside)
     if isinstance(consumer, ConsumerRows):
-        return _rows_disturbance(consumer, inside)
-    src = consumer.local[[m.source for m in inside]]
-    terms = [(consumer.local[[m.target for m in inside]], np.array([m.scale for m in inside])),
-             (src, -np.ones(len(inside)))]  # fmt: skip
-    offset = np.array([m.offset for m in inside])
-    if offset.any():  # the constant channel, last in the Gram matrix
-        terms.append((np.full(len(inside), consumer.inputs.shape[0] - 1), offset))
-    qgq = np.zeros((len(inside), len(inside)))
-    for rows, a in terms:
-        for cols, b in terms:
-            qgq += a[:, None] * consumer.inputs[np.ix_(rows, cols)] * b[None, :]
-    return float(max(np.einsum("ij,ij->", qgq, consumer.weights[np.ix_(src, src)]), 0.0))
+        return _rows_disturbance(consumer, changes)
+    gram, columns, mix, constant = consumer.inputs, changes.columns, changes.mix, changes.constant
+    mixed = mix @ gram[np.ix_(columns, columns)]  # [S, U]
+    cross = mix @ gram[columns, -1]  # [S]: the channels against the constant channel
+    pgp = mixed @ mix.T + np.outer(cross, constant) + np.outer(constant, cross)
+    pgp += gram[-1, -1] * np.outer(constant, constant)
+    src = changes.sources
+    return float(max(np.einsum("ij,ij->", pgp, consumer.weights[np.ix_(src, src)]), 0.0))
 
 
 def consumer_inputs(groups: Sequence[ChannelGroup]) -> dict[str, tuple[int, int]]:

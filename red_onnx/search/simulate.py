@@ -7,6 +7,11 @@ weights to one session built once — no graph import, rewrite, export, serialis
 measurement, which is what dominated the search on large models. (The rebuilt model differs only in
 float summation order; the final verification always runs the real rewrite.)
 
+A merge with an offset (the refit's intercept, a fitted ``y_j ≈ s·y_i + c``) also changes the consumer's
+bias by ``V_j·c`` (``red_onnx.rewrite.editor.bias_contribution``, the editor's own rule): where every
+consumer of the group has a bias of its own to override (Conv's or Gemm's, or the constant of the
+one Add after a MatMul), that bias is fed too; elsewhere such plans are measured by rebuilding.
+
 The MACs a plan keeps are counted the same way, without rebuilding: every weighted layer's MACs scale
 with the fraction of its output channels kept (as a producer), of its input channels kept (as a
 consumer), or of its channels kept once (a depthwise conv on a group's path).
@@ -20,13 +25,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from red_onnx.analysis.channels import ChannelGroup
 from red_onnx.analysis.redundancy import Merge
 from red_onnx.analysis.weights import consumer_axis
 from red_onnx.io.graph import WorkingModel, expect_constant, export_light
-from red_onnx.rewrite.editor import add_merged_rows
+from red_onnx.rewrite.editor import add_merged_rows, bias_contribution
 from red_onnx.runtime.sessions import session_options
 
 logger = logging.getLogger(__name__)
@@ -36,14 +42,25 @@ Feed = dict[str, np.ndarray]
 
 
 @dataclass
+class BiasSlot:
+    """The bias a consumer's offsets go into: its own (Conv's B, Gemm's C) or a following Add's constant."""
+
+    name: str
+    values: np.ndarray
+    divisor: float  # Gemm's beta (the contribution is divided by it), 1 elsewhere
+
+
+@dataclass
 class ConsumerSlot:
-    """One consumer weight the simulation may replace."""
+    """One consumer weight the simulation may replace (and the bias its merges' offsets change)."""
 
     weight: str
     values: np.ndarray
     axis: int
     block: int
     local: np.ndarray  # atom of each channel of the tensor the consumer reads
+    node: gs.Node | None = None
+    bias: BiasSlot | None = None
 
 
 def consumer_slots(group: ChannelGroup) -> list[ConsumerSlot]:
@@ -54,16 +71,81 @@ def consumer_slots(group: ChannelGroup) -> list[ConsumerSlot]:
         weight = consumer.node.inputs[1]
         values = expect_constant(weight)
         slots.append(ConsumerSlot(weight.name, values, consumer_axis(consumer.node), member.block,
-                                  group.atom_index(consumer.tensor)))  # fmt: skip
+                                  group.atom_index(consumer.tensor), consumer.node,
+                                  bias_slot(consumer.node)))  # fmt: skip
     return slots
+
+
+def _own_constant(tensor: gs.Tensor, size: int) -> np.ndarray | None:
+    """The float values of a constant read by one node only, ``size`` of them on its last axis (else None)."""
+    if not isinstance(tensor, gs.Constant) or len(tensor.outputs) != 1:
+        return None
+    values = np.asarray(tensor.values)
+    usable = values.dtype.kind == "f" and values.size == size and values.shape[-1:] == (size,)
+    return values if usable else None
+
+
+def _outputs(node: gs.Node) -> int:
+    """Output channels of a consumer from its weight."""
+    shape = expect_constant(node.inputs[1]).shape
+    if node.op == "Conv":
+        return int(shape[0])
+    if node.op == "ConvTranspose":
+        return int(shape[1]) * int(node.attrs.get("group", 1))
+    if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
+        return int(shape[0])
+    return int(shape[-1])
+
+
+def bias_slot(node: gs.Node) -> BiasSlot | None:
+    """The bias that takes ``node``'s offset contributions, if it has one of its own to override.
+
+    Conv and ConvTranspose: input 2; Gemm: ``C`` with one value per output (the contribution divided
+    by beta); MatMul: the constant of the one Add that reads its output. None where the bias is absent,
+    shared with another node, broadcast from fewer values, or the MatMul's output has other readers
+    (:class:`MergeSimulator` also drops it where that output is a graph output).
+    """
+    outputs = _outputs(node)
+    if node.op in ("Conv", "ConvTranspose", "Gemm"):
+        beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+        values = _own_constant(node.inputs[2], outputs) if len(node.inputs) > 2 and beta else None
+        return None if values is None else BiasSlot(node.inputs[2].name, values, beta)
+    result = node.outputs[0]
+    if node.op != "MatMul" or len(result.outputs) != 1:
+        return None
+    add = result.outputs[0]
+    if add.op != "Add" or len(add.inputs) != 2:
+        return None
+    other = add.inputs[1] if add.inputs[0] is result else add.inputs[0]
+    values = _own_constant(other, outputs)
+    return None if values is None else BiasSlot(other.name, values, 1.0)
+
+
+def _flat(slot: ConsumerSlot) -> tuple[np.ndarray, tuple[int, ...]]:
+    """A copy of the slot's weight as ``[channels, rest]``, and the shape of its moved weight."""
+    moved = np.moveaxis(slot.values, slot.axis, 0)
+    return np.array(moved, order="C").reshape(moved.shape[0] // slot.block, -1), moved.shape
 
 
 def merged_weight(slot: ConsumerSlot, merges: Sequence[Merge]) -> np.ndarray:
     """The consumer weight with ``V_target += scale·V_source`` and ``V_source = 0`` for each merge."""
-    moved = np.moveaxis(slot.values, slot.axis, 0)
-    flat = np.array(moved, order="C").reshape(moved.shape[0] // slot.block, -1)  # a copy to edit
+    flat, shape = _flat(slot)
     flat[add_merged_rows(flat, slot.local, merges)] = 0.0  # summed in float64, rounded once
-    return np.moveaxis(flat.reshape(moved.shape), 0, slot.axis)
+    return np.moveaxis(flat.reshape(shape), 0, slot.axis)
+
+
+def offset_bias(slot: ConsumerSlot, merges: Sequence[Merge]) -> np.ndarray | None:
+    """The slot's bias with the merges' offsets added, as the editor adds them (None: no offset here)."""
+    picked = [(slot.local[m.source], m.offset) for m in merges if m.offset and slot.local[m.source] >= 0]
+    if not picked or slot.bias is None or slot.node is None:
+        return None
+    flat, shape = _flat(slot)
+    index = np.array([i for i, _ in picked])
+    rows = flat[index].reshape(len(index), slot.block, *shape[1:])
+    contribution = bias_contribution(slot.node, rows, np.array([v for _, v in picked]))
+    bias = slot.bias
+    changed = bias.values.astype(np.float64) + (contribution / bias.divisor).reshape(bias.values.shape)
+    return changed.astype(bias.values.dtype)
 
 
 def simulation_session(serialized: bytes, providers: Sequence[str]) -> ort.InferenceSession:
@@ -127,10 +209,19 @@ class MergeSimulator:
     ) -> None:
         self.fixed = dict(fixed or {})
         self.slots = {group.name: consumer_slots(group) for group in groups}
+        stored = {init.name for init in base.graph.initializer} | set(self.fixed)
         names = {slot.weight for slots in self.slots.values() for slot in slots}
-        missing = names - {init.name for init in base.graph.initializer} - set(self.fixed)
+        missing = names - stored
         if missing:  # e.g. float16-stored weights: the working graph's tensor is a Cast output there
             raise ValueError(f"consumer weights {sorted(missing)[:3]} are not initializers of the base model")
+        graph_outputs = {value.name for value in base.graph.output}
+        for slot in (slot for slots in self.slots.values() for slot in slots):
+            if slot.bias is None or slot.node is None:
+                continue
+            seen = slot.node.op == "MatMul" and slot.node.outputs[0].name in graph_outputs
+            if slot.bias.name not in stored or seen:
+                slot.bias = None  # a Constant node's output, or a MatMul output the user sees: rebuild
+        names |= {slot.bias.name for slots in self.slots.values() for slot in slots if slot.bias}
         self.overridable = names - set(self.fixed)  # consumer weights stored in ``base`` (small ones)
         serialized = serialized_with(base, self.overridable, extra_outputs)
         self.session = simulation_session(serialized, providers)
@@ -168,13 +259,23 @@ class MergeSimulator:
         return [np.asarray(value) for value in values]
 
     def supports(self, plan: Plan) -> bool:
-        """Whether the plan is merges only (no offsets) on groups this simulator knows."""
-        return all(name in self.slots and all(m.offset == 0 for m in merges) for name, merges in plan.items())
+        """Whether the plan is on groups this simulator knows, with offsets only where a bias takes them."""
+        return all(
+            name in self.slots
+            and (all(m.offset == 0 for m in merges) or all(slot.bias for slot in self.slots[name]))
+            for name, merges in plan.items()
+        )
 
     def weights(self, plan: Plan) -> dict[str, np.ndarray]:
-        """The replaced consumer weights of ``plan``, by initializer name."""
-        return {slot.weight: merged_weight(slot, merges) for name, merges in plan.items() if merges
-                for slot in self.slots[name]}  # fmt: skip
+        """The replaced consumer weights (and biases, where offsets change them) of ``plan``, by name."""
+        replaced = {}
+        for name, merges in plan.items():
+            for slot in self.slots[name] if merges else ():
+                replaced[slot.weight] = merged_weight(slot, merges)
+                bias = offset_bias(slot, merges)
+                if bias is not None and slot.bias is not None:
+                    replaced[slot.bias.name] = bias
+        return replaced
 
     def run(self, plan: Plan, feeds: Sequence[Feed]) -> list[Feed]:
         """Outputs of the base model with ``plan`` applied, per feed (as one batch where that is safe)."""
