@@ -270,14 +270,17 @@ class BudgetSearch:
     def _refit_ordering(group: ChannelGroup, tensor: str, rows: np.ndarray) -> RefitOrdering | None:
         """The least-squares refit ranking of ``group`` on ``tensor``'s activations (its first consumer's).
 
-        None where the tensor does not carry every atom of the group (the compensation must reach all).
+        Every consumer reading that tensor enters the cost (their weight rows side by side: the costs
+        add up on one Gram). None where the tensor does not carry every atom of the group (the
+        compensation must reach all).
         """
         local = group.atom_index(tensor)
         if (local < 0).any() or not group.consumers or group.consumers[0].tensor != tensor:
             return None
-        slot = consumer_slots(group)[0]
         atoms = np.arange(group.n_atoms)
-        weight = weight_rows(slot, slot.local[atoms]).astype(np.float64)
+        pairs = zip(consumer_slots(group), group.consumers, strict=True)
+        slots = [slot for slot, consumer in pairs if consumer.tensor == tensor]
+        weight = np.hstack([weight_rows(slot, slot.local[atoms]).astype(np.float64) for slot in slots])
         return refit_ordering(rows[local[atoms]], atoms, weight, bool(offset_atoms(group).all()))
 
     def _activations(self, groups: list[ChannelGroup]) -> dict[str, tuple[str, np.ndarray]]:
