@@ -21,6 +21,7 @@ from red_onnx._version import __version__
 from red_onnx.errors import InternalError, RedOnnxError, UsageError, VerificationError
 from red_onnx.options import (
     CPU_PROVIDER,
+    PREPROCESS_PRESETS,
     SENSITIVITY_MODES,
     InputSpec,
     parse_input_range,
@@ -50,7 +51,10 @@ examples:
   red-onnx model.onnx model.red.onnx                       exact (the default)
   red-onnx model.onnx model.red.onnx --tolerance 0.05      every output within 5% relative L2
   red-onnx model.onnx model.red.onnx --target-macs 0.8     keep 80% of the MACs, report the error
-  red-onnx model.onnx model.red.onnx --inputs calib.npz    verify (and search) on your own samples
+  red-onnx model.onnx model.red.onnx --calibration calib.npz
+                                                           verify (and search) on your own samples
+  red-onnx model.onnx model.red.onnx --calibration images/ --preprocess imagenet --target-macs 0.8
+                                                           ... or on a folder of images
   red-onnx model.onnx --dry-run --json report.json         report only, write nothing
 
 OUT is written only after verification passed, atomically; an existing OUT is replaced. The input
@@ -135,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--activations",
         choices=("auto", "on", "off"),
         default="auto",
-        help="rank merge candidates by fits of channel activations too (auto: only with --inputs, "
+        help="rank merge candidates by fits of channel activations too (auto: only with --calibration, "
         "since on synthetic inputs it measured worse on real data)",
     )
     fidelity.add_argument(
@@ -147,15 +151,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-refit",
         action="store_true",
         help="compensate removals by merges only, never by the least-squares refit of the kept channels "
-        "(the ablation; the refit needs --inputs)",
+        "(the ablation; the refit needs --calibration)",
     )
     inputs = parser.add_argument_group(
-        "inputs", "the verification (and search) inputs: synthetic from the declared types unless --inputs"
+        "inputs",
+        "the verification (and search) inputs: synthetic from the declared types unless --calibration",
+    )
+    inputs.add_argument(
+        "--calibration",
+        metavar="PATH",
+        help="your own samples (real data: what the figures should be measured on): a FILE.npz of arrays "
+        "by input name, or a folder of images (PNG, JPEG, BMP, WebP; needs --preprocess) fed to the "
+        "model's one image input in file-name order; its rows are split at random between the search, "
+        "the choice of its settings and the held-out check",
     )
     inputs.add_argument(
         "--inputs",
         metavar="FILE.npz",
-        help="your own samples, arrays by input name (real data: what the figures should be measured on)",
+        help="the former name of --calibration, with the same meaning (give one of the two)",
+    )
+    inputs.add_argument(
+        "--preprocess",
+        choices=PREPROCESS_PRESETS,
+        help="with a folder of images: how pixels are scaled. imagenet: RGB in [0,1], then mean "
+        "(0.485,0.456,0.406) and std (0.229,0.224,0.225); 0-1, -1-1, 0-255: that range. Each image is "
+        "resized (bilinear, aspect kept) to cover the input's height and width, then centre-cropped; "
+        "dynamic ones come from --input-shape, else 224 with imagenet",
     )
     inputs.add_argument(
         "--input-shape",
@@ -236,8 +257,13 @@ def _input_spec(args: argparse.Namespace) -> InputSpec:
     shapes = dict(parse_input_shape(text) for text in args.input_shape)
     ranges = dict(parse_input_range(text) for text in args.input_range)
     values = dict(parse_input_value(text) for text in args.input_value)
-    npz = Path(args.inputs) if args.inputs else None
-    return InputSpec(shapes=shapes, ranges=ranges, values=values, npz=npz, prior=args.input_prior)
+    if args.calibration and args.inputs:
+        raise UsageError("--inputs is the former name of --calibration; give one of them, not both")
+    path = args.calibration or args.inputs
+    return InputSpec(
+        shapes=shapes, ranges=ranges, values=values, prior=args.input_prior,
+        calibration=Path(path) if path else None, preprocess=args.preprocess,
+    )  # fmt: skip
 
 
 def _input_files(path: Path) -> set[Path]:
@@ -373,11 +399,22 @@ def _write_json(result: Result, path: Path) -> None:
     temp.replace(path)
 
 
+def _attached_presets(argv: Sequence[str]) -> list[str]:
+    """Read ``--preprocess -1-1`` as ``--preprocess=-1-1`` (argparse takes ``-1-1`` for an option)."""
+    joined: list[str] = []
+    for arg in argv:
+        if joined and joined[-1] == "--preprocess" and arg in PREPROCESS_PRESETS:
+            joined[-1] = f"--preprocess={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``red-onnx`` console script."""
     verbose = 0
     try:
-        args = build_parser().parse_intermixed_args(argv)
+        args = build_parser().parse_intermixed_args(_attached_presets(sys.argv[1:] if argv is None else argv))
         verbose = args.verbose
         logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), format="%(name)s: %(message)s")
         return _run(args)

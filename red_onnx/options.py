@@ -5,7 +5,8 @@ build its parser and the API can validate options before any model is read. Ever
 it, as it may import :mod:`red_onnx.errors`.
 
 - :class:`InputSpec`: what the user says about the verification inputs (``--input-shape``,
-  ``--input-range``, ``--input-value``, ``--inputs``, the prior); ``parse_input_*`` read the options.
+  ``--input-range``, ``--input-value``, ``--calibration`` and its preprocessing, the prior);
+  ``parse_input_*`` read the options.
 - :class:`Options`: one compression run's settings; :func:`make_options` validates a combination
   (one-line :class:`~red_onnx.errors.UsageError`) and fills the defaults.
 """
@@ -45,6 +46,9 @@ HELDOUT_FLOOR = 1e-3
 
 #: Ways of drawing float inputs (InputSpec.prior).
 PRIORS = ("normal", "pink")
+#: How ``--preprocess`` scales the pixels of a folder of calibration images (InputSpec.preprocess; the
+#: numbers are in ``red_onnx.io.images``): ImageNet's mean and std over [0, 1], or a plain range.
+PREPROCESS_PRESETS = ("imagenet", "0-1", "-1-1", "0-255")
 
 
 @dataclass(frozen=True)
@@ -56,20 +60,30 @@ class InputSpec:
             declared shape (its static dims must agree: onnxruntime rejects anything else).
         ranges: Uniform ``[lo, hi]`` per input (``--input-range``); integers are drawn inclusive.
         values: Constant fill per input (``--input-value``).
-        npz: A ``.npz`` file of arrays by input name (``--inputs``), used as given; wins over all.
-            Each array has the input's declared shape (a batch on a dynamic axis is welcome). For a
-            recurrent model (``red_onnx.runtime.stream``) a data input may have one leading axis more: the
-            **step** axis, one call per entry, in stream order (all such arrays the same length); a
-            state input holds the stream's initial state at its declared shape. Without a step axis,
-            the file's values are fed on every call of a ``STREAM_STEPS``-call stream. A state that
-            neither the file nor ``ranges``/``values`` gives starts at zero, where deployed streams
-            start (random values can be unreachable: an LSTM's h lies in (-1, 1); and measured on
-            silero-vad, onnxruntime's own drift between its optimisation levels over 32 calls needs
-            rtol 5.0e-5 from a standard-normal state, 5.9e-6 from zero).
+        npz: The former name of ``calibration``, kept for the Python API: ``InputSpec(npz=path)`` is
+            ``InputSpec(calibration=path)``, and after construction both hold the same path.
         default_dim: Size given to dynamic dims not covered by ``shapes``.
         prior: How float inputs are drawn: ``"normal"`` (i.i.d. standard normal) or ``"pink"``
             (spatially correlated 1/f noise over the trailing axes of inputs of rank ≥ 3, scaled to unit
             variance — closer to images and signals than white noise; ``--input-prior``).
+        calibration: The user's samples (``--calibration``, or its other name ``--inputs``), used as
+            given; for the inputs they feed they win over ``shapes``, ``ranges`` and ``values``. Either a
+            folder of images (:attr:`samples_kind` ``"images"``: PNG, JPEG, BMP or WebP files in
+            file-name order, resized to the model's one image input and scaled by ``preprocess``; see
+            ``red_onnx.io.images``), or any other path, read as a ``.npz`` file of arrays by input name
+            (``"npz"``). Each array has the input's declared shape (a batch on a dynamic axis is
+            welcome). For a recurrent model (``red_onnx.runtime.stream``) a data input may have one
+            leading axis more: the **step** axis, one call per entry, in stream order (all such arrays
+            the same length); a state input holds the stream's initial state at its declared shape.
+            Without a step axis, the file's values are fed on every call of a ``STREAM_STEPS``-call
+            stream. A state that neither the file nor ``ranges``/``values`` gives starts at zero, where
+            deployed streams start (random values can be unreachable: an LSTM's h lies in (-1, 1); and
+            measured on silero-vad, onnxruntime's own drift between its optimisation levels over 32
+            calls needs rtol 5.0e-5 from a standard-normal state, 5.9e-6 from zero). The rows of a
+            batch are split at random between a budget search's parts
+            (``red_onnx.verify.inputs.split_rows``).
+        preprocess: How a folder's pixels are scaled (``--preprocess``): one of
+            :data:`PREPROCESS_PRESETS`; required with a folder of images, refused otherwise.
     """
 
     shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
@@ -78,8 +92,19 @@ class InputSpec:
     npz: Path | None = None
     default_dim: int = 1
     prior: str = "normal"
+    calibration: Path | None = None
+    preprocess: str | None = None
 
     def __post_init__(self) -> None:
+        given = [Path(path) for path in (self.calibration, self.npz) if path is not None]
+        if len(set(given)) > 1:
+            raise UsageError(
+                f"calibration {given[0]} and npz {given[1]} differ; npz is the former name of calibration: "
+                "give one"
+            )
+        object.__setattr__(self, "calibration", given[0] if given else None)
+        object.__setattr__(self, "npz", self.calibration)
+        self.check_calibration()
         if self.prior not in PRIORS:
             raise UsageError(f"input prior {self.prior!r} is not one of {', '.join(PRIORS)}")
         if self.default_dim < 1:
@@ -87,6 +112,41 @@ class InputSpec:
         both = sorted(set(self.ranges) & set(self.values))
         if both:
             raise UsageError(f"inputs {', '.join(both)} have both --input-range and --input-value; give one")
+
+    @property
+    def samples_kind(self) -> str | None:
+        """What ``calibration`` holds: ``"images"`` (a folder), ``"npz"`` (any other path), or None."""
+        if self.calibration is None:
+            return None
+        return "images" if self.calibration.is_dir() else "npz"
+
+    def check_calibration(self) -> None:
+        """Check that ``preprocess`` and ``calibration`` go together (a folder needs it, a file refuses it).
+
+        Run at construction and again when the samples are read (the folder may have appeared since).
+
+        Raises:
+            UsageError: An unknown preset, a folder without a preset, or a preset without a folder.
+        """
+        presets = ", ".join(PREPROCESS_PRESETS)
+        path, preset = self.calibration, self.preprocess
+        if preset is not None and preset not in PREPROCESS_PRESETS:
+            raise UsageError(f"--preprocess {preset!r} is not one of {presets}")
+        if path is not None and path.is_dir() and preset is None:
+            raise UsageError(
+                f"--calibration {path} is a folder of images: say how to scale its pixels with "
+                f"--preprocess ({presets})"
+            )
+        if preset is not None and path is None:
+            raise UsageError(
+                "--preprocess applies to a folder of images; give the folder with --calibration, "
+                "or drop --preprocess"
+            )
+        if preset is not None and path is not None and path.is_file():
+            raise UsageError(
+                f"--preprocess applies to a folder of images, and {path} is a file (an .npz is fed as "
+                "saved): drop --preprocess"
+            )
 
 
 def _split_option(text: str, option: str, example: str) -> tuple[str, str]:
@@ -174,7 +234,8 @@ class Options:
         activations: Let least-squares fits of channel activations on the verification inputs rank
             merge candidates too. Off by default: on synthetic inputs it picks channels that are idle
             on noise but matter on real data (measured: MobileNetV2 top-1 agreement 0.39 at 95% of
-            the MACs with a synthetic error of 0.0); on by default when ``--inputs`` gives real inputs.
+            the MACs with a synthetic error of 0.0); on by default when ``--calibration`` gives real
+            inputs.
         freeze: Node-name glob patterns of layers to protect.
         input_spec: How verification inputs are built.
         verify: Whether to verify with onnxruntime (on by default; off only for analysis tools).
@@ -211,7 +272,8 @@ class Options:
     def provenance(self) -> dict[str, object]:
         """The options as recorded in the output model (no paths that differ between machines)."""
         spec = asdict(self.input_spec)
-        spec["npz"] = Path(spec["npz"]).name if spec["npz"] else None
+        for key in ("npz", "calibration"):  # the same path under its two names: the name only
+            spec[key] = Path(spec[key]).name if spec[key] else None
         recorded: dict[str, object] = {"exact": self.exact, "freeze": list(self.freeze), "input_spec": spec}
         recorded |= {
             "separation": self.separation,
@@ -258,13 +320,14 @@ def make_options(
         channel_multiple: Kept channel counts are multiples of this (default: 16 with ``target_macs``,
             else 8).
         freeze: Node-name glob patterns of layers whose channels must not change.
-        input_spec: Shapes, ranges, values or an ``.npz`` for the verification inputs.
+        input_spec: Shapes, ranges, values or the calibration samples for the verification inputs.
         verify: Verify the result with onnxruntime (graph optimisations off and at ORT_ENABLE_ALL).
         hashing: Let KDE-hashed weights rank merge candidates too (False: the ablation without it).
         refit: With activations, let the least-squares refit of the kept channels rank removals too
             (False: the ablation without it).
         activations: Let fits of channel activations rank candidates too (None: only when
-            ``input_spec.npz`` gives real inputs; on synthetic inputs it measured worse on real data).
+            ``input_spec.calibration`` gives real inputs; on synthetic inputs it measured worse on real
+            data).
         separation: Try uneven depthwise separation of k×k convs (exact; only where it is measured
             faster, or cuts MACs when ``latency_check`` is False).
         provider: onnxruntime execution provider that separation candidates are timed on (checked
@@ -319,7 +382,7 @@ def make_options(
         channel_multiple=int(channel_multiple),
         hashing=hashing,
         refit=refit,
-        activations=(input_spec is not None and input_spec.npz is not None)
+        activations=(input_spec is not None and input_spec.calibration is not None)
         if activations is None
         else activations,
         freeze=tuple(freeze),

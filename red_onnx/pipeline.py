@@ -43,7 +43,7 @@ from red_onnx.runtime import sessions
 from red_onnx.runtime.sessions import HeldSessions, model_source
 from red_onnx.runtime.shapes import ShapeService
 from red_onnx.search.budget import BudgetSearch
-from red_onnx.verify.inputs import make_inputs
+from red_onnx.verify.inputs import describe_inputs, make_inputs
 from red_onnx.verify.verifier import Verifier
 
 logger = logging.getLogger(__name__)
@@ -240,6 +240,7 @@ def _start(
         size_before=size_before,
     )
     report.overridable_initializers = sorted(working.overridable)
+    report.inputs = describe_inputs(original, options.input_spec)
     notify("normalise")
     graph_utils.normalise_constants(working)
     structure, _ = graph_utils.export_light(working)  # dims only: figures need no weight values
@@ -391,10 +392,7 @@ def _verify(
             verifier = Verifier(reference, options.input_spec, seeds=VERIFY_SEEDS)
         result = verifier.check(candidate, rtol=EXACT_RTOL, atol=EXACT_ATOL)
         checked = result.to_dict()
-        npz = options.input_spec.npz
-        checked["inputs"] = (
-            f"the inputs of {Path(npz).name}" if npz else f"synthetic inputs, seeds {list(VERIFY_SEEDS)}"
-        )
+        checked["inputs"] = _inputs_phrase(report.inputs)
         if not merged:  # exact rewrites only (also when the budget search merged nothing)
             checked["criterion"] = (
                 f"element-wise within atol {EXACT_ATOL}·max(1,max|y|) + rtol {EXACT_RTOL}·|y|"
@@ -434,6 +432,16 @@ def _verify(
         report.verification = checked
         if checked["passed"]:
             _full_check(candidate, original, checked)
+
+
+def _inputs_phrase(inputs: dict[str, Any] | None) -> str:
+    """What the verification ran on, in words (``verification.inputs`` of the report)."""
+    inputs = inputs or {}
+    if inputs.get("kind") == "images":
+        return f"the {inputs['total']} images in {inputs['file']}/ (--preprocess {inputs['preset']})"
+    if inputs.get("kind") == "npz":
+        return f"the inputs of {inputs['file']}"
+    return f"synthetic inputs, seeds {list(VERIFY_SEEDS)}"
 
 
 def _budget_error(report: Report, key: str) -> float | None:
@@ -511,18 +519,18 @@ def _failure_message(report: Report, options: Options, merged: bool) -> str:
             f"the result reaches --target-macs {options.target_macs} but does not generalise: its error on "
             f"held-out inputs is {verification.get('heldout_error'):.3g}, more than {HELDOUT_DRIFT:g}x the "
             f"{verification.get('search_error'):.3g} the search measured; nothing was written — pass more "
-            "varied --inputs, or --force-target to write it regardless"
+            "varied --calibration samples, or --force-target to write it regardless"
         )
     heldout = verification.get("heldout_error")
     if heldout is not None and heldout > options.tolerance:
         return (
             f"verification failed on the search's held-out inputs: relative L2 error {heldout:.3g}, over "
             f"the tolerance {options.tolerance}; nothing was written — try a smaller --tolerance, or pass "
-            "more varied --inputs"
+            "more varied --calibration samples"
         )
     worst_l2: dict[str, Any] = max(outputs, key=lambda o: o.get("rel_l2_err") or math.inf, default={})
     return (
         f"verification failed on held-out inputs: output '{worst_l2.get('name')}' has relative L2 error "
         f"{worst_l2.get('rel_l2_err')}, over the tolerance {options.tolerance}; nothing was written — "
-        "try a smaller --tolerance, or pass your own --inputs"
+        "try a smaller --tolerance, or pass your own samples with --calibration"
     )

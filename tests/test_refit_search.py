@@ -12,8 +12,12 @@ from onnx import helper, numpy_helper
 
 import red_onnx
 from red_onnx.analysis.refit import augmented_gram, refit
+from red_onnx.passes.merge_near import mergeable_groups
 from red_onnx.rewrite.editor import add_merged_rows
+from red_onnx.runtime.shapes import ShapeService
+from red_onnx.search.budget import BudgetSearch
 from red_onnx.search.budget_options import refit_ordering
+from red_onnx.verify.inputs import make_inputs
 
 
 def test_the_merges_of_a_refit_ordering_apply_the_refit() -> None:
@@ -122,3 +126,19 @@ def test_every_consumer_of_the_captured_tensor_enters_the_refit_cost(tmp_path: P
     for name in ("ya", "yb"):
         got, want = run(result.model, feeds)[name], run(model, feeds)[name]
         assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want), name
+
+
+def test_the_ridge_strength_is_validated_on_the_cv_rows_and_the_refit_fits_search_and_cv(
+    tmp_path: Path,
+) -> None:
+    """16 calibration rows: 8 search, 4 cv (4 held out); 36 positions each, all captured."""
+    model = _mixed_channel_net()
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((16, 4, 6, 6)).astype(np.float32))
+    spec = red_onnx.InputSpec(npz=tmp_path / "x.npz")
+    shapes = ShapeService(make_inputs(model, spec, 0))
+    search = BudgetSearch(model, model, spec, shapes, channel_multiple=1, hashing=False)
+    (ranking,) = [o for orderings in search.orderings.values() for o in orderings if o.label == "refit"]
+    assert ranking.gram[-1, -1] == (8 + 4) * 36  # the constant channel's sum counts the samples fitted
+    (group,) = search.options
+    validation = search._validation(mergeable_groups(search.working, search.shapes, ()))
+    assert validation[group.name].shape == (8, 4 * 36)

@@ -172,7 +172,7 @@ def test_types_numpy_lacks_are_fed_from_their_raw_bits(tmp_path: Path, elem: int
     assert result.verified
     with pytest.raises(
         InputError,
-        match=rf"cannot generate; pass its values in an --inputs file.npz, as their raw bits in {carrier.__name__}",  # noqa: E501
+        match=rf"cannot generate; pass its values in a --calibration file.npz, as their raw bits in {carrier.__name__}",  # noqa: E501
     ):
         red_onnx.compress(model, exact=True)
     np.savez(inputs, x=np.zeros((2, 3), np.float32))

@@ -71,6 +71,7 @@ class Report:
     accuracy: dict[str, float] | None = None
     budget: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
+    inputs: dict[str, Any] | None = None  # what the checks and the search ran on (docs/report.md)
     unchanged: bool = False  # no rewrite applied: the output is the input model as it was
 
     def add_pass(self, result: PassResult, name: str) -> None:
@@ -201,14 +202,15 @@ def render_table(report: Report, *, max_layers: int = 40) -> str:
             shown = "-" if alone is None else format(alone, ".3g")
             name, ranking = group["group"][:40], group["ordering"][:32]
             lines.append(f"  {name:40} {group['channels']:>5} -> {kept:<5} {ranking:32} {shown}")
+        search, heldout = _parts_measured(report.inputs)
         lines.append(
             f"budget search ({budget.get('sensitivity', 'measured')} sensitivity): "
             f"{budget['evaluations']} measurements in {budget['seconds']:.1f}s; error "
-            f"{budget['error']:.3g} on search inputs, {budget['heldout_error']:.3g} held out; "
-            f"MACs kept {budget['macs_fraction']:.3f}"
+            f"{budget['error']:.3g} on search inputs{search}, {budget['heldout_error']:.3g} held out"
+            f"{heldout}; MACs kept {budget['macs_fraction']:.3f}"
         )
     if report.verification:
-        lines.append(_render_verification(report.verification))
+        lines.append(_render_verification(report.verification, report.inputs))
     lines += _render_latency(report.latency)
     if report.accuracy:
         acc = report.accuracy
@@ -291,25 +293,41 @@ def _figure(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def _render_verification(verification: dict[str, Any]) -> str:
+def _parts_measured(inputs: dict[str, Any] | None) -> tuple[str, str]:
+    """What the search's and the held-out figures were measured on, as short suffixes.
+
+    `` (6 of 12 images)`` and `` (3)`` for split samples; nothing for synthetic inputs, where each part
+    draws seeds of its own; `` (all of NAME)`` for samples used whole by every part.
+    """
+    if not inputs or not inputs.get("samples"):
+        return "", ""
+    samples = inputs["samples"]
+    if not inputs.get("split"):
+        return f" (all of {inputs['file']})", f" (all of {inputs['file']})"
+    unit = "images" if inputs.get("kind") == "images" else "rows"
+    return f" ({samples['search']} of {inputs['total']} {unit})", f" ({samples['heldout']})"
+
+
+def _render_verification(verification: dict[str, Any], inputs: dict[str, Any] | None = None) -> str:
     verdict = "PASSED" if verification.get("passed") else "FAILED"
     criterion = f" [{verification['criterion']}]" if verification.get("criterion") else ""
     worst = max((o.get("rel_l2_err") or 0.0 for o in verification.get("outputs", [])), default=0.0)
-    inputs = verification.get("inputs") or f"seeds {verification.get('seeds')}"
+    named = verification.get("inputs") or f"seeds {verification.get('seeds')}"
     levels = ", ".join(verification.get("levels", []))
     heldout = verification.get("heldout_error")
     if verification.get("target"):  # no bound was asked: figures, not a verdict
         state = "target reached" if verification.get("passed") else "target reached, NOT WRITTEN"
+        search_on, heldout_on = _parts_measured(inputs)
         return (
-            f"{state} (no fidelity bound was asked): worst rel L2 {worst:.3g} on {inputs} (onnxruntime, "
-            f"levels {levels}); search {_figure(verification.get('search_error'))}, held out "
-            f"{_figure(heldout)} [{verification.get('criterion')}]"
+            f"{state} (no fidelity bound was asked): worst rel L2 {worst:.3g} on {named} (onnxruntime, "
+            f"levels {levels}); search {_figure(verification.get('search_error'))}{search_on}, held out "
+            f"{_figure(heldout)}{heldout_on} [{verification.get('criterion')}]"
         )
+    held = "" if heldout is None else f", held out {heldout:.3g}{_parts_measured(inputs)[1]}"
     line = (
         f"verification {verdict} (onnxruntime, levels {levels}, "
-        f"{inputs}): max abs err {verification.get('max_abs_err'):.3g}, "
-        f"max rel err {verification.get('max_rel_err'):.3g}, worst rel L2 {worst:.3g}"
-        f"{'' if heldout is None else f', held out {heldout:.3g}'}{criterion}"
+        f"{named}): max abs err {verification.get('max_abs_err'):.3g}, "
+        f"max rel err {verification.get('max_rel_err'):.3g}, worst rel L2 {worst:.3g}{held}{criterion}"
     )
     if verification.get("full_check"):
         line += f"\n  full ONNX check {verification['full_check']}"

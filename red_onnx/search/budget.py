@@ -64,6 +64,7 @@ from red_onnx.search.channel_steps import ChannelSteps
 from red_onnx.search.sensitivity import LocalSensitivity, consumer_inputs, weight_rows
 from red_onnx.search.simulate import MacsCounter, MergeSimulator, consumer_slots
 from red_onnx.search.suffix import SuffixSimulator
+from red_onnx.verify.inputs import load_samples, real_inputs
 from red_onnx.verify.verifier import Verifier
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ logger = logging.getLogger(__name__)
 #: test accuracy, with 16 it kept 0.945 (the search's choices are only as good as its estimate).
 SEARCH_SEEDS = tuple(range(100, 116))
 HELDOUT_SEEDS = tuple(range(200, 216))
+#: Seeds of the inputs the refit's ridge strength is validated on (synthetic runs; a calibration
+#: file's "cv" rows otherwise).
+CV_SEEDS = tuple(range(300, 316))
 #: Groups with at least this many weights get the heap's free pages returned before they are hashed:
 #: its work arrays (~27 bytes a weight) beside the free pages earlier groups left were the search's
 #: peak (conv25m, 5.3M weights in the last stage's group: 120 MB free in the heap at that point).
@@ -116,6 +120,14 @@ def _simulator(
     except Exception as error:  # onnxruntime's errors share no base class; the rebuild path still works
         logger.warning("measuring by rebuilding the model (the one-session simulator failed: %s)", error)
         return None
+
+
+def _samples_cover_inputs(structure: onnx.ModelProto, spec: InputSpec) -> bool:
+    """Whether the user's samples give every real input of the model (then seeds change nothing)."""
+    if spec.calibration is None:
+        return False
+    given = load_samples(structure, spec)
+    return all(value.name in given for value in real_inputs(structure))
 
 
 def _cache_key(plan: dict[str, list[Merge]], role: str) -> tuple:
@@ -187,11 +199,14 @@ class BudgetSearch:
         self.large = figures.macs > LARGE_MODEL_MACS
         count = len(SEARCH_SEEDS) if volume <= LARGE_SAMPLE else len(SEARCH_SEEDS) // 2
         count = LARGE_SEEDS if self.large else count
+        if _samples_cover_inputs(structure, spec):  # every seed would give the same feed: one is enough
+            count = 1
         # an --inputs batch is split: the search sees one half, the held-out re-check the other. Not a
         # recurrent model's stream: on half of silero-vad's 121-chunk calibration stream the search
         # overfits (held-out speech: worst step 0.10-0.19 at a 0.02 budget; whole stream: within 0.02)
         split = not find_state_pairs(structure)
         self.part = "search" if split else "all"
+        self.split, self.seed_count = split, count
         self.reference, self.spec, self.reference_structure = reference, spec, reference_structure
         self.held = held
         self.verifier = self._verifier(SEARCH_SEEDS[:count], self.part)
@@ -210,13 +225,15 @@ class BudgetSearch:
         self.chosen: dict[tuple[str, int], Ranking] = {}
         self.atom_cost: dict[str, np.ndarray] = {}
         groups = mergeable_groups(working, self.shapes, self.freeze)
-        samples = self._activations(groups) if activations else {}
+        samples = self._activations(groups, self.verifier) if activations else {}
+        validation = self._validation(groups) if activations and refit else {}
         # a group's atom vectors (a copy of its weights) live only while its rankings are made: all
         # groups' at once beside the hashing's work arrays were the search's peak (conv25m: 138 MB)
         self.options = [
-            self._option(candidates_of(group), layer_macs, samples, hashing=hashing) for group in groups
+            self._option(candidates_of(group), layer_macs, samples, validation, hashing=hashing)
+            for group in groups
         ]
-        del samples
+        del samples, validation
         self.cache: dict[tuple, float] = {}  # errors measured (their count is the report's evaluations)
         self.macs_cache: dict[tuple, float] = {}
         self.macs_counter = MacsCounter(layer_macs, groups)
@@ -231,9 +248,15 @@ class BudgetSearch:
         self.gain: dict[str, float] = {}  # per group: measured / estimated error ("calibrated")
 
     def _option(
-        self, item: GroupCandidates, layer_macs: dict[str, int], samples: dict, *, hashing: bool
+        self,
+        item: GroupCandidates,
+        layer_macs: dict[str, int],
+        samples: dict,
+        validation: dict[str, np.ndarray],
+        *,
+        hashing: bool,
     ) -> GroupOption:
-        """One group's rankings (weights, hashed, activations), removal levels and MACs per level."""
+        """One group's rankings (weights, hashed, activations, refit), removal levels and MACs per level."""
         name, n_atoms = item.group.name, item.group.n_atoms
         orderings: list[Ranking] = [Ordering("weights", 0.0, 0, item.candidates)]
         if hashing:
@@ -249,8 +272,10 @@ class BudgetSearch:
             orderings.append(Ordering("activations", 0.0, 0, found))
         steps = ChannelSteps.of(item.params.signature, self.channel_multiple)
         one_segment = np.unique(item.params.signature).size == 1  # every kept atom may compensate any
-        wanted = self.refit and name in samples and one_segment
-        refit = self._refit_ordering(item.group, *samples[name]) if wanted else None
+        refit = None
+        if self.refit and name in samples and one_segment:
+            tensor, rows = samples[name]
+            refit = self._refit_ordering(item.group, tensor, rows, validation.get(name))
         if refit is not None:
             orderings.append(refit)
         orderings = [dataclasses.replace(o, steps=steps) for o in orderings]
@@ -267,8 +292,13 @@ class BudgetSearch:
         return option
 
     @staticmethod
-    def _refit_ordering(group: ChannelGroup, tensor: str, rows: np.ndarray) -> RefitOrdering | None:
+    def _refit_ordering(
+        group: ChannelGroup, tensor: str, rows: np.ndarray, validation: np.ndarray | None = None
+    ) -> RefitOrdering | None:
         """The least-squares refit ranking of ``group`` on ``tensor``'s activations (its first consumer's).
+
+        ``validation`` (the same tensor on the "cv" inputs) chooses the ridge strength; without it, a
+        split of the captured positions does.
 
         Every consumer reading that tensor enters the cost (their weight rows side by side: the costs
         add up on one Gram). None where the tensor does not carry every atom of the group (the
@@ -281,9 +311,12 @@ class BudgetSearch:
         pairs = zip(consumer_slots(group), group.consumers, strict=True)
         slots = [slot for slot, consumer in pairs if consumer.tensor == tensor]
         weight = np.hstack([weight_rows(slot, slot.local[atoms]).astype(np.float64) for slot in slots])
-        return refit_ordering(rows[local[atoms]], atoms, weight, bool(offset_atoms(group).all()))
+        held = None if validation is None else validation[local[atoms]]
+        return refit_ordering(rows[local[atoms]], atoms, weight, bool(offset_atoms(group).all()), held)
 
-    def _activations(self, groups: list[ChannelGroup]) -> dict[str, tuple[str, np.ndarray]]:
+    def _activations(
+        self, groups: list[ChannelGroup], verifier: Verifier
+    ) -> dict[str, tuple[str, np.ndarray]]:
         """Per group: the tensor its first consumer reads, and that tensor's sampled activations."""
         wanted = {}
         for group in groups:
@@ -291,8 +324,20 @@ class BudgetSearch:
                 member = group.tensors[group.consumers[0].tensor]
                 wanted[group.name] = (member.tensor.name, member.axis, member.block)
         base = self.base if self.base is not None else graph_utils.export_model(self.working)
-        captured = capture(base, self.verifier.inputs, {t: (a, b) for t, a, b in wanted.values()})
+        captured = capture(base, verifier.inputs, {t: (a, b) for t, a, b in wanted.values()})
         return {name: (t, captured[t]) for name, (t, _, _) in wanted.items() if t in captured}
+
+    def _validation(self, groups: list[ChannelGroup]) -> dict[str, np.ndarray]:
+        """Per group: its captured tensor on the inputs that validate the refit's ridge strength.
+
+        A calibration file's "cv" rows (or, on synthetic inputs, other seeds): samples the fit never
+        saw, where a split of one capture's positions shares its samples between fit and validation
+        (positions of one image are correlated). None for a recurrent stream (not split).
+        """
+        if not self.split:
+            return {}
+        verifier = self._verifier(CV_SEEDS[: self.seed_count], "cv")
+        return {name: rows for name, (_, rows) in self._activations(groups, verifier).items()}
 
     def _local_sensitivity(self, groups: list) -> LocalSensitivity | None:
         """The capture-based estimate of every group's error (None: measure instead, with the reason)."""

@@ -154,15 +154,24 @@ class RefitOrdering:
 
 
 def refit_ordering(
-    rows: np.ndarray, atoms: np.ndarray, weight: np.ndarray, free_bias: bool
+    rows: np.ndarray,
+    atoms: np.ndarray,
+    weight: np.ndarray,
+    free_bias: bool,
+    validation: np.ndarray | None = None,
 ) -> RefitOrdering | None:
-    """The refit ranking of a group from its captured activations and first consumer's weight rows.
+    """The refit ranking of a group from its captured activations and its consumers' weight rows.
+
+    The ridge strength is the one whose refit (at ``REFIT_LAMBDA_AT`` of the group removed, fitted on
+    ``rows``) best predicts ``validation``; without it, half the captured positions fit and the other
+    half validate, then the strength is rescaled to the whole Gram.
 
     Args:
         rows: ``[atoms, samples]`` activations of the tensor the consumer reads, one row per atom.
         atoms: The atom of each row.
-        weight: ``[atoms, outputs]`` the consumer's weight rows of those atoms.
+        weight: ``[atoms, outputs]`` the consumers' weight rows of those atoms.
         free_bias: Whether every consumer reading these atoms can take a bias change (the intercept).
+        validation: ``[atoms, samples]`` the same tensor on other inputs (None: split ``rows``).
 
     Returns:
         The ranking; None for a group too wide (``REFIT_MAX_ATOMS``) or too small.
@@ -171,12 +180,17 @@ def refit_ordering(
     if count < 2 or count > REFIT_MAX_ATOMS or rows.shape[1] < 4:
         return None
     gram = augmented_gram(rows)
-    split = np.random.default_rng(REFIT_SPLIT_SEED).permutation(rows.shape[1])
-    fit, val = augmented_gram(rows[:, split[::2]]), augmented_gram(rows[:, split[1::2]])
+    if validation is not None and validation.shape[1] >= 2:
+        fit, val = gram, augmented_gram(validation)
+    else:
+        split = np.random.default_rng(REFIT_SPLIT_SEED).permutation(rows.shape[1])
+        fit, val = augmented_gram(rows[:, split[::2]]), augmented_gram(rows[:, split[1::2]])
     probe = max(1, min(count - 1, round(REFIT_LAMBDA_AT * count)))
     first = greedy_obs(fit, weight, probe, 0.1 * lambda_scale(fit, free_bias=free_bias), free_bias=free_bias)
     keep = np.setdiff1d(np.arange(count), first.order)
     chosen = choose_lambda_gram(fit, val, weight, keep, free_bias=free_bias)
+    if validation is not None and validation.shape[1] >= 2:  # chosen: fit on every sample seen
+        gram = augmented_gram(np.hstack([rows, validation]))
     lam = chosen / lambda_scale(fit, free_bias=free_bias) * lambda_scale(gram, free_bias=free_bias)
     path = greedy_obs(gram, weight, count - 1, lam, free_bias=free_bias)
     return RefitOrdering("refit", atoms[path.order], atoms, gram, lam, free_bias)

@@ -41,13 +41,13 @@ def input_dtype(vi: onnx.ValueInfoProto) -> np.dtype:
         type_name = TensorProto.DataType.Name(elem)
         raise InputError(
             f"input {vi.name!r} has element type {type_name}, which red_onnx cannot generate; "
-            f"pass its values in an --inputs file.npz, {encoding(elem)}"
+            f"pass its values in a --calibration file.npz, {encoding(elem)}"
         )
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
 
 
 def feed_dtype(vi: onnx.ValueInfoProto) -> np.dtype | None:
-    """The dtype an ``--inputs`` array of ``vi`` is stored in; None for STRING (any numpy unicode array).
+    """The dtype a ``.npz`` array of ``vi`` is stored in; None for STRING (any numpy unicode array).
 
     The generated types' own dtype; for types numpy lacks, the unsigned carrier of their raw bits
     (:data:`~red_onnx.runtime.sessions.RAW_BIT_CARRIERS`). InputError for inputs that are not tensors,
@@ -68,7 +68,7 @@ def feed_dtype(vi: onnx.ValueInfoProto) -> np.dtype | None:
 
 
 def encoding(elem: int) -> str:
-    """How an ``--inputs`` file holds values of element type ``elem`` (a phrase for messages)."""
+    """How a ``--calibration`` .npz file holds values of element type ``elem`` (a phrase for messages)."""
     if elem == TensorProto.STRING:
         return "as a numpy unicode array (dtype str)"
     if elem in RAW_BIT_CARRIERS:
@@ -127,9 +127,9 @@ def defaulted_dims_hint(inputs: Sequence[onnx.ValueInfoProto], spec: InputSpec) 
     """What to do when the model failed at the sizes given to dynamic dims by default (None: none was).
 
     Only dims after the first count (a batch of 1 is rarely what a model cannot run); inputs the spec
-    shapes (``--input-shape``) or feeds (``--inputs``) are left out.
+    shapes (``--input-shape``) or feeds (``--calibration``) are left out.
     """
-    if spec.npz is not None:
+    if spec.calibration is not None:
         return None
     defaulted = [
         (vi.name, dims)

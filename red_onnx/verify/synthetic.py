@@ -116,10 +116,10 @@ def drawn_ints_hint(inputs: Sequence[onnx.ValueInfoProto], spec: InputSpec) -> s
     """What to do when the model failed on integer inputs drawn at random (None: none was).
 
     Integer inputs are often indices, sizes or token ids that the model needs in a narrow range; an
-    input the spec fills (``--input-value``), bounds (``--input-range``) or feeds (``--inputs``) is left
+    input the spec fills (``--input-value``), bounds (``--input-range``) or feeds (``--calibration``) is left
     out.
     """
-    if spec.npz is not None:
+    if spec.calibration is not None:
         return None
     drawn = [
         vi.name
@@ -132,5 +132,5 @@ def drawn_ints_hint(inputs: Sequence[onnx.ValueInfoProto], spec: InputSpec) -> s
     low, high = DEFAULT_INT_RANGE
     return (
         f"integer inputs {', '.join(drawn)} were drawn at random in [{low:g}, {high:g}]; give the values "
-        f"it runs on with --input-value, --input-range or --inputs, e.g. --input-value {drawn[0]}:1"
+        f"it runs on with --input-value, --input-range or --calibration, e.g. --input-value {drawn[0]}:1"
     )

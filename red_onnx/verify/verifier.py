@@ -1,7 +1,7 @@
 """Prove that a rewritten ONNX model computes the same function as the original, with onnxruntime.
 
 The :class:`Verifier` builds seeded synthetic inputs once (``red_onnx.verify.inputs``; or takes the user's
-``--inputs`` file), runs the reference model at every requested onnxruntime graph-optimisation level
+``--calibration`` samples), runs the reference model at every requested onnxruntime graph-optimisation level
 (``red_onnx.runtime.sessions``), and compares each candidate against the reference at the same level *and*
 against the unoptimised reference, so a rewrite can neither hide behind nor be blamed for onnxruntime's
 own fusions.
@@ -53,7 +53,7 @@ from red_onnx.verify.compare import OutputCheck, compare_outputs, merge_checks
 from red_onnx.verify.input_spec import defaulted_dims_hint
 from red_onnx.verify.inputs import (
     build_feed,
-    load_npz,
+    load_samples,
     make_inputs,
     real_inputs,
     rows_part,
@@ -72,8 +72,8 @@ logger = logging.getLogger(__name__)
 #: to 0.02 within 16 calls, the c half kept about 0.2 to the end. 32 calls cover that horizon; each call
 #: is one onnxruntime run per seed in every search measurement, so not more.
 STREAM_STEPS = 32
-#: Parts of an --inputs file a Verifier can use (see Verifier).
-PARTS = ("all", "search", "heldout")
+#: Parts of the calibration samples a Verifier can use (see Verifier and verify.inputs.SPLIT_SHARES).
+PARTS = ("all", "search", "cv", "heldout")
 
 
 def _json_float(value: float | None) -> float | None:
@@ -140,17 +140,19 @@ class Verifier:
 
     A **recurrent** model (state pairs such as ``state -> stateN``, ``runtime.stream``) is verified on
     streams: per seed, ``STREAM_STEPS`` calls with seeded step inputs from the zero state (or the
-    steps of an ``--inputs`` file, see :class:`InputSpec`), each model carrying its own state from call
-    to call; an output's values over all steps form the one array every metric and check compares, so
-    what the state accumulates is bounded, not only each call. When an ``--inputs`` file gives every
-    input, the seeds would only repeat it: one stream is run.
+    steps of a ``--calibration`` file, see :class:`InputSpec`), each model carrying its own state from
+    call to call; an output's values over all steps form the one array every metric and check compares,
+    so what the state accumulates is bounded, not only each call. When the file gives every input, the
+    seeds would only repeat it: one stream is run.
 
-    ``part`` selects the part of an ``--inputs`` file used (synthetic inputs ignore it: their seeds
-    already differ): ``"all"``; ``"search"`` or ``"heldout"``, disjoint halves for a budget search and
-    its held-out re-check — a recurrent model's steps are cut in two (the held-out half starts from the
-    state the reference carried out of the first), a batch is split at random, seeded (half search, half
-    held out) when every array in the file shares one leading size >= 2 on a dynamic axis. A file
-    that cannot be split is used whole, and the log says so.
+    ``part`` selects the part of the calibration samples used (synthetic inputs ignore it: their seeds
+    already differ): ``"all"``; ``"search"``, ``"cv"`` or ``"heldout"``, disjoint parts for a budget
+    search, the choice of its settings and its held-out re-check. A batch is split at random, seeded
+    (``verify.inputs.split_rows``: half search, a quarter each cv and held out; with 2 rows cv uses the
+    search row) when every array of the samples shares one leading size >= 2 on a dynamic axis. A
+    recurrent model's steps are cut in two for ``"search"`` and ``"heldout"`` (the held-out half starts
+    from the state the reference carried out of the first); ``"cv"`` uses the whole stream. Samples
+    that cannot be split are used whole, and the log says so.
 
     ``structure`` is the reference as a ModelProto when the caller holds one while passing a path or
     bytes (its inputs and outputs are read from it instead of loading the file again). ``held``: the
@@ -220,15 +222,15 @@ class Verifier:
         return len(self._steps) if self.pairs else 1
 
     def _batch_inputs(self, structure: onnx.ModelProto) -> list[Feed]:
-        """One feed per seed; the selected part of an ``--inputs`` batch (see the class docstring)."""
+        """One feed per seed; the selected part of a samples batch (see the class docstring)."""
         feeds = [make_inputs(structure, self.spec, seed) for seed in self.seeds]
-        if self.part == "all" or self.spec.npz is None:
+        if self.part == "all" or self.spec.calibration is None:
             return feeds
-        return rows_part(feeds, structure, set(load_npz(self.spec.npz)), self.part)
+        return rows_part(feeds, structure, set(load_samples(structure, self.spec)), self.part)
 
     def _confirmed(self, structure: onnx.ModelProto) -> list[StatePair]:
         """The state pairs whose output comes back with the state's shape and dtype (one reference call)."""
-        arrays = load_npz(self.spec.npz)
+        arrays = load_samples(structure, self.spec)
         stepped = stepped_names(structure, arrays, self.pairs)
         states = [pair.input for pair in self.pairs]
         feed = build_feed(structure, self.spec, arrays, stepped, self.seeds[0], 0, states)
@@ -244,9 +246,9 @@ class Verifier:
 
     def _streams(self, structure: onnx.ModelProto) -> list[list[Feed]]:
         """``[step][stream]`` feeds of a recurrent model (the selected part; see the class docstring)."""
-        arrays = load_npz(self.spec.npz)
+        arrays = load_samples(structure, self.spec)
         stepped = stepped_names(structure, arrays, self.pairs)
-        count = step_count(arrays, stepped, self.spec.npz) or STREAM_STEPS
+        count = step_count(arrays, stepped, self.spec.calibration) or STREAM_STEPS
         states = [pair.input for pair in self.pairs]
         seeded = any(
             vi.name not in arrays and vi.name not in self.spec.values and vi.name not in states
@@ -259,8 +261,11 @@ class Verifier:
         ]
         if self.part == "all":
             return steps
+        if self.part == "cv":
+            logger.info("a recurrent model's cv part uses the whole stream")
+            return steps
         if not stepped or count < 2:
-            logger.info("the --inputs file holds no steps to split: the %s part uses all of it", self.part)
+            logger.info("the calibration file holds no steps to split: the %s part uses all of it", self.part)
             return steps
         cut = (count + 1) // 2
         if self.part == "search":
