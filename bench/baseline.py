@@ -19,7 +19,7 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +85,11 @@ def prune(model: ModelLike, sparsity: float) -> tuple[onnx.ModelProto, float]:
 
 
 def prune_to_macs(
-    model: ModelLike, target_macs_fraction: float, tolerance: float = 0.01, max_steps: int = 30
+    model: ModelLike,
+    target_macs_fraction: float,
+    tolerance: float = 0.01,
+    max_steps: int = 30,
+    pruner: Callable[[onnx.ModelProto, float], onnx.ModelProto] | None = None,
 ) -> tuple[onnx.ModelProto, float, float]:
     """Bisect the baseline's sparsity until the pruned MACs fraction is within ``tolerance`` of the target.
 
@@ -94,6 +98,8 @@ def prune_to_macs(
         target_macs_fraction: Wanted MACs of the pruned model over the original's, in (0, 1].
         tolerance: Largest accepted ``|fraction - target|`` (0.01 = one percentage point).
         max_steps: Bisection steps before giving up.
+        pruner: ``pruner(model, sparsity)`` returning the pruned model; None: onnxsim's
+            ``apply_structured_pruning`` (e.g. pass a calibrated ``apply_structured_wanda_pruning``).
 
     Returns:
         ``(pruned_model, sparsity, macs_fraction)``.
@@ -105,12 +111,13 @@ def prune_to_macs(
     if not 0.0 < target_macs_fraction <= 1.0:
         raise InputError(f"target_macs_fraction={target_macs_fraction} must be in (0, 1]")
     original = _load(model)
+    pruner = pruner or _prune
     base = macs(original)
     low, high = 0.0, 0.99  # MACs fall as sparsity rises
     best: tuple[float, onnx.ModelProto, float, float] | None = None
     for _ in range(max_steps):
         sparsity = (low + high) / 2 if best is not None else 0.0
-        pruned = _prune(original, sparsity)
+        pruned = pruner(original, sparsity)
         fraction = macs(pruned) / base
         error = abs(fraction - target_macs_fraction)
         if best is None or error < best[0]:

@@ -7,9 +7,9 @@ Usage (from the repository root)::
 
 Each results file gets a section: the command that produces it, its tables, rendered by the renderer of
 the bench script that wrote the file (``bench/zoo_table.py``, ``bench/compare.py``,
-``bench/latency_table.py``, ``bench/speed.py``, ``bench/gpu_latency.py``), and a fixed explanation
-whose quoted figures are read from the same file. So the document never states a figure the results
-files do not hold; rerun this script after a benchmark rewrote one of them.
+``bench/latency_table.py``, ``bench/speed.py``, ``bench/gpu_latency.py``, ``bench/refit_grid.py``), and a
+fixed explanation whose quoted figures are read from the same file. So the document never states a figure
+the results files do not hold; rerun this script after a benchmark rewrote one of them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import compare, gpu_latency, latency_table, refit_digits, speed, zoo_table
+from bench import compare, gpu_latency, latency_table, refit_digits, refit_grid, speed, zoo_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -627,6 +627,118 @@ refit ranking and with merges only (`--no-refit`), the samples and options other
     return _section("Least-squares refit against merges only", "refit_digits.json", [command], body)
 
 
+def _verdicts(result: dict[str, Any], ours: str, other: str) -> tuple[list[str], list[str], int]:
+    """Targets where ``ours`` is significantly above ``other``, below it, and how many intervals hold 0."""
+    above, below, ties = [], [], 0
+    for row in result["rows"]:
+        ci = row["ci"].get(f"{ours} - {other}")
+        if ci is None:
+            continue
+        label = f"{row['target']:.2f}"
+        if ci[1] > 0:
+            above.append(label)
+        elif ci[2] < 0:
+            below.append(label)
+        else:
+            ties += 1
+    return above, below, ties
+
+
+def _lower_error(result: dict[str, Any], ours: str, other: str) -> tuple[int, int]:
+    """(targets where ``ours`` has the lower relative L2 test error than ``other``, targets with both)."""
+    pairs = [(row["cells"].get(ours, {}), row["cells"].get(other, {})) for row in result["rows"]]
+    pairs = [(a["rel_l2"], b["rel_l2"]) for a, b in pairs if "rel_l2" in a and "rel_l2" in b]
+    return sum(a < b for a, b in pairs), len(pairs)
+
+
+def _grid_findings(result: dict[str, Any], samples: list[int]) -> str:
+    """The plain statements of one model: where the refit at the largest N wins and loses."""
+    largest = max(samples)
+    ours = f"refit_{largest}"
+    items = []
+    for key, head in refit_grid.columns(result, samples):
+        if key == ours:
+            continue
+        above, below, ties = _verdicts(result, ours, key)
+        lower, both = _lower_error(result, ours, key)
+        wins = f"above it at {_names(above)}" if above else "above it nowhere"
+        losses = f"below it at {_names(below)}" if below else "below it nowhere"
+        items.append(
+            f"- against {head}: {wins}, {losses} (95% interval excluding zero); the interval holds zero at "
+            f"{ties} of {len(result['rows'])} targets. Lower relative L2 test error at {lower} of {both}."
+        )
+    return "\n".join(items)
+
+
+def _search_vs_heldout(result: dict[str, Any], key: str) -> str:
+    """The span of a method's search error, held-out error and relative L2 test error over the grid."""
+    cells = [row["cells"][key] for row in result["rows"] if "rel_l2" in row["cells"].get(key, {})]
+    spans = [
+        _span(cell[field] for cell in cells if cell.get(field) is not None)
+        for field in ("search_error", "heldout_error", "rel_l2")
+    ]
+    return f"search error {spans[0]}, held-out error {spans[1]}, test error {spans[2]}"
+
+
+def _bisection_gap(data: dict[str, Any]) -> float:
+    """The largest gap between an onnxsim cell's MACs fraction and the one it was bisected to."""
+    return max(
+        abs(cell["macs"] - cell["bisected_to"])
+        for result in data["models"].values()
+        for row in result["rows"]
+        for cell in row["cells"].values()
+        if "bisected_to" in cell and "macs" in cell
+    )
+
+
+def refit_grid_section(results: Path) -> str:
+    """The calibrated comparison grid (``bench/refit_grid.py``)."""
+    data = _load(results, "refit_grid.json")
+    samples = data["samples"]
+    largest = max(samples)
+    parts = []
+    for name, result in data["models"].items():
+        original = result["original"][result["metric"]]
+        metric, tests = result["metric"], result["test_samples"]
+        parts.append(
+            f"### {name}\n\nTest set: {tests} samples ({result['test_source']}); calibration: "
+            f"{result['calibration_source']}. Original {metric} {original:.4f}; the grid took "
+            f"{result['seconds']:.0f} s.\n\n"
+            f"Test {metric} @ MACs kept:\n\n{_verbatim(refit_grid.fidelity_table(result, samples))}\n\n"
+            f"Relative L2 error of the logits against the original's on the test set:\n\n"
+            f"{_verbatim(refit_grid.error_table(result, samples))}\n\n"
+            f"Refit at N={largest} minus each other method, test {result['metric']}, paired 95% bootstrap "
+            f"interval on the same {result['test_samples']} samples:\n\n"
+            f"{_verbatim(refit_grid.interval_table(result, samples))}\n\n"
+            f"Refit at N={largest} against each other method on {name}:\n\n{_grid_findings(result, samples)}"
+            f"\n\nOver the grid, the search's own error against the held-out samples' and the test set's "
+            f"(relative L2 of the logits): "
+            + "; ".join(f"refit N={n}: {_search_vs_heldout(result, f'refit_{n}')}" for n in samples)
+            + f"; merges only N={largest}: {_search_vs_heldout(result, f'merges_only_{largest}')}."
+        )
+    body = f"""
+At each fraction of the MACs kept ({", ".join(f"{t:.2f}" for t in data["grid"])}), one run measures
+side by side: red_onnx data-free (synthetic inputs, as in the comparison above); red_onnx calibrated on
+N real samples given as `--inputs`, with the least-squares refit ranking, for N =
+{_names([str(n) for n in samples])}; the same at N={largest} with `--no-refit` ("merges only", the
+previous rule); onnxsim {data["onnxsim"]}'s data-free `apply_structured_pruning` (L2 filter magnitude);
+and its calibrated `apply_structured_wanda_pruning` (filter norm × activation norm) given the same
+{largest} calibration samples. Every red_onnx run uses `--channel-multiple {data["channel_multiple"]}`
+(the models are tiny), `--force-target` and no latency check. Both onnxsim baselines prune the
+BatchNorm-folded model and are bisected on their sparsity to the MACs fraction that the refit at
+N={largest} reached (the largest gap left is {_bisection_gap(data):.3f}). Smaller calibration sets are
+subsets of larger ones; calibration samples never come from the test set. Cells read "test accuracy @
+MACs kept"; each cell's MACs are its own, so cells of one row can differ by a point or two of MACs. The
+whole run took {data["seconds"]:.0f} s on 2 cores.
+
+{(chr(10) * 2).join(parts)}
+"""
+    command = "pip install onnxsim==0.8.1 mnist1d && python bench/models/train_mnist1d.py"
+    return _section(
+        "Calibrated comparison grid", "refit_grid.json", [command, "python bench/refit_grid.py"], body
+    )
+
+
 SECTIONS: tuple[Callable[[Path], str], ...] = (
     zoo_section,
     compare_section,
@@ -637,6 +749,7 @@ SECTIONS: tuple[Callable[[Path], str], ...] = (
     speed_100m_section,
     gpu_section,
     refit_section,
+    refit_grid_section,
 )
 
 

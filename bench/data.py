@@ -137,6 +137,156 @@ def natural_image_views(n_min: int = 100, size: int = 224, seed: int = 0) -> np.
     return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2))
 
 
+#: Image files ``photo_sources`` reads (SVG is left out: it needs a renderer).
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+#: Files smaller than this on either side are placeholders, not photos (GNOME's flat 256x256 ``vnc-*.webp``).
+PHOTO_MIN_SIDE = 300
+#: Photos are shrunk to this shorter side when loaded (views are at most 224 pixels, from >= 40% crops).
+PHOTO_LOAD_SIDE = 560
+
+
+def photos_dir() -> Path:
+    """Where the extracted wallpaper packages live: ``photos`` in the bench cache.
+
+    Fill it with Debian's wallpaper packages (``apt-get download plasma-workspace-wallpapers
+    gnome-backgrounds ukui-wallpapers``, then ``dpkg -x FILE.deb`` into this folder).
+    """
+    return cache_dir() / "photos"
+
+
+def _source_key(path: Path, root: Path) -> str:
+    """One key per source picture: a KDE wallpaper folder holds it at many sizes, GNOME as light and dark."""
+    parts = path.relative_to(root).parts
+    if "wallpapers" in parts and "contents" in parts:  # .../wallpapers/NAME/contents/images/WxH.png
+        return "kde/" + parts[parts.index("contents") - 1]
+    stem = path.stem.removesuffix("-l").removesuffix("-d") if "gnome" in parts else path.stem
+    return f"{parts[-2]}/{stem}"
+
+
+def photo_sources(root: Path | None = None, bundled: bool = True) -> dict[str, Path | np.ndarray]:
+    """The source pictures by key: the largest file of each picture under ``root``, and the bundled images.
+
+    Args:
+        root: Folder searched recursively (default ``photos_dir()``); may be missing if ``bundled``.
+        bundled: Also take scikit-image's and scikit-learn's bundled images (``natural_images``).
+
+    Returns:
+        ``{key: path or float32 RGB [H, W, 3] array}``, keys sorted.
+
+    Raises:
+        InputError: If no picture is found.
+    """
+    from PIL import Image
+
+    root = root or photos_dir()
+    best: dict[str, tuple[int, Path]] = {}
+    files = sorted(root.rglob("*")) if root.is_dir() else []
+    for path in files:
+        if path.suffix.lower() not in PHOTO_SUFFIXES or not path.is_file():
+            continue
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except OSError:
+            continue
+        key = _source_key(path, root)
+        if min(width, height) >= PHOTO_MIN_SIDE and width * height > best.get(key, (0, path))[0]:
+            best[key] = (width * height, path)
+    sources: dict[str, Path | np.ndarray] = {key: path for key, (_, path) in best.items()}
+    if bundled:
+        sources |= {f"bundled/{name}": image for name, image in natural_images().items()}
+    if not sources:
+        raise InputError(f"no pictures under {root}; see bench/data.py's photos_dir for how to fill it")
+    return dict(sorted(sources.items()))
+
+
+def _read_photo(source: Path | np.ndarray) -> np.ndarray:
+    """A source as float32 RGB [H, W, 3] in [0, 1], its shorter side at most ``PHOTO_LOAD_SIDE``."""
+    if isinstance(source, np.ndarray):
+        return source
+    from PIL import Image
+
+    with Image.open(source) as image:
+        image = image.convert("RGBA") if image.mode in ("P", "LA", "RGBA") else image.convert("RGB")
+        scale = PHOTO_LOAD_SIDE / min(image.size)
+        if scale < 1:
+            size = (round(image.size[0] * scale), round(image.size[1] * scale))
+            image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+        return _to_rgb_float(np.asarray(image))
+
+
+def _views(
+    sources: list[Path | np.ndarray], per_image: int, size: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``per_image`` views of each source (``_view_recipes``), ImageNet-normalised [N, 3, size, size]."""
+    from skimage.transform import resize
+
+    views = [
+        _crop(image, recipe, size, resize)
+        for image in map(_read_photo, sources)
+        for recipe in _view_recipes(per_image, rng)
+    ]
+    stacked = (np.stack(views).astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD
+    return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2))
+
+
+def photo_views(
+    calibration_views: int = 256,
+    test_views_per_image: int = 8,
+    calibration_fraction: float = 0.4,
+    size: int = 224,
+    seed: int = 0,
+    root: Path | None = None,
+    bundled: bool = True,
+) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """Test and calibration views of the photos, drawn from **different** source pictures.
+
+    The sources (``photo_sources``) are split by a seeded permutation: ``calibration_fraction`` of them
+    give the calibration views, the rest the test views. Each picture gets the whole centred square,
+    its mirror, then seeded random crops (40-90 % of the shorter side, random place, random mirror),
+    resized to ``size`` and normalised with the ImageNet mean and std (as ``natural_image_views``).
+
+    Args:
+        calibration_views: Least number of calibration views (spread evenly over the calibration
+            pictures; the first ``calibration_views`` are returned).
+        test_views_per_image: Views of each test picture.
+        calibration_fraction: Share of the pictures set aside for calibration.
+        size: Side of each view in pixels.
+        seed: Seed of the split and of the crops.
+        root: Folder of the extracted wallpaper packages (default ``photos_dir()``).
+        bundled: Also use the bundled images (``photo_sources``).
+
+    Returns:
+        ``(test [N, 3, size, size], calibration [calibration_views, 3, size, size], about)``; ``about``
+        says in words what the test and calibration views come from, and lists their source keys.
+
+    Raises:
+        InputError: If there are fewer than two pictures or the fraction leaves a side empty.
+    """
+    sources = photo_sources(root, bundled)
+    keys = list(sources)
+    count = round(len(keys) * calibration_fraction)
+    if not 0 < count < len(keys):
+        raise InputError(
+            f"{len(keys)} pictures and calibration_fraction={calibration_fraction} leave a side empty"
+        )
+    order = np.random.default_rng(seed).permutation(len(keys))
+    calibration_keys = sorted(keys[i] for i in order[:count])
+    test_keys = sorted(keys[i] for i in order[count:])
+    rng = np.random.default_rng(seed + 1)
+    test = _views([sources[k] for k in test_keys], test_views_per_image, size, rng)
+    per_image = max(math.ceil(calibration_views / count), 1)
+    calibration = _views([sources[k] for k in calibration_keys], per_image, size, rng)
+    shuffled = calibration[np.random.default_rng(seed + 2).permutation(len(calibration))]
+    about = {
+        "test": f"{len(test_keys)} pictures ({test_views_per_image} views each)",
+        "calibration": f"{count} other pictures ({per_image} views each)",
+        "test_sources": ", ".join(test_keys),
+        "calibration_sources": ", ".join(calibration_keys),
+    }
+    return test, np.ascontiguousarray(shuffled[:calibration_views]), about
+
+
 def _load_split(path: Path, key: str, hint: str) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise InputError(f"{path} is missing; {hint}")
@@ -152,6 +302,29 @@ def load_mnist1d_test() -> tuple[np.ndarray, np.ndarray]:
     """
     path = cache_dir() / "mnist1d_test.npz"
     return _load_split(path, "signal", "run `python bench/models/train_mnist1d.py` first")
+
+
+def load_mnist1d_calibration(count: int, seed: int = 0) -> np.ndarray:
+    """``count`` signals of the MNIST-1D **training** split (never the test split), float32 [count, 1, 40].
+
+    The split is regenerated locally as ``bench/models/train_mnist1d.py`` does (``make_dataset`` with
+    the package's default arguments, 4000 training signals); the signals are the first ``count`` of a
+    seeded permutation, so a smaller count is a subset of a larger one.
+
+    Raises:
+        InputError: If the ``mnist1d`` package is missing or ``count`` is out of range.
+    """
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as error:
+        raise InputError(
+            f"MNIST-1D calibration needs mnist1d ({error}); run `pip install mnist1d`"
+        ) from error
+    signals = make_dataset(get_dataset_args())["x"].astype(np.float32)[:, None, :]
+    if not 0 < count <= len(signals):
+        raise InputError(f"count={count} must be in [1, {len(signals)}] (MNIST-1D training signals)")
+    order = np.random.default_rng(seed).permutation(len(signals))
+    return np.ascontiguousarray(signals[order[:count]])
 
 
 def load_digits_test() -> tuple[np.ndarray, np.ndarray]:
