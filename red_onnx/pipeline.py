@@ -230,6 +230,7 @@ def _start(
     shapes = ShapeService(make_inputs(original, options.input_spec, VERIFY_SEEDS[0]))
     release_free_memory("import")  # the file's bytes and the reference sessions' copies
     working = graph_utils.import_model(original)
+    inputs = describe_inputs(original, options.input_spec)  # reads constants: before the structure
     if source is not None:  # the checks read the file: the input proto is not needed past its structure
         graph_utils.detach_from_input(working)
         original = wire.structure_of(original)
@@ -240,7 +241,7 @@ def _start(
         size_before=size_before,
     )
     report.overridable_initializers = sorted(working.overridable)
-    report.inputs = describe_inputs(original, options.input_spec)
+    report.inputs = inputs
     notify("normalise")
     graph_utils.normalise_constants(working)
     structure, _ = graph_utils.export_light(working)  # dims only: figures need no weight values

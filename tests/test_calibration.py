@@ -477,10 +477,13 @@ def test_a_recurrent_stream_stays_whole_for_cv(tmp_path: Path) -> None:
 
 def test_the_report_names_synthetic_inputs() -> None:
     result = red_onnx.compress(image_model(), latency_check=False)
-    assert result.report.to_dict()["inputs"] == {
+    inputs = result.report.to_dict()["inputs"]
+    notes = inputs.pop("range_notes")
+    assert inputs == {
         "kind": "synthetic-normal", "file": None, "preset": None, "total": None, "split": False,
         "samples": None,
     }  # fmt: skip
+    assert len(notes) == 1 and "nothing in the graph tells its range" in notes[0]
     pink = red_onnx.compress(image_model(), latency_check=False, input_spec=InputSpec(prior="pink"))
     assert pink.report.inputs is not None and pink.report.inputs["kind"] == "synthetic-pink"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,9 @@ from test_budget import conv_net
 
 import red_onnx
 from red_onnx import cli
+from red_onnx.options import InputSpec
 from red_onnx.report.report import render_table
-from red_onnx.verify.inputs import split_rows
+from red_onnx.verify.inputs import describe_inputs, split_rows
 
 
 def _idle_on_search_net() -> onnx.ModelProto:
@@ -114,3 +117,36 @@ def test_every_report_field_is_documented() -> None:
         set(data["verification"]) - documented
     )
     assert {k for k in data["budget"] if k != "groups"} <= documented
+
+
+def _pixel_model(op: str) -> onnx.ModelProto:
+    """x (0..255 pixels) -> Div by 255 (or Mul by 1/255) -> Relu: a graph that says its input's range."""
+    scale = np.array(255.0 if op == "Div" else 1 / 255, np.float32)
+    graph = helper.make_graph(
+        [helper.make_node(op, ["x", "s"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
+        [numpy_helper.from_array(scale, "s")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("op", ["Div", "Mul"])
+def test_a_graph_that_scales_pixels_gets_a_range_note_and_the_option_to_pass(op: str) -> None:
+    (note,) = describe_inputs(_pixel_model(op), InputSpec())["range_notes"]
+    assert "0..255 pixels" in note and "--input-range x=0,255" in note and "N(0, 1)" in note
+    assert describe_inputs(_pixel_model(op), InputSpec(ranges={"x": (0.0, 255.0)}))["range_notes"] == []
+
+
+def test_an_input_nothing_tells_the_range_of_is_named_in_the_text_report(tmp_path) -> None:
+    model = _pixel_model("Div")
+    model.graph.node[0].op_type = "Add"  # no scale: nothing tells the range
+    (note,) = describe_inputs(model, InputSpec(prior="pink"))["range_notes"]
+    assert "nothing in the graph tells its range" in note and "pink noise" in note
+    source, output = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(_pixel_model("Div"), source)
+    completed = subprocess.run(
+        [sys.executable, "-m", "red_onnx.cli", str(source), str(output)], capture_output=True, text=True
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "note: input 'x': the graph divides it by 255 first" in completed.stdout

@@ -211,6 +211,7 @@ def render_table(report: Report, *, max_layers: int = 40) -> str:
         )
     if report.verification:
         lines.append(_render_verification(report.verification, report.inputs))
+        lines += [f"  note: {note}" for note in (report.inputs or {}).get("range_notes") or []]
     lines += _render_latency(report.latency)
     if report.accuracy:
         acc = report.accuracy

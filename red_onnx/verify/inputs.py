@@ -456,12 +456,13 @@ def describe_inputs(model: onnx.ModelProto, spec: InputSpec) -> dict[str, Any]:
         samples: rows of the batch, a stream's steps, else 1; None for synthetic inputs), ``split``
         (whether the parts got disjoint rows) and ``samples``: the rows each part uses, ``{"search",
         "cv", "heldout"}`` (None for synthetic inputs: every part draws its own seeds). A file with no
-        batch to split, and a recurrent model's samples, are used whole by every part.
+        batch to split, and a recurrent model's samples, are used whole by every part. Synthetic
+        inputs also get ``range_notes`` (:func:`range_notes`).
     """
     kind = spec.samples_kind
     if kind is None or spec.calibration is None:
         return {"kind": f"synthetic-{spec.prior}", "file": None, "preset": None, "total": None,
-                "split": False, "samples": None}  # fmt: skip
+                "split": False, "samples": None, "range_notes": range_notes(model, spec)}  # fmt: skip
     arrays = load_samples(model, spec)
     pairs = find_state_pairs(model)
     stepped = stepped_names(model, arrays, pairs)
@@ -474,6 +475,78 @@ def describe_inputs(model: onnx.ModelProto, spec: InputSpec) -> dict[str, Any]:
         samples = dict.fromkeys(SPLIT_SHARES, total)
     return {"kind": kind, "file": spec.calibration.name, "preset": spec.preprocess, "total": total,
             "split": plan is not None, "samples": samples}  # fmt: skip
+
+
+#: A first ``Div`` by at least this (or ``Mul`` by at most its inverse) marks an input in pixel units.
+PIXEL_SCALE = 2.0
+#: Float element types whose synthetic values come from the prior.
+_FLOAT_TYPES = (
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.BFLOAT16,
+)
+
+
+def _first_scale(model: onnx.ModelProto, name: str) -> float | None:
+    """The constant the graph divides input ``name`` by first (a ``Mul`` by ``1/c`` counts), if any."""
+    constants = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if (
+            node.op_type == "Constant"
+            and node.output
+            and node.attribute
+            and node.attribute[0].name == "value"
+        ):
+            constants[node.output[0]] = node.attribute[0].t
+    for node in model.graph.node:
+        if name not in node.input:
+            continue
+        if node.op_type not in ("Div", "Mul") or len(node.input) != 2 or node.input[0] != name:
+            return None
+        if node.input[1] not in constants:
+            return None
+        try:
+            values = onnx.numpy_helper.to_array(constants[node.input[1]]).astype(np.float64)
+        except (ValueError, OSError):  # a dims-only or external tensor: its values are not here
+            return None
+        if values.size == 0 or not np.all(np.isfinite(values)) or np.any(values == 0):
+            return None
+        divisor = values if node.op_type == "Div" else 1.0 / values
+        return float(np.min(np.abs(divisor)))
+    return None
+
+
+def range_notes(model: onnx.ModelProto, spec: InputSpec) -> list[str]:
+    """What synthetic float inputs assume where nothing gives their range, one note per input.
+
+    An input that the graph first divides by a constant of at least ``PIXEL_SCALE`` (or multiplies
+    by its inverse) is read as pixel units (0..255 for a divisor near 255); any other float input
+    without ``--input-range`` or ``--input-value`` is drawn from the prior, and the note says so. The
+    inputs themselves are not changed: the note suggests the option that would.
+    """
+    notes = []
+    prior = "N(0, 1)" if spec.prior == "normal" else "pink noise of unit variance"
+    for vi in real_inputs(model):
+        if (
+            vi.name in spec.ranges
+            or vi.name in spec.values
+            or vi.type.tensor_type.elem_type not in _FLOAT_TYPES
+        ):
+            continue
+        scale = _first_scale(model, vi.name)
+        if scale is not None and scale >= PIXEL_SCALE:
+            top = 255 if abs(scale - 255.0) < 1.0 else round(scale, 3)
+            notes.append(
+                f"input {vi.name!r}: the graph divides it by {scale:g} first, as for 0..{top} pixels, but "
+                f"the synthetic values are {prior}; pass --input-range {vi.name}=0,{top} or --calibration"
+            )
+        else:
+            notes.append(
+                f"input {vi.name!r}: nothing in the graph tells its range; the synthetic values are "
+                f"{prior}; pass --input-range or --calibration if real inputs differ"
+            )
+    return notes
 
 
 def _leading_size(arrays: Mapping[str, np.ndarray]) -> int:
