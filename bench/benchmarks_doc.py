@@ -683,11 +683,14 @@ def _search_vs_heldout(result: dict[str, Any], key: str) -> str:
 def _bisection_gap(data: dict[str, Any]) -> float:
     """The largest gap between an onnxsim cell's MACs fraction and the one it was bisected to."""
     return max(
-        abs(cell["macs"] - cell["bisected_to"])
-        for result in data["models"].values()
-        for row in result["rows"]
-        for cell in row["cells"].values()
-        if "bisected_to" in cell and "macs" in cell
+        (
+            abs(cell["macs"] - cell["bisected_to"])
+            for result in data["models"].values()
+            for row in result["rows"]
+            for cell in row["cells"].values()
+            if "bisected_to" in cell and "macs" in cell
+        ),
+        default=0.0,
     )
 
 
@@ -729,13 +732,67 @@ BatchNorm-folded model and are bisected on their sparsity to the MACs fraction t
 N={largest} reached (the largest gap left is {_bisection_gap(data):.3f}). Smaller calibration sets are
 subsets of larger ones; calibration samples never come from the test set. Cells read "test accuracy @
 MACs kept"; each cell's MACs are its own, so cells of one row can differ by a point or two of MACs. The
-whole run took {data["seconds"]:.0f} s on 2 cores.
+whole run took {data["seconds"]:.0f} s on 2 cores, with red_onnx at commit {_commit(data)}.
 
 {(chr(10) * 2).join(parts)}
 """
     command = "pip install onnxsim==0.8.1 mnist1d && python bench/models/train_mnist1d.py"
     return _section(
         "Calibrated comparison grid", "refit_grid.json", [command, "python bench/refit_grid.py"], body
+    )
+
+
+def _commit(data: dict[str, Any]) -> str:
+    """The red_onnx commit a grid run recorded (``+dirty``: uncommitted changes), or "not recorded"."""
+    commit = data.get("red_onnx_commit")
+    return f"`{commit}`" if commit else "not recorded"
+
+
+def refit_grid_mobilenetv2_section(results: Path) -> str:
+    """The calibrated comparison grid on MobileNetV2, fidelity as agreement with the original."""
+    data = _load(results, "refit_grid_mobilenetv2.json")
+    samples = data["samples"]
+    largest = max(samples)
+    result = data["models"]["mobilenetv2"]
+    spans = "; ".join(
+        f"{head}: {_search_vs_heldout(result, key)}"
+        for key, head in refit_grid.columns(result, samples)
+        if key.startswith(("refit_", "merges_only_"))
+    )
+    targets = _names([f"{t:.2f}" for t in data["grid"]])
+    body = f"""
+The grid of the section above on MobileNetV2 (ImageNet, {result["macs"] / 1e6:.0f} M MACs) at MACs
+targets {targets}, the calibrated methods at N={largest}. There are no labels: fidelity is agreement
+with the original on {result["test_samples"]} test views, {result["test_source"]}; calibration:
+{result["calibration_source"]}. The original gives p >= 0.5 to {result["original"]["confident_views"]}
+of the views. Columns: MACs kept, top-1 agreement on all views, top-1 agreement on the views the
+original gives p >= 0.5, the original's top-1 within our top-5, mean KL(original || ours) in nats, and
+the seconds the method took (a baseline's: its bisection). The onnxsim baselines are bisected to the
+MACs the refit reached, as above (the largest gap left is {_bisection_gap(data):.3f}). Run with red_onnx
+at commit {_commit(data)}. {data.get("note", "")} The whole run took {data["seconds"]:.0f} s on 2 cores.
+
+{_verbatim(refit_grid.imagenet_table(result, samples))}
+
+Refit at N={largest} minus each other method, per-view top-1 agreement with the original, paired 95%
+bootstrap interval on the same {result["test_samples"]} views:
+
+{_verbatim(refit_grid.interval_table(result, samples))}
+
+Refit at N={largest} against each other method on MobileNetV2:
+
+{_grid_findings(result, samples)}
+
+The search's own error against the held-out samples' and the test views' (relative L2 of the logits):
+{spans}.
+"""
+    grid = " ".join(str(t) for t in data["grid"])
+    command = (
+        f"python bench/refit_grid.py --models mobilenetv2 --grid {grid} --samples {largest} "
+        "--out bench/results/refit_grid_mobilenetv2.json"
+    )
+    commands = ["python bench/models/export_mobilenetv2.py", command]
+    return _section(
+        "Calibrated comparison grid on MobileNetV2", "refit_grid_mobilenetv2.json", commands, body
     )
 
 
@@ -750,6 +807,7 @@ SECTIONS: tuple[Callable[[Path], str], ...] = (
     gpu_section,
     refit_section,
     refit_grid_section,
+    refit_grid_mobilenetv2_section,
 )
 
 

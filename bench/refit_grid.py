@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -440,11 +441,27 @@ def markdown(results: dict) -> str:
                      f"{result['original'][result['metric']]:.4f}):")  # fmt: skip
         if result["metric"] == "agreement":
             parts.append(imagenet_table(result, samples))
-            continue
-        parts += [fidelity_table(result, samples), error_table(result, samples)]
+        else:
+            parts += [fidelity_table(result, samples), error_table(result, samples)]
         if any(row["ci"] for row in result["rows"]):
             parts.append(interval_table(result, samples))
     return "\n\n".join(parts)
+
+
+def red_onnx_commit() -> str | None:
+    """The repository's short ``HEAD``, ``+dirty`` if ``red_onnx/`` or ``passes/`` has uncommitted changes.
+
+    None where git or the repository is not available.
+    """
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+        changes = subprocess.run(["git", "status", "--porcelain", "red_onnx", "passes"], cwd=root,
+                                 capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if changes else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -462,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     if found != ONNXSIM_VERSION:
         raise InputError(f"onnxsim {found} found; run `pip install onnxsim=={ONNXSIM_VERSION}`")
     results = {"grid": args.grid, "samples": sorted(args.samples), "channel_multiple": args.channel_multiple,
-               "onnxsim": found, "models": {}}  # fmt: skip
+               "onnxsim": found, "red_onnx_commit": red_onnx_commit(), "models": {}}  # fmt: skip
     for name in args.models:
         task = TASKS[name](max(args.samples))
         results["models"][name] = run_task(task, args.grid, args.samples, args.only, args.channel_multiple)
