@@ -518,3 +518,29 @@ def test_a_search_that_rebuilds_keeps_its_exported_proto(monkeypatch: pytest.Mon
     assert search.base is not None and search.simulator is None
     result = search.within_tolerance(0.04)
     assert result.macs_fraction < 1.0 and result.heldout_error <= 0.04
+
+
+def test_a_coarse_crossing_step_gives_way_to_a_landing_of_less_error(monkeypatch) -> None:
+    """The demo at --target-macs 0.6 (channel steps of 16): the greedy order crosses 0.6 by halving the
+    stem's 32 channels (0.332 kept); another group's first level lands at 0.564 with less error."""
+    from red_onnx.demo import demo_path
+    from red_onnx.search.budget import BudgetSearch
+
+    seen: list[tuple[float, float]] = []
+    landing = BudgetSearch._landing
+
+    def recorded(self, before, crossing, fraction):  # type: ignore[no-untyped-def]
+        chosen = landing(self, before, crossing, fraction)
+        greedy = self._refine(before, crossing, fraction)
+        seen.append((self.error(chosen), self.error(greedy)))
+        assert self.measured_fraction(chosen) <= fraction
+        return chosen
+
+    monkeypatch.setattr(BudgetSearch, "_landing", recorded)
+    result = red_onnx.compress(
+        demo_path(), target_macs=0.6, activations=False, latency_check=False, force_target=True
+    )
+    kept = result.report.macs_after / result.report.macs_before
+    assert 0.5 < kept <= 0.6
+    ((chosen, greedy),) = seen
+    assert chosen < greedy

@@ -74,6 +74,8 @@ logger = logging.getLogger(__name__)
 #: test accuracy, with 16 it kept 0.945 (the search's choices are only as good as its estimate).
 SEARCH_SEEDS = tuple(range(100, 116))
 HELDOUT_SEEDS = tuple(range(200, 216))
+#: Other groups' steps tried, besides the greedy order's, where it crosses a ``--target-macs`` target.
+LANDINGS = 4
 #: Seeds of the inputs the refit's ridge strength is validated on (synthetic runs; a calibration
 #: file's "cv" rows otherwise).
 CV_SEEDS = tuple(range(300, 316))
@@ -631,10 +633,35 @@ class BudgetSearch:
                 high = middle
             else:
                 low = middle + 1
-        order[low] = self._refine(order[low - 1] if low else {}, order[low], fraction)
+        order[low] = self._landing(order[low - 1] if low else {}, order[low], fraction)
         self._release_estimates()
         heldout = self.error(order[low], heldout=True)
         return self._result(order, low, heldout), reachable
+
+    def _landing(self, before: Counts, crossing: Counts, fraction: float) -> Counts:
+        """The step from ``before`` that reaches ``fraction`` with the least measured error.
+
+        The greedy order's crossing step may be a coarse one (half of a 32-channel group on a step of 16):
+        other groups' first levels that reach the target from ``before`` are tried too, each cut down by
+        :meth:`_refine`; the ``LANDINGS`` of least error alone are measured with the crossing step, and
+        the least error wins (ties: the most MACs kept).
+        """
+        found = [self._refine(before, crossing, fraction)]
+        others = []
+        for option in self.options:
+            current = before.get(option.name, 0)
+            for position, level in enumerate(option.levels[: len(option.errors)]):
+                if level <= current or (option.name, level) not in self.chosen:
+                    continue
+                if self.measured_fraction({**before, option.name: level}) <= fraction:
+                    others.append((option.errors[position], option.name, level))
+                    break
+        found += [
+            self._refine(before, {**before, name: level}, fraction)
+            for _, name, level in sorted(others)[:LANDINGS]
+        ]
+        unique = list({tuple(sorted(counts.items())): counts for counts in found}.values())
+        return min(unique, key=lambda counts: (self.error(counts), -self.measured_fraction(counts)))
 
     def _refine(self, before: Counts, after: Counts, fraction: float) -> Counts:
         """Land just under ``fraction``: the fewest merges of the last step's group that still reach it.
