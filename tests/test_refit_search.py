@@ -50,21 +50,31 @@ def _mixed_channel_net() -> onnx.ModelProto:
     w1 = rng.standard_normal((8, 4, 1, 1)).astype(np.float32)
     w1[7] = w1[0] + w1[1]
     w2 = rng.standard_normal((4, 8, 1, 1)).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1"),
-             helper.make_node("Conv", ["h", "w2"], ["y"], name="conv2")]  # fmt: skip
+    return _conv_model({"w1": w1, "w2": w2}, {"h": ("x", "w1"), "y": ("h", "w2")}, ["y"])
+
+
+def _conv_model(
+    weights: dict[str, np.ndarray], convs: dict[str, tuple[str, str]], outputs: list[str]
+) -> onnx.ModelProto:
+    """Convs ``output: (input, weight)`` in order on x ``[N, 4, 6, 6]``; every output ``[N, 4, 6, 6]``."""
+    nodes = [helper.make_node("Conv", list(reads), [out], name=f"conv_{out}") for out, reads in convs.items()]
     graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 6, 6])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 6, 6])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["N", 4, 6, 6]) for name in outputs],
+        [numpy_helper.from_array(w, name) for name, w in weights.items()],
     )  # fmt: skip
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def _calibration(tmp_path: Path) -> red_onnx.InputSpec:
+    """16 seeded N(0, 1) rows of x in an npz."""
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((16, 4, 6, 6)).astype(np.float32))
+    return red_onnx.InputSpec(npz=tmp_path / "x.npz")
+
+
 def test_the_search_refits_a_channel_that_mixes_two_others(tmp_path: Path) -> None:
     model = _mixed_channel_net()
-    np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((16, 4, 6, 6)).astype(np.float32))
-    spec = red_onnx.InputSpec(npz=tmp_path / "x.npz")
+    spec = _calibration(tmp_path)
     result = red_onnx.compress(
         model, target_macs=0.9, channel_multiple=1, input_spec=spec, latency_check=False
     )
@@ -78,8 +88,7 @@ def test_the_search_refits_a_channel_that_mixes_two_others(tmp_path: Path) -> No
 
 
 def test_no_refit_is_the_ablation(tmp_path: Path) -> None:
-    np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((16, 4, 6, 6)).astype(np.float32))
-    spec = red_onnx.InputSpec(npz=tmp_path / "x.npz")
+    spec = _calibration(tmp_path)
     common = {"target_macs": 0.9, "channel_multiple": 1, "input_spec": spec, "latency_check": False}
     without = red_onnx.compress(_mixed_channel_net(), refit=False, force_target=True, **common)
     orderings = {g["ordering"] for g in without.report.budget["groups"] if g["removed"]}
@@ -101,22 +110,14 @@ def _two_consumer_net() -> onnx.ModelProto:
     wa[:, 3] = 0.0
     wb = rng.standard_normal((4, 8, 1, 1)).astype(np.float32)
     wb[:, 3] *= 10.0
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1"),
-             helper.make_node("Conv", ["h", "wa"], ["ya"], name="conv2a"),
-             helper.make_node("Conv", ["h", "wb"], ["yb"], name="conv2b")]  # fmt: skip
-    outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["N", 4, 6, 6]) for n in ("ya", "yb")]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 6, 6])], outputs,
-        [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (wa, "wa"), (wb, "wb"))],
-    )  # fmt: skip
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    convs = {"h": ("x", "w1"), "ya": ("h", "wa"), "yb": ("h", "wb")}
+    return _conv_model({"w1": w1, "wa": wa, "wb": wb}, convs, ["ya", "yb"])
 
 
 def test_every_consumer_of_the_captured_tensor_enters_the_refit_cost(tmp_path: Path) -> None:
     """Channel 3 costs nothing to the first consumer alone; both together make the mix the cheapest."""
     model = _two_consumer_net()
-    np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((16, 4, 6, 6)).astype(np.float32))
-    spec = red_onnx.InputSpec(npz=tmp_path / "x.npz")
+    spec = _calibration(tmp_path)
     result = red_onnx.compress(
         model, target_macs=0.95, channel_multiple=1, input_spec=spec, latency_check=False, hashing=False
     )
@@ -133,8 +134,7 @@ def test_the_ridge_strength_is_validated_on_the_cv_rows_and_the_refit_fits_searc
 ) -> None:
     """16 calibration rows: 8 search, 4 cv (4 held out); 36 positions each, all captured."""
     model = _mixed_channel_net()
-    np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((16, 4, 6, 6)).astype(np.float32))
-    spec = red_onnx.InputSpec(npz=tmp_path / "x.npz")
+    spec = _calibration(tmp_path)
     shapes = ShapeService(make_inputs(model, spec, 0))
     search = BudgetSearch(model, model, spec, shapes, channel_multiple=1, hashing=False)
     (ranking,) = [o for orderings in search.orderings.values() for o in orderings if o.label == "refit"]
