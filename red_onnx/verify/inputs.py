@@ -36,7 +36,7 @@ from red_onnx.verify.input_spec import (
     input_dtype,
     resolve_shape,
 )
-from red_onnx.verify.synthetic import generate
+from red_onnx.verify.synthetic import constant_tensors, generate, integer_roles
 
 logger = logging.getLogger(__name__)
 
@@ -300,6 +300,7 @@ def build_feed(
     """One feed; ``states`` that neither the file nor a range or value gives start at zero."""
     inputs = real_inputs(model)
     _check_names(spec, list(arrays), [vi.name for vi in inputs])
+    roles = integer_roles(model)
     feed: dict[str, np.ndarray] = {}
     for vi in inputs:
         if vi.name in arrays:
@@ -308,7 +309,7 @@ def build_feed(
         elif vi.name in states and vi.name not in spec.ranges and vi.name not in spec.values:
             feed[vi.name] = np.zeros(resolve_shape(vi, spec), input_dtype(vi))
         else:
-            feed[vi.name] = generate(vi, spec, seed, step)
+            feed[vi.name] = generate(vi, spec, seed, step, roles.get(vi.name))
     return feed
 
 
@@ -490,15 +491,7 @@ _FLOAT_TYPES = (
 
 def _first_scale(model: onnx.ModelProto, name: str) -> float | None:
     """The constant the graph divides input ``name`` by first (a ``Mul`` by ``1/c`` counts), if any."""
-    constants = {init.name: init for init in model.graph.initializer}
-    for node in model.graph.node:
-        if (
-            node.op_type == "Constant"
-            and node.output
-            and node.attribute
-            and node.attribute[0].name == "value"
-        ):
-            constants[node.output[0]] = node.attribute[0].t
+    constants = constant_tensors(model)
     for node in model.graph.node:
         if name not in node.input:
             continue
@@ -518,14 +511,21 @@ def _first_scale(model: onnx.ModelProto, name: str) -> float | None:
 
 
 def range_notes(model: onnx.ModelProto, spec: InputSpec) -> list[str]:
-    """What synthetic float inputs assume where nothing gives their range, one note per input.
+    """What synthetic inputs assume where nothing gives their range, one note per input.
+
+    Integer inputs with a text-model role (``red_onnx.verify.synthetic.integer_roles``) say it.
 
     An input that the graph first divides by a constant of at least ``PIXEL_SCALE`` (or multiplies
     by its inverse) is read as pixel units (0..255 for a divisor near 255); any other float input
     without ``--input-range`` or ``--input-value`` is drawn from the prior, and the note says so. The
     inputs themselves are not changed: the note suggests the option that would.
     """
-    notes = []
+    roles = integer_roles(model)
+    notes = [
+        role.describe(name)
+        for name, role in roles.items()
+        if name not in spec.ranges and name not in spec.values
+    ]
     prior = "N(0, 1)" if spec.prior == "normal" else "pink noise of unit variance"
     for vi in real_inputs(model):
         if (

@@ -1,7 +1,9 @@
 """Seeded synthetic values for one graph input: what the verification feeds where no file gives them.
 
 Floats are standard normal (or pink noise, ``InputSpec.prior``), integers uniform in
-``DEFAULT_INT_RANGE``, bools fair coins, unless the spec gives a range or a constant. Each
+``DEFAULT_INT_RANGE``, bools fair coins, unless the spec gives a range or a constant. Integer inputs
+of text models get values of their role (:func:`integer_roles`): token ids below the size of the
+embedding table they index, attention masks of ones, token types of zeros, positions ``0..S−1``. Each
 (seed, input name[, step]) has its own random stream, so an input's values do not depend on the others.
 """
 
@@ -9,7 +11,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -71,9 +74,83 @@ def _rng(seed: int, name: str, step: int = 0) -> np.random.Generator:
     return np.random.default_rng([*key, step] if step else key)
 
 
-def generate(vi: onnx.ValueInfoProto, spec: InputSpec, seed: int, step: int = 0) -> np.ndarray:
-    """Seeded values of input ``vi`` at ``step`` (see the module docstring)."""
-    return np.asarray(_draw(vi, spec, seed, step))
+@dataclass(frozen=True)
+class IntegerRole:
+    """What an integer input of a text model holds, and so what its synthetic values are.
+
+    ``kind``: ``"ids"`` (indices of an embedding table of ``size`` rows: uniform below ``size``),
+    ``"mask"`` (ones), ``"zeros"`` (token types) or ``"positions"`` (``0..S−1`` along the last axis).
+    """
+
+    kind: str
+    size: int = 0
+
+    def describe(self, name: str) -> str:
+        """The role in words, for the report."""
+        what = {
+            "ids": f"ids drawn below {self.size} (the rows of the embedding table it indexes)",
+            "mask": "ones (an attention mask)", "zeros": "zeros (token types)",
+            "positions": "0..S-1 along its last axis (positions)",
+        }[self.kind]  # fmt: skip
+        return f"input {name!r}: {what}; --input-range, --input-value or --calibration override it"
+
+
+#: Input names (lower case) whose role is known by convention (Hugging Face exports).
+_NAMED_ROLES = {"attention_mask": "mask", "token_type_ids": "zeros", "position_ids": "positions"}
+
+
+def constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """The graph's constants by name: initializers and ``Constant`` nodes' ``value`` tensors."""
+    found = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        valued = node.op_type == "Constant" and node.output and node.attribute
+        if valued and node.attribute[0].name == "value":
+            found[node.output[0]] = node.attribute[0].t
+    return found
+
+
+def integer_roles(model: onnx.ModelProto) -> dict[str, IntegerRole]:
+    """The text-model roles of the integer graph inputs that have one.
+
+    By name: ``attention_mask``, ``token_type_ids``, ``position_ids``. By structure: an input that
+    (directly or through one ``Cast``) is the indices of a ``Gather`` on axis 0 of a constant table
+    ``[V, H]`` holds ids below ``V``.
+    """
+    tables = {name: tuple(tensor.dims) for name, tensor in constant_tensors(model).items()}
+    nodes = model.graph.node
+    casts = {n.output[0]: n.input[0] for n in nodes if n.op_type == "Cast" and n.input[:1] and n.output}
+    roles: dict[str, IntegerRole] = {}
+    for vi in model.graph.input:
+        if not vi.type.HasField("tensor_type") or vi.type.tensor_type.elem_type not in _INT_TYPES:
+            continue
+        named = _NAMED_ROLES.get(vi.name.lower())
+        if named:
+            roles[vi.name] = IntegerRole(named)
+    for node in model.graph.node:
+        if node.op_type != "Gather" or len(node.input) != 2 or node.input[0] not in tables:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        source = casts.get(node.input[1], node.input[1])
+        shape = tables[node.input[0]]
+        if axis == 0 and len(shape) == 2 and shape[0] > 0 and source not in roles:
+            roles[source] = IntegerRole("ids", int(shape[0]))
+    inputs = {vi.name for vi in model.graph.input if vi.type.tensor_type.elem_type in _INT_TYPES}
+    return {name: role for name, role in roles.items() if name in inputs}
+
+
+def generate(
+    vi: onnx.ValueInfoProto, spec: InputSpec, seed: int, step: int = 0, role: IntegerRole | None = None
+) -> np.ndarray:
+    """Seeded values of input ``vi`` at ``step`` (see the module docstring); ``role`` for integer inputs."""
+    given = vi.name in spec.values or vi.name in spec.ranges
+    if role is None or given or input_dtype(vi).kind not in "iu":
+        return np.asarray(_draw(vi, spec, seed, step))
+    dtype, shape = input_dtype(vi), resolve_shape(vi, spec)
+    if role.kind == "ids":
+        return _rng(seed, vi.name, step).integers(0, role.size, size=shape, dtype=np.int64).astype(dtype)
+    if role.kind == "positions":
+        return np.broadcast_to(np.arange(shape[-1] if shape else 1, dtype=dtype), shape).copy()
+    return np.full(shape, 1 if role.kind == "mask" else 0, dtype=dtype)
 
 
 def pink_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -112,19 +189,21 @@ def _draw(vi: onnx.ValueInfoProto, spec: InputSpec, seed: int, step: int = 0) ->
     return _random_ints(name, rng, shape, dtype, bounds or DEFAULT_INT_RANGE)
 
 
-def drawn_ints_hint(inputs: Sequence[onnx.ValueInfoProto], spec: InputSpec) -> str | None:
+def drawn_ints_hint(
+    inputs: Sequence[onnx.ValueInfoProto], spec: InputSpec, roles: Mapping[str, IntegerRole] | None = None
+) -> str | None:
     """What to do when the model failed on integer inputs drawn at random (None: none was).
 
     Integer inputs are often indices, sizes or token ids that the model needs in a narrow range; an
     input the spec fills (``--input-value``), bounds (``--input-range``) or feeds (``--calibration``) is left
-    out.
+    out, and so is one whose values came from its text-model role (``roles``).
     """
     if spec.calibration is not None:
         return None
     drawn = [
         vi.name
         for vi in inputs
-        if vi.name not in spec.values and vi.name not in spec.ranges
+        if vi.name not in spec.values and vi.name not in spec.ranges and vi.name not in (roles or {})
         and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type in _INT_TYPES
     ]  # fmt: skip
     if not drawn:

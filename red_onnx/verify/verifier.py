@@ -62,7 +62,7 @@ from red_onnx.verify.inputs import (
 )
 from red_onnx.verify.noise import DRIFT_FACTOR, ROUNDING_UNITS, max_drift, noise_allowance, rounding_unit
 from red_onnx.verify.parts import box_error, is_box_head, part_errors, scale_slices
-from red_onnx.verify.synthetic import drawn_ints_hint
+from red_onnx.verify.synthetic import drawn_ints_hint, integer_roles
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class Verifier:
         self.rounding_floor = ROUNDING_UNITS * rounding_unit(structure)
         hints = (
             defaulted_dims_hint(real_inputs(structure), spec),
-            drawn_ints_hint(real_inputs(structure), spec),
+            drawn_ints_hint(real_inputs(structure), spec, integer_roles(structure)),
         )
         self._shape_hint = "; ".join(hint for hint in hints if hint) or None  # for a failed reference run
         self._reference_cache: dict[str, list[Feed]] = {}

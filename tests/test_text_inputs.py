@@ -1,0 +1,91 @@
+"""Synthetic inputs of text models: token ids below the embedding table's size, masks of ones, token
+types of zeros, positions 0..S-1 (graphs built in code, as Hugging Face encoders export them)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+import red_onnx
+from red_onnx.options import InputSpec
+from red_onnx.verify.inputs import describe_inputs, make_inputs
+from red_onnx.verify.synthetic import IntegerRole, integer_roles
+
+INT64 = onnx.TensorProto.INT64
+
+
+def encoder_like(cast_ids: bool = False) -> onnx.ModelProto:
+    """Word, token-type and position embeddings summed, masked, then an FFN (MatMul, Relu, MatMul)."""
+    rng = np.random.default_rng(0)
+    tables = {"word": (50, 8), "types": (2, 8), "positions": (16, 8)}
+    weights = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in tables.items()}
+    weights |= {"w1": rng.standard_normal((8, 12)).astype(np.float32),
+                "w2": rng.standard_normal((12, 4)).astype(np.float32)}  # fmt: skip
+    ids = "input_ids"
+    nodes = []
+    if cast_ids:  # some exports cast the ids to int32 before the Gather
+        nodes.append(helper.make_node("Cast", ["input_ids"], ["ids32"], to=onnx.TensorProto.INT32))
+        ids = "ids32"
+    nodes += [
+        helper.make_node("Gather", ["word", ids], ["e_word"]),
+        helper.make_node("Gather", ["types", "token_type_ids"], ["e_type"]),
+        helper.make_node("Gather", ["positions", "position_ids"], ["e_pos"]),
+        helper.make_node("Sum", ["e_word", "e_type", "e_pos"], ["e"]),
+        helper.make_node("Cast", ["attention_mask"], ["m"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["m", "axis"], ["m3"]),
+        helper.make_node("Mul", ["e", "m3"], ["h0"]),
+        helper.make_node("MatMul", ["h0", "w1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["h2"]),
+        helper.make_node("MatMul", ["h2", "w2"], ["y"]),
+    ]
+    names = ["input_ids", "token_type_ids", "position_ids", "attention_mask"]
+    graph = helper.make_graph(
+        nodes, "encoder", [helper.make_tensor_value_info(n, INT64, ["B", "S"]) for n in names],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", "S", 4])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()]
+        + [numpy_helper.from_array(np.array([-1], np.int64), "axis")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_roles_come_from_the_names_and_the_embedding_tables() -> None:
+    for cast in (False, True):
+        assert integer_roles(encoder_like(cast)) == {
+            "input_ids": IntegerRole("ids", 50), "token_type_ids": IntegerRole("zeros"),
+            "position_ids": IntegerRole("positions"), "attention_mask": IntegerRole("mask"),
+        }  # fmt: skip
+
+
+def test_synthetic_text_inputs_hold_their_roles_values_and_the_model_runs() -> None:
+    model = encoder_like()
+    spec = InputSpec(shapes={name: (3, 10) for name in ("input_ids", "token_type_ids", "position_ids",
+                                                        "attention_mask")})  # fmt: skip
+    feeds = [make_inputs(model, spec, seed) for seed in (0, 1)]
+    for feed in feeds:
+        assert feed["input_ids"].min() >= 0 and feed["input_ids"].max() < 50
+        assert (feed["attention_mask"] == 1).all() and (feed["token_type_ids"] == 0).all()
+        np.testing.assert_array_equal(feed["position_ids"], np.broadcast_to(np.arange(10), (3, 10)))
+    assert not np.array_equal(feeds[0]["input_ids"], feeds[1]["input_ids"])  # seeded, not constant
+    assert len(np.unique(np.concatenate([f["input_ids"].ravel() for f in feeds]))) > 10  # not 0..10 only
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, feeds[0])[0].shape == (3, 10, 4)
+
+
+def test_a_range_overrides_a_role_and_the_report_names_the_roles() -> None:
+    model = encoder_like()
+    feed = make_inputs(model, InputSpec(ranges={"input_ids": (0.0, 4.0)}), 0)
+    assert feed["input_ids"].max() <= 4
+    notes = describe_inputs(model, InputSpec(ranges={"input_ids": (0.0, 4.0)}))["range_notes"]
+    assert not any("'input_ids'" in note for note in notes)
+    assert any("'attention_mask': ones" in note for note in notes)
+    assert any("'position_ids': 0..S-1" in note for note in notes)
+
+
+def test_an_encoder_compresses_on_its_synthetic_text_inputs() -> None:
+    """Random ints in [0, 10] would index past the 2-row token-type table: the run would fail."""
+    result = red_onnx.compress(encoder_like(), latency_check=False)
+    assert result.verified
+    notes = result.report.to_dict()["inputs"]["range_notes"]
+    assert any("ids drawn below 50" in note for note in notes)
