@@ -796,6 +796,267 @@ The search's own error against the held-out samples' and the test views' (relati
     )
 
 
+def _onnxsim_reach(result: dict[str, Any]) -> str:
+    """What onnxsim's pruning does to a zoo model at its most (``onnxsim_floor``), in words."""
+    floors = result.get("onnxsim_floor", {})
+    if not floors:
+        return "onnxsim was not run."
+    items = []
+    for key, floor in floors.items():
+        head = "L2" if key == "onnxsim_l2" else "Wanda"
+        items.append(f"{head} prunes {floor['convs_pruned']} of the {floor['convs']} Convs "
+                     f"({floor['channels_removed']} of their {floor['channels']} output channels) and "
+                     f"keeps {floor['macs']:.3f} of the MACs")  # fmt: skip
+    upper = f"At sparsity {refit_grid.FLOOR_SPARSITY}, the bisection's upper end"
+    return f"{upper}, onnxsim's {'; '.join(items)}; the other Convs it leaves whole."
+
+
+def _failures(result: dict[str, Any]) -> str:
+    """The cells that failed, with their error (none: a sentence saying so)."""
+    failed = [
+        f"{row['target']:.2f} {key}: {cell['error']}"
+        for row in result["rows"]
+        for key, cell in row["cells"].items()
+        if "error" in cell
+    ]
+    return "Failed cells: " + "; ".join(failed) + "." if failed else "No cell failed."
+
+
+def _orderings(result: dict[str, Any], key: str) -> str:
+    """How often the search chose each ranking for the groups it cut in ``key``'s cells, in words."""
+    counts: dict[str, int] = {}
+    for row in result["rows"]:
+        for name, count in row["cells"].get(key, {}).get("orderings", {}).items():
+            counts[name] = counts.get(name, 0) + count
+    if not counts:
+        return ""
+    shown = _names([f"{name} {count}" for name, count in sorted(counts.items())])
+    head = dict(refit_grid.columns(result, [int(key.rsplit("_", 1)[1])]))[key]
+    return f"Rankings the search chose for the groups it cut, summed over the targets, in {head}: {shown}."
+
+
+def _off_target(result: dict[str, Any], samples: list[int], slack: float = 0.02) -> str:
+    """The cells that kept more than ``slack`` fewer MACs than their target asked, in words."""
+    heads = dict(refit_grid.columns(result, samples))
+    cells = [
+        f"{heads.get(key, key)} at {row['target']:.2f} kept {cell['macs']:.3f}"
+        for row in result["rows"]
+        for key, cell in row["cells"].items()
+        if "macs" in cell and cell["macs"] < row["target"] - slack
+    ]
+    if not cells:
+        return ""
+    return f"Cells more than {slack} below their target's MACs: {'; '.join(cells)}."
+
+
+def _zoo_grid(results: Path, file: str, name: str, intro: str, title: str) -> str:
+    """A zoo model's grid (``Task.scorer``): ``intro``, its tables, intervals, findings and spans."""
+    data = _load(results, file)
+    samples = data["samples"]
+    largest = max(samples)
+    result = data["models"][name]
+    spans = "; ".join(
+        f"{head}: {_search_vs_heldout(result, key)}"
+        for key, head in refit_grid.columns(result, samples)
+        if key.startswith(("refit_", "merges_only_"))
+    )
+    metric = dict(result["fields"])[result["metric"]]
+    others = "\n\n".join(
+        f"The same intervals on the per-{which} vector:\n\n"
+        f"{_verbatim(refit_grid.interval_table(result, samples, which=which))}"
+        for which in refit_grid.other_vectors(result)
+    )
+    body = f"""
+{intro}
+
+red_onnx runs with its default channel multiple ({result["channel_multiple_used"]} with a MACs target;
+not the 1 of the small models above), `--force-target` and no latency check; the calibrated methods at
+N={largest}. The onnxsim baselines prune the BatchNorm-folded model, bisected to the MACs the refit
+reached (the largest gap left is {_bisection_gap(data):.3f}). {_onnxsim_reach(result)} Columns: MACs
+kept, the task figures, and the seconds the method took (a baseline's: its bisection). Run with red_onnx
+at commit {_commit(data)}; the whole run took {data["seconds"]:.0f} s on 2 cores (shared).
+
+{_verbatim(refit_grid.fields_table(result, samples))}
+
+Refit at N={largest} minus each other method, per-sample {metric} (the main figure), paired 95%
+bootstrap interval on the same {result["test_samples"]} test samples:
+
+{_verbatim(refit_grid.interval_table(result, samples))}
+
+{others}
+
+Refit at N={largest} against each other method ({metric}):
+
+{_grid_findings(result, samples)}
+
+The search's own error against the held-out samples' and the test set's (relative L2 of the outputs):
+{spans}. {_orderings(result, f"refit_{largest}")} {_off_target(result, samples)} {_failures(result)}
+"""
+    grid = " ".join(str(t) for t in data["grid"])
+    commands = [
+        "python bench/zoo.py",
+        f"python bench/refit_grid.py --models {name} --grid {grid} --samples {largest} "
+        f"--out bench/results/{file}",
+    ]
+    return _section(title, file, commands, body)
+
+
+def refit_grid_ppocr_cls_section(results: Path) -> str:
+    """The calibrated grid on PP-OCR's text-direction classifier (rendered text lines)."""
+    result = _load(results, "refit_grid_ppocr_cls.json")["models"]["ppocr_cls"]
+    about = result["about"]
+    intro = f"""
+The grid on PP-OCR's mobile text-direction classifier (`ppocr_mobile_cls.onnx` of the zoo, declared
+[batch, 3, 48, 192] as rapidocr runs it; {result["macs"] / 1e6:.1f} M MACs), at MACs targets
+{_names([f"{row['target']:.2f}" for row in result["rows"]])}. Test set: {result["test_samples"]} crops,
+{result["test_source"]}, drawn with Pillow in {about["test_fonts"]}; calibration:
+{result["calibration_source"]}, in {about["calibration_fonts"]}. The two
+sets share no word, font or size (e.g. test "{about["examples"]["test"][0]}", calibration
+"{about["examples"]["calibration"][0]}"); every crop is a line's box plus a random margin, grey text on
+a light background, slightly blurred, resized and normalised by rapidocr's own `resize_norm_img`. The
+original classifier gives the true orientation of {_percent(about["original_accuracy"])} of the test
+crops ({_percent(about["original_accuracy_upright"])} of the upright,
+{_percent(about["original_accuracy_turned"])} of the turned ones). Fidelity: direction agreement
+with the original's argmax (the main figure), accuracy against the true orientation, the same turn
+decision as the original under rapidocr's rule (it turns a line when the classifier says 180° with
+p > {refit_grid.OCR_TURN_THRESHOLD}), and the relative L2 error of the two class probabilities.
+"""
+    return _zoo_grid(results, "refit_grid_ppocr_cls.json", "ppocr_cls", intro,
+                     "Calibrated comparison grid on PP-OCR's direction classifier")  # fmt: skip
+
+
+def _empty_floor(result: dict[str, Any], samples: list[int]) -> str:
+    """What "images passed" reads for a model that finds nothing (the views the original finds nothing on)."""
+    heads = dict(refit_grid.columns(result, samples))
+    empty = [
+        (row["target"], key, cell["passed"])
+        for row in result["rows"]
+        for key, cell in row["cells"].items()
+        if cell.get("kept") == 0 and cell.get("extra") == 0
+    ]
+    if not empty:
+        return ""
+    cells = _names([f"{heads[key]} at {target:.2f}" for target, key, _ in empty])
+    return (
+        f"Most test views hold no detection, so a model that finds nothing still passes those: "
+        f"{cells} kept none of the original's detections and added none, and read "
+        f"{empty[0][2]:.3f} images passed. Detections kept is the sharper figure."
+    )
+
+
+def refit_grid_yolov8n_section(results: Path) -> str:
+    """The calibrated grid on YOLOv8n (nudenet 320n) with the YOLO task check per image."""
+    data = _load(results, "refit_grid_yolov8n.json")
+    result = data["models"]["yolov8n"]
+    about = result["about"]
+    targets = _names([f"{row['target']:.2f}" for row in result["rows"]])
+    intro = f"""
+The grid on nudenet's YOLOv8n (`yolov8n_320n.onnx` of the zoo, declared [batch, 3, 320, 320];
+{result["macs"] / 1e9:.2f} G MACs), at MACs targets {targets}.
+Test set: {result["test_source"]}; calibration: {result["calibration_source"]}; every view goes
+through nudenet's own preprocessing and, after the run, its own post-processing (score >= 0.2, NMS).
+The detector looks for people's body parts; on these photos the original finds
+{about["original_detections"]} detections on {result["test_samples"]} test views. Fidelity: the YOLO
+task check of `bench/tasks.py` per image ("images passed": every detection of the original kept, same
+class at IoU >= 0.9, and no extra one; the main figure), the share of the original's detections kept,
+the extra detections (summed over the images), and the relative L2 error of the raw pre-NMS output's
+box and class-score parts. The relative L2 error of the whole raw output (the "test error" at the end of
+this section) is the box coordinates' almost alone: they are pixels, the class scores at most 1.
+{_empty_floor(result, data["samples"])}
+"""
+    return _zoo_grid(results, "refit_grid_yolov8n.json", "yolov8n", intro,
+                     "Calibrated comparison grid on YOLOv8n")  # fmt: skip
+
+
+def priors_section(results: Path) -> str:
+    """Which synthetic input prior ranks compressed variants as real data does (``bench/priors.py``)."""
+    from bench import priors as priors_bench
+
+    data = _load(results, "priors.json")
+    models = data["models"]
+    about = "; ".join(f"{name}: {m['about']}, real range [{m['real_range'][0]:.2f}, {m['real_range'][1]:.2f}]"
+                      for name, m in models.items())  # fmt: skip
+    findings = []
+    for name, m in models.items():
+        stats, robust = m["correlations"]["priors"], m["correlations_without_fits"]["priors"]
+        best = max(stats, key=lambda prior: stats[prior]["real_rel_l2"]["rho"])
+        rhos = ", ".join(f"{prior} {stats[prior]['real_rel_l2']['rho']:.2f}" for prior in stats)
+        kept = ", ".join(f"{prior} {robust[prior]['real_rel_l2']['rho']:.2f}" for prior in robust)
+        findings.append(
+            f"on {name} ({m['correlations']['variants']} variants, built and measured in "
+            f"{m['seconds']:.0f} s) the {best} prior ranks them closest to the real-data error (ρ {rhos}); "
+            f"without the {m['correlations']['variants'] - m['correlations_without_fits']['variants']} "
+            "variants whose "
+            f"search fitted activations, ρ is {kept}"
+        )
+    targets = _names([f"{t:.2f}" for t in priors_bench.SMALL_TARGETS])
+    slow = "–".join(f"{t:.0f}" for t in data["not_run"]["mobilenetv2"]["compress_seconds"])
+    body = f"""
+Does the error on synthetic inputs rank compressed variants the way the error on real data does? For
+each model, data-free red_onnx variants at MACs targets {targets}, with `--no-refit`,
+`--channel-multiple 1`, `--force-target` and five search settings (search prior normal, pink or
+range-informed; activation fits on; hashing off), each distinct plan kept once. Each variant's relative
+L2 error of the logits against the original is measured on 16 seeded synthetic samples of each prior
+(seeds {data["eval_seeds"][0]}–{data["eval_seeds"][1]}, none the search draws) and on the real test
+set, with the task loss (test accuracy lost, points). Priors: `normal` (i.i.d. N(0, 1)), `pink` (1/f
+noise, unit variance), `range` (uniform over the real inputs' range). Test sets: {about}. Spearman's ρ
+with percentile bootstrap 95% intervals over variants ({data["bootstrap"]} resamples); the last column
+is the median of real-data error / synthetic error. MobileNetV2 is not included: one data-free
+compression took {slow} s on these 2 shared cores,
+and the run was stopped after two variants.
+
+{_verbatim(priors_bench.markdown(data))}
+
+Paired bootstrap of the difference in ρ between two priors (same resampled variants):
+
+{_verbatim(priors_bench.difference_table(data))}
+
+No one prior ranks best on both models: {"; ".join(findings)}. The spread between priors comes almost
+entirely from the variants whose search fitted activations on N(0, 1) inputs: their N(0, 1) error is
+far below their real-data error, so the prior they were tuned on flatters them, and so does a prior
+that looks like it to the model (on MNIST-1D, uniform over about ±4). Among the other variants every
+prior ranks them about as the real data do.
+"""
+    return _section("Which synthetic prior predicts the real-data error", "priors.json",
+                    ["python bench/models/train_mnist1d.py", "python bench/priors.py"], body)  # fmt: skip
+
+
+def text_encoder_section(results: Path) -> str:
+    """A sentence encoder, data-free and calibrated (``bench/text_encoder.py``)."""
+    data = _load(results, "text_encoder.json")
+    header = "| run | MACs kept | mean cosine | top-5 overlap | error (search / held out) | FFN neurons"
+    lines = [f"{header} removed (groups) | rankings | seconds |", "|---|---|---|---|---|---|---|---|"]
+    for run in data["runs"]:
+        changed = run.get("changed_groups", [])
+        rankings = sorted({group["ordering"].split(" ")[0] for group in changed})
+        lines.append(
+            f"| {run['label']} | {run['macs_kept']:.3f} | {run['cosine_mean']:.4f} "
+            f"| {run['top5_overlap']:.3f} "
+            f"| {run['search_error']:.3f} / {run['heldout_error']:.3f} "
+            f"| {sum(group['removed'] for group in changed)} ({len(changed)}) | {', '.join(rankings)} "
+            f"| {run['seconds']:.0f} |"
+        )
+    frozen = data["runs"][0].get("frozen_by_reason", {})
+    reasons = "; ".join(f"{count}× “{reason}”" for reason, count in frozen.items())
+    body = f"""
+{data["model"]}, exported from {data["source"]} with dynamic batch and sequence (opset 17), fed
+{data["sequence_length"]} tokens. {data["sentences"]} sentences over {data["topics"]} topics, split
+into {data["calibration"]} calibration and {data["test"]} test sentences (disjoint). Fidelity: the
+{data["pooling"]} against the original's on the test sentences (mean cosine) and the overlap of each
+test sentence's top-5 nearest neighbours among the test sentences. Data-free runs use synthetic token
+ids; calibrated runs `--calibration` with the calibration sentences (`norefit`: `--no-refit`);
+`--force-target`, default channel multiple.
+
+{chr(10).join(lines)}
+
+Only FFN neurons were removed: every run froze the same groups ({reasons}). The refit never ran:
+these FFN groups have 3072 neurons, over its cap of 1024, so refit and `--no-refit` gave the same
+model, and the calibrated gain comes from the activation ranking.
+"""
+    commands = ["python bench/models/export_text_encoder.py", "python bench/text_encoder.py"]
+    return _section("A sentence encoder (FFN neurons only)", "text_encoder.json", commands, body)
+
+
 SECTIONS: tuple[Callable[[Path], str], ...] = (
     zoo_section,
     compare_section,
@@ -808,6 +1069,10 @@ SECTIONS: tuple[Callable[[Path], str], ...] = (
     refit_section,
     refit_grid_section,
     refit_grid_mobilenetv2_section,
+    refit_grid_ppocr_cls_section,
+    refit_grid_yolov8n_section,
+    priors_section,
+    text_encoder_section,
 )
 
 

@@ -398,3 +398,110 @@ def paired_bootstrap_ci(
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(replicates, [tail, 1.0 - tail])
     return Interval(float(diff.mean()), float(low), float(high))
+
+
+# ---------------------------------------------------------------- rendered text lines (PP-OCR cls)
+
+#: Words of the calibration lines and of the test lines: two disjoint vocabularies, so no test line
+#: repeats a calibration line (or even a word of one).
+_CALIBRATION_TEXT = (
+    "account address after again answer around basket before better bridge bring button cabinet "
+    "camera candle carpet castle center chapter cheese circle coffee common corner country danger "
+    "delivery desert dinner doctor double driver eleven engine evening family farmer figure finger "
+    "flower forest garden glass golden harbor history holiday island journey kitchen ladder letter "
+    "market meadow middle minute monkey morning number office orange palace pencil people picture "
+    "planet pocket purple rabbit river"
+)
+_TEST_TEXT = (
+    "advice balance battery blanket border bottle branch budget butter canvas cargo ceiling channel "
+    "chicken climate cotton crystal custom decade design diamond dragon economy editor element "
+    "energy fabric factor festival filter fortune frame galaxy guitar hammer hunter insect jacket "
+    "jungle kettle lemon lesson library lizard machine magnet marble member method mirror motion "
+    "museum needle notice object ocean oxygen paper parcel pepper pillow pirate portal powder "
+    "quarter record rocket saddle salmon"
+)
+CALIBRATION_WORDS: tuple[str, ...] = tuple(_CALIBRATION_TEXT.split())
+TEST_WORDS: tuple[str, ...] = tuple(_TEST_TEXT.split())
+#: Fonts bundled with matplotlib (a dependency of scikit-image) by file name, and ``None`` for Pillow's
+#: own scalable default font (Aileron). Calibration and test lines use different fonts and sizes.
+CALIBRATION_FONTS: tuple[str | None, ...] = ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf")
+TEST_FONTS: tuple[str | None, ...] = (
+    None, "STIXGeneral.ttf", "STIXGeneralBol.ttf", "DejaVuSans-BoldOblique.ttf", "DejaVuSerif-Italic.ttf",
+    "DejaVuSansMono-Bold.ttf",
+)  # fmt: skip
+CALIBRATION_FONT_SIZES = (22, 28, 36)
+TEST_FONT_SIZES = (18, 25, 32, 44)
+
+
+def _number_token(rng: np.random.Generator) -> str:
+    """A date, a price, a time, an order number or a plain count, as on receipts and forms."""
+    kind = int(rng.integers(5))
+    if kind == 0:
+        return f"{rng.integers(1990, 2030)}-{rng.integers(1, 13):02d}-{rng.integers(1, 29):02d}"
+    if kind == 1:
+        return f"{rng.integers(1, 1000)}.{rng.integers(0, 100):02d}"
+    if kind == 2:
+        return f"{rng.integers(0, 24)}:{rng.integers(0, 60):02d}"
+    if kind == 3:
+        return f"#{rng.integers(1000, 99999)}"
+    return str(rng.integers(2, 500))
+
+
+def text_strings(count: int, words: tuple[str, ...], seed: int) -> list[str]:
+    """``count`` distinct seeded lines of 2-6 ``words``, half of them with a number, date or price."""
+    rng = np.random.default_rng(seed)
+    lines: list[str] = []
+    while len(lines) < count:
+        tokens = [words[i] for i in rng.integers(0, len(words), int(rng.integers(2, 7)))]
+        if rng.random() < 0.5:
+            tokens.insert(int(rng.integers(0, len(tokens) + 1)), _number_token(rng))
+        line = " ".join(tokens)
+        line = line[0].upper() + line[1:] + str(rng.choice(["", "", ".", ",", ":"]))
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+def _font(name: str | None, size: int):  # a Pillow font
+    from PIL import ImageFont
+
+    if name is None:
+        return ImageFont.load_default(size=size)
+    import matplotlib
+
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name), size)
+
+
+def render_text_line(text: str, font_name: str | None, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``text`` as a detected-line crop: dark text on a light background, a random margin, RGB uint8.
+
+    The crop is the text's bounding box plus 15-50 % of its height above and below and 10-60 % at the
+    ends (a detector's box, unclipped), grey levels and a slight blur drawn from ``rng``.
+    """
+    from PIL import Image, ImageDraw, ImageFilter
+
+    font = _font(font_name, size)
+    left, top, right, bottom = font.getbbox(text)
+    height = bottom - top
+    pad_y, pad_x = round(rng.uniform(0.15, 0.5) * height), round(rng.uniform(0.1, 0.6) * height)
+    image = Image.new("L", (right - left + 2 * pad_x, height + 2 * pad_y), int(rng.integers(190, 256)))
+    ImageDraw.Draw(image).text((pad_x - left, pad_y - top), text, fill=int(rng.integers(0, 80)), font=font)
+    image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.0, 0.8))))
+    return np.repeat(np.asarray(image)[:, :, None], 3, axis=2)
+
+
+def text_line_crops(
+    strings: list[str], fonts: tuple[str | None, ...], sizes: tuple[int, ...], seed: int
+) -> tuple[list[np.ndarray], list[str]]:
+    """Each string rendered once (``render_text_line``) in a seeded font and size of those given.
+
+    Returns:
+        ``(crops, descriptions)``: RGB uint8 [h, w, 3] crops, upright, and ``"font@size"`` of each.
+    """
+    rng = np.random.default_rng(seed)
+    crops, described = [], []
+    for text in strings:
+        font, size = fonts[int(rng.integers(len(fonts)))], int(sizes[int(rng.integers(len(sizes)))])
+        crops.append(render_text_line(text, font, size, rng))
+        described.append(f"{font or 'Pillow default'}@{size}")
+    return crops, described

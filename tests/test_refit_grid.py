@@ -113,3 +113,82 @@ def test_photo_views_split_by_source(tmp_path: Path) -> None:
     assert not set(about["test_sources"].split(", ")) & set(about["calibration_sources"].split(", "))
     again = photo_views(12, 3, 0.4, size=32, root=tmp_path, bundled=False)
     assert np.array_equal(again[0], test) and np.array_equal(again[1], calibration)
+
+
+def _zoo_results() -> dict:
+    cell = {"macs": 0.9, "passed": 0.95, "kept": 0.9, "extra": 2, "rel_l2": 0.1, "seconds": 3.0}
+    cells = {key: dict(cell) for key in ("data_free", "refit_64", "merges_only_64", "onnxsim_l2")}
+    cells["onnxsim_l2"] = {"error": "onnxsim keeps 0.950 of the MACs"}
+    ci = {"refit_64 - data_free": [0.05, 0.01, 0.09]}
+    row = {
+        "target": 0.9,
+        "cells": cells,
+        "ci": ci,
+        "ci_by": {"detection": {"refit_64 - data_free": [0.2, 0.1, 0.3]}},
+    }
+    fields = [["passed", "images passed"], ["kept", "detections kept"], ["extra", "extra"]]
+    model = {
+        "metric": "passed",
+        "test_samples": 50,
+        "original": {"passed": 1.0},
+        "rows": [row],
+        "fields": fields,
+    }
+    return {"samples": [64], "models": {"zoo": model}}
+
+
+def test_fields_table_and_other_vectors() -> None:
+    results = _zoo_results()
+    model = results["models"]["zoo"]
+    table = refit_grid.fields_table(model, [64])
+    assert "| images passed | detections kept | extra | seconds |" in table
+    assert "| 0.90 | refit N=64 | 0.900 | 0.950 | 0.900 | 2 | 3.0 |" in table
+    assert "| 0.90 | onnxsim L2 | failed |" in table
+    assert refit_grid.other_vectors(model) == ["detection"]
+    assert "+0.200 [+0.100, +0.300]" in refit_grid.interval_table(model, [64], which="detection")
+    assert "+0.050 [+0.010, +0.090]" in refit_grid.interval_table(model, [64])
+    assert "per detection:" in refit_grid.markdown(results)
+
+
+def test_ocr_scorer_agreement_accuracy_and_turn_decision() -> None:
+    reference = np.array([[0.9, 0.1], [0.05, 0.95], [0.2, 0.8], [0.6, 0.4]])
+    outputs = np.array([[0.8, 0.2], [0.15, 0.85], [0.6, 0.4], [0.6, 0.4]])
+    figures, vectors = refit_grid.ocr_scorer(np.array([0, 1, 1, 1]))(outputs, reference)
+    assert vectors["agreement"].tolist() == [1, 1, 0, 1] and figures["agreement"] == 0.75
+    assert figures["accuracy"] == 0.5  # truth: the third and fourth are turned
+    assert vectors["decision"].tolist() == [1, 0, 1, 1]  # p(180) 0.95 > 0.9 turns, 0.85 does not
+
+
+def test_pruned_structure_counts_narrowed_convs() -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def conv_model(widths: tuple[int, int]) -> onnx.ModelProto:
+        weights = [numpy_helper.from_array(np.zeros((width, 3, 1, 1), np.float32), f"w{i}")
+                   for i, width in enumerate(widths)]  # fmt: skip
+        nodes = [helper.make_node("Conv", ["x", f"w{i}"], [f"y{i}"], name=f"c{i}") for i in range(2)]
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])
+        outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(2)]
+        return helper.make_model(helper.make_graph(nodes, "g", [x], outputs, weights))
+
+    structure = refit_grid.pruned_structure(conv_model((8, 4)), conv_model((6, 4)))
+    assert structure == {
+        "convs": 2,
+        "convs_pruned": 1,
+        "channels": 12,
+        "channels_removed": 2,
+        "convs_missing": 0,
+    }
+
+
+def test_text_lines_calibration_and_test_share_no_word() -> None:
+    from bench import data
+
+    assert not set(data.CALIBRATION_WORDS) & set(data.TEST_WORDS)
+    assert not set(data.CALIBRATION_FONTS) & set(data.TEST_FONTS)
+    assert not set(data.CALIBRATION_FONT_SIZES) & set(data.TEST_FONT_SIZES)
+    lines = data.text_strings(20, data.TEST_WORDS, seed=1)
+    assert len(set(lines)) == 20 and lines == data.text_strings(20, data.TEST_WORDS, seed=1)
+    crops, described = data.text_line_crops(lines[:2], data.TEST_FONTS, data.TEST_FONT_SIZES, seed=2)
+    assert all(crop.dtype == np.uint8 and crop.ndim == 3 and crop.shape[1] > crop.shape[0] for crop in crops)
+    assert len(described) == 2
