@@ -452,3 +452,25 @@ def test_check_model_over_two_gb_goes_by_path(monkeypatch: pytest.MonkeyPatch) -
 def test_check_model_missing_path(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no such file"):
         io.check_model(tmp_path / "nope.onnx")
+
+
+def test_unnamed_nodes_get_unique_names_at_import() -> None:
+    """Groups and MACs are keyed by node name: two unnamed producers must not share the name ""."""
+    from onnx import helper, numpy_helper
+
+    from red_onnx.io.graph import import_model
+
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["a"], name="MatMul_1"),
+        helper.make_node("MatMul", ["a", "w"], ["b"]),
+        helper.make_node("Relu", ["b"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])], [weight],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    names = [node.name for node in import_model(model).graph.nodes]
+    assert names == ["MatMul_1", "MatMul_1_1", "Relu_2"]
+    assert [node.name for node in model.graph.node] == ["MatMul_1", "", ""]  # the input is not modified

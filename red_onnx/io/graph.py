@@ -133,6 +133,24 @@ def _overridable_initializers(model: onnx.ModelProto) -> tuple[frozenset[str], l
     return frozenset(vi.name for vi in listed), listed
 
 
+def _name_unnamed_nodes(graph: gs.Graph) -> None:
+    """Give every unnamed node of the main graph a unique name, ``{op}_{index}`` as the MAC counter does.
+
+    Channel groups, their MACs and the report are keyed by node name: two unnamed producers would
+    share the name "" (and their MACs would not be found). Names change nothing a model computes.
+    """
+    taken = {node.name for node in graph.nodes if node.name}
+    for index, node in enumerate(graph.nodes):
+        if node.name:
+            continue
+        name, suffix = f"{node.op}_{index}", 0
+        while name in taken:
+            suffix += 1
+            name = f"{node.op}_{index}_{suffix}"
+        node.name = name
+        taken.add(name)
+
+
 def import_model(model: onnx.ModelProto) -> WorkingModel:
     """Wrap an ONNX model for rewriting.
 
@@ -144,6 +162,7 @@ def import_model(model: onnx.ModelProto) -> WorkingModel:
     """
     overridable, overridable_inputs = _overridable_initializers(model)
     graph = gs.import_onnx(model)
+    _name_unnamed_nodes(graph)
     if overridable:
         _unconstant_overridable(graph, overridable, overridable_inputs)
     _fold_stored_weights(graph)
