@@ -6,10 +6,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import helper, numpy_helper
 
 import red_onnx
 from red_onnx.options import InputSpec
+from red_onnx.report.report import render_table
+from red_onnx.verify.compare import pooled_cosine
 from red_onnx.verify.inputs import describe_inputs, make_inputs
 from red_onnx.verify.synthetic import IntegerRole, integer_roles
 
@@ -89,3 +92,32 @@ def test_an_encoder_compresses_on_its_synthetic_text_inputs() -> None:
     assert result.verified
     notes = result.report.to_dict()["inputs"]["range_notes"]
     assert any("ids drawn below 50" in note for note in notes)
+
+
+def test_pooled_cosine_is_the_mask_weighted_sentence_embedding_cosine() -> None:
+    rng = np.random.default_rng(3)
+    reference = rng.standard_normal((2, 5, 4))
+    candidate = reference + 0.1 * rng.standard_normal((2, 5, 4))
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    candidate[0, 3:] = 100.0  # padding: the mask weighs it out
+    expected = []
+    for row in range(2):
+        keep = mask[row].astype(bool)
+        c, r = candidate[row, keep].mean(axis=0), reference[row, keep].mean(axis=0)
+        expected.append(c @ r / np.linalg.norm(c) / np.linalg.norm(r))
+    assert pooled_cosine(candidate, reference, mask) == pytest.approx(min(expected), rel=1e-12)
+    assert pooled_cosine(candidate, reference) < min(expected)  # unweighted, the padding counts
+    assert pooled_cosine(candidate[:, :, 0], reference[:, :, 0]) is None  # not [B, S, H]
+    assert pooled_cosine(candidate, reference, mask[:, :3]) is None  # a mask of another shape
+
+
+def test_the_report_gives_the_pooled_cosine_of_a_text_encoder(capsys) -> None:
+    names = ("input_ids", "token_type_ids", "position_ids", "attention_mask")
+    spec = InputSpec(shapes=dict.fromkeys(names, (2, 8)))
+    result = red_onnx.compress(encoder_like(), target_macs=0.95, channel_multiple=1, latency_check=False,
+                               force_target=True, input_spec=spec)  # fmt: skip
+    (output,) = result.report.to_dict()["verification"]["outputs"]
+    assert output["shape"][-1] == 4 and 0.0 < output["pooled_cosine"] <= 1.0
+    text = render_table(result.report)
+    figure = f"{output['pooled_cosine']:.4f}"
+    assert f"token-pooled cosine of 'y' (mean over the sequence, weighted by the mask): {figure}" in text

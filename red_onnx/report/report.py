@@ -323,7 +323,7 @@ def _render_verification(verification: dict[str, Any], inputs: dict[str, Any] | 
             f"{state} (no fidelity bound was asked): worst rel L2 {worst:.3g} on {named} (onnxruntime, "
             f"levels {levels}); search {_figure(verification.get('search_error'))}{search_on}, held out "
             f"{_figure(heldout)}{heldout_on} [{verification.get('criterion')}]"
-        )
+        ) + _pooled(verification)
     held = "" if heldout is None else f", held out {heldout:.3g}{_parts_measured(inputs)[1]}"
     line = (
         f"verification {verdict} (onnxruntime, levels {levels}, "
@@ -332,4 +332,14 @@ def _render_verification(verification: dict[str, Any], inputs: dict[str, Any] | 
     )
     if verification.get("full_check"):
         line += f"\n  full ONNX check {verification['full_check']}"
-    return line
+    return line + _pooled(verification)
+
+
+def _pooled(verification: dict[str, Any]) -> str:
+    """The least token-pooled cosine of ``[B, S, H]`` outputs (sentence embeddings), where there are any."""
+    outputs = verification.get("outputs", [])
+    pooled = [(o["name"], o["pooled_cosine"]) for o in outputs if o.get("pooled_cosine") is not None]
+    if not pooled:
+        return ""
+    name, value = min(pooled, key=lambda item: item[1])
+    return f"\n  token-pooled cosine of {name!r} (mean over the sequence, weighted by the mask): {value:.4f}"

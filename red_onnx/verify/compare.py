@@ -9,6 +9,9 @@ Per output (``y`` the reference, ``y'`` the candidate, both taken in float64):
 * ``cosine`` of the flattened outputs (1.0 when both are zero, 0.0 when only one is).
 * ``top1_agreement`` for 2-D ``[N, C]`` outputs with ``C > 1``: the fraction of rows whose argmax
   agrees.
+* ``pooled_cosine`` for float 3-D ``[B, S, H]`` outputs with ``S > 1`` (token embeddings): the least
+  over rows of the cosine of the mean over ``S`` (weighted by the attention mask where the caller
+  gives one), the sentence embedding a user compares.
 * Pass rule (float outputs): |y' - y| <= atol * scale + rtol * |y| element-wise, with
   ``scale = max(1, max |y|)`` — atol is relative to the output's magnitude — plus an allowance per element
   (the model's own noise, ``red_onnx.verify.noise``). ``needed_rtol`` is the smallest rtol that passes at the
@@ -45,6 +48,7 @@ class OutputCheck:
     top1_agreement: float | None
     needed_rtol: float
     passed: bool
+    pooled_cosine: float | None = None
 
 
 def _failed(name: str, shape: tuple[int, ...]) -> OutputCheck:
@@ -67,6 +71,26 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     if norm_a == 0.0 or norm_b == 0.0:
         return 1.0 if norm_a == norm_b else 0.0
     return float(np.clip(np.dot((a / norm_a).ravel(), (b / norm_b).ravel()), -1.0, 1.0))
+
+
+def pooled_cosine(
+    candidate: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None
+) -> float | None:
+    """The least per-row cosine of the (mask-weighted) means over axis 1 of ``[B, S, H]`` outputs.
+
+    None for other shapes, or a mask that is not ``[B, S]``. A row whose mask is all zero weighs
+    every token alike.
+    """
+    if reference.ndim != 3 or reference.shape[1] < 2 or reference.dtype.kind != "f":
+        return None
+    weights = np.ones(reference.shape[:2]) if mask is None else np.asarray(mask, np.float64)
+    if weights.shape != reference.shape[:2]:
+        return None
+    weights = np.where(weights.sum(axis=1, keepdims=True) > 0, weights, 1.0)
+    weights = weights / weights.sum(axis=1, keepdims=True)
+    pooled_c = np.einsum("bs,bsh->bh", weights, candidate.astype(np.float64))
+    pooled_r = np.einsum("bs,bsh->bh", weights, reference.astype(np.float64))
+    return min(_cosine(c, r) for c, r in zip(pooled_c, pooled_r, strict=True))
 
 
 def _top1(candidate: np.ndarray, reference: np.ndarray) -> float | None:
@@ -141,6 +165,7 @@ def _compare_exact(name: str, cand: np.ndarray, ref: np.ndarray) -> OutputCheck:
 def compare_outputs(
     name: str, candidate: np.ndarray | None, reference: np.ndarray, *,
     rtol: float = 1e-5, atol: float = 1e-6, allowance: np.ndarray | float = 0.0,
+    mask: np.ndarray | None = None,
 ) -> OutputCheck:  # fmt: skip
     """Compare one candidate output with the reference (see the module docstring for the rules).
 
@@ -152,6 +177,7 @@ def compare_outputs(
         atol: Absolute tolerance, in units of ``max(1, max |reference|)``.
         allowance: Absolute difference allowed on top of the rule, per element (broadcast): the
             model's own numerical noise (float16 rounding, onnxruntime's level-to-level drift).
+        mask: ``[B, S]`` token weights of ``pooled_cosine`` (the feed's attention mask), if any.
 
     Returns:
         The metrics and verdict for this single comparison.
@@ -166,7 +192,9 @@ def compare_outputs(
     if reference.dtype == object and any(isinstance(value, np.ndarray) for value in reference.flat):
         return _compare_ragged(name, candidate, reference, rtol, atol)
     if reference.dtype.kind == "f" and candidate.dtype.kind == "f":
-        return _compare_float(name, candidate, reference, rtol, atol, allowance)
+        check = _compare_float(name, candidate, reference, rtol, atol, allowance)
+        pooled = pooled_cosine(candidate, reference, mask) if math.isfinite(check.rel_l2_err) else None
+        return check if pooled is None else replace(check, pooled_cosine=pooled)
     return _compare_exact(name, candidate, reference)
 
 
@@ -191,12 +219,13 @@ def _compare_ragged(
 def merge_checks(checks: Sequence[OutputCheck]) -> OutputCheck:
     """Return the worst of several checks of one output.
 
-    Errors and needed_rtol take the max, cosine and top-1 agreement the min (a NaN cosine wins),
+    Errors and needed_rtol take the max, cosines and top-1 agreement the min (a NaN cosine wins),
     passed is True only if every check passed.
     """
     cosines = [c.cosine for c in checks]
     cosine = math.nan if any(math.isnan(v) for v in cosines) else min(cosines)
     top1s = [c.top1_agreement for c in checks if c.top1_agreement is not None]
+    pooled = [c.pooled_cosine for c in checks if c.pooled_cosine is not None]
     return OutputCheck(
         name=checks[0].name,
         shape=checks[0].shape,
@@ -207,4 +236,5 @@ def merge_checks(checks: Sequence[OutputCheck]) -> OutputCheck:
         top1_agreement=min(top1s) if top1s else None,
         needed_rtol=max(c.needed_rtol for c in checks),
         passed=all(c.passed for c in checks),
+        pooled_cosine=min(pooled) if pooled else None,
     )

@@ -112,6 +112,7 @@ class VerificationResult:
             for key in ("max_abs_err", "max_rel_err", "rel_l2_err", "cosine", "needed_rtol"):
                 row[key] = _json_float(row[key])
             row["top1_agreement"] = _json_float(out.top1_agreement)
+            row["pooled_cosine"] = _json_float(out.pooled_cosine)
             outputs.append(row)
         return {
             "passed": self.passed,
@@ -207,6 +208,9 @@ class Verifier:
             self.pairs = self._confirmed(structure)
         self._steps: list[list[Feed]] = self._streams(structure) if self.pairs else []
         self._inputs: list[Feed] = [] if self.pairs else self._batch_inputs(structure)
+        masks = [name for name, role in integer_roles(structure).items() if role.kind == "mask"]
+        #: Per feed, the attention mask that weighs ``pooled_cosine`` (a text model's one mask input).
+        self._masks = [feed[masks[0]] if len(masks) == 1 else None for feed in self._inputs]
 
     @property
     def inputs(self) -> list[Feed]:
@@ -348,7 +352,8 @@ class Verifier:
             got = self._run_source(source, level, reference=False)
             for ref_level in sorted({level, "disable_all"}):
                 allowances = self._allowances(level, ref_level)
-                _collect(got, self.reference_outputs(ref_level), rtol, atol, per_output, allowances)
+                refs = self.reference_outputs(ref_level)
+                _collect(got, refs, rtol, atol, per_output, allowances, self._masks)
         outputs = [merge_checks(checks) for checks in per_output.values()]
         result = VerificationResult(
             passed=all(o.passed for o in outputs),
@@ -445,11 +450,14 @@ class Verifier:
 def _collect(
     got: Sequence[Feed], refs: Sequence[Feed], rtol: float, atol: float,
     per_output: dict[str, list[OutputCheck]], allowances: Sequence[Mapping[str, np.ndarray | float]],
+    masks: Sequence[np.ndarray | None],
 ) -> None:  # fmt: skip
-    """Append one check per (seed, reference output) to ``per_output``."""
-    for cand, ref, allowed in zip(got, refs, allowances, strict=True):
+    """Append one check per (seed, reference output) to ``per_output`` (``masks``: per feed, or empty)."""
+    for index, (cand, ref, allowed) in enumerate(zip(got, refs, allowances, strict=True)):
+        mask = masks[index] if index < len(masks) else None
         for name, expected in ref.items():
             check = compare_outputs(
-                name, cand.get(name), expected, rtol=rtol, atol=atol, allowance=allowed.get(name, 0.0)
-            )
+                name, cand.get(name), expected, rtol=rtol, atol=atol, allowance=allowed.get(name, 0.0),
+                mask=mask,
+            )  # fmt: skip
             per_output.setdefault(name, []).append(check)
