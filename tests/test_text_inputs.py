@@ -121,3 +121,17 @@ def test_the_report_gives_the_pooled_cosine_of_a_text_encoder(capsys) -> None:
     text = render_table(result.report)
     figure = f"{output['pooled_cosine']:.4f}"
     assert f"token-pooled cosine of 'y' (mean over the sequence, weighted by the mask): {figure}" in text
+
+
+def test_a_model_without_token_ids_gets_no_pooled_cosine() -> None:
+    """A [B, C, N] conv output (a detection head's layout) is no sentence embedding."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((6, 4, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1], name="conv")], "conv1d",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 6, 8])], [weight],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    (output,) = red_onnx.compress(model, latency_check=False).report.to_dict()["verification"]["outputs"]
+    assert output["shape"] == [1, 6, 8] and output["pooled_cosine"] is None

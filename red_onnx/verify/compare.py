@@ -9,9 +9,9 @@ Per output (``y`` the reference, ``y'`` the candidate, both taken in float64):
 * ``cosine`` of the flattened outputs (1.0 when both are zero, 0.0 when only one is).
 * ``top1_agreement`` for 2-D ``[N, C]`` outputs with ``C > 1``: the fraction of rows whose argmax
   agrees.
-* ``pooled_cosine`` for float 3-D ``[B, S, H]`` outputs with ``S > 1`` (token embeddings): the least
-  over rows of the cosine of the mean over ``S`` (weighted by the attention mask where the caller
-  gives one), the sentence embedding a user compares.
+* ``pooled_cosine`` for float 3-D ``[B, S, H]`` outputs with ``S > 1`` of text models (the caller
+  gives the token weights: the attention mask, or ones): the least over rows of the cosine of the
+  weighted mean over ``S``, the sentence embedding a user compares.
 * Pass rule (float outputs): |y' - y| <= atol * scale + rtol * |y| element-wise, with
   ``scale = max(1, max |y|)`` — atol is relative to the output's magnitude — plus an allowance per element
   (the model's own noise, ``red_onnx.verify.noise``). ``needed_rtol`` is the smallest rtol that passes at the
@@ -177,7 +177,8 @@ def compare_outputs(
         atol: Absolute tolerance, in units of ``max(1, max |reference|)``.
         allowance: Absolute difference allowed on top of the rule, per element (broadcast): the
             model's own numerical noise (float16 rounding, onnxruntime's level-to-level drift).
-        mask: ``[B, S]`` token weights of ``pooled_cosine`` (the feed's attention mask), if any.
+        mask: ``[B, S]`` token weights of ``pooled_cosine`` (a text model's attention mask, or ones);
+            without one (not a text model) there is no ``pooled_cosine``.
 
     Returns:
         The metrics and verdict for this single comparison.
@@ -193,7 +194,9 @@ def compare_outputs(
         return _compare_ragged(name, candidate, reference, rtol, atol)
     if reference.dtype.kind == "f" and candidate.dtype.kind == "f":
         check = _compare_float(name, candidate, reference, rtol, atol, allowance)
-        pooled = pooled_cosine(candidate, reference, mask) if math.isfinite(check.rel_l2_err) else None
+        if mask is None or not math.isfinite(check.rel_l2_err):
+            return check
+        pooled = pooled_cosine(candidate, reference, mask)
         return check if pooled is None else replace(check, pooled_cosine=pooled)
     return _compare_exact(name, candidate, reference)
 

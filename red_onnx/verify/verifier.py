@@ -62,7 +62,7 @@ from red_onnx.verify.inputs import (
 )
 from red_onnx.verify.noise import DRIFT_FACTOR, ROUNDING_UNITS, max_drift, noise_allowance, rounding_unit
 from red_onnx.verify.parts import box_error, is_box_head, part_errors, scale_slices
-from red_onnx.verify.synthetic import drawn_ints_hint, integer_roles
+from red_onnx.verify.synthetic import IntegerRole, drawn_ints_hint, integer_roles
 
 logger = logging.getLogger(__name__)
 
@@ -208,9 +208,7 @@ class Verifier:
             self.pairs = self._confirmed(structure)
         self._steps: list[list[Feed]] = self._streams(structure) if self.pairs else []
         self._inputs: list[Feed] = [] if self.pairs else self._batch_inputs(structure)
-        masks = [name for name, role in integer_roles(structure).items() if role.kind == "mask"]
-        #: Per feed, the attention mask that weighs ``pooled_cosine`` (a text model's one mask input).
-        self._masks = [feed[masks[0]] if len(masks) == 1 else None for feed in self._inputs]
+        self._masks = [_token_weights(feed, integer_roles(structure)) for feed in self._inputs]
 
     @property
     def inputs(self) -> list[Feed]:
@@ -445,6 +443,19 @@ class Verifier:
         del runner  # the session: its weights' copy goes back to the system before the next one opens
         release_free_memory("the next session")  # (conv25m: a session closed kept ~130 MB of RSS)
         return outputs
+
+
+def _token_weights(feed: Feed, roles: Mapping[str, IntegerRole]) -> np.ndarray | None:
+    """A text model's token weights for ``pooled_cosine``: its one attention mask, or ones shaped as its ids.
+
+    None for a model without token ids (no ``pooled_cosine`` then: a ``[B, C, N]`` detection head or a
+    sequence of class scores is no sentence embedding).
+    """
+    masks = [name for name, role in roles.items() if role.kind == "mask"]
+    ids = [name for name, role in roles.items() if role.kind == "ids"]
+    if len(masks) == 1:
+        return np.asarray(feed[masks[0]])
+    return np.ones(np.shape(feed[ids[0]])) if len(ids) == 1 and np.ndim(feed[ids[0]]) == 2 else None
 
 
 def _collect(
