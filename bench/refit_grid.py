@@ -582,14 +582,22 @@ class Grid:
         if "merges_only" in self.methods:
             runs.append((f"merges_only_{self.largest}", self.specs[self.largest], False))
         for key, spec, refit in runs:
-            try:
+
+            def red_cell(key: str = key, spec: InputSpec = spec, refit: bool = refit) -> dict:
                 model, info = _red(self.task, target, spec, refit, self.multiple)
-                cells[key] = self._measure(model, info, vectors, key)
-            except RedOnnxError as error:
-                cells[key] = {"error": str(error)}
-            except Exception as error:  # a red_onnx crash is a result to record
-                cells[key] = {"error": _failure(error), "crashed": True}
-            print(f"  {self.task.name} {target} {key}: {_brief(cells[key], self.task.metric)}", flush=True)
+                return self._measure(model, info, vectors, key)
+
+            self._record(cells, key, target, red_cell)
+
+    def _record(self, cells: dict, key: str, target: float, measure: Callable[[], dict]) -> None:
+        """``cells[key]`` from ``measure``; a refusal or a crash (of red_onnx or onnxsim) is a result too."""
+        try:
+            cells[key] = measure()
+        except RedOnnxError as error:
+            cells[key] = {"error": str(error)}
+        except Exception as error:  # a crash is a result to record
+            cells[key] = {"error": _failure(error), "crashed": True}
+        print(f"  {self.task.name} {target} {key}: {_brief(cells[key], self.task.metric)}", flush=True)
 
     def _baseline_cells(self, target: float, cells: dict, vectors: dict) -> None:
         reached = cells.get(f"refit_{self.largest}", {}).get("macs", target)
@@ -599,8 +607,9 @@ class Grid:
         if "onnxsim_wanda" in self.methods:
             runs.append((f"onnxsim_wanda_{self.largest}", _wanda(self.wanda_batches)))
         for key, pruner in runs:
-            started = time.perf_counter()
-            try:
+
+            def baseline_cell(key: str = key, pruner: Pruner | None = pruner) -> dict:
+                started = time.perf_counter()
                 floor, most = self._floor(key, pruner)
                 if floor > reached + MACS_TOLERANCES[-1]:
                     raise InputError(
@@ -612,12 +621,9 @@ class Grid:
                 info = {"macs": macs(pruned) / self.base_macs, "sparsity": sparsity, "bisected_to": reached,
                         "tolerance": tolerance, "seconds": seconds, "macs_floor": floor,
                         "structure": pruned_structure(self.folded, pruned)}  # fmt: skip
-                cells[key] = self._measure(pruned, info, vectors, key)
-            except RedOnnxError as error:
-                cells[key] = {"error": str(error)}
-            except Exception as error:  # an onnxsim crash is a result to record
-                cells[key] = {"error": _failure(error), "crashed": True}
-            print(f"  {self.task.name} {target} {key}: {_brief(cells[key], self.task.metric)}", flush=True)
+                return self._measure(pruned, info, vectors, key)
+
+            self._record(cells, key, target, baseline_cell)
 
     def row(self, target: float) -> dict:
         """Every method at one target, with the paired intervals of each refit run against the others."""
