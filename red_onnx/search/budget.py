@@ -61,8 +61,8 @@ from red_onnx.search.budget_options import (
     removal_levels,
 )
 from red_onnx.search.channel_steps import ChannelSteps
-from red_onnx.search.sensitivity import LocalSensitivity, consumer_inputs, weight_rows
-from red_onnx.search.simulate import MacsCounter, MergeSimulator, consumer_slots
+from red_onnx.search.sensitivity import LocalSensitivity, consumer_inputs
+from red_onnx.search.simulate import MacsCounter, MergeSimulator, consumer_slots, weight_rows
 from red_onnx.search.suffix import SuffixSimulator
 from red_onnx.verify.inputs import load_samples, real_inputs
 from red_onnx.verify.verifier import Verifier

@@ -41,7 +41,7 @@ from red_onnx.analysis.channels import ChannelGroup
 from red_onnx.analysis.redundancy import Merge
 from red_onnx.analysis.weights import channel_rows
 from red_onnx.search.activations import channel_rows_sampled
-from red_onnx.search.simulate import ConsumerSlot, consumer_slots
+from red_onnx.search.simulate import ConsumerSlot, consumer_slots, weight_rows
 
 logger = logging.getLogger(__name__)
 
@@ -164,12 +164,6 @@ def _product_norm(weights: np.ndarray, rows: np.ndarray) -> float:
         product = weights[:, start : start + step].T.astype(dtype, copy=False) @ rows
         total += float(np.einsum("ij,ij->", product, product, dtype=np.float64))
     return total
-
-
-def weight_rows(slot: ConsumerSlot, channels: np.ndarray) -> np.ndarray:
-    """Rows ``channels`` of ``channel_rows(slot.values, slot.axis, slot.block)``, gathered alone."""
-    entries = (channels[:, None] * slot.block + np.arange(slot.block)[None, :]).ravel()
-    return np.moveaxis(slot.values, slot.axis, 0)[entries].reshape(len(channels), -1)  # one copy
 
 
 @dataclass

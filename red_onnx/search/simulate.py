@@ -121,17 +121,18 @@ def bias_slot(node: gs.Node) -> BiasSlot | None:
     return None if values is None else BiasSlot(other.name, values, 1.0)
 
 
-def _flat(slot: ConsumerSlot) -> tuple[np.ndarray, tuple[int, ...]]:
-    """A copy of the slot's weight as ``[channels, rest]``, and the shape of its moved weight."""
-    moved = np.moveaxis(slot.values, slot.axis, 0)
-    return np.array(moved, order="C").reshape(moved.shape[0] // slot.block, -1), moved.shape
+def weight_rows(slot: ConsumerSlot, channels: np.ndarray) -> np.ndarray:
+    """Rows ``channels`` of the slot's weight as ``[channels, block·rest]``, gathered alone (one copy)."""
+    entries = (channels[:, None] * slot.block + np.arange(slot.block)[None, :]).ravel()
+    return np.moveaxis(slot.values, slot.axis, 0)[entries].reshape(len(channels), -1)
 
 
 def merged_weight(slot: ConsumerSlot, merges: Sequence[Merge]) -> np.ndarray:
     """The consumer weight with ``V_target += scale·V_source`` and ``V_source = 0`` for each merge."""
-    flat, shape = _flat(slot)
+    moved = np.moveaxis(slot.values, slot.axis, 0)
+    flat = np.array(moved, order="C").reshape(moved.shape[0] // slot.block, -1)  # a copy to edit
     flat[add_merged_rows(flat, slot.local, merges)] = 0.0  # summed in float64, rounded once
-    return np.moveaxis(flat.reshape(shape), 0, slot.axis)
+    return np.moveaxis(flat.reshape(moved.shape), 0, slot.axis)
 
 
 def offset_bias(slot: ConsumerSlot, merges: Sequence[Merge]) -> np.ndarray | None:
@@ -139,9 +140,9 @@ def offset_bias(slot: ConsumerSlot, merges: Sequence[Merge]) -> np.ndarray | Non
     picked = [(slot.local[m.source], m.offset) for m in merges if m.offset and slot.local[m.source] >= 0]
     if not picked or slot.bias is None or slot.node is None:
         return None
-    flat, shape = _flat(slot)
-    index = np.array([i for i, _ in picked])
-    rows = flat[index].reshape(len(index), slot.block, *shape[1:])
+    channels = np.array([i for i, _ in picked])
+    rest = np.moveaxis(slot.values, slot.axis, 0).shape[1:]  # a view: only the sources' rows are copied
+    rows = weight_rows(slot, channels).reshape(len(channels), slot.block, *rest)
     contribution = bias_contribution(slot.node, rows, np.array([v for _, v in picked]))
     bias = slot.bias
     changed = bias.values.astype(np.float64) + (contribution / bias.divisor).reshape(bias.values.shape)
