@@ -195,9 +195,10 @@ class Verifier:
         self._reference = held.source if held is not None else model_source(reference)
         structure = structure if structure is not None else load_structure(reference)
         self.rounding_floor = ROUNDING_UNITS * rounding_unit(structure)
+        roles = integer_roles(structure)
         hints = (
             defaulted_dims_hint(real_inputs(structure), spec),
-            drawn_ints_hint(real_inputs(structure), spec, integer_roles(structure)),
+            drawn_ints_hint(real_inputs(structure), spec, roles),
         )
         self._shape_hint = "; ".join(hint for hint in hints if hint) or None  # for a failed reference run
         self._reference_cache: dict[str, list[Feed]] = {}
@@ -208,7 +209,7 @@ class Verifier:
             self.pairs = self._confirmed(structure)
         self._steps: list[list[Feed]] = self._streams(structure) if self.pairs else []
         self._inputs: list[Feed] = [] if self.pairs else self._batch_inputs(structure)
-        self._masks = [_token_weights(feed, integer_roles(structure)) for feed in self._inputs]
+        self._masks = [_token_weights(feed, roles) for feed in self._inputs]
 
     @property
     def inputs(self) -> list[Feed]:
