@@ -16,7 +16,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from red_onnx.analysis.channels import ChannelGroup, analyse_model
-from red_onnx.analysis.redundancy import AtomParams, Merge, atom_params
+from red_onnx.analysis.merge_sets import DenseMerges, MergeList, removed_atoms
+from red_onnx.analysis.redundancy import AtomParams, atom_params
 from red_onnx.analysis.similarity import Candidates, near_candidates
 from red_onnx.io.graph import WorkingModel, clear_intermediate_shapes, constant_values
 from red_onnx.passes.infra import Pass, PassResult, require_constant_weights
@@ -56,7 +57,7 @@ class MergeNear(Pass):
         self,
         *,
         shapes: Callable[[WorkingModel], Shapes],
-        merges: Mapping[str, Sequence[Merge]],
+        merges: Mapping[str, MergeList],
         freeze: Sequence[str] = (),
     ) -> None:
         """Configure the pass.
@@ -68,7 +69,11 @@ class MergeNear(Pass):
             freeze: Node-name glob patterns of layers to protect (their groups are never touched).
         """
         self.shapes = shapes
-        self.merges = {name: list(items) for name, items in merges.items() if items}
+        self.merges = {
+            name: items if isinstance(items, DenseMerges) else list(items)
+            for name, items in merges.items()
+            if items
+        }
         self.freeze = tuple(freeze)
 
     def requires(self, model: WorkingModel) -> None:
@@ -83,7 +88,7 @@ class MergeNear(Pass):
             if not merges or group.frozen:
                 continue
             delete = np.zeros(group.n_atoms, bool)
-            delete[[m.source for m in merges]] = True
+            delete[removed_atoms(merges)] = True
             plans.append(GroupPlan(group, delete, merges))
         before = _consumer_ranges(plans)
         attach_graph(model.graph)

@@ -1428,3 +1428,323 @@ def assert_removed(original: onnx.ModelProto, expected: dict[str, int], result: 
         if name in after and op_after.get(name) == op_before[name] and n - after[name] != want:
             errors.append(f"{name}: model keeps {after[name]} of {n} channels, expected {n - want}")
     assert not errors, "\n".join(errors)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention blocks as transformer exports write them (docs/method.md, "Attention heads")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """Options of :func:`attention_model`.
+
+    Attributes:
+        heads: Heads H per layer.
+        head_size: Head size D.
+        width: Model width E (the projections map E to H·D and back).
+        layers: Attention blocks in sequence (residual adds between them).
+        batch: Batch size (the static shape, and the declared one of static models).
+        seq: Sequence length (likewise).
+        dynamic: Batch and sequence are symbolic and the head-split targets are built at run time
+            (``Concat(Unsqueeze(Gather(Shape(x), 0)), Unsqueeze(Gather(Shape(x), 1)), [-1 or H], [D])``).
+        explicit_heads: A dynamic head-split target says H, not -1.
+        merge_target: The merge-back Reshape's target: ``constant`` ([B, S, H·D], or [0, 0, H·D] when
+            dynamic), ``concat`` (B and S read by Shape from the merged tensor, then [H·D]),
+            ``shape_slice`` (``Shape`` with start/end from opset 15, or Slice below: [B, S] in one
+            piece), or ``minus_one`` ([0, 0, -1]).
+        k_transpose: ``one`` (K by perm (0, 2, 3, 1)) or ``two`` ((0, 2, 1, 3) then (0, 1, 3, 2)).
+        scale: ``div`` (scores / √D), ``mul`` (scores · 1/√D) or ``shape`` (as exports of
+            scaled_dot_product_attention: 1/√D computed from ``Shape(q)[-1]`` at run time).
+        mask: An additive mask input ``mask`` [B, 1, 1, S].
+        position_bias: A position bias [1, H, S, S] computed once (Gather from a table by the int64
+            input ``relative`` [S, S]) and added to the scores of every layer.
+        fused: ``""`` (three projections), ``split`` or ``slice`` (one projection to 3·H·D cut in three),
+            ``reshape5`` (timm: the fused output reshaped to [B, S, 3, H, D], transposed, gathered; static).
+        head_size_from_shape: The head-split target's last entry is ``Shape(q)[2] // H`` (frozen).
+        opset: The opset (Split's sizes and Unsqueeze's axes are inputs from 13, Shape's start/end
+            attributes from 15, Split's num_outputs from 18).
+        seed: Weight seed.
+    """
+
+    heads: int = 4
+    head_size: int = 8
+    width: int = 16
+    layers: int = 1
+    batch: int = 2
+    seq: int = 6
+    dynamic: bool = False
+    explicit_heads: bool = False
+    merge_target: str = "constant"
+    k_transpose: str = "one"
+    scale: str = "div"
+    mask: bool = True
+    position_bias: bool = False
+    fused: str = ""
+    head_size_from_shape: bool = False
+    opset: int = 17
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class AttentionModel:
+    """A built attention model and the names the tests look for.
+
+    Attributes:
+        model: The ONNX model (output ``y`` [B, S, E]).
+        producers: Per layer, the projection MatMuls that write the heads (q, k, v or the fused one).
+        out_proj: Per layer, the output projection MatMul (the consumer of the heads).
+        out_weight: Per layer, the output projection's weight initializer [H·D, E].
+    """
+
+    model: onnx.ModelProto
+    producers: list[list[str]]
+    out_proj: list[str]
+    out_weight: list[str]
+
+
+class _AttentionGraph:
+    def __init__(self, spec: AttentionSpec) -> None:
+        self.spec = spec
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.rng = np.random.default_rng(spec.seed)
+        self.count = 0
+
+    def name(self, stem: str) -> str:
+        self.count += 1
+        return f"{stem}_{self.count}"
+
+    def const(self, stem: str, values: np.ndarray) -> str:
+        name = self.name(stem)
+        self.inits.append(numpy_helper.from_array(np.asarray(values), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], stem: str, **attrs: int | float | list[int]) -> str:
+        out = self.name(stem)
+        self.nodes.append(helper.make_node(op, inputs, [out], out, **attrs))
+        return out
+
+    def weight(self, stem: str, shape: tuple[int, int]) -> str:
+        return self.const(stem, (self.rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32))
+
+    def unsqueeze0(self, x: str) -> str:
+        return self.node("Unsqueeze", [x, self.const("axes", np.array([0], np.int64))], "unsqueeze")
+
+    def dim(self, x: str, index: int) -> str:
+        shape = self.node("Shape", [x], "shape")
+        return self.unsqueeze0(self.node("Gather", [shape, self.const("index", np.array(index, np.int64))],
+                                         "gather", axis=0))  # fmt: skip
+
+    def split_heads(self, x: str, source: str) -> str:
+        """Reshape [B, S, H·D] to [B, S, H, D] (``source``: the tensor B and S are read from)."""
+        s = self.spec
+        if s.head_size_from_shape:
+            shape = self.node("Shape", [x], "shape")
+            columns = self.node("Gather", [shape, self.const("index", np.array(2))], "gather", axis=0)
+            size = self.unsqueeze0(self.node("Div", [columns, self.const("heads", np.array(s.heads))], "div"))
+            pieces = [self.dim(source, 0), self.dim(source, 1), self.const("h", np.array([s.heads])), size]
+            target = self.node("Concat", pieces, "target", axis=0)
+        elif s.dynamic:
+            heads = s.heads if s.explicit_heads else -1
+            pieces = [self.dim(source, 0), self.dim(source, 1), self.const("h", np.array([heads])),
+                      self.const("d", np.array([s.head_size]))]  # fmt: skip
+            target = self.node("Concat", pieces, "target", axis=0)
+        else:
+            target = self.const("target", np.array([s.batch, s.seq, s.heads, s.head_size]))
+        return self.node("Reshape", [x, target], "split")
+
+    def merge_heads(self, x: str) -> str:
+        """Reshape [B, S, H, D] to [B, S, H·D] by the spec's merge-back target."""
+        s = self.spec
+        width = s.heads * s.head_size
+        if s.merge_target == "concat":
+            pieces = [self.dim(x, 0), self.dim(x, 1), self.const("c", np.array([width]))]
+            target = self.node("Concat", pieces, "target", axis=0)
+        elif s.merge_target == "shape_slice":
+            if s.opset >= 15:
+                lead = self.node("Shape", [x], "shape", start=0, end=2)
+            else:
+                shape = self.node("Shape", [x], "shape")
+                ends = [self.const("starts", np.array([0])), self.const("ends", np.array([2]))]
+                lead = self.node("Slice", [shape, *ends], "slice")
+            target = self.node("Concat", [lead, self.const("c", np.array([width]))], "target", axis=0)
+        elif s.merge_target == "minus_one":
+            target = self.const("target", np.array([0, 0, -1]))
+        elif s.dynamic:
+            target = self.const("target", np.array([0, 0, width]))
+        else:
+            target = self.const("target", np.array([s.batch, s.seq, width]))
+        return self.node("Reshape", [x, target], "merge")
+
+    def projections(self, x: str, layer: int) -> tuple[list[str], list[str]]:
+        """The projected q, k, v [B, S, H·D] (with biases) and the MatMuls that wrote them."""
+        s = self.spec
+        width = s.heads * s.head_size
+        if not s.fused:
+            outs, names = [], []
+            for role in "qkv":
+                product = self.node(
+                    "MatMul", [x, self.weight(f"w{role}", (s.width, width))], f"{role}{layer}"
+                )
+                names.append(product)
+                bias = self.const(f"b{role}", self.rng.standard_normal(width).astype(np.float32))
+                outs.append(self.node("Add", [bias, product], f"{role}_bias"))
+            return outs, names
+        product = self.node("MatMul", [x, self.weight("wqkv", (s.width, 3 * width))], f"qkv{layer}")
+        bias = self.const("bqkv", self.rng.standard_normal(3 * width).astype(np.float32))
+        fused = self.node("Add", [product, bias], "qkv_bias")
+        if s.fused == "reshape5":
+            target = self.const("target", np.array([s.batch, s.seq, 3, s.heads, s.head_size]))
+            split = self.node("Reshape", [fused, target], "split5")
+            moved = self.node("Transpose", [split], "qkv_t", perm=[2, 0, 3, 1, 4])
+            picks = [self.const("pick", np.array(k, np.int64)) for k in range(3)]
+            return [self.node("Gather", [moved, pick], "pick", axis=0) for pick in picks], [product]
+        if s.fused == "slice":
+            outs = []
+            for k in range(3):
+                start, end = np.array([k * width]), np.array([(k + 1) * width])
+                bounds = [
+                    self.const("start", start),
+                    self.const("end", end),
+                    self.const("axes", np.array([-1])),
+                ]
+                outs.append(self.node("Slice", [fused, *bounds], "slice"))
+            return outs, [product]
+        outs = [self.name("part") for _ in range(3)]
+        if s.opset >= 18:
+            self.nodes.append(helper.make_node("Split", [fused], outs, name=self.name("split"), axis=-1,
+                                               num_outputs=3))  # fmt: skip
+        else:
+            sizes = self.const("sizes", np.array([width] * 3))
+            self.nodes.append(
+                helper.make_node("Split", [fused, sizes], outs, name=self.name("split"), axis=-1)
+            )
+        return outs, [product]
+
+    def layer(self, x: str, layer: int, bias: str | None) -> tuple[str, list[str], str, str]:
+        s = self.spec
+        (q, k, v), producers = self.projections(x, layer)
+        if s.fused == "reshape5":  # already [B, H, S, D]
+            k = self.node("Transpose", [k], "k_t", perm=[0, 1, 3, 2])
+        else:
+            q = self.node("Transpose", [self.split_heads(q, x)], "q_t", perm=[0, 2, 1, 3])
+            k = self.split_heads(k, x)
+            if s.k_transpose == "one":
+                k = self.node("Transpose", [k], "k_t", perm=[0, 2, 3, 1])
+            else:
+                k = self.node("Transpose", [self.node("Transpose", [k], "k_t", perm=[0, 2, 1, 3])], "k_tt",
+                              perm=[0, 1, 3, 2])  # fmt: skip
+            v = self.node("Transpose", [self.split_heads(v, x)], "v_t", perm=[0, 2, 1, 3])
+        scores = self.node("MatMul", [q, k], "scores")
+        if s.scale == "div":
+            scores = self.node(
+                "Div", [scores, self.const("scale", np.array(np.sqrt(s.head_size), np.float32))], "div"
+            )
+        elif s.scale == "shape":
+            size = self.node("Gather", [self.node("Shape", [q], "shape"), self.const("last", np.array(-1))],
+                             "gather", axis=0)  # fmt: skip
+            root = self.node("Sqrt", [self.node("Cast", [size], "cast", to=TensorProto.FLOAT)], "sqrt")
+            scale = self.node("Div", [self.const("one", np.array(1.0, np.float32)), root], "scale")
+            scores = self.node("Mul", [scores, scale], "mul")
+        else:
+            scale = np.array(1 / np.sqrt(s.head_size), np.float32)
+            scores = self.node("Mul", [scores, self.const("scale", scale)], "mul")
+        if s.mask:
+            scores = self.node("Add", [scores, "mask"], "masked")
+        if bias is not None:
+            scores = self.node("Add", [scores, bias], "biased")
+        probs = self.node("Softmax", [scores], "probs", axis=-1)
+        heads = self.node(
+            "Transpose", [self.node("MatMul", [probs, v], "context")], "context_t", perm=[0, 2, 1, 3]
+        )
+        weight = self.weight("wo", (s.heads * s.head_size, s.width))
+        out = self.node("MatMul", [self.merge_heads(heads), weight], f"o{layer}")
+        projected = self.node(
+            "Add", [out, self.const("bo", self.rng.standard_normal(s.width).astype(np.float32))], "o_bias"
+        )
+        return self.node("Add", [projected, x], "residual"), producers, out, weight
+
+    def build(self) -> AttentionModel:
+        s = self.spec
+        batch, seq = ("B", "S") if s.dynamic else (s.batch, s.seq)
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, seq, s.width])]
+        if s.mask:
+            inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, [batch, 1, 1, seq]))
+        bias = None
+        if s.position_bias:
+            inputs.append(helper.make_tensor_value_info("relative", TensorProto.INT64, [seq, seq]))
+            table = self.const("table", self.rng.standard_normal((16, s.heads)).astype(np.float32))
+            gathered = self.node("Gather", [table, "relative"], "bias_gather", axis=0)
+            bias = self.unsqueeze0(self.node("Transpose", [gathered], "bias_t", perm=[2, 0, 1]))
+        x = "x"
+        model = AttentionModel(onnx.ModelProto(), [], [], [])
+        for layer in range(s.layers):
+            x, producers, out, weight = self.layer(x, layer, bias)
+            model.producers.append(producers)
+            model.out_proj.append(out)
+            model.out_weight.append(weight)
+        self.nodes.append(helper.make_node("Identity", [x], ["y"], name="output"))
+        output = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, seq, s.width])
+        graph = helper.make_graph(self.nodes, "attention", inputs, [output], self.inits)
+        opset = [helper.make_opsetid("", s.opset)]
+        model.model = helper.make_model(graph, opset_imports=opset, ir_version=IR_VERSION)
+        onnx.checker.check_model(model.model, full_check=True)
+        return model
+
+
+def attention_model(spec: AttentionSpec) -> AttentionModel:
+    """An attention model as transformer exports write it (see :class:`AttentionSpec` for the options)."""
+    return _AttentionGraph(spec).build()
+
+
+def attention_feeds(
+    spec: AttentionSpec, seed: int, batch: int | None = None, seq: int | None = None
+) -> dict[str, np.ndarray]:
+    """Seeded inputs of :func:`attention_model` (other batch and sequence sizes for dynamic models)."""
+    rng = np.random.default_rng(seed)
+    b, s = batch or spec.batch, seq or spec.seq
+    feeds = {"x": rng.standard_normal((b, s, spec.width)).astype(np.float32)}
+    if spec.mask:
+        feeds["mask"] = np.where(rng.random((b, 1, 1, s)) < 0.2, -1e4, 0.0).astype(np.float32)
+    if spec.position_bias:
+        feeds["relative"] = rng.integers(0, 16, (s, s)).astype(np.int64)
+    return feeds
+
+
+def without_heads(
+    built: AttentionModel, spec: AttentionSpec, deleted: Sequence[Sequence[int]]
+) -> onnx.ModelProto:
+    """``built`` with the output projection rows of the ``deleted`` heads (per layer) zeroed: head removal."""
+    model = onnx.ModelProto()
+    model.CopyFrom(built.model)
+    for weight, heads in zip(built.out_weight, deleted, strict=True):
+        init = next(i for i in model.graph.initializer if i.name == weight)
+        values = numpy_helper.to_array(init).copy()
+        rows = values.reshape(spec.heads, spec.head_size, -1)
+        rows[list(heads)] = 0.0
+        init.CopyFrom(numpy_helper.from_array(values, weight))
+    return model
+
+
+def plant_identical_heads(
+    built: AttentionModel, spec: AttentionSpec, source: int, target: int
+) -> onnx.ModelProto:
+    """``built`` with head ``target`` of every layer a copy of head ``source``: the same Q, K and V columns
+    and biases (in every region of a fused projection), so both heads compute the same output."""
+    model = onnx.ModelProto()
+    model.CopyFrom(built.model)
+    inits = {i.name: i for i in model.graph.initializer}
+    width = spec.heads * spec.head_size
+    names = {n for layer in built.producers for n in layer}
+    columns = []
+    for node in model.graph.node:
+        if node.name in names:
+            columns.append(node.input[1])
+            add = next(n for n in model.graph.node if node.output[0] in n.input and n.op_type == "Add")
+            columns += [t for t in add.input if t in inits]
+    for name in columns:
+        values = numpy_helper.to_array(inits[name]).copy()
+        heads = values.reshape(*values.shape[:-1], values.shape[-1] // width, spec.heads, spec.head_size)
+        heads[..., target, :] = heads[..., source, :]
+        inits[name].CopyFrom(numpy_helper.from_array(values, name))
+    return model

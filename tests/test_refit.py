@@ -409,6 +409,26 @@ def test_greedy_candidates_restrict_removal_but_all_compensate() -> None:
     assert not np.allclose(compensated[0], v[0])  # a non-candidate row compensates too
 
 
+@pytest.mark.parametrize(("block", "batch"), [(1, 3), (1, 4), (2, 3)])
+def test_batched_steps_remove_the_cheapest_together_and_keep_the_closed_form(block: int, batch: int) -> None:
+    channels = 14
+    x, v = rows_and_weight(7, channels, block, 5, 300)
+    gram = augmented_gram(x)
+    path, compensated = _obs_path(gram, v, 10, 0.1, block, None, True, batch)
+    assert len(set(path.order.tolist())) == 10 and np.all(np.diff(path.cost) >= -1e-12)
+    for end in range(batch, 10, batch):  # at every batch's end: E of the set removed so far
+        keep = block_rows(np.setdiff1d(np.arange(channels), path.order[:end]), block)
+        assert path.cost[end - 1] == pytest.approx(penalised_error(gram, v, keep, 0.1), rel=RTOL)
+    keep = block_rows(np.setdiff1d(np.arange(channels), path.order), block)
+    assert path.cost[-1] == pytest.approx(penalised_error(gram, v, keep, 0.1), rel=RTOL)
+    v_keep, _ = refit(gram, v, keep, 0.1)
+    assert relative(compensated[keep] - v[keep], v_keep - v[keep]) < 1e-7
+    first = _obs_path(gram, v, 1, 0.1, block, None, True)[0].order[0]
+    assert first in path.order[:batch]  # the one-step path's first pick is in the first batch
+    with pytest.raises(ValueError, match="batch"):
+        greedy_obs(gram, v, 2, 0.1, block=block, batch=0)
+
+
 # --- choosing λ ------------------------------------------------------------------------------------------
 
 

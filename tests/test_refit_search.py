@@ -11,10 +11,12 @@ from graphs import random_feeds, run
 from onnx import helper, numpy_helper
 
 import red_onnx
+from red_onnx.analysis.merge_sets import DenseMerges, local_offsets, removed_atoms
 from red_onnx.analysis.refit import augmented_gram, refit
 from red_onnx.passes.merge_near import mergeable_groups
 from red_onnx.rewrite.editor import add_merged_rows
 from red_onnx.runtime.shapes import ShapeService
+from red_onnx.search import budget_options
 from red_onnx.search.budget import BudgetSearch
 from red_onnx.search.budget_options import refit_ordering
 from red_onnx.verify.inputs import make_inputs
@@ -31,17 +33,37 @@ def test_the_merges_of_a_refit_ordering_apply_the_refit() -> None:
     assert ordering.order[0] == 5  # the mix goes first
     for count in (1, 2, 4):
         merges = ordering.merges(count)
-        removed = sorted({m.source for m in merges})
+        assert isinstance(merges, DenseMerges)  # |R|·|K| merges held as one matrix
+        removed = removed_atoms(merges).tolist()
         assert removed == sorted(ordering.order[:count].tolist())
-        flat = weight.copy()
-        add_merged_rows(flat, atoms, merges)
         keep = np.setdiff1d(atoms, removed)
         kept, bias = refit(augmented_gram(rows), weight, keep, ordering.lam)
-        np.testing.assert_allclose(flat[keep], kept, rtol=1e-9, atol=1e-9)
-        offsets = np.zeros(6)
-        for m in merges:
-            offsets[m.source] += m.offset  # one merge per source carries its intercept
-        np.testing.assert_allclose(weight.T @ offsets, bias, rtol=1e-9, atol=1e-9)
+        for form in (merges, merges.as_merges()):  # the dense form and its Merge list agree
+            flat = weight.copy()
+            assert set(add_merged_rows(flat, atoms, form).tolist()) == set(removed)  # the rows to zero
+            np.testing.assert_allclose(flat[keep], kept, rtol=1e-9, atol=1e-9)
+            channels, values = local_offsets(form, atoms)
+            offsets = np.zeros(6)
+            np.add.at(offsets, channels, values)  # one merge per source carries its intercept
+            np.testing.assert_allclose(weight.T @ offsets, bias, rtol=1e-9, atol=1e-9)
+
+
+def test_wide_groups_take_the_path_in_joint_steps_up_to_the_deepest_level(monkeypatch) -> None:
+    monkeypatch.setattr(budget_options, "OBS_SINGLE_MAX", 8)  # the wide-group path on a small group
+    monkeypatch.setattr(budget_options, "OBS_WIDE_STEPS", 4)
+    rng = np.random.default_rng(5)
+    rows = rng.standard_normal((20, 300)) + 1.0
+    weight = rng.standard_normal((20, 4))
+    atoms = np.arange(20)
+    ordering = refit_ordering(rows, atoms, weight, True)
+    assert ordering is not None
+    assert ordering.order.size == 15  # 3/4 of 20: the deepest level fraction, not 19
+    merges = ordering.merges(10)
+    keep = np.setdiff1d(atoms, ordering.order[:10])
+    kept, _ = refit(augmented_gram(rows), weight, keep, ordering.lam)
+    flat = weight.copy()
+    add_merged_rows(flat, atoms, merges)
+    np.testing.assert_allclose(flat[keep], kept, rtol=1e-9, atol=1e-9)
 
 
 def _mixed_channel_net() -> onnx.ModelProto:

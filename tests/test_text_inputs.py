@@ -12,9 +12,11 @@ from onnx import helper, numpy_helper
 import red_onnx
 from red_onnx.options import InputSpec
 from red_onnx.report.report import render_table
-from red_onnx.verify.compare import pooled_cosine
+from red_onnx.search.activations import capture
+from red_onnx.verify.compare import compare_outputs, pooled_cosine, token_rows
 from red_onnx.verify.inputs import describe_inputs, make_inputs
 from red_onnx.verify.synthetic import IntegerRole, integer_roles
+from red_onnx.verify.verifier import Verifier
 
 INT64 = onnx.TensorProto.INT64
 
@@ -135,3 +137,46 @@ def test_a_model_without_token_ids_gets_no_pooled_cosine() -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     (output,) = red_onnx.compress(model, latency_check=False).report.to_dict()["verification"]["outputs"]
     assert output["shape"] == [1, 6, 8] and output["pooled_cosine"] is None
+
+
+def padded_samples(path, rows: int = 6, length: int = 8) -> np.ndarray:
+    """An npz of the encoder's four inputs, sentences of 3..length tokens padded to ``length``."""
+    rng = np.random.default_rng(4)
+    lengths = rng.integers(3, length + 1, rows)
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
+    positions = np.broadcast_to(np.arange(length), (rows, length)).copy()
+    ids = rng.integers(0, 50, (rows, length)) * mask
+    types = np.zeros_like(mask)
+    np.savez(path, input_ids=ids, token_type_ids=types, position_ids=positions, attention_mask=mask)
+    return mask
+
+
+def test_the_relative_error_counts_only_the_tokens_the_mask_keeps() -> None:
+    rng = np.random.default_rng(5)
+    reference = rng.standard_normal((2, 6, 4)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
+    candidate = reference.copy()
+    candidate[mask == 0] += 50.0  # padded tokens only
+    check = compare_outputs("y", candidate, reference, mask=mask)
+    assert check.rel_l2_err == 0.0 and check.max_abs_err == pytest.approx(50.0) and not check.passed
+    candidate[0, 0, 0] += 1.0  # a kept token: measured over the kept tokens alone
+    kept = mask > 0
+    expected = 1.0 / np.linalg.norm(reference[kept].astype(np.float64))
+    assert compare_outputs("y", candidate, reference, mask=mask).rel_l2_err == pytest.approx(expected)
+    assert compare_outputs("y", candidate, reference).rel_l2_err > 1.0  # without a mask: every element
+    assert token_rows(reference, np.ones((2, 6))) is None  # a mask that keeps everything changes nothing
+
+
+def test_search_errors_and_captured_activations_skip_padded_tokens(tmp_path) -> None:
+    model = encoder_like()
+    path = tmp_path / "samples.npz"
+    mask = padded_samples(path)
+    verifier = Verifier(model, InputSpec(calibration=path), levels=("disable_all",))
+    (masked,) = verifier.token_masks
+    np.testing.assert_array_equal(masked, mask)
+    (reference,) = verifier.reference_outputs("disable_all")
+    padded = {"y": reference["y"] + 10.0 * (mask == 0)[:, :, None].astype(np.float32)}
+    assert verifier.rel_l2_errors_of([padded], "disable_all")["y"] == 0.0
+    captured = capture(model, verifier.inputs, {"h2": (2, 1)}, masks=verifier.token_masks)
+    assert captured["h2"].shape == (12, int(mask.sum()))  # one column per kept token
+    assert capture(model, verifier.inputs, {"h2": (2, 1)})["h2"].shape == (12, mask.size)

@@ -16,12 +16,22 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from red_onnx.analysis.reasons import Reason
+from red_onnx.analysis.weights import producer_block
 from red_onnx.io.graph import constant_values, expect_constant, is_empty_input
 
 if TYPE_CHECKING:
     from red_onnx.analysis.channels import GroupTensor
 
-__all__ = ["GraphContext", "Link", "NodeMap", "Reason", "Relation", "producer_seed", "visit"]
+__all__ = [
+    "GraphContext",
+    "Link",
+    "NodeMap",
+    "Reason",
+    "Relation",
+    "producer_seed",
+    "target_entry",
+    "visit",
+]
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 #: Weighted ops on quantized integers: their groups start, and freeze, so the report names them.
@@ -222,7 +232,7 @@ def producer_seed(node: gs.Node, context: GraphContext) -> Link | None:
         if constant_values(node.inputs[1]) is None:
             return None
         rank = context.rank(node.outputs[0])
-        return Link(node.outputs[0], rank - 1) if rank else None
+        return Link(node.outputs[0], rank - 1, producer_block(node)) if rank else None
     if node.op == "Conv" and _depthwise_multiplier(node) == 1:
         return None
     return Link(node.outputs[0], 1)
@@ -327,11 +337,9 @@ def _visit_gemm(node: gs.Node, member: GroupTensor, context: GraphContext) -> No
         if bias.ndim == 2 and bias.shape[0] != 1:
             return _fmt(Reason.GEMM_FULL_C, node)
     if _is_output(node, member):
-        return (
-            NodeMap("producer")
-            if member.axis == 1
-            else _fmt(Reason.WRONG_AXIS, node, tensor=member.tensor.name, axis=member.axis)
-        )
+        if member.axis != 1:
+            return _fmt(Reason.WRONG_AXIS, node, tensor=member.tensor.name, axis=member.axis)
+        return _producer_block_problem(node, member) or NodeMap("producer")
     if member.tensor is not node.inputs[0]:
         return _fmt(Reason.VARIABLE_PARAMETER, node, tensor=member.tensor.name)
     expected = 0 if int(node.attrs.get("transA", 0)) else 1
@@ -341,6 +349,8 @@ def _visit_gemm(node: gs.Node, member: GroupTensor, context: GraphContext) -> No
 
 
 def _visit_matmul(node: gs.Node, member: GroupTensor, context: GraphContext) -> NodeMap | str:
+    if all(constant_values(t) is None for t in node.inputs[:2]):
+        return _batched_matmul(node, member, context)
     weight = constant_values(node.inputs[1])
     if weight is None or weight.ndim != 2 or member.tensor is node.inputs[1]:
         return _fmt(Reason.VARIABLE_PARAMETER, node, tensor=node.inputs[1].name)
@@ -350,7 +360,41 @@ def _visit_matmul(node: gs.Node, member: GroupTensor, context: GraphContext) -> 
     rank = context.rank(member.tensor)
     if rank is None or member.axis != rank - 1 or rank < 2:
         return _fmt(Reason.WRONG_AXIS, node, tensor=member.tensor.name, axis=member.axis)
-    return NodeMap("producer" if _is_output(node, member) else "consumer")
+    if _is_output(node, member):
+        return _producer_block_problem(node, member) or NodeMap("producer")
+    return NodeMap("consumer")
+
+
+def _producer_block_problem(node: gs.Node, member: GroupTensor) -> str | None:
+    """A producer's output must be reached in the channels its weight's columns make (one row each)."""
+    expected = producer_block(node)
+    if member.block == expected:
+        return None
+    return _fmt(Reason.PRODUCER_BLOCK, node, tensor=member.tensor.name, block=member.block, expected=expected)
+
+
+def _batched_matmul(node: gs.Node, member: GroupTensor, context: GraphContext) -> NodeMap | str:
+    """MatMul of two computed tensors: its batch axes (numpy broadcasting) tie A, B and the output.
+
+    Attention's ``Q·Kᵀ`` and ``P·V`` keep heads apart on a batch axis; the two matrix axes mix (the
+    contraction) or take the other operand whole, and freeze the group.
+    """
+    out = node.outputs[0]
+    ranks = [context.rank(t) for t in (*node.inputs[:2], out)]
+    shapes = [context.shape(t) for t in (*node.inputs[:2], out)]
+    if any(r is None for r in ranks) or any(s is None for s in shapes):
+        return Reason.UNKNOWN_SHAPE.format(tensor=out.name)
+    out_rank = cast(int, ranks[2])
+    offset = out_rank - member.rank
+    out_axis = member.axis + (0 if _is_output(node, member) else offset)
+    if member.block != 1 or min(cast(int, r) for r in ranks[:2]) < 2 or out_axis >= out_rank - 2:
+        return _fmt(Reason.MATRIX_AXIS, node, tensor=member.tensor.name, axis=member.axis)
+    links = [Link(out, out_axis)]
+    for tensor, rank, shape in zip(node.inputs[:2], ranks[:2], shapes[:2], strict=True):
+        axis = out_axis - (out_rank - cast(int, rank))
+        if axis >= 0 and cast(tuple, shape)[axis] != 1:
+            links.append(Link(tensor, axis))
+    return _arange_map("path", *links, channels=member.channels, homogeneous=False)
 
 
 def _visit_unary(node: gs.Node, member: GroupTensor, context: GraphContext) -> NodeMap | str:
@@ -409,13 +453,15 @@ def _prelu_map(node: gs.Node, member: GroupTensor, context: GraphContext) -> Nod
 
 
 def _broadcasts_per_channel(shape: tuple[int, ...], rank: int, member: GroupTensor | _Axis) -> bool:
-    """Whether a constant of ``shape`` is scalar along every axis but the channel axis (or C there)."""
-    if member.block != 1 and math.prod(shape) != 1:
-        return False
+    """Whether a constant of ``shape`` is scalar along every axis but the channel axis (or C there).
+
+    On a member whose channels are blocks of its axis (an attention head's D columns) the constant
+    holds ``C·block`` values there, sliced a block at a time.
+    """
     offset = rank - len(shape)
     for axis, size in enumerate(shape):
         target = axis + offset
-        if size != 1 and not (target == member.axis and size == member.channels):
+        if size != 1 and not (target == member.axis and size == member.channels * member.block):
             return False
     return True
 
@@ -566,13 +612,17 @@ def _visit_slice(node: gs.Node, member: GroupTensor, context: GraphContext) -> N
         )
         return _arange_map("path", *links, channels=member.channels)
     k = axes.index(member.axis)
-    total = context.channels(node.inputs[0], member.axis, member.block)
-    if steps[k] != 1 or member.block != 1 or total is None:
+    block = member.block
+    total = context.channels(node.inputs[0], member.axis, block)
+    if steps[k] != 1 or total is None:
         return _fmt(Reason.CHANNEL_AXIS_ATTR, node)
-    start, stop, _ = slice(int(starts[k]), int(ends[k])).indices(total)
+    start, stop, _ = slice(int(starts[k]), int(ends[k])).indices(total * block)
+    stop = max(start, stop)
+    if start % block or stop % block:  # a block (an attention head) cut in two
+        return _fmt(Reason.CHANNEL_AXIS_ATTR, node)
     positions = [
-        (Link(node.inputs[0], member.axis), np.arange(total)),
-        (Link(node.outputs[0], member.axis), np.arange(start, max(start, stop))),
+        (Link(node.inputs[0], member.axis, block), np.arange(total)),
+        (Link(node.outputs[0], member.axis, block), np.arange(start // block, stop // block)),
     ]
     return NodeMap("path", positions)
 
@@ -597,11 +647,17 @@ def reshape_axis(
 ) -> tuple[int, int] | None:
     """Where channel axis ``axis`` (with ``block``) of ``in_shape`` lands in ``out_shape``.
 
+    Three forms keep each channel one run of consecutive elements on one axis: the axis stays
+    (same size, same trailing size), it is flattened with the trailing dims (the block grows by their
+    size), or its blocks are unflattened into trailing dims (``[.., H·D] → [.., H, D]``: block D
+    becomes block 1, the D elements moving to the new trailing axis).
+
     Returns:
         ``(out_axis, out_block)``, or None when the reshape splits or mixes the channel axis, or
         changes the dims before it.
     """
     size, post = in_shape[axis], math.prod(in_shape[axis + 1 :])
+    channels = size // block
     for out_axis in range(len(out_shape)):
         if tuple(out_shape[:out_axis]) != tuple(in_shape[:axis]):
             continue  # leading dims (batch) must stay as they are, or a dim of 1 could hide a mix
@@ -610,7 +666,61 @@ def reshape_axis(
             return out_axis, block
         if out_shape[out_axis] == size * post and out_post == 1:
             return out_axis, block * post
+        if block > 1 and out_shape[out_axis] == channels and out_post == block * post:
+            return out_axis, 1
     return None
+
+
+def target_entry(concat: gs.Node, from_end: int) -> tuple[int, int | None]:
+    """Where entry ``from_end`` (counted back from the last) of a Concat-built Reshape target lies.
+
+    Counted back over the Concat's inputs from the last, which must be constants up to the entry.
+
+    Returns:
+        ``(input index, position in that input)``; the position is None where that input, or one after
+        it, is not a constant (the index then names it); ``(-1, None)`` when the inputs are too few.
+    """
+    for index in range(len(concat.inputs) - 1, -1, -1):
+        values = constant_values(concat.inputs[index])
+        if values is None:
+            return index, None
+        if from_end < values.size:
+            return index, values.size - 1 - from_end
+        from_end -= values.size
+    return -1, None
+
+
+def _target_problem(node: gs.Node, out_axis: int, out_rank: int, context: GraphContext) -> str | None:
+    """Why a Reshape's target cannot follow the channel count, or None.
+
+    A constant target is rewritten by the editor. A target built at run time must be a Concat (axis 0)
+    whose piece holding the channel axis' entry is a constant (rewritten: a copy where it is shared),
+    ``-1`` (inferred) or ``0`` (copied from the input's same axis, which changes alike), with only
+    constants after it, so that the editor finds the entry without the shapes; the other pieces may
+    be anything computed at run time (batch and sequence sizes read with Shape: a Shape of a group
+    tensor is checked not to read its channel axis).
+    """
+    target = node.inputs[1]
+    if isinstance(target, gs.Constant):
+        return None
+    source = target.inputs[0] if target.inputs else None
+    if source is None or source.op != "Concat" or int(source.attrs.get("axis", 0)) not in (0, -1):
+        described = f"{source.op} node '{source.name}'" if source is not None else "a graph input"
+        return _fmt(Reason.RESHAPE_TARGET_SOURCE, node, tensor=target.name, source=described)
+    from_end = out_rank - 1 - out_axis
+    for piece in reversed(source.inputs):
+        shape = context.shape(piece)
+        if shape is None or len(shape) != 1:
+            return Reason.UNKNOWN_SHAPE.format(tensor=piece.name)
+        if isinstance(piece, gs.Constant):
+            if from_end < shape[0]:
+                return None
+        elif from_end < shape[0]:
+            return _fmt(Reason.RESHAPE_TARGET_ENTRY, node, axis=out_axis, tensor=piece.name)
+        else:
+            return _fmt(Reason.RESHAPE_TARGET_AFTER, node, axis=out_axis, tensor=piece.name)
+        from_end -= shape[0]
+    return Reason.UNKNOWN_SHAPE.format(tensor=target.name)
 
 
 def _make_reshape_handler() -> Callable[[gs.Node, GroupTensor, GraphContext], NodeMap | str]:
@@ -618,22 +728,42 @@ def _make_reshape_handler() -> Callable[[gs.Node, GroupTensor, GraphContext], No
         in_shape, out_shape = context.shape(node.inputs[0]), context.shape(node.outputs[0])
         if in_shape is None or out_shape is None:
             return Reason.UNKNOWN_SHAPE.format(tensor=node.outputs[0].name)
-        if node.op == "Reshape" and constant_values(node.inputs[1]) is None:
-            return _fmt(Reason.VARIABLE_PARAMETER, node, tensor=node.inputs[1].name)
+        if member.tensor is not node.inputs[0] and not _is_output(node, member):
+            return _fmt(Reason.VARIABLE_PARAMETER, node, tensor=member.tensor.name)
         candidates = [(member.axis, member.block)]
-        if _is_output(node, member):
-            candidates = [(a, b) for a in range(len(in_shape)) for b in {1, member.block}]
+        if _is_output(node, member):  # the input's axis holding the same channel count, any block
+            channels = member.channels
+            candidates = [
+                (a, n // channels) for a, n in enumerate(in_shape) if channels and n % channels == 0
+            ]
         for axis, block in candidates:
             landed = reshape_axis(in_shape, out_shape, axis, block)
             if landed is None:
                 continue
             if _is_output(node, member) and landed != (member.axis, member.block):
                 continue
+            if node.op == "Reshape":
+                problem = _target_problem(node, landed[0], len(out_shape), context)
+                if problem:
+                    return problem
             links = (Link(node.inputs[0], axis, block), Link(node.outputs[0], *landed))
             return _arange_map("path", *links, channels=member.channels)
-        return _fmt(Reason.RESHAPE, node)
+        return _reshape_split_reason(node, member, in_shape, out_shape) or _fmt(Reason.RESHAPE, node)
 
     return handler
+
+
+def _reshape_split_reason(
+    node: gs.Node, member: GroupTensor, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
+) -> str | None:
+    """The reason naming a reshape that splits the channel axis of its input into several trailing axes."""
+    if _is_output(node, member) or member.axis != len(in_shape) - 1:
+        return None
+    lead = tuple(in_shape[: member.axis])
+    if tuple(out_shape[: len(lead)]) != lead or len(out_shape) - len(lead) < 2:
+        return None
+    dims = list(out_shape[len(lead) :])
+    return _fmt(Reason.RESHAPE_SPLIT, node, tensor=member.tensor.name, dims=dims)
 
 
 def _reduce_axes(node: gs.Node, rank: int) -> list[int] | None:
@@ -680,6 +810,48 @@ def _visit_softmax(node: gs.Node, member: GroupTensor, context: GraphContext) ->
     return _arange_map("path", *links, channels=member.channels, homogeneous=False)
 
 
+def _visit_shape(node: gs.Node, member: GroupTensor, context: GraphContext) -> NodeMap | str:
+    """Shape of a group tensor: allowed while only dims other than the channel axis are read from it.
+
+    Exports read the batch and sequence sizes this way (``Gather(Shape(x), 0)``) to build Reshape
+    targets; those do not change when channels go. Unless opset 15's ``start``/``end`` attributes
+    leave the channel axis out, every reader of the Shape's output must be a Gather or a Slice with
+    constant indices that miss it. The node has no channel tensor of its own: a path node, no relation.
+    """
+    dims = np.arange(member.rank)[slice(node.attrs.get("start", 0), node.attrs.get("end"))]
+    if member.axis not in dims:  # its start/end leave the channel axis out: whatever reads it
+        return NodeMap("path")
+    out = node.outputs[0]
+    readers: list[tuple[str, np.ndarray | None]] = [(reader.name, _shape_entries(reader, out, len(dims)))
+                                                    for reader in out.outputs]  # fmt: skip
+    if out.name in context.graph_outputs:
+        readers.append((out.name, None))
+    for reader, entries in readers:
+        if entries is None or member.axis in dims[entries]:
+            return _fmt(Reason.SHAPE_READ, node, axis=member.axis, tensor=member.tensor.name, reader=reader)
+    return NodeMap("path")
+
+
+def _shape_entries(reader: gs.Node, shape: gs.Tensor, length: int) -> np.ndarray | None:
+    """The entries of a Shape output ``shape`` (``length`` of them) that ``reader`` reads (None: any)."""
+    if not reader.inputs or reader.inputs[0] is not shape or any(t is shape for t in reader.inputs[1:]):
+        return None
+    if reader.op == "Gather" and int(reader.attrs.get("axis", 0)) in (0, -1):
+        indices = constant_values(reader.inputs[1])
+        if indices is None or indices.dtype.kind not in "iu":
+            return None
+        return np.asarray(indices, np.int64).reshape(-1) % max(length, 1)
+    if reader.op == "Slice":
+        params = slice_params(reader, 1)
+        if params is None:
+            return None
+        starts, ends, axes, steps = params
+        if axes != [0]:
+            return None
+        return np.arange(length)[slice(int(starts[0]), int(ends[0]), int(steps[0]))]
+    return None
+
+
 HANDLERS: dict[str, Callable[[gs.Node, GroupTensor, GraphContext], NodeMap | str]] = {
     "Conv": _visit_conv,
     "ConvTranspose": _visit_conv,
@@ -692,6 +864,7 @@ HANDLERS: dict[str, Callable[[gs.Node, GroupTensor, GraphContext], NodeMap | str
     "Split": _visit_split,
     "Slice": _visit_slice,
     "Transpose": _visit_transpose,
+    "Shape": _visit_shape,
     **{op: _make_reshape_handler() for op in RESHAPE_OPS},
     **{op: _visit_unary for op in HOMOGENEOUS_UNARY | NONHOMOGENEOUS_UNARY | SPATIAL_OPS},
     **{op: _visit_binary for op in BINARY_OPS},

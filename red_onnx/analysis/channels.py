@@ -9,6 +9,12 @@ Transpose axes), up to the *consumers* that read those channels as the input axi
 Channels of all tensors of a group are numbered into *atoms*: an atom is the set of (tensor, index)
 positions that must be deleted together. A group that touches anything not understood is frozen, with
 the reason.
+
+Attention (docs/method.md, "Attention heads"): a Q, K or V projection whose output is reshaped to
+``[.., heads, D]`` starts its group in channels of D columns, so that one channel, and one atom, is a
+head; the heads stay apart on a batch axis of the MatMuls of two computed tensors. A tensor coupled to
+the heads from outside the block (a position bias shared by every layer) is a *side input*: sliced to
+the kept heads in front of the node that reads it, instead of joining the group.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -69,6 +76,23 @@ class Consumer:
     tensor: str
 
 
+@dataclass(frozen=True)
+class SideInput:
+    """A tensor from outside the group read per channel by a path node: sliced, not a member.
+
+    Attributes:
+        node: The path node (an elementwise binary op) that reads it.
+        index: Its input position on ``node``.
+        axis: Its channel axis (a head axis of rank >= 3 tensors).
+        member: The group tensor (``node``'s output) whose kept channels select its slices.
+    """
+
+    node: gs.Node
+    index: int
+    axis: int
+    member: str
+
+
 @dataclass
 class ChannelGroup:
     """Tensors, producers, consumers and path ops tied to one channel space.
@@ -84,6 +108,8 @@ class ChannelGroup:
             scaled merges are exact.
         frozen: The reason the group may not change, or None.
         origin: Name of the node whose output seeded the group.
+        side_inputs: Tensors from outside the group read on a head axis (the editor slices them to
+            the kept channels; :class:`SideInput`).
     """
 
     index: int
@@ -95,11 +121,19 @@ class ChannelGroup:
     homogeneous: bool = True
     frozen: str | None = None
     origin: str = ""
+    side_inputs: list[SideInput] = field(default_factory=list)
 
     def freeze(self, reason: str) -> None:
         """Freeze the group; the first reason is kept."""
         if self.frozen is None:
             self.frozen = reason
+
+    @property
+    def atom_width(self) -> int:
+        """Producer output channels per atom: an attention head's D, else 1 (kept-count steps use it)."""
+        return max(
+            (self.tensors[p.tensor].block for p in self.producers if p.tensor in self.tensors), default=1
+        )
 
     @property
     def name(self) -> str:
@@ -137,6 +171,8 @@ class _GroupBuilder:
         self.visited_nodes: set[tuple[int, str]] = set()  # (id(node), member tensor name)
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = []
         self.n_slots = 0
+        self.heads = False  # seeded in blocks (attention heads): side inputs allowed
+        self.pending: dict[tuple[int, int], tuple[GroupTensor, channel_ops.Relation, SideInput]] = {}
 
     def add(self, link: Link) -> GroupTensor | None:
         """Add a tensor (or check it is consistent) and queue it for exploration."""
@@ -164,13 +200,49 @@ class _GroupBuilder:
 
     def run(self, seed: Link) -> ChannelGroup:
         """Explore from a producer's output link and number the atoms."""
+        self.heads = seed.block > 1
         self.add(seed)
         while self.queue:
             name = self.queue.popleft()
             member = self.group.tensors[name]
             self._explore(member)
+        self._settle_side_inputs()
         self._number_atoms()
         return self.group
+
+    def _side_input(self, node: gs.Node, member: GroupTensor, relation: channel_ops.Relation) -> bool:
+        """Defer a coupled input of a binary op on a head axis that is not (yet) a member; True if so."""
+        tensor = relation.link.tensor
+        rank = self.context.rank(tensor)
+        if (
+            not self.heads
+            or node.op not in channel_ops.BINARY_OPS
+            or tensor.name in self.group.tensors
+            or isinstance(tensor, gs.Constant)
+            or rank is None
+            or relation.link.block != 1
+            or relation.link.axis > rank - 3
+            or not node.outputs
+            or node.outputs[0].name not in self.group.tensors
+        ):
+            return False
+        index = next((i for i, t in enumerate(node.inputs) if t is tensor), None)
+        if index is None:
+            return False
+        side = SideInput(node, index, relation.link.axis, node.outputs[0].name)
+        self.pending.setdefault((id(node), index), (member, relation, side))
+        return True
+
+    def _settle_side_inputs(self) -> None:
+        """Side inputs that joined the group by another route are coupled as usual; the rest stay aside."""
+        for member, relation, side in self.pending.values():
+            other = self.group.tensors.get(relation.link.tensor.name)
+            if other is None:
+                self.group.side_inputs.append(side)
+                continue
+            if (other.axis, other.block) != (relation.link.axis, relation.link.block):
+                self.group.freeze(Reason.AXIS_CONFLICT.format(tensor=other.tensor.name))
+            self.relate(member, relation.own_index, other, relation.other_index)
 
     def _explore(self, member: GroupTensor) -> None:
         tensor = member.tensor
@@ -202,6 +274,8 @@ class _GroupBuilder:
         if not outcome.homogeneous:
             self.group.homogeneous = False
         for relation in outcome.relations:
+            if self._side_input(node, member, relation):
+                continue
             other = self.add(relation.link)
             if other is not None:
                 self.relate(member, relation.own_index, other, relation.other_index)
@@ -217,10 +291,101 @@ class _GroupBuilder:
         labels = component_labels(n, rows, cols)
         _, atoms = np.unique(labels[: self.n_slots], return_inverse=True)
         group.n_atoms = int(atoms.max()) + 1 if self.n_slots else 0
+        read = {consumer.tensor for consumer in group.consumers}
+        several = []
         for member in group.tensors.values():
             member.atoms = atoms[member.base : member.base + member.channels]
             if len(np.unique(member.atoms)) != member.channels:
-                group.freeze(Reason.SELF_COUPLED.format(tensor=member.tensor.name))
+                if member.tensor.name in read or not self.heads or regions(member.atoms) is None:
+                    group.freeze(Reason.SELF_COUPLED.format(tensor=member.tensor.name))
+                several.append(member)
+        if several and group.frozen is None:
+            problem = _several_per_atom_problem(group, several)
+            if problem:
+                group.freeze(problem)
+
+
+def regions(atoms: np.ndarray) -> int | None:
+    """How many channels per atom a tensor holds laid out as k regions, each every atom once in one order.
+
+    A fused QKV projection's output holds each head three times: ``[q heads | k heads | v heads]``.
+    Returns k, or None for any other layout.
+    """
+    count = len(np.unique(atoms))
+    if count == 0 or len(atoms) % count:
+        return None
+    laid = atoms.reshape(len(atoms) // count, count)
+    return laid.shape[0] if bool((laid == laid[0]).all()) else None
+
+
+def _several_per_atom_problem(group: ChannelGroup, several: list[GroupTensor]) -> str | None:
+    """Why tensors holding several channels per atom are unsafe here, or None.
+
+    Such a tensor (no consumer reads it) may only pass elementwise ops that keep its layout, and Split
+    or Slice cuts on whole regions (each piece then holds its region's channels: one q head, one k head,
+    ...), so that rows compared slot by slot (``redundancy.atom_params``) are those of the same region.
+    The constant rule (``constants.analyse_constants``) maps a piece's channels by atom and would give
+    every piece the values of the last region: the pieces must reach the consumers only through a
+    MatMul of two computed tensors, where no constant survives.
+    """
+    tensors = group.tensors
+    pieces: list[str] = []
+    for member in several:
+        name = member.tensor.name
+        width = member.channels // cast(int, regions(member.atoms))
+        for node in group.path:
+            if all(t is not member.tensor for t in node.inputs) or node.op == "Shape":
+                continue
+            ends = _piece_bounds(node, member, tensors)
+            if ends is None:
+                inside = [tensors[t.name] for t in [*node.inputs, *node.outputs] if t.name in tensors]
+                if any(not np.array_equal(m.atoms, member.atoms) for m in inside):
+                    return Reason.SELF_COUPLED.format(tensor=name)
+                continue
+            if any(end % width for end in ends):
+                return Reason.SELF_COUPLED.format(tensor=name)
+            pieces += [t.name for t in node.outputs if t.name in tensors]
+    read = {consumer.tensor for consumer in group.consumers}
+    reached = _downstream(group, pieces)
+    hit = next((name for name in reached if name in read), None)
+    return Reason.SELF_COUPLED.format(tensor=hit) if hit else None
+
+
+def _piece_bounds(node: gs.Node, member: GroupTensor, tensors: Mapping[str, GroupTensor]) -> list[int] | None:
+    """Channel bounds of the pieces a Split or Slice cuts from ``member`` on its channel axis (else None)."""
+    if node.op == "Split" and int(node.attrs.get("axis", 0)) % member.rank == member.axis:
+        sizes = [tensors[t.name].channels if t.name in tensors else -1 for t in node.outputs]
+        return [-1] if min(sizes) < 0 else np.cumsum(sizes).tolist()
+    if node.op != "Slice":
+        return None
+    params = channel_ops.slice_params(node, member.rank)
+    if params is None or member.axis not in params[2]:
+        return None
+    k = params[2].index(member.axis)
+    total = member.channels * member.block
+    start, stop, _ = slice(int(params[0][k]), int(params[1][k])).indices(total)
+    if start % member.block or stop % member.block:
+        return [-1]
+    return [start // member.block, max(start, stop) // member.block]
+
+
+def _downstream(group: ChannelGroup, names: list[str]) -> set[str]:
+    """Group tensors reached from ``names`` along path nodes, stopping at MatMuls of two computed tensors."""
+    readers: dict[str, list[gs.Node]] = {}
+    for node in group.path:
+        if node.op == "MatMul" and all(not isinstance(t, gs.Constant) for t in node.inputs[:2]):
+            continue
+        for tensor in node.inputs:
+            readers.setdefault(tensor.name, []).append(node)
+    seen = set(names)
+    todo = list(names)
+    while todo:
+        for node in readers.get(todo.pop(), []):
+            for out in node.outputs:
+                if out.name in group.tensors and out.name not in seen:
+                    seen.add(out.name)
+                    todo.append(out.name)
+    return seen
 
 
 def analyse(

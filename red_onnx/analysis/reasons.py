@@ -35,6 +35,34 @@ class Reason:
     RESHAPE = "{op} node '{node}' reshapes the channel axis in a way that is not a flatten"
     EXTRA_OUTPUT = "{op} node '{node}' has an extra output in use"
     FOREIGN_TENSOR = "tensor '{tensor}' already belongs to another group"
+    PRODUCER_BLOCK = (
+        "{op} node '{node}' writes '{tensor}', reached in channels of {block} columns, while its weight's "
+        "columns form channels of {expected}"
+    )
+    MATRIX_AXIS = (
+        "{op} node '{node}' multiplies two computed tensors and reads '{tensor}' on axis {axis}, one of its "
+        "two matrix axes (only a batch axis, such as the heads of attention, is kept apart)"
+    )
+    RESHAPE_SPLIT = (
+        "{op} node '{node}' splits the channel axis of '{tensor}' into the axes {dims} (only a split into "
+        "[heads, head size] is understood)"
+    )
+    RESHAPE_TARGET_SOURCE = (
+        "{op} node '{node}' takes its target shape '{tensor}' from {source} (only a constant, or a Concat of "
+        "constants and dimensions read at run time, is understood)"
+    )
+    RESHAPE_TARGET_ENTRY = (
+        "{op} node '{node}' takes entry {axis} of its target shape, the channel axis, from '{tensor}', "
+        "computed at run time"
+    )
+    RESHAPE_TARGET_AFTER = (
+        "{op} node '{node}' builds its target shape with '{tensor}', computed at run time, after entry "
+        "{axis}, the channel axis (where that entry lies is known only at run time)"
+    )
+    SHAPE_READ = (
+        "{op} node '{node}' reads the size of axis {axis}, the channel axis, of '{tensor}' (through "
+        "'{reader}'), so a computed size would change with the channel count"
+    )
 
     # Why a channel that looks removable stays (report of the constant/unused rule).
     CONST_PADDED = "constant channel meets padding in {op} node '{node}' (border values differ)"

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from red_onnx.analysis.channels import ChannelGroup
-from red_onnx.analysis.weights import channel_rows, consumer_axis, producer_bias, producer_rows
+from red_onnx.analysis.channels import ChannelGroup, regions
+from red_onnx.analysis.weights import block_rows, channel_rows, consumer_axis, producer_bias, producer_rows
 from red_onnx.io.graph import expect_constant, is_empty_input
 
 #: Relative residual under which ``scaled_j`` counts as ``λ·scaled_i`` in exact mode (fp32 rounding).
@@ -53,8 +53,19 @@ class Merge:
 
 
 def _by_atom(group: ChannelGroup, tensor: str, rows: np.ndarray) -> np.ndarray:
+    """Per-channel rows of ``tensor`` as per-atom rows (zeros where the atom is absent).
+
+    A tensor holding each atom in k regions (a fused QKV projection: ``regions``) gives each atom its
+    k rows side by side, region by region, so that atoms compare slot by slot.
+    """
+    atoms = group.tensors[tensor].atoms
+    count = regions(atoms) or 1
+    if count > 1:
+        width = len(atoms) // count
+        rows = rows.reshape(count, width, rows.shape[1]).transpose(1, 0, 2).reshape(width, -1)
+        atoms = atoms[:width]
     out = np.zeros((group.n_atoms, rows.shape[1]), np.result_type(rows.dtype, np.float32))
-    out[group.tensors[tensor].atoms] = rows
+    out[atoms] = rows
     return out
 
 
@@ -87,15 +98,24 @@ def _path_params(group: ChannelGroup, node: gs.Node, ranks: dict[str, int]) -> t
         scaled.append((out, (bias - mean * factor).reshape(-1, 1)))
     elif node.op in ("InstanceNormalization", "PRelu"):
         for tensor in node.inputs[1:]:
-            rows = per_channel_constant(expect_constant(tensor), ranks[out], member.axis, member.channels)
+            rows = (
+                per_channel_constant(expect_constant(tensor), ranks[out], member.axis, member.channels)
+                if member.block == 1  # a block's values side by side (an attention head's D columns)
+                else block_rows(
+                    expect_constant(tensor), ranks[out], member.axis, member.channels, member.block
+                )
+            )
             if rows is not None:
                 equal.append((out, rows))
     else:
         multiplicative = node.op in ("Mul", "Div", "Pow")
         for tensor in node.inputs:
             if isinstance(tensor, gs.Constant):
-                rows = per_channel_constant(
-                    np.asarray(tensor.values), ranks[out], member.axis, member.channels
+                values = np.asarray(tensor.values)
+                rows = (
+                    per_channel_constant(values, ranks[out], member.axis, member.channels)
+                    if member.block == 1
+                    else block_rows(values, ranks[out], member.axis, member.channels, member.block)
                 )
                 if rows is not None:
                     (equal if multiplicative else scaled).append((out, rows))
@@ -124,6 +144,8 @@ def atom_params(group: ChannelGroup, ranks: dict[str, int]) -> AtomParams:
     for column, member in enumerate(group.tensors.values()):
         membership[member.atoms, column] = True
     _, signature = np.unique(membership, axis=0, return_inverse=True)
+    if group.side_inputs:  # per-head slices of a computed tensor: never provably equal, so never identical
+        equal_parts.append(np.eye(group.n_atoms, dtype=np.float32))
     scaled, equal = np.hstack(scaled_parts), np.hstack(equal_parts)
     return AtomParams(scaled, equal, signature.reshape(-1), outgoing_norms(group))
 

@@ -305,11 +305,14 @@ def _composed(source: int, parent: dict[int, tuple[int, float]], shift: dict[int
 
 
 def atom_macs(group: ChannelGroup, layer_macs: dict[str, int]) -> np.ndarray:
-    """MACs each atom costs: its share of every producer, consumer and depthwise conv it touches."""
+    """MACs each atom costs: its share of every producer, consumer, depthwise conv and attention MatMul.
+
+    An attention MatMul (of two computed tensors: ``Q·Kᵀ``, ``P·V``) on the path runs once per head.
+    """
     cost = np.zeros(group.n_atoms)
     touching = [(p.node.name, p.tensor) for p in group.producers]
     touching += [(c.node.name, c.tensor) for c in group.consumers]
-    touching += [(n.name, n.outputs[0].name) for n in group.path if n.op == "Conv"]
+    touching += [(n.name, n.outputs[0].name) for n in group.path if n.op in ("Conv", "MatMul")]
     for name, tensor in touching:
         member = group.tensors.get(tensor)
         if member is None or name not in layer_macs or member.channels == 0:

@@ -9,16 +9,15 @@ bounds, Reshape targets) and the consumers' input slices.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from red_onnx.analysis.channel_ops import slice_params
+from red_onnx.analysis.channel_ops import slice_params, target_entry
 from red_onnx.analysis.channels import ChannelGroup, Consumer, GroupTensor
-from red_onnx.analysis.redundancy import Merge
-from red_onnx.analysis.weights import consumer_axis, output_scale, producer_axis
+from red_onnx.analysis.merge_sets import DenseMerges, MergeList, local_offsets, removed_atoms, row_local
+from red_onnx.analysis.weights import consumer_axis, output_scale, producer_axis, producer_block
 from red_onnx.errors import InternalError, RewriteError
 from red_onnx.io.graph import expect_constant, is_empty_input, set_constant_input
 
@@ -34,7 +33,7 @@ class GroupPlan:
     Attributes:
         group: The group.
         delete: Boolean mask over atoms: True for every atom that goes.
-        merges: Merges (each source atom is also in ``delete``).
+        merges: Merges (each source atom is also in ``delete``): a list, or the refit's dense form.
         constants: Per consumer tensor name, the constant value of each of its channels (NaN where
             not constant); deleted non-merged atoms with a finite value are folded into the consumer's
             bias; where the value is NaN the consumer slice must be zero (unused channel).
@@ -42,7 +41,7 @@ class GroupPlan:
 
     group: ChannelGroup
     delete: np.ndarray
-    merges: list[Merge] = field(default_factory=list)
+    merges: MergeList = field(default_factory=list)
     constants: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
@@ -96,14 +95,14 @@ def _rewire_consumer(plan: GroupPlan, consumer: Consumer) -> None:
     set_constant_input(node, 1, new, suffix=SUFFIX)
 
 
-def add_merged_rows(flat: np.ndarray, local: np.ndarray, merges: Sequence[Merge]) -> np.ndarray:
+def add_merged_rows(flat: np.ndarray, local: np.ndarray, merges: MergeList) -> np.ndarray:
     """``V_target += scale·V_source`` in place for each merge inside this tensor; the source rows.
 
     Args:
         flat: A consumer's weight as ``[channels, rest]`` (edited in place; summed in float64 and
             rounded once to its dtype, float16 too).
         local: Local channel index of each atom in the tensor the consumer reads (-1: absent).
-        merges: The merges of the group.
+        merges: The merges of the group (dense ones: ``V_K += mix·V_R`` as one product).
 
     Returns:
         The local indices of the merged (source) rows.
@@ -112,6 +111,8 @@ def add_merged_rows(flat: np.ndarray, local: np.ndarray, merges: Sequence[Merge]
         RewriteError: A merge's source is read here but its target is not (atoms of different segments:
             the compensation would land on a wrong row).
     """
+    if isinstance(merges, DenseMerges):
+        return _add_dense_rows(flat, local, merges)
     inside = [m for m in merges if local[m.source] >= 0]
     if not inside:
         return np.zeros(0, np.int64)
@@ -131,20 +132,58 @@ def add_merged_rows(flat: np.ndarray, local: np.ndarray, merges: Sequence[Merge]
     return src
 
 
+def _add_dense_rows(flat: np.ndarray, local: np.ndarray, merges: DenseMerges) -> np.ndarray:
+    """:func:`add_merged_rows` of dense merges: ``V_K += mix·V_R`` over the rows this tensor carries.
+
+    Over ``block`` rows per atom, ``flat`` (``[channels, block·rest]``) is edited as its
+    ``[channels·block, rest]`` view, each row an atom of its own.
+    """
+    if merges.block > 1:
+        if flat.shape[1] % merges.block:
+            raise RewriteError(
+                f"dense merges over {merges.block} rows per channel met a consumer slice of {flat.shape[1]}"
+            )
+        view = flat.reshape(flat.shape[0] * merges.block, -1)
+        if not np.shares_memory(view, flat):
+            raise InternalError("a consumer's rows could not be edited in place (not contiguous)")
+        _add_dense_rows(view, row_local(local, merges.block), merges.as_rows())
+        sources = local[merges.sources]
+        return sources[sources >= 0]
+    sources = local[merges.sources]
+    inside = sources >= 0
+    if not inside.any():
+        return np.zeros(0, np.int64)
+    targets = local[merges.targets]
+    mix = merges.mix[:, inside]
+    used = np.any(mix != 0.0, axis=1)
+    if (used & (targets < 0)).any():
+        atom = int(merges.targets[np.flatnonzero(used & (targets < 0))[0]])
+        raise RewriteError(
+            f"dense merges into atom {atom}: a consumer reads their sources but not that target; merges "
+            "must stay within one segment of the group"
+        )
+    rows = targets[used]
+    moved = mix[used] @ flat[sources[inside]].astype(np.float64)
+    flat[rows] = (flat[rows].astype(np.float64) + moved).astype(flat.dtype)
+    return sources[inside]
+
+
 def _absorb_constants(plan: GroupPlan, consumer: Consumer, rows: np.ndarray, local: np.ndarray) -> None:
     """Fold deleted constant channels and merge offsets into the consumer's bias: bias += Σ V_j · c_j."""
     values = plan.constants.get(consumer.tensor)
-    merged = {m.source for m in plan.merges}
-    picked = [(local[m.source], m.offset) for m in plan.merges if m.offset and local[m.source] >= 0]
+    merged = set(removed_atoms(plan.merges).tolist())
+    channels, offsets = local_offsets(plan.merges, local)  # a value per channel, or per row of a block
+    parts = [(channels, offsets)] if channels.size else []
     if values is not None:
         atoms = [a for a in np.flatnonzero(plan.delete) if a not in merged and local[a] >= 0]
         constant = [(local[a], values[local[a]]) for a in atoms if np.isfinite(values[local[a]])]
-        picked += [(index, value) for index, value in constant if value != 0.0]
-    if not picked:
+        picked = [(index, value) for index, value in constant if value != 0.0]
+        if picked:
+            parts.append((np.array([i for i, _ in picked]), np.array([v for _, v in picked])))
+    if not parts:
         return
-    index = np.array([i for i, _ in picked])
-    value = np.array([v for _, v in picked])
-    _add_output_bias(consumer.node, bias_contribution(consumer.node, rows[index], value))
+    contribution = sum(bias_contribution(consumer.node, rows[index], value) for index, value in parts)
+    _add_output_bias(consumer.node, np.asarray(contribution))
 
 
 def bias_contribution(node: gs.Node, rows: np.ndarray, value: np.ndarray) -> np.ndarray:
@@ -154,13 +193,13 @@ def bias_contribution(node: gs.Node, rows: np.ndarray, value: np.ndarray) -> np.
         node: The consumer (Conv, ConvTranspose, Gemm or MatMul).
         rows: ``[k, block, *rest]`` the consumer's weight rows of those channels (its input-channel
             axis moved first, split into channels and their blocks).
-        value: ``[k]`` the constant of each channel.
+        value: ``[k]`` the constant of each channel, or ``[k, block]`` one per row of its block.
 
     Returns:
         The per-output-channel contribution (float64), in the units of Conv's bias and of a bias Add
         after a MatMul (Gemm's ``C`` takes it divided by beta).
     """
-    scaled = rows * value.reshape((-1,) + (1,) * (rows.ndim - 1))
+    scaled = rows * value.reshape(value.shape + (1,) * (rows.ndim - value.ndim))
     contribution = scaled.sum(axis=(0, 1), dtype=np.float64)  # [out, *kernel] or [N]
     if node.op in ("Conv", "ConvTranspose"):  # both [out, *kernel] here: every tap adds V_j·c_j
         contribution = contribution.reshape(contribution.shape[0], -1).sum(axis=1)
@@ -252,7 +291,8 @@ def attach_graph(graph: gs.Graph) -> None:
 
 def _delete_producer_channels(node: gs.Node, keep: np.ndarray) -> None:
     weight = expect_constant(node.inputs[1])
-    set_constant_input(node, 1, _take(weight, keep, producer_axis(node)), suffix=SUFFIX)
+    block = producer_block(node)  # an attention head's D columns (the analysis checked the member's block)
+    set_constant_input(node, 1, _take(weight, keep, producer_axis(node), block), suffix=SUFFIX)
     if node.op == "MatMul" or is_empty_input(node, 2):
         return
     bias = expect_constant(node.inputs[2])
@@ -263,12 +303,17 @@ def _delete_producer_channels(node: gs.Node, keep: np.ndarray) -> None:
 
 def _rewrite_path_node(plan: GroupPlan, node: gs.Node) -> None:
     group = plan.group
+    source = group.tensors.get(node.inputs[0].name) if node.inputs else None
+    if node.op in ("Split", "Slice") and source is not None and source.block != 1:
+        _rewrite_block_cut(plan, node, source)
+        return
     if node.op == "Split":
         _rewrite_split(plan, node)
         return
     if node.op == "Slice":
         _rewrite_slice(plan, node)
         return
+    _slice_side_inputs(plan, node)
     out = group.tensors.get(node.outputs[0].name)
     if out is None:
         return
@@ -291,8 +336,9 @@ def _delete_param_channels(node: gs.Node, index: int, out: GroupTensor, keep: np
             set_constant_input(node, index, values[keep], suffix=SUFFIX)
         return
     axis = out.axis - (rank - values.ndim)
-    if axis >= 0 and values.shape[axis] == out.channels and out.channels > 1:
-        set_constant_input(node, index, np.take(values, keep, axis=axis), suffix=SUFFIX)
+    size = out.channels * out.block  # an attention head's bias: a block of D values per channel
+    if axis >= 0 and values.shape[axis] == size and size > 1:
+        set_constant_input(node, index, _take(values, keep, axis, out.block), suffix=SUFFIX)
 
 
 def _rewrite_split(plan: GroupPlan, node: gs.Node) -> None:
@@ -331,9 +377,102 @@ def _rewrite_slice(plan: GroupPlan, node: gs.Node) -> None:
 
 
 def _rewrite_reshape_target(node: gs.Node, out: GroupTensor, kept: int) -> None:
+    if not isinstance(node.inputs[1], gs.Constant):
+        _rewrite_built_target(node, out, kept)
+        return
     target = expect_constant(node.inputs[1]).astype(np.int64).copy()
     entry = int(target[out.axis])
     if entry in (0, -1):
         return
     target[out.axis] = kept * out.block
     set_constant_input(node, 1, target, suffix=SUFFIX)
+
+
+def _rewrite_built_target(node: gs.Node, out: GroupTensor, kept: int) -> None:
+    """Rewrite the channel entry of a Reshape target built by a Concat at run time.
+
+    The entry lies in a constant input of the Concat (the analysis checked it, and that only constants
+    follow it); a Concat another node also reads is copied first, a constant another node reads is
+    copied by ``set_constant_input``.
+    """
+    concat = node.inputs[1].inputs[0]
+    index, position = target_entry(concat, out.rank - 1 - out.axis)
+    if position is None:
+        raise InternalError(f"Reshape {node.name}: its target's channel entry is not in a constant piece")
+    piece = expect_constant(concat.inputs[index])
+    values = piece.astype(np.int64).reshape(-1).copy()
+    if int(values[position]) in (0, -1):
+        return
+    values[position] = kept * out.block
+    target = node.inputs[1]
+    if len(target.outputs) > 1:  # a target other reshapes read too: this one gets its own Concat
+        copy = gs.Variable(f"{target.name}_{SUFFIX}_{node.name}", dtype=target.dtype, shape=target.shape)
+        concat = gs.Node(
+            "Concat", f"{node.name}_{SUFFIX}_target", dict(concat.attrs), list(concat.inputs), [copy]
+        )
+        concat.red_graph = _graph_of(node)
+        node.inputs[1] = copy
+        _graph_of(node).nodes.append(concat)
+    set_constant_input(concat, index, values.reshape(piece.shape).astype(piece.dtype), suffix=SUFFIX)
+
+
+def _rewrite_block_cut(plan: GroupPlan, node: gs.Node, source: GroupTensor) -> None:
+    """Split sizes or Slice bounds of a cut along a tensor whose channels are blocks (attention heads)."""
+    if node.op == "Split":
+        if int(node.attrs.get("axis", 0)) % source.rank != source.axis:
+            return
+        pieces = [plan.group.tensors[t.name] for t in node.outputs]
+        sizes = np.array([len(_keep(plan, piece)) * piece.block for piece in pieces], np.int64)
+        if "split" in node.attrs:
+            node.attrs["split"] = [int(size) for size in sizes]
+        elif not is_empty_input(node, 1):
+            set_constant_input(node, 1, sizes, suffix=SUFFIX)
+        elif len(set(sizes.tolist())) != 1:
+            node.attrs.pop("num_outputs", None)
+            set_constant_input(node, 1, sizes, suffix=SUFFIX)
+        return
+    params = slice_params(node, source.rank)
+    if params is None:
+        raise InternalError(f"Slice {node.name} is on a channel path but its parameters are not constant")
+    starts, ends, axes, _ = params
+    if source.axis not in axes:
+        return
+    k = axes.index(source.axis)
+    start, stop, _ = slice(int(starts[k]), int(ends[k])).indices(source.channels * source.block)
+    first, last = start // source.block, max(start, stop) // source.block
+    kept_before = int((~plan.delete[source.atoms[:first]]).sum())
+    kept_inside = int((~plan.delete[source.atoms[first:last]]).sum())
+    starts[k], ends[k] = kept_before * source.block, (kept_before + kept_inside) * source.block
+    if "starts" in node.attrs:
+        node.attrs["starts"], node.attrs["ends"] = starts, ends
+        return
+    set_constant_input(node, 1, np.array(starts, np.int64), suffix=SUFFIX)
+    set_constant_input(node, 2, np.array(ends, np.int64), suffix=SUFFIX)
+
+
+def _heads_name(node: gs.Node, index: int, alone: bool) -> str:
+    """The Gather slicing input ``index`` of ``node`` (``alone``: the node's only side input)."""
+    return f"{node.name}_{SUFFIX}_heads" if alone else f"{node.name}_{SUFFIX}_heads_{index}"
+
+
+def _slice_side_inputs(plan: GroupPlan, node: gs.Node) -> None:
+    """Slice each side input of ``node`` to the kept channels: a Gather on its head axis in front of it.
+
+    A side input already sliced by an earlier plan (its Gather, named after the node) gets its indices
+    narrowed instead of a second Gather.
+    """
+    sides = [s for s in plan.group.side_inputs if s.node is node]
+    for side in sides:
+        keep = _keep(plan, plan.group.tensors[side.member]).astype(np.int64)
+        tensor = node.inputs[side.index]
+        name = _heads_name(node, side.index, len(sides) == 1)
+        earlier = tensor.inputs[0] if tensor.inputs else None
+        if earlier is not None and earlier.name == name and len(tensor.outputs) == 1:
+            set_constant_input(earlier, 1, expect_constant(earlier.inputs[1])[keep], suffix=SUFFIX)
+            continue
+        indices = gs.Constant(f"{name}_indices", keep)
+        sliced = gs.Variable(f"{tensor.name}_{SUFFIX}_{node.name}", dtype=tensor.dtype)
+        gather = gs.Node("Gather", name, {"axis": side.axis}, [tensor, indices], [sliced])
+        gather.red_graph = _graph_of(node)
+        node.inputs[side.index] = sliced
+        _graph_of(node).nodes.append(gather)

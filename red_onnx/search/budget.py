@@ -30,7 +30,7 @@ import onnx
 
 from red_onnx.analysis.channels import ChannelGroup
 from red_onnx.analysis.constants import offset_atoms
-from red_onnx.analysis.redundancy import Merge
+from red_onnx.analysis.merge_sets import MergeList, atom_rows, merge_key, removed_atoms
 from red_onnx.analysis.similarity import (
     activation_candidates,
     atom_macs,
@@ -45,7 +45,7 @@ from red_onnx.runtime.sessions import HeldSessions
 from red_onnx.runtime.shapes import ShapeService
 from red_onnx.runtime.stream import find_state_pairs
 from red_onnx.runtime.tensor_values import tensor_fetch
-from red_onnx.search.activations import capture
+from red_onnx.search.activations import capture, captured_by_rows
 from red_onnx.search.budget_options import (
     HASH_RUNGS,
     LEVEL_FRACTIONS,
@@ -132,9 +132,9 @@ def _samples_cover_inputs(structure: onnx.ModelProto, spec: InputSpec) -> bool:
     return all(value.name in given for value in real_inputs(structure))
 
 
-def _cache_key(plan: dict[str, list[Merge]], role: str) -> tuple:
+def _cache_key(plan: dict[str, MergeList], role: str) -> tuple:
     """What a measured error is cached under: the inputs' role and the plan's merges by content."""
-    return role, tuple(sorted((name, tuple(merges)) for name, merges in plan.items() if merges))
+    return role, tuple(sorted((name, merge_key(merges)) for name, merges in plan.items() if merges))
 
 
 class BudgetSearch:
@@ -221,7 +221,7 @@ class BudgetSearch:
         self.suffix: SuffixSimulator | None = None
         self.input_shapes = shapes.input_shapes
         layer_macs = {name: layer.macs for name, layer in figures.layers.items()}
-        self.merges: dict[str, dict[int, list[Merge]]] = {}
+        self.merges: dict[str, dict[int, MergeList]] = {}
         self.channel_multiple = channel_multiple
         self.orderings: dict[str, list[Ranking]] = {}
         self.chosen: dict[tuple[str, int], Ranking] = {}
@@ -266,24 +266,26 @@ class BudgetSearch:
                 release_free_memory("hashing")
             orderings += hashed_orderings(item, LARGE_HASH_RUNGS if self.large else HASH_RUNGS)
         if name in samples:
-            tensor, rows = samples[name]
+            tensor, rows, per_channel = samples[name]
             params = item.params
             if params.outgoing is None:
                 raise InternalError(f"group {name}: its atom params lack the outgoing norms")
-            found = activation_candidates(item.group, tensor, rows, params.outgoing, params.signature)
+            channels = rows.reshape(-1, per_channel, rows.shape[1]).reshape(-1, per_channel * rows.shape[1])
+            found = activation_candidates(item.group, tensor, channels, params.outgoing, params.signature)
             orderings.append(Ordering("activations", 0.0, 0, found))
-        steps = ChannelSteps.of(item.params.signature, self.channel_multiple)
+        multiple = -(-self.channel_multiple // item.group.atom_width)  # heads: whole heads, a step of 1
+        steps = ChannelSteps.of(item.params.signature, multiple)
         one_segment = np.unique(item.params.signature).size == 1  # every kept atom may compensate any
         refit = None
         if self.refit and name in samples and one_segment:
-            tensor, rows = samples[name]
-            refit = self._refit_ordering(item.group, tensor, rows, validation.get(name))
+            tensor, rows, per_channel = samples[name]
+            refit = self._refit_ordering(item.group, tensor, rows, validation.get(name), per_channel)
         if refit is not None:
             orderings.append(refit)
         orderings = [dataclasses.replace(o, steps=steps) for o in orderings]
         fractions = LARGE_LEVEL_FRACTIONS if self.large else LEVEL_FRACTIONS
         available = achievable(orderings, n_atoms)
-        levels = removal_levels(n_atoms, available, self.channel_multiple, fractions, steps=steps)
+        levels = removal_levels(n_atoms, available, multiple, fractions, steps=steps)
         self.orderings[name] = orderings
         self.atom_cost[name] = atom_macs(item.group, layer_macs)
         self.merges[name] = {level: orderings[0].merges(level) for level in levels}
@@ -295,12 +297,17 @@ class BudgetSearch:
 
     @staticmethod
     def _refit_ordering(
-        group: ChannelGroup, tensor: str, rows: np.ndarray, validation: np.ndarray | None = None
+        group: ChannelGroup,
+        tensor: str,
+        rows: np.ndarray,
+        validation: np.ndarray | None = None,
+        per_channel: int = 1,
     ) -> RefitOrdering | None:
         """The least-squares refit ranking of ``group`` on ``tensor``'s activations (its first consumer's).
 
         ``validation`` (the same tensor on the "cv" inputs) chooses the ridge strength; without it, a
-        split of the captured positions does.
+        split of the captured positions does. ``per_channel`` rows of ``rows`` make a channel where the
+        tensor is captured by rows (attention heads: the output projection is refit row by row).
 
         Every consumer reading that tensor enters the cost (their weight rows side by side: the costs
         add up on one Gram). None where the tensor does not carry every atom of the group (the
@@ -312,22 +319,37 @@ class BudgetSearch:
         atoms = np.arange(group.n_atoms)
         pairs = zip(consumer_slots(group), group.consumers, strict=True)
         slots = [slot for slot, consumer in pairs if consumer.tensor == tensor]
-        weight = np.hstack([weight_rows(slot, slot.local[atoms]).astype(np.float64) for slot in slots])
-        held = None if validation is None else validation[local[atoms]]
-        return refit_ordering(rows[local[atoms]], atoms, weight, bool(offset_atoms(group).all()), held)
+        picked = atom_rows(local[atoms], per_channel)  # the rows of each atom, atom by atom
+        weight = np.hstack(
+            [
+                weight_rows(slot, slot.local[atoms]).reshape(atoms.size * per_channel, -1).astype(np.float64)
+                for slot in slots
+            ]
+        )
+        held = None if validation is None else validation[picked]
+        free_bias = bool(offset_atoms(group).all())
+        return refit_ordering(rows[picked], atoms, weight, free_bias, held, block=per_channel)
 
     def _activations(
         self, groups: list[ChannelGroup], verifier: Verifier
-    ) -> dict[str, tuple[str, np.ndarray]]:
-        """Per group: the tensor its first consumer reads, and that tensor's sampled activations."""
+    ) -> dict[str, tuple[str, np.ndarray, int]]:
+        """Per group: the tensor its first consumer reads, its sampled activations, and rows per channel.
+
+        The activations are one row per channel (a block's elements as positions), or one row per
+        element of a block where the consumer's input is captured by rows (``captured_by_rows``:
+        attention heads), ``rows per channel`` of them for each channel.
+        """
         wanted = {}
         for group in groups:
             if group.consumers:
-                member = group.tensors[group.consumers[0].tensor]
-                wanted[group.name] = (member.tensor.name, member.axis, member.block)
+                consumer = group.consumers[0]
+                member = group.tensors[consumer.tensor]
+                rows = member.block if captured_by_rows(member, consumer.node) else 1
+                wanted[group.name] = (member.tensor.name, member.axis, member.block // rows, rows)
         base = self.base if self.base is not None else graph_utils.export_model(self.working)
-        captured = capture(base, verifier.inputs, {t: (a, b) for t, a, b in wanted.values()})
-        return {name: (t, captured[t]) for name, (t, _, _) in wanted.items() if t in captured}
+        tensors = {t: (a, b) for t, a, b, _ in wanted.values()}
+        captured = capture(base, verifier.inputs, tensors, masks=verifier.token_masks)
+        return {name: (t, captured[t], rows) for name, (t, _, _, rows) in wanted.items() if t in captured}
 
     def _validation(self, groups: list[ChannelGroup]) -> dict[str, np.ndarray]:
         """Per group: its captured tensor on the inputs that validate the refit's ridge strength.
@@ -339,7 +361,7 @@ class BudgetSearch:
         if not self.split:
             return {}
         verifier = self._verifier(CV_SEEDS[: self.seed_count], "cv")
-        return {name: rows for name, (_, rows) in self._activations(groups, verifier).items()}
+        return {name: rows for name, (_, rows, _) in self._activations(groups, verifier).items()}
 
     def _local_sensitivity(self, groups: list) -> LocalSensitivity | None:
         """The capture-based estimate of every group's error (None: measure instead, with the reason)."""
@@ -353,7 +375,7 @@ class BudgetSearch:
                 fetch = tensor_fetch(self.base, names)
             else:  # __init__ exports the base model whenever there is no simulator
                 raise InternalError("no simulator and no exported base model to capture activations from")
-            return LocalSensitivity(fetch, groups, self.verifier.inputs)
+            return LocalSensitivity(fetch, groups, self.verifier.inputs, masks=self.verifier.token_masks)
         except Exception as error:  # onnxruntime's errors share no base class; measuring still works
             logger.warning("measuring each group's error (the activation capture failed: %s)", error)
             return None
@@ -366,16 +388,15 @@ class BudgetSearch:
         return "calibrated" if self.calibrate else "local"
 
     def _saved(self, name: str, level: int) -> float:
-        removed = np.unique([m.source for m in self.merges[name][level]]).astype(np.int64)
-        return float(self.atom_cost[name][removed].sum())
+        return float(self.atom_cost[name][removed_atoms(self.merges[name][level])].sum())
 
     # -- measurements --------------------------------------------------------------------------
 
-    def _plan(self, counts: Counts) -> dict[str, list[Merge]]:
+    def _plan(self, counts: Counts) -> dict[str, MergeList]:
         """The merges ``counts`` stands for."""
         return {name: self.merges[name][count] for name, count in counts.items() if count}
 
-    def apply_plan(self, plan: dict[str, list[Merge]]) -> onnx.ModelProto:
+    def apply_plan(self, plan: dict[str, MergeList]) -> onnx.ModelProto:
         """The base model with the given merges applied."""
         base = self.base if self.base is not None else graph_utils.export_model(self.working)
         working = graph_utils.import_model(base)
@@ -390,11 +411,11 @@ class BudgetSearch:
         """Worst relative L2 error over outputs and the search (or held-out) inputs (cached)."""
         return self.plan_error(self._plan(counts), heldout=heldout)
 
-    def plan_error(self, plan: dict[str, list[Merge]], *, heldout: bool = False) -> float:
+    def plan_error(self, plan: dict[str, MergeList], *, heldout: bool = False) -> float:
         """Worst relative L2 error of the base model with ``plan`` applied (cached by content)."""
         return self._plan_error(plan, "heldout" if heldout else "search")
 
-    def _plan_error(self, plan: dict[str, list[Merge]], role: str) -> float:
+    def _plan_error(self, plan: dict[str, MergeList], role: str) -> float:
         """:meth:`plan_error` on the inputs of ``role``: "search", "heldout" or "calibration" (one sample)."""
         key = _cache_key(plan, role)
         if key not in self.cache:
@@ -442,7 +463,7 @@ class BudgetSearch:
             logger.info("calibration runs the whole model (no suffix sessions: %s)", error)
             return None
 
-    def _simulated(self, plan: dict[str, list[Merge]], verifier: Verifier) -> list[dict] | None:
+    def _simulated(self, plan: dict[str, MergeList], verifier: Verifier) -> list[dict] | None:
         """The plan's outputs from the one-session simulator, or None (then the model is rebuilt).
 
         Through ``verifier.outputs_of``: a recurrent model's streams carry the simulated model's own state.
@@ -499,9 +520,7 @@ class BudgetSearch:
                 self.gain[option.name] = self._calibration(option)
                 option.errors = [self.gain[option.name] * value for value in option.errors]
 
-    def _add_level(
-        self, option: GroupOption, level: int, score: Callable[[str, list[Merge]], float]
-    ) -> float:
+    def _add_level(self, option: GroupOption, level: int, score: Callable[[str, MergeList], float]) -> float:
         """Score every ranking's merges at ``level``, keep the best for the group; its error."""
         tried = [(o, o.merges(level)) for o in self.orderings[option.name]]
         scored = [(score(option.name, merges), o, merges) for o, merges in tried if merges]
@@ -598,7 +617,7 @@ class BudgetSearch:
     def measured_fraction(self, counts: Counts) -> float:
         """The fraction of MACs kept, counted per layer from kept channels (``red_onnx.search.simulate``)."""
         plan = self._plan(counts)  # a refit merges each removed atom into many: count the removed atoms
-        key = tuple(sorted((name, len({m.source for m in merges})) for name, merges in plan.items()))
+        key = tuple(sorted((name, removed_atoms(merges).size) for name, merges in plan.items()))
         if key not in self.macs_cache:
             self.macs_cache[key] = self.macs_counter.fraction(self._plan(counts))
         return self.macs_cache[key]

@@ -11,12 +11,14 @@ The search (``red_onnx.search.budget``) records per group the error of each leve
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from red_onnx.analysis.kde import bandwidth_ladder, hash_weights
+from red_onnx.analysis.merge_sets import DenseMerges, MergeList, atom_rows
 from red_onnx.analysis.redundancy import AtomParams, Merge
 from red_onnx.analysis.refit import augmented_gram, choose_lambda_gram, greedy_obs, lambda_scale, mixing
 from red_onnx.analysis.similarity import (
@@ -87,9 +89,14 @@ class Ordering:
         return len(taken_entries(self.candidates, [n_atoms]))
 
 
-#: Groups wider than this get no refit ranking: its greedy path costs O(channels³) and its Gram
-#: (kept for every level) channels² floats (1024: ~1e9 operations, 8 MB; MobileNetV2's widest is 960).
-REFIT_MAX_ATOMS = 1024
+#: Groups wider than this get no refit ranking: its Gram is kept for every level (channels² float64:
+#: 134 MB at 4096; a 3072-neuron FFN's, 75 MB) and its greedy path costs O(channels³).
+REFIT_MAX_ATOMS = 4096
+#: Groups wider than this take the greedy OBS path in OBS_WIDE_STEPS joint steps (``greedy_obs``'s
+#: ``batch``), up to the deepest of LEVEL_FRACTIONS: each step touches all of ``H⁻¹``, so one channel a
+#: step is memory-bound there (a 3072-neuron FFN: 3072 steps, 17 s; 64 steps, 5 s).
+OBS_SINGLE_MAX = 1024
+OBS_WIDE_STEPS = 64
 #: The ridge strength is chosen (``choose_lambda_gram``, half the samples fit, half validate) for the
 #: removal of this fraction of the group, and used at every level.
 REFIT_LAMBDA_AT = 0.25
@@ -105,43 +112,33 @@ class RefitOrdering:
     ``R`` refits the kept channels' consumer weights: ``V'_K = V_K + A·V_R`` with
     ``A = (G_c,KK + λ·I)⁻¹·G_c,KR`` (``red_onnx.analysis.refit.mixing``) and the intercept into the
     bias. That is a merge of each removed atom into every kept atom with scale ``A_ij`` (the intercept as
-    the offset of one of them), so the simulator and the one editor of channels apply it as they apply
-    λ-merges. The order is the greedy OBS path on ``H = G_c + λ·I`` with that consumer's weights; the
-    search measures every level on the model's outputs like the other rankings, and keeps it only
-    where it measures better.
+    its offset), held as one ``DenseMerges``, which the simulator and the one editor of channels apply
+    as they apply λ-merges. The order is the greedy OBS path on ``H = G_c + λ·I`` with that consumer's
+    weights; the search measures every level on the model's outputs like the other rankings, and keeps
+    it only where it measures better.
     """
 
     label: str
     order: np.ndarray  # atoms, cheapest removal first
     atoms: np.ndarray  # the atoms of the captured tensor, in the order of ``gram``'s rows
-    gram: np.ndarray  # G1 of the captured activations, [atoms + 1, atoms + 1]
+    gram: np.ndarray  # G1 of the captured activations, [atoms·block + 1, atoms·block + 1]
     lam: float
     free_bias: bool
     steps: ChannelSteps | None = None
     bandwidth: float = 0.0
     basins: int = 0
+    block: int = 1  # rows of ``gram`` per atom (an attention head's D, refit row by row)
 
-    def merges(self, count: int) -> list[Merge]:
-        """The first ``count`` removals of the OBS order, each a merge into every kept atom."""
+    def merges(self, count: int) -> MergeList:
+        """The first ``count`` removals of the OBS order, each merged into every kept atom (dense form)."""
         if count <= 0:
             return []
-        row_of = np.full(int(self.atoms.max()) + 1, -1)
-        row_of[self.atoms] = np.arange(self.atoms.size)
-        removed_rows = np.sort(row_of[self.order[:count]])
-        keep_rows = np.setdiff1d(np.arange(self.atoms.size), removed_rows)
-        a, intercept = mixing(self.gram, keep_rows, self.lam, free_bias=self.free_bias)
-        silent = ~np.any(a != 0.0, axis=0)  # a removal with no weight anywhere still needs one merge
-        columns, kept = np.nonzero(a.T != 0.0)
-        columns = np.concatenate([columns, np.flatnonzero(silent)])
-        kept = np.concatenate([kept, np.zeros(int(silent.sum()), np.int64)])
-        order = np.lexsort((kept, columns))
-        columns, kept = columns[order], kept[order]
-        first = np.r_[True, columns[1:] != columns[:-1]]
-        sources = self.atoms[removed_rows[columns]].tolist()
-        targets = self.atoms[keep_rows[kept]].tolist()
-        scales = a[kept, columns].tolist()
-        offsets = np.where(first, intercept[columns], 0.0).tolist()
-        return [Merge(s, t, w, o) for s, t, w, o in zip(sources, targets, scales, offsets, strict=True)]
+        position = np.full(int(self.atoms.max()) + 1, -1)
+        position[self.atoms] = np.arange(self.atoms.size)
+        removed = np.sort(position[self.order[:count]])
+        kept = np.setdiff1d(np.arange(self.atoms.size), removed)
+        a, intercept = mixing(self.gram, atom_rows(kept, self.block), self.lam, free_bias=self.free_bias)
+        return DenseMerges(self.atoms[removed], self.atoms[kept], a, intercept, self.block)
 
     def allowed(self) -> set[int] | None:
         """The removal counts this ranking may stop at (None: any, without ``steps``)."""
@@ -159,6 +156,8 @@ def refit_ordering(
     weight: np.ndarray,
     free_bias: bool,
     validation: np.ndarray | None = None,
+    *,
+    block: int = 1,
 ) -> RefitOrdering | None:
     """The refit ranking of a group from its captured activations and its consumers' weight rows.
 
@@ -167,17 +166,19 @@ def refit_ordering(
     half validate, then the strength is rescaled to the whole Gram.
 
     Args:
-        rows: ``[atoms, samples]`` activations of the tensor the consumer reads, one row per atom.
-        atoms: The atom of each row.
-        weight: ``[atoms, outputs]`` the consumers' weight rows of those atoms.
+        rows: ``[atoms·block, samples]`` activations of the tensor the consumer reads, ``block`` rows per
+            atom, atom by atom.
+        atoms: The atom of each block of rows.
+        weight: ``[atoms·block, outputs]`` the consumers' weight rows of those atoms.
         free_bias: Whether every consumer reading these atoms can take a bias change (the intercept).
-        validation: ``[atoms, samples]`` the same tensor on other inputs (None: split ``rows``).
+        validation: The same tensor on other inputs, rows as ``rows`` (None: split ``rows``).
+        block: Rows per atom: an atom goes as a whole and the kept rows are refit one by one.
 
     Returns:
-        The ranking; None for a group too wide (``REFIT_MAX_ATOMS``) or too small.
+        The ranking; None for a group too wide (``REFIT_MAX_ATOMS`` rows) or too small.
     """
     count = atoms.size
-    if count < 2 or count > REFIT_MAX_ATOMS or rows.shape[1] < 4:
+    if count < 2 or count * block > REFIT_MAX_ATOMS or rows.shape[1] < 4:
         return None
     gram = augmented_gram(rows)
     if validation is not None and validation.shape[1] >= 2:
@@ -185,15 +186,19 @@ def refit_ordering(
     else:
         split = np.random.default_rng(REFIT_SPLIT_SEED).permutation(rows.shape[1])
         fit, val = augmented_gram(rows[:, split[::2]]), augmented_gram(rows[:, split[1::2]])
+    batch, deepest = 1, count - 1
+    if count > OBS_SINGLE_MAX:
+        batch, deepest = math.ceil(count / OBS_WIDE_STEPS), math.ceil(max(LEVEL_FRACTIONS) * count)
     probe = max(1, min(count - 1, round(REFIT_LAMBDA_AT * count)))
-    first = greedy_obs(fit, weight, probe, 0.1 * lambda_scale(fit, free_bias=free_bias), free_bias=free_bias)
-    keep = np.setdiff1d(np.arange(count), first.order)
+    unit = lambda_scale(fit, free_bias=free_bias)
+    first = greedy_obs(fit, weight, probe, 0.1 * unit, block, free_bias=free_bias, batch=batch)
+    keep = atom_rows(np.setdiff1d(np.arange(count), first.order), block)
     chosen = choose_lambda_gram(fit, val, weight, keep, free_bias=free_bias)
     if validation is not None and validation.shape[1] >= 2:  # chosen: fit on every sample seen
         gram = augmented_gram(np.hstack([rows, validation]))
-    lam = chosen / lambda_scale(fit, free_bias=free_bias) * lambda_scale(gram, free_bias=free_bias)
-    path = greedy_obs(gram, weight, count - 1, lam, free_bias=free_bias)
-    return RefitOrdering("refit", atoms[path.order], atoms, gram, lam, free_bias)
+    lam = chosen / unit * lambda_scale(gram, free_bias=free_bias)
+    path = greedy_obs(gram, weight, deepest, lam, block, free_bias=free_bias, batch=batch)
+    return RefitOrdering("refit", atoms[path.order], atoms, gram, lam, free_bias, block=block)
 
 
 #: A ranking of a group's removals: the merges of its first ``count`` entries, and where it may stop.

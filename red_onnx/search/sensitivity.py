@@ -30,17 +30,19 @@ bisects (``red_onnx.search.budget``); what it keeps is always measured on the mo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
-from red_onnx.analysis.channels import ChannelGroup
-from red_onnx.analysis.redundancy import Merge
+from red_onnx.analysis.channels import ChannelGroup, GroupTensor
+from red_onnx.analysis.merge_sets import DenseMerges, MergeList, row_local, to_rows
 from red_onnx.analysis.weights import channel_rows
-from red_onnx.search.activations import channel_rows_sampled
+from red_onnx.search.activations import captured_by_rows, channel_rows_sampled
 from red_onnx.search.simulate import ConsumerSlot, consumer_slots, weight_rows
 
 logger = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ def capture_grams(
     tensors: Mapping[str, tuple[int, int]],
     seed: int = 0,
     rows_below: float = FORMS["auto"],
+    masks: Sequence[np.ndarray | None] = (),
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Channel Gram matrices ``[x; 1]·[x; 1]ᵀ`` of the named tensors over every feed, one run per feed.
 
@@ -104,6 +107,7 @@ def capture_grams(
         tensors: Tensor name → (channel axis, block).
         seed: Seed of the position sampling.
         rows_below: Positions per channel + 1 under which a tensor keeps its rows.
+        masks: Per feed, a text model's attention mask: only the tokens it keeps are positions.
 
     Returns:
         Tensor name → ``[channels + 1, channels + 1]`` float64 (the last row/column: sums and count), and
@@ -113,10 +117,11 @@ def capture_grams(
     rng = np.random.default_rng(seed)
     grams: dict[str, np.ndarray] = {}
     pending: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for feed in feeds:  # one feed at a time: only one feed's activations are alive at once
+    for index, feed in enumerate(feeds):  # one feed at a time: only one feed's activations are alive
+        mask = masks[index] if index < len(masks) else None
         for name, value in zip(names, fetch(names, feed), strict=True):
             value = np.asarray(value)
-            rows = channel_rows_sampled(value, *tensors[name], rng, GRAM_POSITIONS)
+            rows = channel_rows_sampled(value, *tensors[name], rng, GRAM_POSITIONS, mask)
             if name in grams:
                 grams[name] = _add_gram(grams[name], rows)
                 continue
@@ -182,8 +187,16 @@ class SourceChanges:
     constant: np.ndarray  # [S] float64
 
 
-def source_changes(local: np.ndarray, merges: Sequence[Merge]) -> SourceChanges:
-    """The per-source change of ``merges`` whose source and target the consumer reads (``local`` ≥ 0)."""
+def source_changes(local: np.ndarray, merges: MergeList) -> SourceChanges | None:
+    """The per-source change of ``merges`` whose source and target the consumer reads (``local`` ≥ 0).
+
+    None when no merge is inside the tensor.
+    """
+    if isinstance(merges, DenseMerges):
+        return _dense_changes(local, merges)
+    merges = [m for m in merges if local[m.source] >= 0 and local[m.target] >= 0]
+    if not merges:
+        return None
     source = np.array([local[m.source] for m in merges], np.int64)
     target = np.array([local[m.target] for m in merges], np.int64)
     sources, row = np.unique(source, return_inverse=True)
@@ -196,13 +209,28 @@ def source_changes(local: np.ndarray, merges: Sequence[Merge]) -> SourceChanges:
     return SourceChanges(sources, columns, mix, constant)
 
 
+def _dense_changes(local: np.ndarray, merges: DenseMerges) -> SourceChanges | None:
+    """:func:`source_changes` of dense merges: ``mix`` is ``merges.mix`` transposed, −1 on each source."""
+    source, target = local[merges.sources], local[merges.targets]
+    inside, present = source >= 0, target >= 0
+    if not inside.any():
+        return None
+    order = np.argsort(source[inside])
+    sources = source[inside][order]
+    columns = np.union1d(sources, target[present])
+    mix = np.zeros((sources.size, columns.size))
+    mix[:, np.searchsorted(columns, target[present])] = merges.mix[np.ix_(present, inside)].T[order]
+    mix[np.arange(sources.size), np.searchsorted(columns, sources)] -= 1.0
+    return SourceChanges(sources, columns, mix, np.asarray(merges.offsets, np.float64)[inside][order])
+
+
 def _rows_disturbance(consumer: ConsumerRows, changes: SourceChanges) -> float:
     """``‖V_srcᵀ·Y‖²`` with one row of ``Y`` per removed channel: ``mix·x[columns] + constant`` (float64)."""
     change = changes.mix @ consumer.inputs[changes.columns].astype(np.float64) + changes.constant[:, None]
     return _product_norm(weight_rows(consumer.slot, changes.sources), change)
 
 
-def disturbance(consumer: ConsumerGrams | ConsumerRows, merges: Sequence[Merge]) -> float:
+def disturbance(consumer: ConsumerGrams | ConsumerRows, merges: MergeList) -> float:
     """``trace(G·P·H·Pᵀ)``: the estimated squared change of the consumer's output under ``merges``.
 
     With one column of P per removed channel (``mix`` on the channels its merges read, ``constant``
@@ -210,10 +238,9 @@ def disturbance(consumer: ConsumerGrams | ConsumerRows, merges: Sequence[Merge])
     over the columns read: O(sources·columns²), never a dense product over all channels.
     From rows: ``‖V_srcᵀ·Pᵀ·[X; 1]‖²``.
     """
-    inside = [m for m in merges if consumer.local[m.source] >= 0 and consumer.local[m.target] >= 0]
-    if not inside:
+    changes = source_changes(consumer.local, merges)
+    if changes is None:
         return 0.0
-    changes = source_changes(consumer.local, inside)
     if isinstance(consumer, ConsumerRows):
         return _rows_disturbance(consumer, changes)
     gram, columns, mix, constant = consumer.inputs, changes.columns, changes.mix, changes.constant
@@ -226,13 +253,21 @@ def disturbance(consumer: ConsumerGrams | ConsumerRows, merges: Sequence[Merge])
 
 
 def consumer_inputs(groups: Sequence[ChannelGroup]) -> dict[str, tuple[int, int]]:
-    """The tensors the groups' consumers read: name → (channel axis, block)."""
+    """The tensors the groups' consumers read: name → (channel axis, block; 1 where captured by rows)."""
     wanted = {}
     for group in groups:
         for consumer in group.consumers:
             member = group.tensors[consumer.tensor]
-            wanted[consumer.tensor] = (member.axis, member.block)
+            by_rows = captured_by_rows(member, consumer.node)
+            wanted[consumer.tensor] = (member.axis, 1 if by_rows else member.block)
     return wanted
+
+
+def _by_rows(slot: ConsumerSlot, member: GroupTensor, node: gs.Node) -> ConsumerSlot:
+    """The slot as the estimate reads it: each row of a block an atom of its own where captured by rows."""
+    if not captured_by_rows(member, node):
+        return slot
+    return dataclasses.replace(slot, block=1, local=row_local(slot.local, slot.block))
 
 
 class LocalSensitivity:
@@ -245,19 +280,32 @@ class LocalSensitivity:
         feeds: The search inputs (one capture run each).
         form: "auto" (a tensor's sampled rows where they are smaller than its Gram matrix), "gram" or
             "rows" (every tensor so; the same estimate up to rounding).
+        masks: Per feed, a text model's attention mask (only its tokens are sampled).
     """
 
     def __init__(
-        self, fetch: Fetch, groups: Sequence[ChannelGroup], feeds: Sequence[Feed], *, form: str = "auto"
+        self,
+        fetch: Fetch,
+        groups: Sequence[ChannelGroup],
+        feeds: Sequence[Feed],
+        *,
+        form: str = "auto",
+        masks: Sequence[np.ndarray | None] = (),
     ) -> None:
         if form not in FORMS:
             raise ValueError(f"form {form!r} is not one of {', '.join(FORMS)}")
         slots = {group.name: consumer_slots(group) for group in groups}
-        grams, rows = capture_grams(fetch, feeds, consumer_inputs(groups), rows_below=FORMS[form])
+        wanted = consumer_inputs(groups)
+        grams, rows = capture_grams(fetch, feeds, wanted, rows_below=FORMS[form], masks=masks)
         self.consumers: dict[str, list[ConsumerGrams | ConsumerRows]] | None = {}
+        self.blocks: dict[str, list[int]] = {}  # per group and consumer: rows per atom read as atoms
         for group in groups:
-            pairs = zip(slots[group.name], group.consumers, strict=True)
-            self.consumers[group.name] = [_consumer(slot, c.tensor, grams, rows) for slot, c in pairs]
+            entries = []
+            for slot, consumer in zip(slots[group.name], group.consumers, strict=True):
+                read = _by_rows(slot, group.tensors[consumer.tensor], consumer.node)
+                entries.append((_consumer(read, consumer.tensor, grams, rows), slot.block // read.block))
+            self.consumers[group.name] = [consumer for consumer, _ in entries]
+            self.blocks[group.name] = [block for _, block in entries]
         logger.debug("local sensitivity: %d Gram matrices, %d sampled rows for %d groups (%.1f MB)",
                      len(grams), len(rows), len(groups), self.nbytes / 1e6)  # fmt: skip
 
@@ -279,7 +327,7 @@ class LocalSensitivity:
         """Drop the Gram matrices and rows (a search's largest arrays); ``error`` then raises."""
         self.consumers = None
 
-    def error(self, group: str, merges: Sequence[Merge]) -> float:
+    def error(self, group: str, merges: MergeList) -> float:
         """Estimated relative L2 change of the group's consumer outputs (all consumers together)."""
         if self.consumers is None:
             raise RuntimeError("the local estimate was released; estimate before LocalSensitivity.release()")
@@ -287,4 +335,6 @@ class LocalSensitivity:
         energy = sum(c.energy for c in consumers)
         if not merges or energy <= 0.0:
             return 0.0
-        return float(np.sqrt(sum(disturbance(c, merges) for c in consumers) / energy))
+        blocks = self.blocks[group]
+        changes = sum(disturbance(c, to_rows(merges, b)) for c, b in zip(consumers, blocks, strict=True))
+        return float(np.sqrt(changes / energy))

@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from red_onnx.analysis.channels import ChannelGroup
-from red_onnx.analysis.redundancy import Merge
+from red_onnx.analysis.merge_sets import MergeList, has_offsets, local_offsets, removed_atoms
 from red_onnx.analysis.weights import consumer_axis
 from red_onnx.io.graph import WorkingModel, expect_constant, export_light
 from red_onnx.rewrite.editor import add_merged_rows, bias_contribution
@@ -37,7 +37,7 @@ from red_onnx.runtime.sessions import session_options
 
 logger = logging.getLogger(__name__)
 
-Plan = Mapping[str, Sequence[Merge]]
+Plan = Mapping[str, MergeList]
 Feed = dict[str, np.ndarray]
 
 
@@ -127,7 +127,7 @@ def weight_rows(slot: ConsumerSlot, channels: np.ndarray) -> np.ndarray:
     return np.moveaxis(slot.values, slot.axis, 0)[entries].reshape(len(channels), -1)
 
 
-def merged_weight(slot: ConsumerSlot, merges: Sequence[Merge]) -> np.ndarray:
+def merged_weight(slot: ConsumerSlot, merges: MergeList) -> np.ndarray:
     """The consumer weight with ``V_target += scale·V_source`` and ``V_source = 0`` for each merge."""
     moved = np.moveaxis(slot.values, slot.axis, 0)
     flat = np.array(moved, order="C").reshape(moved.shape[0] // slot.block, -1)  # a copy to edit
@@ -135,15 +135,14 @@ def merged_weight(slot: ConsumerSlot, merges: Sequence[Merge]) -> np.ndarray:
     return np.moveaxis(flat.reshape(moved.shape), 0, slot.axis)
 
 
-def offset_bias(slot: ConsumerSlot, merges: Sequence[Merge]) -> np.ndarray | None:
+def offset_bias(slot: ConsumerSlot, merges: MergeList) -> np.ndarray | None:
     """The slot's bias with the merges' offsets added, as the editor adds them (None: no offset here)."""
-    picked = [(slot.local[m.source], m.offset) for m in merges if m.offset and slot.local[m.source] >= 0]
-    if not picked or slot.bias is None or slot.node is None:
+    channels, values = local_offsets(merges, slot.local)
+    if not channels.size or slot.bias is None or slot.node is None:
         return None
-    channels = np.array([i for i, _ in picked])
     rest = np.moveaxis(slot.values, slot.axis, 0).shape[1:]  # a view: only the sources' rows are copied
     rows = weight_rows(slot, channels).reshape(len(channels), slot.block, *rest)
-    contribution = bias_contribution(slot.node, rows, np.array([v for _, v in picked]))
+    contribution = bias_contribution(slot.node, rows, values)
     bias = slot.bias
     changed = bias.values.astype(np.float64) + (contribution / bias.divisor).reshape(bias.values.shape)
     return changed.astype(bias.values.dtype)
@@ -262,8 +261,7 @@ class MergeSimulator:
     def supports(self, plan: Plan) -> bool:
         """Whether the plan is on groups this simulator knows, with offsets only where a bias takes them."""
         return all(
-            name in self.slots
-            and (all(m.offset == 0 for m in merges) or all(slot.bias for slot in self.slots[name]))
+            name in self.slots and (not has_offsets(merges) or all(slot.bias for slot in self.slots[name]))
             for name, merges in plan.items()
         )
 
@@ -350,6 +348,10 @@ class MacsCounter:
             entries += [(c.node.name, group.tensors[c.tensor].atoms) for c in group.consumers]
             entries += [(n.name, group.tensors[n.outputs[0].name].atoms) for n in group.path
                         if n.op == "Conv" and n.outputs[0].name in group.tensors]  # fmt: skip
+            # attention's Q·Kᵀ and P·V: MatMuls of two computed tensors scale with the heads they keep
+            entries += [(n.name, group.tensors[n.outputs[0].name].atoms) for n in group.path
+                        if n.op == "MatMul" and n.outputs[0].name in group.tensors
+                        and not any(isinstance(t, gs.Constant) for t in n.inputs[:2])]  # fmt: skip
             self.members[group.name] = [
                 (layer, atoms) for layer, atoms in entries if layer in self.layer_macs
             ]
@@ -360,7 +362,7 @@ class MacsCounter:
         for name, merges in plan.items():
             if not merges:
                 continue
-            deleted = np.array(sorted({m.source for m in merges}))
+            deleted = removed_atoms(merges)
             for layer, atoms in self.members.get(name, []):
                 valid = atoms[atoms >= 0]
                 if valid.size:

@@ -49,7 +49,7 @@ from red_onnx.runtime.stream import (
     run_stream,
     worst_step_error,
 )
-from red_onnx.verify.compare import OutputCheck, compare_outputs, merge_checks
+from red_onnx.verify.compare import OutputCheck, compare_outputs, merge_checks, token_rows
 from red_onnx.verify.input_spec import defaulted_dims_hint
 from red_onnx.verify.inputs import (
     build_feed,
@@ -405,12 +405,26 @@ class Verifier:
         """
         return self.rel_l2_errors_of(self.run(candidate, level), level)
 
+    @property
+    def token_masks(self) -> list[np.ndarray | None]:
+        """Per feed, a text model's ``[B, S]`` attention mask (None for other models, or a stream)."""
+        return list(self._masks) if len(self._masks) == len(self._inputs) else []
+
     def rel_l2_errors_of(self, got: Sequence[Feed], level: str) -> dict[str, float]:
-        """:meth:`rel_l2_errors` of outputs already computed as :meth:`outputs_of` computes them."""
+        """:meth:`rel_l2_errors` of outputs already computed as :meth:`outputs_of` computes them.
+
+        A text model's ``[B, S, H]`` outputs are measured at the tokens its attention mask keeps
+        (``compare.token_rows``), as the verdict measures them.
+        """
         worst: dict[str, float] = {}
-        for cand, ref in zip(got, self.reference_outputs(level), strict=True):
+        masks = self.token_masks
+        for index, (cand, ref) in enumerate(zip(got, self.reference_outputs(level), strict=True)):
+            mask = masks[index] if index < len(masks) else None
             for name, expected in ref.items():
                 actual = cand.get(name)
+                kept = token_rows(expected, mask)
+                if kept is not None and actual is not None and actual.shape == expected.shape:
+                    expected, actual = kept, token_rows(actual, mask)
                 # the output when it has the expected shape, else None
                 same = actual if actual is not None and actual.shape == expected.shape else None
                 slices = scale_slices(expected) if same is not None and expected.ndim >= 3 else None
