@@ -238,7 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
         "ones there: the same file repeats a latency-checked run byte for byte",
     )
     output = parser.add_argument_group("output")
-    output.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    output.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the report as JSON (also when verification fails; the model is not)",
+    )
     output.add_argument(
         "--plot",
         metavar="DIR",
@@ -360,6 +364,8 @@ def _run(args: argparse.Namespace) -> int:
     except VerificationError as error:
         progress.close()
         failed: Result | None = getattr(error, "result", None)
+        if failed is not None and args.json:  # the failed run's figures: the model is not written
+            _write_json(failed, Path(args.json))
         if failed is not None and not args.quiet:
             print(render_table(failed.report))
         raise

@@ -277,6 +277,8 @@ def test_verification_failure_exits_1_and_writes_nothing(
     assert "verification FAILED" in out  # the table of the failed run, for the bug report
     assert not (folder / "out.onnx").exists()
     assert {k: v for k, v in listing(folder).items() if k != "r.json"} == before
+    report = json.loads((folder / "r.json").read_text())  # the failed run's figures, for the bug report
+    assert report["verification"]["passed"] is False
 
 
 # ----------------------------------------------------------------------------------------------

@@ -210,6 +210,27 @@ def test_measured_shapes_fill_in_where_inference_stops() -> None:
     assert measure(model, shapes, {"y": (4, 5)}).macs == 4 * 5 * 6
 
 
+def test_a_tensor_inference_cannot_type_is_not_a_scalar() -> None:
+    """After an op ONNX inference does not know, a tensor of unknown rank takes its measured shape.
+
+    It was recorded as shape ``()``, which overrode the measured one: every MatMul after a fused
+    ``com.microsoft`` Gelu counted 0 MACs.
+    """
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Gelu", ["x"], ["g"], name="gelu", domain="com.microsoft"),
+            onnx.helper.make_node("MatMul", ["g", "w"], ["y"], name="fc"),
+        ],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 6])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.ones((6, 5), np.float32), "w")],
+    )
+    opsets = [onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("com.microsoft", 1)]
+    model = onnx.helper.make_model(graph, opset_imports=opsets)
+    assert measure(model, {"x": [2, 6]}, {"g": (2, 6), "y": (2, 5)}).macs == 2 * 5 * 6
+
+
 def test_measure_refuses_a_negative_dimension() -> None:
     """A declared ``-1`` batch taken as a size gave negative MACs; it is refused with the shape named."""
     model = _model(

@@ -63,6 +63,8 @@ def _shape_map(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]
         probe = onnx.shape_inference.infer_shapes(probe, strict_mode=False)
     shapes: dict[str, tuple] = {}
     for value in [*probe.graph.input, *probe.graph.value_info, *probe.graph.output]:
+        if not value.type.tensor_type.HasField("shape"):  # rank unknown (after an op inference cannot
+            continue  # type, e.g. a com.microsoft one): not a scalar
         dims = value.type.tensor_type.shape.dim
         if all(d.HasField("dim_value") for d in dims):
             shapes[value.name] = tuple(int(d.dim_value) for d in dims)
@@ -141,8 +143,8 @@ def measure(
     for name, shape in input_shapes.items():
         if any(int(dim) < 0 for dim in shape):
             raise InputError(f"input {name!r} has shape {list(shape)}; give every dimension a size >= 0")
-    shapes = {name: tuple(shape) for name, shape in (known or {}).items() if shape is not None}
-    shapes |= _shape_map(model, input_shapes)
+    shapes = _shape_map(model, input_shapes)
+    shapes |= {name: tuple(shape) for name, shape in (known or {}).items() if shape is not None}  # measured
     weights = _weights(model)
     layers = {}
     for index, node in enumerate(model.graph.node):

@@ -39,7 +39,7 @@ class PassReport:
 
 #: Version of the ``--json`` report's layout (``docs/report.md``): raised when a field changes meaning
 #: or goes; new fields may appear within a version.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
