@@ -3,8 +3,9 @@
 The model is exported first by ``bench/models/export_text_encoder.py``
 (``~/.cache/red-onnx/bench/text_encoder.onnx``, tokenizer in ``text_encoder_tokenizer/``). This script
 
-1. builds ~300 English sentences (20 topics, composed here from hand-written parts with a fixed seed)
-   and splits them into calibration (128) and test (the rest), disjoint;
+1. builds 684 English sentences (20 topics, composed here from hand-written parts with a fixed seed):
+   the first 172 are the test sentences, the next ``--calibration`` (default 256, at most 512) the
+   calibration ones, disjoint, so the test set is the same for every calibration size;
 2. tokenizes both at a fixed length (32, padded, truncated) into ``calibration.npz`` / ``test.npz``
    (arrays ``input_ids`` and ``attention_mask``, int64, the model's input names);
 3. compresses the model at each target fraction of MACs (default 0.9, 0.8, 0.7, 0.6) in these settings:
@@ -24,7 +25,7 @@ The model is exported first by ``bench/models/export_text_encoder.py``
    - ``ffn-weight-norm``: the same fraction of FFN neurons removed in every layer, those with the
      smallest ``||W1 column|| * ||W2 row||`` (weights only, implemented here in numpy);
 
-   both onnxsim settings are calibrated on the same 128 calibration rows (one batch). A baseline's
+   both onnxsim settings are calibrated on the same calibration rows (batches of 128). A baseline's
    sparsity is found by bisection (bracketing, with linear interpolation steps) so that its MACs kept
    at ``[1, 32]`` inputs match the target within 0.005; a baseline that prunes nothing, cannot reach
    the target or fails is recorded as such;
@@ -84,7 +85,9 @@ TOKENIZER_DIR = CACHE / "text_encoder_tokenizer"
 WORK = CACHE / "text_encoder_data"
 RESULTS = Path(__file__).resolve().parent / "results" / "text_encoder.json"
 SEQ = 32
-N_CALIBRATION = 128
+N_TEST = 172
+N_CALIBRATION = 256
+MAX_CALIBRATION = 512
 CALIBRATION_BATCH = 128
 TOP_K = 5
 TARGETS = (0.9, 0.8, 0.7, 0.6)
@@ -349,6 +352,14 @@ def make_sentences(n: int = 300, seed: int = 0) -> list[tuple[str, str]]:
             out.append((topic, f"{s} {v} {e}"))
     rng.shuffle(out)
     return out[:n]
+
+
+def split_sentences(calibration: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(calibration, test) pairs: the test set is the pool's first N_TEST, the same for every size."""
+    if not 1 <= calibration <= MAX_CALIBRATION:
+        raise SystemExit(f"--calibration must be 1..{MAX_CALIBRATION}, got {calibration}")
+    pool = make_sentences(N_TEST + MAX_CALIBRATION)
+    return pool[N_TEST : N_TEST + calibration], pool[:N_TEST]
 
 
 def tokenize(sentences: list[str], length: int = SEQ) -> dict[str, np.ndarray]:
@@ -660,7 +671,7 @@ def compare_with_baselines(
 
 @functools.cache
 def _joined_tokens(length: int) -> dict[str, np.ndarray]:
-    text = " ".join(s for _, s in make_sentences()[N_CALIBRATION:])
+    text = " ".join(s for _, s in split_sentences(N_CALIBRATION)[1])
     tokens = tokenize([text], length)
     tokens["attention_mask"][:] = 1
     return tokens
@@ -1031,6 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     ap.add_argument("--fresh", action="store_true", help="drop earlier runs from the results file")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--calibration", type=int, default=N_CALIBRATION, help="calibration sentences (<= 512)")
     ap.add_argument("--latency-runs", type=int, default=LATENCY_RUNS, help="timed runs per model and length")
     args = ap.parse_args(argv)
     if not MODEL.exists():
@@ -1042,8 +1054,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from red_onnx import InputSpec, compress
 
-    pairs = make_sentences()
-    calib_pairs, test_pairs = pairs[:N_CALIBRATION], pairs[N_CALIBRATION:]
+    calib_pairs, test_pairs = split_sentences(args.calibration)
+    pairs = calib_pairs + test_pairs
     assert not {s for _, s in calib_pairs} & {s for _, s in test_pairs}
     WORK.mkdir(parents=True, exist_ok=True)
     calib, test = tokenize([s for _, s in calib_pairs]), tokenize([s for _, s in test_pairs])
@@ -1051,7 +1063,7 @@ def main(argv: list[str] | None = None) -> int:
     np.savez(calib_path, **calib)
     np.savez(WORK / "test.npz", **test)
     calibration = [{k: v[i : i + CALIBRATION_BATCH] for k, v in calib.items()}
-                   for i in range(0, N_CALIBRATION, CALIBRATION_BATCH)]  # fmt: skip
+                   for i in range(0, len(calib_pairs), CALIBRATION_BATCH)]  # fmt: skip
 
     original = onnx.load(str(MODEL))
     ref = embed(MODEL, test)
@@ -1074,7 +1086,7 @@ def main(argv: list[str] | None = None) -> int:
         "original_macs": {str(length): base[length].macs for length in MACS_SEQS},
         "original_params": base[SEQ].params,
         "macs_tolerance": MACS_TOLERANCE,
-        "onnxsim_calibration": f"the {N_CALIBRATION} calibration rows as {len(calibration)} batch(es) of "
+        "onnxsim_calibration": f"the {len(calib_pairs)} calibration rows as {len(calibration)} batch(es) of "
                                f"up to {CALIBRATION_BATCH} rows",
         "latency_method": {"onnxruntime": ort.__version__, "graph_optimization": "ORT_ENABLE_ALL",
                            "intra_op_threads": THREADS, "batch": 1, "warmup": LATENCY_WARMUP,

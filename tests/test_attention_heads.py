@@ -35,6 +35,7 @@ from red_onnx.io.graph import (
     normalise_constants,
 )
 from red_onnx.options import InputSpec
+from red_onnx.report.report import render_table
 from red_onnx.rewrite.editor import GroupPlan, apply_plan, attach_graph
 from red_onnx.runtime.shapes import ShapeService
 from red_onnx.search.simulate import MacsCounter
@@ -218,6 +219,29 @@ def test_heads_on_a_matrix_axis_freeze() -> None:
     assert group.frozen is not None and "one of its two matrix axes" in group.frozen
 
 
+def test_onnxruntime_fused_transformer_ops_freeze_with_their_own_reason() -> None:
+    """A model run through onnxruntime's transformer optimizer: compress the export instead."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), n) for n in "ab"]
+    nodes = [
+        helper.make_node("MatMul", ["x", "a"], ["h"], name="fc1"),
+        helper.make_node("FastGelu", ["h"], ["g"], name="gelu", domain="com.microsoft"),
+        helper.make_node("MatMul", ["g", "b"], ["y"], name="fc2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fused",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 8])],
+        weights,
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=8)
+    _, analysis = _analyse(model, {"x": np.zeros((2, 3, 8), np.float32)})
+    group = next(g for g in analysis.groups if g.origin == "fc1")
+    assert group.frozen is not None and "onnxruntime-fused transformer op" in group.frozen
+
+
 def test_macs_counter_scales_attention_matmuls_with_heads() -> None:
     spec = AttentionSpec()
     built = attention_model(spec)
@@ -302,6 +326,8 @@ def test_target_macs_removes_whole_heads(compress: Callable[..., object]) -> Non
     budget = result.report.budget  # type: ignore[attr-defined]
     heads = {g["group"]: g["removed"] for g in budget["groups"] if "q0" in g["group"] or "q1" in g["group"]}
     assert sum(heads.values()) * spec.head_size == removed
+    assert {g["unit"] for g in budget["groups"] if g["group"] in heads} == {"heads"}
+    assert any(line.split()[4:5] == ["heads"] for line in render_table(result.report).splitlines())  # type: ignore[attr-defined]
     for seed in (1, 2):
         feeds = attention_feeds(spec, seed, 2, 5)
         assert run(model, feeds)["y"].shape == (2, 5, spec.width)

@@ -88,6 +88,23 @@ SPATIAL_OPS = frozenset(
         "Upsample",
     }
 )
+#: onnxruntime's fused transformer ops (its transformer optimizer writes them): heads packed in one
+#: weight with ``num_heads`` and ``qkv_hidden_sizes`` attributes, biases moved into the LayerNorm.
+ORT_FUSED_OPS = frozenset(
+    {
+        "Attention",
+        "MultiHeadAttention",
+        "GroupQueryAttention",
+        "PackedAttention",
+        "SkipLayerNormalization",
+        "EmbedLayerNormalization",
+        "FastGelu",
+        "BiasGelu",
+        "Gelu",
+        "BiasAdd",
+        "QuickGelu",
+    }
+)
 BINARY_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow"})
 RESHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 REDUCE_OPS = frozenset(
@@ -274,6 +291,8 @@ def visit(node: gs.Node, member: GroupTensor, context: GraphContext) -> Outcome 
     Returns:
         The outcome, or a reason string that freezes the group.
     """
+    if node.domain == "com.microsoft" and node.op in ORT_FUSED_OPS:
+        return _fmt(Reason.ORT_FUSED, node)
     if node.domain not in (None, "", "ai.onnx"):
         return _fmt(Reason.CUSTOM_DOMAIN, node, domain=node.domain)
     if node.op in QUANTIZED_OPS:

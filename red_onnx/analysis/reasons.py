@@ -15,6 +15,10 @@ class Reason:
     USER_FROZEN = "layer '{node}' matches --freeze pattern '{pattern}'"
     UNSUPPORTED_OP = "{op} node '{node}' is not understood by the channel analysis"
     CUSTOM_DOMAIN = "{op} node '{node}' is from domain '{domain}'"
+    ORT_FUSED = (
+        "{op} node '{node}' is an onnxruntime-fused transformer op (com.microsoft): compress the model as "
+        "exported, then run onnxruntime's transformer optimizer on the result"
+    )
     MIXES_CHANNELS = "{op} node '{node}' mixes channels"
     WEIGHT_NOT_CONSTANT = "the weight of {op} node '{node}' is not a constant"
     WEIGHT_GRAPH_INPUT = "the weight '{tensor}' of {op} node '{node}' is a graph input (fed at run time)"

@@ -201,7 +201,8 @@ def render_table(report: Report, *, max_layers: int = 40) -> str:
             kept = group["channels"] - group["removed"]
             shown = "-" if alone is None else format(alone, ".3g")
             name, ranking = group["group"][:40], group["ordering"][:32]
-            lines.append(f"  {name:40} {group['channels']:>5} -> {kept:<5} {ranking:32} {shown}")
+            unit = "heads" if group.get("unit") == "heads" else ""
+            lines.append(f"  {name:40} {group['channels']:>5} -> {kept:<5} {unit:5} {ranking:32} {shown}")
         search, heldout = _parts_measured(report.inputs)
         lines.append(
             f"budget search ({budget.get('sensitivity', 'measured')} sensitivity): "

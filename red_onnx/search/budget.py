@@ -86,9 +86,11 @@ HASHING_RELEASE_WEIGHTS = 2**20
 #: Inputs with more elements than this per sample get half the seeds (search time).
 LARGE_SAMPLE = 100_000
 #: Models above this many MACs per verification sample get the large-model search: LARGE_SEEDS samples,
-#: LARGE_LEVEL_FRACTIONS and LARGE_HASH_RUNGS, so that its measurements (each a full onnxruntime run of
-#: every sample) stay in the hundreds, not thousands (a 25M-parameter ResNet-50 at --target-macs 0.8 took
-#: 53 min on 2 cores with the small-model settings).
+#: LARGE_HASH_RUNGS, the local estimate, and LARGE_LEVEL_FRACTIONS where levels are measured, so that its
+#: measurements (each a full onnxruntime run of every sample) stay in the hundreds, not thousands (a
+#: 25M-parameter ResNet-50 at --target-macs 0.8 took 53 min on 2 cores with the small-model settings).
+#: Estimated levels cost no run, so there every level of LEVEL_FRACTIONS is kept (a 3072-neuron FFN
+#: stepped 384 → 768 → 1536 neurons otherwise).
 LARGE_MODEL_MACS = 1_000_000_000
 LARGE_SEEDS = 4
 LARGE_LEVEL_FRACTIONS = (1 / 8, 1 / 4, 1 / 2)
@@ -227,6 +229,9 @@ class BudgetSearch:
         self.chosen: dict[tuple[str, int], Ranking] = {}
         self.atom_cost: dict[str, np.ndarray] = {}
         groups = mergeable_groups(working, self.shapes, self.freeze)
+        # levels cost measurements only when measured: estimated, a large model keeps every level
+        local = sensitivity in ("local", "calibrated") or (sensitivity == "auto" and self.large)
+        self.fractions = LEVEL_FRACTIONS if local or not self.large else LARGE_LEVEL_FRACTIONS
         samples = self._activations(groups, self.verifier) if activations else {}
         validation = self._validation(groups) if activations and refit else {}
         # a group's atom vectors (a copy of its weights) live only while its rankings are made: all
@@ -239,7 +244,6 @@ class BudgetSearch:
         self.cache: dict[tuple, float] = {}  # errors measured (their count is the report's evaluations)
         self.macs_cache: dict[tuple, float] = {}
         self.macs_counter = MacsCounter(layer_macs, groups)
-        local = sensitivity in ("local", "calibrated") or (sensitivity == "auto" and self.large)
         self.simulator = _simulator(working, groups, list(consumer_inputs(groups)) if local else [])
         if self.simulator is None and self.base is None:  # every measurement rebuilds: export once
             self.base = graph_utils.export_model(working)
@@ -283,14 +287,14 @@ class BudgetSearch:
         if refit is not None:
             orderings.append(refit)
         orderings = [dataclasses.replace(o, steps=steps) for o in orderings]
-        fractions = LARGE_LEVEL_FRACTIONS if self.large else LEVEL_FRACTIONS
         available = achievable(orderings, n_atoms)
-        levels = removal_levels(n_atoms, available, multiple, fractions, steps=steps)
+        levels = removal_levels(n_atoms, available, multiple, self.fractions, steps=steps)
         self.orderings[name] = orderings
         self.atom_cost[name] = atom_macs(item.group, layer_macs)
         self.merges[name] = {level: orderings[0].merges(level) for level in levels}
         option = GroupOption(name, n_atoms, levels, [self._saved(name, level) for level in levels])
         option.producers = [p.node.name for p in item.group.producers]
+        option.unit = "heads" if item.group.atom_width > 1 else "channels"
         option.bandwidths = {o.label: o.bandwidth for o in orderings}
         option.basins = {o.label: o.basins for o in orderings}
         return option

@@ -54,6 +54,7 @@ class GroupOption:
     producers: list[str] = field(default_factory=list)
     bandwidths: dict[str, float] = field(default_factory=dict)
     basins: dict[str, int] = field(default_factory=dict)
+    unit: str = "channels"  # what an atom is: "heads" for the group of an attention block
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,7 @@ def _group_summary(option: GroupOption, count: int) -> dict[str, object]:
     position = option.levels.index(count) if count in option.levels else 0
     return {
         "group": option.name, "producers": option.producers, "channels": option.n_atoms, "removed": count,
+        "unit": option.unit,
         "ordering": _chosen(option, count), "bandwidth": option.bandwidths.get(_chosen(option, count), 0.0),
         "basins": option.basins.get(_chosen(option, count), 0),
         "error_alone": option.errors[position] if position < len(option.errors) else None,
