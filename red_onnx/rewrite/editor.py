@@ -303,15 +303,8 @@ def _delete_producer_channels(node: gs.Node, keep: np.ndarray) -> None:
 
 def _rewrite_path_node(plan: GroupPlan, node: gs.Node) -> None:
     group = plan.group
-    source = group.tensors.get(node.inputs[0].name) if node.inputs else None
-    if node.op in ("Split", "Slice") and source is not None and source.block != 1:
-        _rewrite_block_cut(plan, node, source)
-        return
-    if node.op == "Split":
-        _rewrite_split(plan, node)
-        return
-    if node.op == "Slice":
-        _rewrite_slice(plan, node)
+    if node.op in ("Split", "Slice"):
+        _rewrite_cut(plan, node, group.tensors[node.inputs[0].name])
         return
     _slice_side_inputs(plan, node)
     out = group.tensors.get(node.outputs[0].name)
@@ -339,41 +332,6 @@ def _delete_param_channels(node: gs.Node, index: int, out: GroupTensor, keep: np
     size = out.channels * out.block  # an attention head's bias: a block of D values per channel
     if axis >= 0 and values.shape[axis] == size and size > 1:
         set_constant_input(node, index, _take(values, keep, axis, out.block), suffix=SUFFIX)
-
-
-def _rewrite_split(plan: GroupPlan, node: gs.Node) -> None:
-    source = plan.group.tensors[node.inputs[0].name]
-    axis = int(node.attrs.get("axis", 0)) % source.rank
-    if axis != source.axis:
-        return
-    sizes = np.array([len(_keep(plan, plan.group.tensors[t.name])) for t in node.outputs], np.int64)
-    if "split" in node.attrs:
-        node.attrs["split"] = [int(s) for s in sizes]
-    elif not is_empty_input(node, 1):
-        set_constant_input(node, 1, sizes, suffix=SUFFIX)
-    elif len(set(sizes.tolist())) != 1:
-        node.attrs.pop("num_outputs", None)
-        set_constant_input(node, 1, sizes, suffix=SUFFIX)
-
-
-def _rewrite_slice(plan: GroupPlan, node: gs.Node) -> None:
-    source = plan.group.tensors[node.inputs[0].name]
-    params = slice_params(node, source.rank)
-    if params is None:
-        raise InternalError(f"Slice {node.name} is on a channel path but its parameters are not constant")
-    starts, ends, axes, _ = params
-    if source.axis not in axes:
-        return
-    k = axes.index(source.axis)
-    start, stop, _ = slice(int(starts[k]), int(ends[k])).indices(source.channels)
-    kept_before = (~plan.delete[source.atoms[:start]]).sum()
-    kept_inside = (~plan.delete[source.atoms[start:stop]]).sum()
-    starts[k], ends[k] = int(kept_before), int(kept_before + kept_inside)
-    if "starts" in node.attrs:
-        node.attrs["starts"], node.attrs["ends"] = starts, ends
-        return
-    set_constant_input(node, 1, np.array(starts, np.int64), suffix=SUFFIX)
-    set_constant_input(node, 2, np.array(ends, np.int64), suffix=SUFFIX)
 
 
 def _rewrite_reshape_target(node: gs.Node, out: GroupTensor, kept: int) -> None:
@@ -416,8 +374,11 @@ def _rewrite_built_target(node: gs.Node, out: GroupTensor, kept: int) -> None:
     set_constant_input(concat, index, values.reshape(piece.shape).astype(piece.dtype), suffix=SUFFIX)
 
 
-def _rewrite_block_cut(plan: GroupPlan, node: gs.Node, source: GroupTensor) -> None:
-    """Split sizes or Slice bounds of a cut along a tensor whose channels are blocks (attention heads)."""
+def _rewrite_cut(plan: GroupPlan, node: gs.Node, source: GroupTensor) -> None:
+    """Split sizes or Slice bounds of a cut along the channel axis of ``source``, in blocks of its channels.
+
+    A channel is ``source.block`` elements of the axis (an attention head's D; 1 elsewhere).
+    """
     if node.op == "Split":
         if int(node.attrs.get("axis", 0)) % source.rank != source.axis:
             return
