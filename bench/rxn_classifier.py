@@ -489,8 +489,6 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     import onnxsim
 
-    from red_onnx import InputSpec, compress
-
     calib_path = DATA / "calibration.npz"
     calib = {k: v for k, v in np.load(calib_path).items()}
     test = _test_rows()
@@ -558,14 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             if setting in OURS:
-                if setting == "data-free":
-                    kwargs: dict[str, Any] = {"input_spec": InputSpec(shapes=shapes)}
-                else:
-                    kwargs = {"input_spec": InputSpec(npz=calib_path)}
-                    if setting == "calibrated-norefit":
-                        kwargs["refit"] = False
-                out = compress(str(MODEL), target_macs=target, force_target=True, latency_check=False,
-                               raise_on_failure=False, **kwargs)  # fmt: skip
+                out = te.compress_ours(MODEL, setting, target, shapes, calib_path)
                 row["seconds"] = round(time.perf_counter() - t0, 1)
                 row.update(te.summarize(out.report))
                 model = out.model

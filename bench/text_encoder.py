@@ -1035,6 +1035,23 @@ def _fmt(value: Any, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
+def compress_ours(model: Path, setting: str, target: float, shapes: Mapping[str, tuple[int, ...]],
+                  calibration: Path) -> Any:  # fmt: skip
+    """``red_onnx.compress`` in one of OURS: ``data-free`` on ``shapes``, else on the ``calibration`` npz.
+
+    Always ``force_target=True``, ``latency_check=False``, ``raise_on_failure=False``;
+    ``calibrated-norefit`` adds ``refit=False``.
+    """
+    from red_onnx import InputSpec, compress
+
+    if setting == "data-free":
+        kwargs: dict[str, Any] = {"input_spec": InputSpec(shapes=dict(shapes))}
+    else:
+        kwargs = {"input_spec": InputSpec(npz=calibration), "refit": setting != "calibrated-norefit"}
+    return compress(str(model), target_macs=target, force_target=True, latency_check=False,
+                    raise_on_failure=False, **kwargs)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -1051,8 +1068,6 @@ def main(argv: list[str] | None = None) -> int:
     import onnx
     import onnxruntime as ort
     import onnxsim
-
-    from red_onnx import InputSpec, compress
 
     calib_pairs, test_pairs = split_sentences(args.calibration)
     pairs = calib_pairs + test_pairs
@@ -1117,14 +1132,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             try:
                 if setting in OURS:
-                    if setting == "data-free":
-                        kwargs: dict[str, Any] = {"input_spec": InputSpec(shapes=shapes)}
-                    else:
-                        kwargs = {"input_spec": InputSpec(npz=calib_path)}
-                        if setting == "calibrated-norefit":
-                            kwargs["refit"] = False
-                    out = compress(str(MODEL), target_macs=target, force_target=True, latency_check=False,
-                                   raise_on_failure=False, **kwargs)  # fmt: skip
+                    out = compress_ours(MODEL, setting, target, shapes, calib_path)
                     row["seconds"] = round(time.perf_counter() - t0, 1)
                     row.update(summarize(out.report))
                     model = out.model
