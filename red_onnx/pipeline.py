@@ -353,7 +353,7 @@ def _searched_merges(working: graph_utils.WorkingModel, run: Run) -> Pass | None
                 f"this model reaches is {reachable:.3f}; nothing was written"
             )
     run.report.budget = {**outcome.to_dict(), "seconds": round(time.perf_counter() - started, 3)}
-    merges = {name: search.merges[name][count] for name, count in outcome.counts.items() if count}
+    merges = search.final_plan(outcome.counts)
     del search  # its sessions, Gram matrices and model copy: not alive while the merges are applied
     gc.collect()  # the search's groups and graph views are cyclic
     release_free_memory("merging")

@@ -469,7 +469,9 @@ def test_an_inputs_batch_is_split_between_the_search_and_the_heldout_check(tmp_p
     searched = np.concatenate([feed["x"] for feed in search.verifier.inputs])
     held_out = np.concatenate([feed["x"] for feed in search.heldout.inputs])
     halves = split_rows(len(rows))
-    assert {row.tobytes() for row in searched} == {row.tobytes() for row in rows[halves["search"]]}
+    # the search measures on the cv rows, which the activation rankings and the refit never fitted
+    assert search.measured_part == "cv"
+    assert {row.tobytes() for row in searched} == {row.tobytes() for row in rows[halves["cv"]]}
     assert {row.tobytes() for row in held_out} == {row.tobytes() for row in rows[halves["heldout"]]}
     result = search.within_tolerance(0.04)
     assert result.heldout_error <= 0.04 and result.macs_fraction < 1.0

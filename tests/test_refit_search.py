@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from graphs import random_feeds, run
 from onnx import helper, numpy_helper
 
@@ -19,7 +20,7 @@ from red_onnx.runtime.shapes import ShapeService
 from red_onnx.search import budget_options
 from red_onnx.search.budget import BudgetSearch
 from red_onnx.search.budget_options import refit_ordering
-from red_onnx.verify.inputs import make_inputs
+from red_onnx.verify.inputs import make_inputs, split_rows
 
 
 def test_the_merges_of_a_refit_ordering_apply_the_refit() -> None:
@@ -151,16 +152,82 @@ def test_every_consumer_of_the_captured_tensor_enters_the_refit_cost(tmp_path: P
         assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want), name
 
 
-def test_the_ridge_strength_is_validated_on_the_cv_rows_and_the_refit_fits_search_and_cv(
+def test_the_refit_fits_the_search_rows_and_the_search_measures_on_the_cv_rows(
     tmp_path: Path,
 ) -> None:
-    """16 calibration rows: 8 search, 4 cv (4 held out); 36 positions each, all captured."""
+    """16 calibration rows: 8 search, 4 cv (4 held out); 36 positions each, all captured.
+
+    The ridge strength is validated on the cv rows, and the plans are measured there: rows no fit saw.
+    """
     model = _mixed_channel_net()
     spec = _calibration(tmp_path)
     shapes = ShapeService(make_inputs(model, spec, 0))
     search = BudgetSearch(model, model, spec, shapes, channel_multiple=1, hashing=False)
     (ranking,) = [o for orderings in search.orderings.values() for o in orderings if o.label == "refit"]
-    assert ranking.gram[-1, -1] == (8 + 4) * 36  # the constant channel's sum counts the samples fitted
+    assert ranking.gram[-1, -1] == 8 * 36  # the constant channel's sum counts the samples fitted
+    assert search.measured_part == "cv" and search.verifier.part == "cv"
+    cv_rows = np.load(spec.calibration)["x"][split_rows(16)["cv"]]
+    assert len(search.verifier.inputs) == 1
+    np.testing.assert_array_equal(next(iter(search.verifier.inputs[0].values())), cv_rows)
+    result, _ = search.to_target(0.8)
+    assert result.to_dict()["measured_on"] == "cv"
     (group,) = search.options
     validation = search._validation(mergeable_groups(search.working, search.shapes, ()))
     assert validation[group.name].shape == (8, 4 * 36)
+
+
+def test_the_final_refit_adds_the_cv_rows_to_the_removals_the_search_chose() -> None:
+    """``final_merges``: the search path's removals, refit on both Grams, λ rescaled to their sum."""
+    rng = np.random.default_rng(5)
+    rows, held = rng.standard_normal((6, 300)) + 1.0, rng.standard_normal((6, 120)) + 1.0
+    rows[5], held[5] = 0.7 * rows[0] - 0.2 * rows[3], 0.7 * held[0] - 0.2 * held[3]
+    weight, atoms = rng.standard_normal((6, 3)), np.arange(6)
+    ordering = refit_ordering(rows, atoms, weight, True, held, fit_validation=False)
+    assert ordering is not None and ordering.extra is not None
+    assert ordering.gram[-1, -1] == 300  # the search fit saw only ``rows``
+    together = refit_ordering(rows, atoms, weight, True, held)  # fit_validation: the former rule
+    assert together is not None and together.extra is None and together.gram[-1, -1] == 420
+    summed = augmented_gram(np.hstack([rows, held]))
+    rescale = budget_options.lambda_scale(summed) / budget_options.lambda_scale(ordering.gram)
+    assert ordering.lam * rescale == pytest.approx(together.lam, rel=1e-9)  # one strength chosen
+    for count in (1, 3):
+        final = ordering.final_merges(count)
+        assert isinstance(final, DenseMerges)
+        removed = removed_atoms(final)
+        np.testing.assert_array_equal(removed, np.sort(ordering.order[:count]))
+        keep = np.setdiff1d(atoms, removed)
+        kept, bias = refit(summed, weight, keep, together.lam)
+        flat = weight.copy()
+        add_merged_rows(flat, atoms, final)
+        np.testing.assert_allclose(flat[keep], kept, rtol=1e-5, atol=1e-6)  # extra is float32
+        channels, values = local_offsets(final, atoms)
+        offsets = np.zeros(6)
+        np.add.at(offsets, channels, values)
+        np.testing.assert_allclose(weight.T @ offsets, bias, rtol=1e-5, atol=1e-6)
+
+
+def test_the_written_plan_is_the_final_refit_and_its_held_out_error_is_reported(tmp_path: Path) -> None:
+    model = _mixed_channel_net()
+    spec = _calibration(tmp_path)
+    search = BudgetSearch(model, model, spec, ShapeService(make_inputs(model, spec, 0)), channel_multiple=1,
+                          hashing=False)  # fmt: skip
+    result, _ = search.to_target(0.8)
+    (name,) = [name for name, count in result.counts.items() if count]
+    count = result.counts[name]
+    chosen = search.chosen[(name, count)]
+    assert chosen.label == "refit"
+    final = search.final_plan(result.counts)[name]
+    searched = search.merges[name][count]
+    assert isinstance(final, DenseMerges) and isinstance(searched, DenseMerges)
+    assert not np.array_equal(final.mix, searched.mix)  # refit once more, on the cv rows too
+    np.testing.assert_array_equal(final.mix, chosen.final_merges(count).mix)
+    rebuilt = search.apply_plan({name: final})
+    errors = search.heldout.rel_l2_errors(rebuilt, level="disable_all")
+    assert max(errors.values()) == pytest.approx(result.heldout_error, rel=1e-4)
+    written = red_onnx.compress(model, target_macs=0.8, channel_multiple=1, input_spec=spec,
+                                latency_check=False, hashing=False)  # fmt: skip
+    assert written.report.budget["heldout_error"] == pytest.approx(result.heldout_error, rel=1e-6)
+    feeds = {"x": np.load(spec.calibration)["x"][split_rows(16)["heldout"]]}
+    got, want = run(written.model, feeds)["y"], run(model, feeds)["y"]
+    np.testing.assert_allclose(got, run(rebuilt, feeds)["y"], rtol=1e-4, atol=1e-5)  # the final plan
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) == pytest.approx(result.heldout_error, rel=1e-3)

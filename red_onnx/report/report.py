@@ -39,7 +39,7 @@ class PassReport:
 
 #: Version of the ``--json`` report's layout (``docs/report.md``): raised when a field changes meaning
 #: or goes; new fields may appear within a version.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ def render_table(report: Report, *, max_layers: int = 40) -> str:
             name, ranking = group["group"][:40], group["ordering"][:32]
             unit = "heads" if group.get("unit") == "heads" else ""
             lines.append(f"  {name:40} {group['channels']:>5} -> {kept:<5} {unit:5} {ranking:32} {shown}")
-        search, heldout = _parts_measured(report.inputs)
+        search, heldout = _parts_measured(report.inputs, budget.get("measured_on", "search"))
         lines.append(
             f"budget search ({budget.get('sensitivity', 'measured')} sensitivity): "
             f"{budget['evaluations']} measurements in {budget['seconds']:.1f}s; error "
@@ -211,7 +211,8 @@ def render_table(report: Report, *, max_layers: int = 40) -> str:
             f"{heldout}; MACs kept {budget['macs_fraction']:.3f}"
         )
     if report.verification:
-        lines.append(_render_verification(report.verification, report.inputs))
+        measured = (report.budget or {}).get("measured_on", "search")
+        lines.append(_render_verification(report.verification, report.inputs, measured))
         lines += [f"  note: {note}" for note in (report.inputs or {}).get("range_notes") or []]
     lines += _render_latency(report.latency)
     if report.accuracy:
@@ -295,11 +296,12 @@ def _figure(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def _parts_measured(inputs: dict[str, Any] | None) -> tuple[str, str]:
+def _parts_measured(inputs: dict[str, Any] | None, measured: str = "search") -> tuple[str, str]:
     """What the search's and the held-out figures were measured on, as short suffixes.
 
-    `` (6 of 12 images)`` and `` (3)`` for split samples; nothing for synthetic inputs, where each part
-    draws seeds of its own; `` (all of NAME)`` for samples used whole by every part.
+    `` (6 of 12 images)`` and `` (3)`` for split samples, `` (3 cv rows of 12, unseen by the fits)``
+    where the search measured on its cv part (``measured``); nothing for synthetic inputs, where each
+    part draws seeds of its own; `` (all of NAME)`` for samples used whole by every part.
     """
     if not inputs or not inputs.get("samples"):
         return "", ""
@@ -307,10 +309,15 @@ def _parts_measured(inputs: dict[str, Any] | None) -> tuple[str, str]:
     if not inputs.get("split"):
         return f" (all of {inputs['file']})", f" (all of {inputs['file']})"
     unit = "images" if inputs.get("kind") == "images" else "rows"
-    return f" ({samples['search']} of {inputs['total']} {unit})", f" ({samples['heldout']})"
+    heldout = f" ({samples['heldout']})"
+    if measured == "cv":
+        return f" ({samples['cv']} cv {unit} of {inputs['total']}, unseen by the fits)", heldout
+    return f" ({samples['search']} of {inputs['total']} {unit})", heldout
 
 
-def _render_verification(verification: dict[str, Any], inputs: dict[str, Any] | None = None) -> str:
+def _render_verification(
+    verification: dict[str, Any], inputs: dict[str, Any] | None = None, measured: str = "search"
+) -> str:
     verdict = "PASSED" if verification.get("passed") else "FAILED"
     criterion = f" [{verification['criterion']}]" if verification.get("criterion") else ""
     worst = max((o.get("rel_l2_err") or 0.0 for o in verification.get("outputs", [])), default=0.0)
@@ -319,7 +326,7 @@ def _render_verification(verification: dict[str, Any], inputs: dict[str, Any] | 
     heldout = verification.get("heldout_error")
     if verification.get("target"):  # no bound was asked: figures, not a verdict
         state = "target reached" if verification.get("passed") else "target reached, NOT WRITTEN"
-        search_on, heldout_on = _parts_measured(inputs)
+        search_on, heldout_on = _parts_measured(inputs, measured)
         return (
             f"{state} (no fidelity bound was asked): worst rel L2 {worst:.3g} on {named} (onnxruntime, "
             f"levels {levels}); search {_figure(verification.get('search_error'))}{search_on}, held out "

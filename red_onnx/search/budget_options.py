@@ -129,6 +129,21 @@ class RefitOrdering:
     bandwidth: float = 0.0
     basins: int = 0
     block: int = 1  # rows of ``gram`` per atom (an attention head's D, refit row by row)
+    extra: np.ndarray | None = None  # G1 of the cv rows (float32), added by the final refit
+
+    def final_merges(self, count: int) -> MergeList:
+        """:meth:`merges`, the kept atoms refit on the fitted rows and ``extra``'s rows together.
+
+        The plan written once a search that measured on the cv rows has chosen ``count``: the same
+        removals, their refit on a quarter more samples (the ridge strength rescaled to the summed Gram).
+        """
+        if self.extra is None:
+            return self.merges(count)
+        gram = self.gram + self.extra
+        scale = lambda_scale(gram, free_bias=self.free_bias) / lambda_scale(
+            self.gram, free_bias=self.free_bias
+        )
+        return dataclasses.replace(self, gram=gram, lam=self.lam * scale, extra=None).merges(count)
 
     def merges(self, count: int) -> MergeList:
         """The first ``count`` removals of the OBS order, each merged into every kept atom (dense form)."""
@@ -159,6 +174,7 @@ def refit_ordering(
     validation: np.ndarray | None = None,
     *,
     block: int = 1,
+    fit_validation: bool = True,
 ) -> RefitOrdering | None:
     """The refit ranking of a group from its captured activations and its consumers' weight rows.
 
@@ -174,6 +190,9 @@ def refit_ordering(
         free_bias: Whether every consumer reading these atoms can take a bias change (the intercept).
         validation: The same tensor on other inputs, rows as ``rows`` (None: split ``rows``).
         block: Rows per atom: an atom goes as a whole and the kept rows are refit one by one.
+        fit_validation: Once the strength is chosen, fit on ``rows`` and ``validation`` together (off:
+            on ``rows`` only, where ``validation``'s inputs measure the result; ``validation``'s Gram
+            is then kept for :meth:`RefitOrdering.final_merges`).
 
     Returns:
         The ranking; None for a group too wide (``REFIT_MAX_ATOMS`` rows) or too small.
@@ -195,11 +214,14 @@ def refit_ordering(
     first = greedy_obs(fit, weight, probe, 0.1 * unit, block, free_bias=free_bias, batch=batch)
     keep = atom_rows(np.setdiff1d(np.arange(count), first.order), block)
     chosen = choose_lambda_gram(fit, val, weight, keep, free_bias=free_bias)
-    if validation is not None and validation.shape[1] >= 2:  # chosen: fit on every sample seen
+    if fit_validation and validation is not None and validation.shape[1] >= 2:  # fit on every sample
         gram = augmented_gram(np.hstack([rows, validation]))
     lam = chosen / unit * lambda_scale(gram, free_bias=free_bias)
     path = greedy_obs(gram, weight, deepest, lam, block, free_bias=free_bias, batch=batch)
-    return RefitOrdering("refit", atoms[path.order], atoms, gram, lam, free_bias, block=block)
+    extra = None
+    if not fit_validation and validation is not None and validation.shape[1] >= 2:
+        extra = augmented_gram(validation).astype(np.float32)
+    return RefitOrdering("refit", atoms[path.order], atoms, gram, lam, free_bias, block=block, extra=extra)
 
 
 #: A ranking of a group's removals: the merges of its first ``count`` entries, and where it may stop.
@@ -218,11 +240,13 @@ class BudgetResult:
     curve: list[tuple[float, float]]
     groups: list[GroupOption]
     sensitivity: str = "measured"
+    measured_part: str = "search"
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready summary."""
         return {
             "error": self.error,
+            "measured_on": self.measured_part,
             "heldout_error": self.heldout_error,
             "macs_fraction": self.macs_fraction,
             "evaluations": self.evaluations,
