@@ -971,8 +971,6 @@ the extra detections (summed over the images), and the relative L2 error of the 
 box and class-score parts. The relative L2 error of the whole raw output (the "test error" at the end of
 this section) is the box coordinates' almost alone: they are pixels, the class scores at most 1.
 {_empty_floor(result, data["samples"])}
-
-{BEFORE_CV}
 """
     return _zoo_grid(results, "refit_grid_yolov8n.json", "yolov8n", intro,
                      "Calibrated comparison grid on YOLOv8n")  # fmt: skip
