@@ -27,7 +27,6 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -162,7 +161,7 @@ def capture_calibration(
     det_inputs: list[np.ndarray] = []
     crops: list[np.ndarray] = []
     session = ocr.text_det.infer
-    recognise = ocr.text_rec.__call__
+    recognise = ocr.text_rec
 
     def det_session(inputs: np.ndarray) -> Any:
         det_inputs.append(np.asarray(inputs))
@@ -173,7 +172,7 @@ def capture_calibration(
         return recognise(img_list, *args, **kwargs)
 
     ocr.text_det.infer = det_session
-    ocr.text_rec = _Callable(rec_call)
+    ocr.text_rec = rec_call  # an instance attribute: rapidocr calls self.text_rec(...) unbound
     for image in images:
         ocr(np.ascontiguousarray(image[:, :, ::-1]))
     rng = np.random.default_rng(seed)
@@ -194,16 +193,6 @@ def capture_calibration(
     order = rng.permutation(len(crops))[: samples["rec"]]
     rec = [recogniser.resize_norm_img(shaped, crops[i], REC_SHAPE[2] / REC_SHAPE[1]) for i in order]
     return {"det": np.stack(tiles).astype(np.float32), "rec": np.stack(rec).astype(np.float32)}
-
-
-class _Callable:
-    """An object whose call is ``function`` (rapidocr calls ``self.text_rec(...)``)."""
-
-    def __init__(self, function: Callable[..., Any]) -> None:
-        self.function = function
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.function(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------

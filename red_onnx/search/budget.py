@@ -323,8 +323,8 @@ class BudgetSearch:
         ``validation`` (the same tensor on the "cv" inputs) chooses the ridge strength; without it, a
         split of the captured positions does. ``per_channel`` rows of ``rows`` make a channel where the
         tensor is captured by rows (attention heads: the output projection is refit row by row).
-        ``fit_validation``: the final refit also fits on ``validation`` (off where the search measures
-        its plans on those inputs).
+        ``fit_validation``: the refit also fits on ``validation`` (off where the search measures its
+        plans on those inputs; ``validation``'s Gram is then kept for the plan written).
 
         Every consumer reading that tensor enters the cost (their weight rows side by side: the costs
         add up on one Gram). None where the tensor does not carry every atom of the group (the
