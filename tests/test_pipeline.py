@@ -324,6 +324,30 @@ def test_overridable_initializer_stays_an_input_and_freezes_its_layer() -> None:
     assert_same_function(model, out, x_feed())
 
 
+def test_overridable_weights_count_their_macs_and_a_target_they_freeze_is_refused() -> None:
+    """Every initializer listed as an input (``keep_initializers_as_inputs``): the figures still count
+    its layers (they counted 0 parameters and 0 MACs, and a --target-macs run "reached" 0.000)."""
+    plain = red_onnx.compress(planted_conv(), exact=True).report
+    model = list_initializers_as_inputs(planted_conv(ir_version=8))
+    report = red_onnx.compress(model, exact=True).report
+    assert (report.params_before, report.macs_before) == (plain.params_before, plain.macs_before)
+    assert report.macs_before == 8 * 8 * 8 * 27 + 4 * 8 * 8 * 72
+    with pytest.raises(VerificationError, match=r"cannot be reached.*1\.000"):
+        red_onnx.compress(list_initializers_as_inputs(planted_conv(ir_version=8)), target_macs=0.8)
+
+
+def test_a_budget_beside_an_overridable_bias_measures_in_one_session(caplog) -> None:
+    """The simulator takes an overridable initializer's default (it failed, and every measurement
+    rebuilt the model); the merged model keeps the input and computes what the search measured."""
+    model = list_initializers_as_inputs(planted_conv(ir_version=8), ["c2.b"])
+    with caplog.at_level("WARNING"):
+        result = red_onnx.compress(model, target_macs=0.7, channel_multiple=1)
+    assert not [r for r in caplog.records if "rebuilding" in r.getMessage()]
+    assert channels(result.model, "c1") < 8
+    assert [i.name for i in result.model.graph.input] == ["x", "c2.b"]
+    assert result.report.macs_before == 8 * 8 * 8 * 27 + 4 * 8 * 8 * 72
+
+
 # ----------------------------------------------------------------------------------------------
 # where the weights are
 

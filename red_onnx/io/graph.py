@@ -368,8 +368,13 @@ def export_light(working: WorkingModel) -> tuple[onnx.ModelProto, list[str]]:
     inference and MAC counts; :func:`red_onnx.search.simulate.MergeSimulator.of_working` feeds the weights.
     """
     graph = working.graph.copy()
+    defaults = {t.name: t.red_default for t in working.graph.inputs if hasattr(t, "red_default")}
+    for tensor in graph.inputs:  # the copy drops the overridable initializers' defaults: their shapes
+        if tensor.name in defaults:  # are the layers' weights (a model exported with initializers as
+            tensor.red_default = defaults[tensor.name].copy()  # inputs counted 0 MACs without them)
     light = []
-    for tensor in graph.tensors().values():
+    overridable = [t.red_default for t in graph.inputs if hasattr(t, "red_default")]
+    for tensor in [*graph.tensors().values(), *overridable]:
         heavy = isinstance(tensor, gs.Constant) and math.prod(tensor.shape) > LIGHT_ELEMENTS
         if heavy and tensor.export_dtype == np.float32:
             dims = [int(d) for d in tensor.shape]
@@ -398,7 +403,12 @@ def export_model(working: WorkingModel, metadata: Mapping[str, str] | None = Non
     if defaults:
         existing = {t.name for t in model.graph.initializer}
         for name, const in defaults.items():
-            if name not in existing:
+            if name in existing:
+                continue
+            stored = const._values  # gs has no public test for "not loaded yet"
+            if isinstance(stored, LazyValues) and isinstance(stored.tensor, onnx.TensorProto):
+                model.graph.initializer.append(stored.tensor)  # as stored (export_light: dims only)
+            else:
                 model.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(const.values), name))
     model.ir_version = working.ir_version
     model.producer_name, model.producer_version = working.producer

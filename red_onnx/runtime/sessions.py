@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from red_onnx.errors import InputError, UsageError, VerificationError, first_line
 from red_onnx.io.files import model_nbytes
+from red_onnx.runtime.rows import RowChunks, dynamic_leading
 from red_onnx.runtime.stream import Feed, Runner
 
 #: A model: in memory, serialized (``SerializeToString()`` bytes, handed over as they are), or a path.
@@ -164,11 +165,20 @@ def open_session(
         raise ort_error(exc, level, reference=reference) from exc
 
 
+def batch_chunks(session: ort.InferenceSession) -> RowChunks:
+    """The row chunking of feeds to ``session`` (``runtime.rows``): its inputs with a dynamic axis 0."""
+    return RowChunks(dynamic_leading({value.name: value.shape for value in session.get_inputs()}))
+
+
 def session_runner(session: ort.InferenceSession, level: str, *, reference: bool) -> Runner:
-    """One ``session.run`` per feed; onnxruntime's errors: InputError (reference), VerificationError."""
+    """One ``session.run`` per feed; onnxruntime's errors: InputError (reference), VerificationError.
+
+    A feed holding a batch of many rows runs in chunks of rows (``runtime.rows``), outputs joined.
+    """
     names = [out.name for out in session.get_outputs()]
     wanted = [inp.name for inp in session.get_inputs()]
     feed_of = feeder(session)
+    chunks = batch_chunks(session)
 
     def run(feeds: Sequence[Feed]) -> list[Feed]:
         missing = [name for name in wanted if feeds and name not in feeds[0]]
@@ -180,7 +190,7 @@ def session_runner(session: ort.InferenceSession, level: str, *, reference: bool
         results: list[Feed] = []
         for feed in feeds:
             try:
-                values = session.run(names, feed_of(feed))
+                values = chunks.run(lambda part: session.run(names, feed_of(part)), feed)
             except Exception as exc:  # see open_session
                 raise ort_error(exc, level, reference=reference) from exc
             results.append({n: as_array(v) for n, v in zip(names, values, strict=True)})

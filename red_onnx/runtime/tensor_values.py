@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from red_onnx.runtime.sessions import feeder, session_options
+from red_onnx.runtime.rows import RowChunks
+from red_onnx.runtime.sessions import batch_chunks, feeder, session_options
 
 
 def tensor_fetch(
@@ -17,7 +18,9 @@ def tensor_fetch(
     """``fetch(names, feed)``: values of any of ``names`` (made extra outputs of a copy of ``model``).
 
     One session, built once; graph optimisations are off, so every named tensor exists. The feed may
-    hold more arrays than the model's inputs. Raises what onnxruntime raises.
+    hold more arrays than the model's inputs. A feed holding a batch of many rows runs in chunks of
+    rows (``runtime.rows``; the check that this is safe is made once per list of names). Raises what
+    onnxruntime raises.
     """
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -28,7 +31,13 @@ def tensor_fetch(
     )
     del probe
     feed_of = feeder(session)
-    return lambda fetched, feed: session.run(list(fetched), feed_of(feed))
+    chunkers: dict[tuple[str, ...], RowChunks] = {}
+
+    def fetch(fetched: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        chunks = chunkers.setdefault(tuple(fetched), batch_chunks(session))
+        return chunks.run(lambda part: session.run(list(fetched), feed_of(part)), feed)
+
+    return fetch
 
 
 def run_tensors(

@@ -85,7 +85,8 @@ CV_SEEDS = tuple(range(300, 316))
 HASHING_RELEASE_WEIGHTS = 2**20
 #: Inputs with more elements than this per sample get half the seeds (search time).
 LARGE_SAMPLE = 100_000
-#: Models above this many MACs per verification sample get the large-model search: LARGE_SEEDS samples,
+#: Models above this many MACs per verification feed (a calibration file's rows count together: a
+#: measurement runs them all) get the large-model search: LARGE_SEEDS samples,
 #: LARGE_HASH_RUNGS, the local estimate, and LARGE_LEVEL_FRACTIONS where levels are measured, so that its
 #: measurements (each a full onnxruntime run of every sample) stay in the hundreds, not thousands (a
 #: 25M-parameter ResNet-50 at --target-macs 0.8 took 53 min on 2 cores with the small-model settings).

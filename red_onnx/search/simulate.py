@@ -33,6 +33,7 @@ from red_onnx.analysis.merge_sets import MergeList, has_offsets, local_offsets, 
 from red_onnx.analysis.weights import consumer_axis
 from red_onnx.io.graph import WorkingModel, expect_constant, export_light
 from red_onnx.rewrite.editor import add_merged_rows, bias_contribution
+from red_onnx.runtime.rows import RowChunks, dynamic_leading
 from red_onnx.runtime.sessions import session_options
 
 logger = logging.getLogger(__name__)
@@ -180,8 +181,11 @@ def _initializers_as_inputs(model: onnx.ModelProto, names: set[str]) -> None:
     """Turn the (dims-only) initializers ``names`` of ``model`` into graph inputs of the same type."""
     graph = model.graph
     moved = [(index, init) for index, init in enumerate(graph.initializer) if init.name in names]
+    declared = {value.name for value in graph.input}  # an overridable initializer is an input already
     graph.input.extend(
-        onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims) for _, init in moved
+        onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims)
+        for _, init in moved
+        if init.name not in declared
     )
     for index, _ in reversed(moved):
         del graph.initializer[index]
@@ -232,6 +236,9 @@ class MergeSimulator:
         self.real_inputs = [value.name for value in base.graph.input if value.name not in initializers]
         self.runs = 0
         self.batched: bool | None = None  # decided on the first run
+        declared = {value.name: value.shape for value in self.session.get_inputs()}
+        self.batch_inputs = [name for name in dynamic_leading(declared) if name in self.real_inputs]
+        self.chunkers: dict[tuple[str, ...], RowChunks] = {}  # per list of tensors fetched
 
     @classmethod
     def of_working(
@@ -250,13 +257,19 @@ class MergeSimulator:
         light, names = export_light(working)
         _initializers_as_inputs(light, set(names))
         constants = working.graph.tensors()  # float32 and contiguous: the same arrays, no copy
-        fixed = {name: np.ascontiguousarray(constants[name].values, dtype=np.float32) for name in names}
+        stored = {name: getattr(constants[name], "red_default", constants[name]) for name in names}
+        fixed = {name: np.ascontiguousarray(stored[name].values, dtype=np.float32) for name in names}
         return cls(light, groups, providers, extra_outputs, fixed=fixed)
 
     def tensors(self, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Values of ``extra_outputs`` (or outputs) of the base model on one feed (weights unchanged)."""
-        values = self.session.run(list(names), self.base_inputs(feed))
+        values = self._chunked(names, self.base_inputs(feed))
         return [np.asarray(value) for value in values]
+
+    def _chunked(self, names: Sequence[str], inputs: Feed) -> list[np.ndarray]:
+        """``names`` computed on ``inputs``, a batch of many rows in chunks of rows (``runtime.rows``)."""
+        chunks = self.chunkers.setdefault(tuple(names), RowChunks(self.batch_inputs))
+        return chunks.run(lambda part: self.session.run(list(names), part), inputs)
 
     def supports(self, plan: Plan) -> bool:
         """Whether the plan is on groups this simulator knows, with offsets only where a bias takes them."""
@@ -287,7 +300,7 @@ class MergeSimulator:
         return [self._run_one(weights, feed) for feed in feeds]
 
     def _run_one(self, weights: Mapping[str, np.ndarray], feed: Feed) -> Feed:
-        values = self.session.run(self.outputs, {**self.base_inputs(feed), **weights})
+        values = self._chunked(self.outputs, {**self.base_inputs(feed), **weights})
         return dict(zip(self.outputs, (np.asarray(v) for v in values), strict=True))
 
     def base_inputs(self, feed: Mapping[str, np.ndarray]) -> Feed:
@@ -297,7 +310,7 @@ class MergeSimulator:
     def _run_batched(self, weights: Mapping[str, np.ndarray], feeds: Sequence[Feed]) -> list[Feed]:
         """All feeds concatenated on axis 0, one run, outputs split back (shapes checked)."""
         joined = {n: np.concatenate([feed[n] for feed in feeds], axis=0) for n in self.real_inputs}
-        values = self.session.run(self.outputs, {**joined, **self.fixed, **weights})
+        values = self._chunked(self.outputs, {**joined, **self.fixed, **weights})
         sizes = [feeds[0][n].shape[0] for n in self.real_inputs[:1]] * len(feeds)
         cuts = np.cumsum(sizes)[:-1]
         parts = [np.split(np.asarray(v), cuts, axis=0) for v in values]
