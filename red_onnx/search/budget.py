@@ -204,7 +204,8 @@ class BudgetSearch:
         self.large = figures.macs > LARGE_MODEL_MACS
         count = len(SEARCH_SEEDS) if volume <= LARGE_SAMPLE else len(SEARCH_SEEDS) // 2
         count = LARGE_SEEDS if self.large else count
-        if _samples_cover_inputs(structure, spec):  # every seed would give the same feed: one is enough
+        self.covered = _samples_cover_inputs(structure, spec)
+        if self.covered:  # every seed would give the same feed: one is enough
             count = 1
         # an --inputs batch is split: the search sees one half, the held-out re-check the other. Not a
         # recurrent model's stream: on half of silero-vad's 121-chunk calibration stream the search
@@ -379,7 +380,10 @@ class BudgetSearch:
         """
         if not self.split:
             return {}
-        verifier = self._verifier(CV_SEEDS[: self.seed_count], "cv")
+        if self.covered and self.measured_part == "cv":  # the measuring verifier holds these very rows
+            verifier = self.verifier
+        else:
+            verifier = self._verifier(CV_SEEDS[: self.seed_count], "cv")
         return {name: rows for name, (_, rows, _) in self._activations(groups, verifier).items()}
 
     def _local_sensitivity(self, groups: list) -> LocalSensitivity | None:
