@@ -514,3 +514,18 @@ def test_a_budget_line_says_on_how_many_samples_each_error_was_measured(tmp_path
                 "samples": {"search": 6, "cv": 3, "heldout": 3}},
     )  # fmt: skip
     assert "error 0.01 on search inputs (6 of 12 images), 0.02 held out (3)" in render_table(report)
+
+
+def test_the_macs_line_says_when_it_counts_a_batch_of_rows() -> None:
+    """MACs are counted at the input shapes: over a calibration file's 128 rows, the table says so."""
+    from red_onnx.report.report import Report, render_table
+
+    def macs_line(shapes: dict) -> str:
+        table = render_table(Report(input_shapes=shapes, macs_before=128_000, macs_after=64_000))
+        return next(line for line in table.splitlines() if line.startswith("MACs"))
+
+    assert macs_line({"x": [128, 3, 8, 8]}).startswith("MACs (128 rows) ")
+    assert macs_line({"ids": [16, 32], "mask": [16, 32]}).startswith("MACs (16 rows) ")
+    assert macs_line({"x": [1, 3, 8, 8]}).split()[:2] == ["MACs", "128K"]
+    assert macs_line({"x": [4, 3], "sr": []}).split()[:2] == ["MACs", "128K"]  # a scalar beside: no batch
+    assert macs_line({"x": [4, 3], "state": [2, 4, 8]}).split()[:2] == ["MACs", "128K"]

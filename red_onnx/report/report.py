@@ -160,13 +160,23 @@ def _human(count: float) -> str:
     return f"{count:.4g}P"
 
 
+def _macs_label(input_shapes: dict[str, list[int]]) -> str:
+    """ "MACs", or "MACs (N rows)" where every input carries one batch of N > 1 (a calibration file)."""
+    leading = {shape[0] for shape in input_shapes.values() if shape}
+    if len(leading) == 1 and len(input_shapes) == sum(1 for shape in input_shapes.values() if shape):
+        (rows,) = leading
+        if rows > 1:
+            return f"MACs ({rows} rows)"
+    return "MACs"
+
+
 def render_table(report: Report, *, max_layers: int = 40) -> str:
     """A terminal rendering of the report."""
     lines = [
         f"{'':22}{'before':>14}{'after':>14}{'ratio':>9}",
         f"{'parameters':22}{_human(report.params_before):>14}{_human(report.params_after):>14}"
         f"{_ratio(report.params_after, report.params_before):>9}",
-        f"{'MACs':22}{_human(report.macs_before):>14}{_human(report.macs_after):>14}"
+        f"{_macs_label(report.input_shapes):22}{_human(report.macs_before):>14}{_human(report.macs_after):>14}"
         f"{_ratio(report.macs_after, report.macs_before):>9}",
         f"{'file size (bytes)':22}{_human(report.size_before):>14}{_human(report.size_after):>14}"
         f"{_ratio(report.size_after, report.size_before):>9}",
