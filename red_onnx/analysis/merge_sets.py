@@ -31,7 +31,9 @@ class DenseMerges:
 
     With ``block > 1`` (an attention head: D consumer rows per atom, refit row by row) ``mix`` and
     ``offsets`` are over rows: row ``b`` of atom ``a`` is row ``a·block + b`` of the atom's consumer
-    slices, and :meth:`as_rows` is the same plan with every row an atom of its own.
+    slices, and :meth:`as_rows` is the same plan with every row an atom of its own. With ``taps`` the
+    rows of a channel are a k×k Conv consumer's kernel taps (``block`` of them): row ``b`` is
+    ``W[:, c, tap b]`` (the refit of every tap on its own, from the consumer's input patches).
 
     Attributes:
         sources: ``[R]`` removed atoms, distinct.
@@ -39,6 +41,7 @@ class DenseMerges:
         mix: ``[K·block, R·block]`` float64 scales.
         offsets: ``[R·block]`` float64 constants.
         block: Consumer rows per atom the mix is over.
+        taps: Whether those rows are a Conv consumer's kernel taps (no offsets then).
     """
 
     sources: np.ndarray
@@ -46,6 +49,7 @@ class DenseMerges:
     mix: np.ndarray
     offsets: np.ndarray
     block: int = 1
+    taps: bool = False
 
     def __post_init__(self) -> None:
         """Check shapes and disjointness (a plan that cannot be applied fails here, not in the editor)."""
@@ -59,6 +63,8 @@ class DenseMerges:
             )
         if np.unique(sources).size != sources.size or np.intersect1d(sources, targets).size:
             raise ValueError("dense merges need distinct sources, disjoint from the targets")
+        if self.taps and np.any(self.offsets != 0.0):
+            raise ValueError("dense merges over kernel taps take no offsets (a padded border sees none)")
 
     def __len__(self) -> int:
         """The number of removed atoms."""
@@ -71,6 +77,7 @@ class DenseMerges:
         for array in (self.sources, self.targets, self.mix, self.offsets):
             digest.update(np.ascontiguousarray(array).tobytes())
             digest.update(str(array.shape).encode())
+        digest.update(b"taps" if self.taps else b"rows")
         return "dense", digest.hexdigest()
 
     def as_rows(self) -> DenseMerges:
@@ -122,6 +129,8 @@ def to_rows(merges: MergeList, block: int) -> MergeList:
     A merge of whole atoms moves each row of the source into the same row of the target; dense merges
     over rows (:meth:`DenseMerges.as_rows`) already are.
     """
+    if isinstance(merges, DenseMerges) and merges.taps:
+        raise ValueError("dense merges over kernel taps have no rows of whole channels")
     if block == 1:
         return merges
     if isinstance(merges, DenseMerges):

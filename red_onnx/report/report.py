@@ -161,7 +161,7 @@ def _human(count: float) -> str:
 
 
 def _macs_label(input_shapes: dict[str, list[int]]) -> str:
-    """ "MACs", or "MACs (N rows)" where every input carries one batch of N > 1 (a calibration file)."""
+    """The MACs line's label: with "(N rows)" where every input carries one batch of N > 1 rows."""
     leading = {shape[0] for shape in input_shapes.values() if shape}
     if len(leading) == 1 and len(input_shapes) == sum(1 for shape in input_shapes.values() if shape):
         (rows,) = leading

@@ -8,6 +8,7 @@ bounds, Reshape targets) and the consumers' input slices.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -136,8 +137,20 @@ def _add_dense_rows(flat: np.ndarray, local: np.ndarray, merges: DenseMerges) ->
     """:func:`add_merged_rows` of dense merges: ``V_K += mix·V_R`` over the rows this tensor carries.
 
     Over ``block`` rows per atom, ``flat`` (``[channels, block·rest]``) is edited as its
-    ``[channels·block, rest]`` view, each row an atom of its own.
+    ``[channels·block, rest]`` view, each row an atom of its own. Over a Conv consumer's kernel taps
+    (``merges.taps``), ``flat`` is ``[channels, outputs·taps]`` and a row is one tap of every output.
     """
+    if merges.taps:
+        channels, width = flat.shape
+        if width % merges.block:
+            raise RewriteError(f"dense merges over {merges.block} kernel taps met a consumer row of {width}")
+        tapped = flat.reshape(channels, width // merges.block, merges.block).swapaxes(1, 2).copy()
+        rows = tapped.reshape(channels * merges.block, -1)  # [channels·taps, outputs], a row per tap
+        plain = dataclasses.replace(merges, taps=False)
+        _add_dense_rows(rows, row_local(local, merges.block), plain.as_rows())
+        flat[...] = tapped.swapaxes(1, 2).reshape(channels, width)
+        sources = local[merges.sources]
+        return sources[sources >= 0]
     if merges.block > 1:
         if flat.shape[1] % merges.block:
             raise RewriteError(

@@ -1,14 +1,17 @@
-"""Channel activations on the synthetic verification inputs (a service the budget search asks).
+"""Channel activations on the search's inputs (a service the budget search asks).
 
 One onnxruntime run of the base model with the group tensors the consumers read as extra outputs; for
 each tensor, every channel's values at the same random positions (at most ``positions`` per input),
-as a ``[channels, samples]`` matrix. No data beyond the seeded synthetic inputs is used.
+as a ``[channels, samples]`` matrix; for a k×k Conv consumer also the Gram of its input patches (the
+rows it multiplies with ``W[:, c, tap]``), for the refit tap by tap.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -16,12 +19,15 @@ import onnx_graphsurgeon as gs
 
 from red_onnx.analysis.channels import GroupTensor
 from red_onnx.errors import first_line
-from red_onnx.runtime.tensor_values import run_tensors
+from red_onnx.runtime.tensor_values import run_tensors, tensor_fetch
 
 logger = logging.getLogger(__name__)
 
 #: Positions sampled per input and tensor (all when the tensor has fewer).
 POSITIONS = 2048
+#: Patches sampled per input for a k×k consumer's Gram (it has channels·taps rows: 288 for 32 channels
+#: of a 3×3 conv, 2304 for 256).
+PATCH_POSITIONS = 4096
 
 
 def captured_by_rows(member: GroupTensor, node: gs.Node) -> bool:
@@ -57,6 +63,99 @@ def channel_rows_sampled(
     if rows.shape[1] > positions:
         rows = rows[:, np.sort(rng.choice(rows.shape[1], positions, replace=False))]
     return rows.astype(np.float64)
+
+
+@dataclass(frozen=True)
+class ConvTaps:
+    """How a Conv consumer reads its input: kernel, strides, dilations and pads per spatial axis."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]  # begins then ends, as ONNX writes them
+
+    @property
+    def taps(self) -> int:
+        """Kernel positions per input channel."""
+        return math.prod(self.kernel)
+
+
+def conv_taps(node: gs.Node) -> ConvTaps | None:
+    """The taps of a k×k Conv consumer (group 1, explicit pads), else None (a 1×1 one, or other ops)."""
+    if node.op != "Conv" or int(node.attrs.get("group", 1)) != 1 or len(node.inputs) < 2:
+        return None
+    weight = node.inputs[1]
+    shape = getattr(weight, "shape", None)
+    if shape is None or len(shape) < 3 or not all(isinstance(d, int) for d in shape):
+        return None
+    kernel = tuple(int(d) for d in shape[2:])
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if math.prod(kernel) == 1 or auto_pad not in ("NOTSET", "VALID"):
+        return None
+    rank = len(kernel)
+    pads = tuple(int(p) for p in node.attrs.get("pads", [0] * 2 * rank))
+    pads = pads if auto_pad == "NOTSET" else (0,) * 2 * rank
+    return ConvTaps(
+        kernel,
+        tuple(int(v) for v in node.attrs.get("strides", [1] * rank)),
+        tuple(int(v) for v in node.attrs.get("dilations", [1] * rank)),
+        pads,
+    )
+
+
+def patch_rows_sampled(
+    value: np.ndarray, taps: ConvTaps, rng: np.random.Generator, positions: int
+) -> np.ndarray:
+    """``[channels·taps, positions]``: the consumer's input patches at sampled output positions (float64).
+
+    Row ``c·taps + t`` is channel ``c`` at kernel tap ``t`` (taps in C order over the kernel axes), what
+    the Conv multiplies with ``W[:, c, *tap]``; zero padding included, strides and dilations applied.
+    """
+    rank = len(taps.kernel)
+    pads = [(0, 0), (0, 0), *zip(taps.pads[:rank], taps.pads[rank:], strict=True)]
+    padded = np.pad(value, pads)
+    spans = [(k - 1) * d + 1 for k, d in zip(taps.kernel, taps.dilations, strict=True)]
+    windows = np.lib.stride_tricks.sliding_window_view(padded, spans, axis=tuple(range(2, 2 + rank)))
+    steps = (slice(None), slice(None), *(slice(None, None, s) for s in taps.strides))
+    windows = windows[steps + tuple(slice(None, None, d) for d in taps.dilations)]  # [N, C, *out, *kernel]
+    outputs = (windows.shape[0], *windows.shape[2 : 2 + rank])
+    count = math.prod(outputs)
+    picked = np.arange(count) if count <= positions else np.sort(rng.choice(count, positions, replace=False))
+    index = np.unravel_index(picked, outputs)
+    selector: tuple = (index[0], slice(None), *index[1:])
+    gathered = windows[selector]  # [P, C, *kernel]
+    return gathered.reshape(picked.size, -1).T.astype(np.float64)
+
+
+def patch_grams(
+    model: onnx.ModelProto,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    tensors: Mapping[str, ConvTaps],
+    *,
+    positions: int = PATCH_POSITIONS,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Augmented Grams ``[x; 1]·[x; 1]ᵀ`` of k×k Conv consumers' input patches (``patch_rows_sampled``).
+
+    Tensor name → ``[channels·taps + 1, channels·taps + 1]`` float64, summed over the feeds (one run
+    each, a batch of rows a few at a time; at most ``positions`` patches a feed). Empty when a run fails.
+    """
+    names = list(tensors)
+    rng = np.random.default_rng(seed)
+    grams: dict[str, np.ndarray] = {}
+    try:
+        fetch = tensor_fetch(model, names)
+        for feed in feeds:
+            for name, value in zip(names, fetch(names, feed), strict=True):
+                rows = patch_rows_sampled(np.asarray(value), tensors[name], rng, positions)
+                augmented = np.vstack([rows, np.ones((1, rows.shape[1]))])
+                gram = augmented @ augmented.T
+                grams[name] = gram if name not in grams else grams[name] + gram
+    except Exception as error:  # onnxruntime's errors share no base class; the other rankings still work
+        logger.warning("could not capture the consumers' input patches: %s", first_line(error))
+        return {}
+    return grams
 
 
 def capture(

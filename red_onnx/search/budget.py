@@ -45,7 +45,7 @@ from red_onnx.runtime.sessions import HeldSessions
 from red_onnx.runtime.shapes import ShapeService
 from red_onnx.runtime.stream import find_state_pairs
 from red_onnx.runtime.tensor_values import tensor_fetch
-from red_onnx.search.activations import capture, captured_by_rows
+from red_onnx.search.activations import ConvTaps, capture, captured_by_rows, conv_taps, patch_grams
 from red_onnx.search.budget_options import (
     HASH_RUNGS,
     LEVEL_FRACTIONS,
@@ -57,12 +57,13 @@ from red_onnx.search.budget_options import (
     RefitOrdering,
     achievable,
     hashed_orderings,
+    refit_from_grams,
     refit_ordering,
     removal_levels,
 )
 from red_onnx.search.channel_steps import ChannelSteps
 from red_onnx.search.sensitivity import LocalSensitivity, consumer_inputs
-from red_onnx.search.simulate import MacsCounter, MergeSimulator, consumer_slots, weight_rows
+from red_onnx.search.simulate import MacsCounter, MergeSimulator, consumer_slots, tap_rows, weight_rows
 from red_onnx.search.suffix import SuffixSimulator
 from red_onnx.verify.inputs import load_samples, real_inputs
 from red_onnx.verify.verifier import Verifier
@@ -243,15 +244,21 @@ class BudgetSearch:
         local = sensitivity in ("local", "calibrated") or (sensitivity == "auto" and self.large)
         self.fractions = LEVEL_FRACTIONS if local or not self.large else LARGE_LEVEL_FRACTIONS
         samples = self._activations(groups, fit_verifier) if activations else {}
+        # k×k Conv consumers are refit tap by tap from their input patches (measured plans only: the
+        # local estimate reads channel Grams)
+        taps = self._tap_groups(groups) if activations and refit and not local and self.split else {}
+        patches = self._patch_grams(taps, fit_verifier) if taps else {}
         del fit_verifier
         validation = self._validation(groups) if activations and refit else {}
+        held_patches = self._patch_grams(taps, self._cv_verifier()) if patches else {}
         # a group's atom vectors (a copy of its weights) live only while its rankings are made: all
         # groups' at once beside the hashing's work arrays were the search's peak (conv25m: 138 MB)
+        tapped = (taps, patches, held_patches)
         self.options = [
-            self._option(candidates_of(group), layer_macs, samples, validation, hashing=hashing)
-            for group in groups
+            self._option(candidates_of(g), layer_macs, samples, validation, hashing=hashing, patches=tapped)
+            for g in groups
         ]
-        del samples, validation
+        del samples, validation, patches, held_patches
         self.cache: dict[tuple, float] = {}  # errors measured (their count is the report's evaluations)
         self.macs_cache: dict[tuple, float] = {}
         self.macs_counter = MacsCounter(layer_macs, groups)
@@ -272,6 +279,7 @@ class BudgetSearch:
         validation: dict[str, np.ndarray],
         *,
         hashing: bool,
+        patches: tuple[dict, dict, dict] = ({}, {}, {}),
     ) -> GroupOption:
         """One group's rankings (weights, hashed, activations, refit), removal levels and MACs per level."""
         name, n_atoms = item.group.name, item.group.n_atoms
@@ -292,7 +300,11 @@ class BudgetSearch:
         steps = ChannelSteps.of(item.params.signature, multiple)
         one_segment = np.unique(item.params.signature).size == 1  # every kept atom may compensate any
         refit = None
-        if self.refit and name in samples and one_segment:
+        taps, grams, held = patches
+        if self.refit and name in taps and taps[name][0] in grams and one_segment:
+            tensor, conv = taps[name]
+            refit = self._tap_refit_ordering(item.group, tensor, conv.taps, grams[tensor], held.get(tensor))
+        if refit is None and self.refit and name in samples and one_segment:
             tensor, rows, per_channel = samples[name]
             refit = self._refit_ordering(item.group, tensor, rows, validation.get(name), per_channel,
                                          fit_validation=self.measured_part != "cv")  # fmt: skip
@@ -350,6 +362,58 @@ class BudgetSearch:
         return refit_ordering(rows[picked], atoms, weight, free_bias, held, block=per_channel,
                               fit_validation=fit_validation)  # fmt: skip
 
+    def _tap_refit_ordering(
+        self, group: ChannelGroup, tensor: str, taps: int, gram: np.ndarray, held: np.ndarray | None
+    ) -> RefitOrdering | None:
+        """The refit ranking of a group read by k×k Conv consumers, every kernel tap refit on its own.
+
+        ``gram``: the augmented Gram of the consumers' input patches on the fitted rows (row ``c·taps +
+        t``: channel ``c`` at tap ``t``); ``held``: the same on the cv rows. The consumers' weights enter
+        as ``W[:, c, t]`` rows side by side. No intercept: a padded border does not see one. None where
+        the tensor does not carry every atom of the group.
+        """
+        local = group.atom_index(tensor)
+        if (local < 0).any() or held is None:
+            return None
+        atoms = np.arange(group.n_atoms)
+        pairs = zip(consumer_slots(group), group.consumers, strict=True)
+        slots = [slot for slot, consumer in pairs if consumer.tensor == tensor]
+        weight = np.hstack([tap_rows(slot, slot.local[atoms], taps) for slot in slots])
+        picked = np.append(atom_rows(local[atoms], taps), gram.shape[0] - 1)  # and the constant row
+        gram, held = gram[np.ix_(picked, picked)], held[np.ix_(picked, picked)]
+        fit_validation = self.measured_part != "cv"
+        return refit_from_grams(gram, gram, held, atoms, weight, False, held=held, block=taps,
+                                fit_validation=fit_validation, taps=True)  # fmt: skip
+
+    def _tap_groups(self, groups: list[ChannelGroup]) -> dict[str, tuple[str, ConvTaps]]:
+        """Per group: the tensor its first consumer reads and that consumer's kernel taps.
+
+        Only where every consumer of the group reads that tensor and is a k×k Conv with the same taps:
+        their weights then share one patch Gram, and a plan over taps reaches no other kind of consumer.
+        """
+        found = {}
+        for group in groups:
+            if not group.consumers or group.tensors[group.consumers[0].tensor].block != 1:
+                continue
+            tensor = group.consumers[0].tensor
+            if any(consumer.tensor != tensor for consumer in group.consumers):  # the plan reaches them all
+                continue
+            readers = [conv_taps(consumer.node) for consumer in group.consumers]
+            if readers[0] is not None and all(r == readers[0] for r in readers):
+                found[group.name] = (group.tensors[tensor].tensor.name, readers[0])
+        return found
+
+    def _patch_grams(self, taps: dict[str, tuple[str, ConvTaps]], verifier: Verifier) -> dict:
+        """The patch Grams of ``taps``' tensors on ``verifier``'s inputs, by tensor name."""
+        base = self.base if self.base is not None else graph_utils.export_model(self.working)
+        return patch_grams(base, verifier.inputs, dict(taps.values()))
+
+    def _cv_verifier(self) -> Verifier:
+        """The verifier of the cv inputs: the measuring one where it holds them (see ``_validation``)."""
+        if self.covered and self.measured_part == "cv":
+            return self.verifier
+        return self._verifier(CV_SEEDS[: self.seed_count], "cv")
+
     def _activations(
         self, groups: list[ChannelGroup], verifier: Verifier
     ) -> dict[str, tuple[str, np.ndarray, int]]:
@@ -380,10 +444,7 @@ class BudgetSearch:
         """
         if not self.split:
             return {}
-        if self.covered and self.measured_part == "cv":  # the measuring verifier holds these very rows
-            verifier = self.verifier
-        else:
-            verifier = self._verifier(CV_SEEDS[: self.seed_count], "cv")
+        verifier = self._cv_verifier()
         return {name: rows for name, (_, rows, _) in self._activations(groups, verifier).items()}
 
     def _local_sensitivity(self, groups: list) -> LocalSensitivity | None:

@@ -130,6 +130,7 @@ class RefitOrdering:
     basins: int = 0
     block: int = 1  # rows of ``gram`` per atom (an attention head's D, refit row by row)
     extra: np.ndarray | None = None  # G1 of the cv rows (float32), added by the final refit
+    taps: bool = False  # the rows are a k×k Conv consumer's kernel taps (its input patches' Gram)
 
     def final_merges(self, count: int) -> MergeList:
         """:meth:`merges`, the kept atoms refit on the fitted rows and ``extra``'s rows together.
@@ -154,7 +155,7 @@ class RefitOrdering:
         removed = np.sort(position[self.order[:count]])
         kept = np.setdiff1d(np.arange(self.atoms.size), removed)
         a, intercept = mixing(self.gram, atom_rows(kept, self.block), self.lam, free_bias=self.free_bias)
-        return DenseMerges(self.atoms[removed], self.atoms[kept], a, intercept, self.block)
+        return DenseMerges(self.atoms[removed], self.atoms[kept], a, intercept, self.block, self.taps)
 
     def allowed(self) -> set[int] | None:
         """The removal counts this ranking may stop at (None: any, without ``steps``)."""
@@ -175,6 +176,7 @@ def refit_ordering(
     *,
     block: int = 1,
     fit_validation: bool = True,
+    taps: bool = False,
 ) -> RefitOrdering | None:
     """The refit ranking of a group from its captured activations and its consumers' weight rows.
 
@@ -193,19 +195,56 @@ def refit_ordering(
         fit_validation: Once the strength is chosen, fit on ``rows`` and ``validation`` together (off:
             on ``rows`` only, where ``validation``'s inputs measure the result; ``validation``'s Gram
             is then kept for :meth:`RefitOrdering.final_merges`).
+        taps: The rows are a k×k Conv consumer's input patches, ``block`` taps per channel, and
+            ``weight`` its ``W[:, c, tap]`` rows (labelled "refit taps"; ``free_bias`` must be off).
 
     Returns:
         The ranking; None for a group too wide (``REFIT_MAX_ATOMS`` rows) or too small.
     """
-    count = atoms.size
-    if count < 2 or count * block > REFIT_MAX_ATOMS or rows.shape[1] < 4:
+    if atoms.size < 2 or atoms.size * block > REFIT_MAX_ATOMS or rows.shape[1] < 4:
         return None
     gram = augmented_gram(rows)
     if validation is not None and validation.shape[1] >= 2:
-        fit, val = gram, augmented_gram(validation)
+        held = augmented_gram(validation)
+        fit, val = gram, held
     else:
         split = np.random.default_rng(REFIT_SPLIT_SEED).permutation(rows.shape[1])
-        fit, val = augmented_gram(rows[:, split[::2]]), augmented_gram(rows[:, split[1::2]])
+        fit, val, held = augmented_gram(rows[:, split[::2]]), augmented_gram(rows[:, split[1::2]]), None
+    return refit_from_grams(gram, fit, val, atoms, weight, free_bias, held=held, block=block,
+                            fit_validation=fit_validation, taps=taps)  # fmt: skip
+
+
+def refit_from_grams(
+    gram: np.ndarray,
+    fit: np.ndarray,
+    val: np.ndarray,
+    atoms: np.ndarray,
+    weight: np.ndarray,
+    free_bias: bool,
+    *,
+    held: np.ndarray | None,
+    block: int = 1,
+    fit_validation: bool = True,
+    taps: bool = False,
+) -> RefitOrdering | None:
+    """:func:`refit_ordering` from augmented Grams (``analysis.refit.augmented_gram``).
+
+    Args:
+        gram: ``G1`` of the rows the refit fits.
+        fit: ``G1`` the ridge strength is fitted on (``gram``, or half of its positions).
+        val: ``G1`` that strength is validated on.
+        atoms: The atom of each block of rows.
+        weight: ``[atoms·block, outputs]`` the consumers' weight rows of those atoms.
+        free_bias: As in :func:`refit_ordering`.
+        held: ``G1`` of the validation inputs (None: ``val`` is half of ``gram``'s own positions).
+        block: Rows per atom.
+        fit_validation: Fit on ``gram + held`` once the strength is chosen (off: keep ``held`` for
+            :meth:`RefitOrdering.final_merges`).
+        taps: As in :func:`refit_ordering`.
+    """
+    count = atoms.size
+    if count < 2 or count * block > REFIT_MAX_ATOMS:
+        return None
     batch, deepest = 1, count - 1
     if count > OBS_SINGLE_MAX:
         batch, deepest = math.ceil(count / OBS_WIDE_STEPS), math.ceil(max(LEVEL_FRACTIONS) * count)
@@ -214,14 +253,14 @@ def refit_ordering(
     first = greedy_obs(fit, weight, probe, 0.1 * unit, block, free_bias=free_bias, batch=batch)
     keep = atom_rows(np.setdiff1d(np.arange(count), first.order), block)
     chosen = choose_lambda_gram(fit, val, weight, keep, free_bias=free_bias)
-    if fit_validation and validation is not None and validation.shape[1] >= 2:  # fit on every sample
-        gram = augmented_gram(np.hstack([rows, validation]))
+    if fit_validation and held is not None:  # fit on every sample
+        gram = gram + held
     lam = chosen / unit * lambda_scale(gram, free_bias=free_bias)
     path = greedy_obs(gram, weight, deepest, lam, block, free_bias=free_bias, batch=batch)
-    extra = None
-    if not fit_validation and validation is not None and validation.shape[1] >= 2:
-        extra = augmented_gram(validation).astype(np.float32)
-    return RefitOrdering("refit", atoms[path.order], atoms, gram, lam, free_bias, block=block, extra=extra)
+    extra = held.astype(np.float32) if not fit_validation and held is not None else None
+    label = "refit taps" if taps else "refit"
+    return RefitOrdering(label, atoms[path.order], atoms, gram, lam, free_bias, block=block, extra=extra,
+                         taps=taps)  # fmt: skip
 
 
 #: A ranking of a group's removals: the merges of its first ``count`` entries, and where it may stop.

@@ -128,6 +128,13 @@ def weight_rows(slot: ConsumerSlot, channels: np.ndarray) -> np.ndarray:
     return np.moveaxis(slot.values, slot.axis, 0)[entries].reshape(len(channels), -1)
 
 
+def tap_rows(slot: ConsumerSlot, channels: np.ndarray, taps: int) -> np.ndarray:
+    """A k×k Conv consumer's ``W[:, c, t]`` as rows ``c·taps + t``: ``[channels·taps, outputs]``, float64."""
+    picked = np.moveaxis(slot.values, slot.axis, 0)[channels]  # [channels, outputs, *kernel]
+    rows = picked.reshape(len(channels), picked.shape[1], taps).transpose(0, 2, 1)
+    return rows.reshape(len(channels) * taps, -1).astype(np.float64)
+
+
 def merged_weight(slot: ConsumerSlot, merges: MergeList) -> np.ndarray:
     """The consumer weight with ``V_target += scale·V_source`` and ``V_source = 0`` for each merge."""
     moved = np.moveaxis(slot.values, slot.axis, 0)
