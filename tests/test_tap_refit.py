@@ -184,14 +184,20 @@ def test_the_written_tap_refit_has_the_error_the_search_reported(tmp_path: Path,
     assert heldout < 0.9 * _heldout_error(model, shared.model, spec)  # measured: 0.220 against 0.265
 
 
-def test_the_local_estimate_keeps_the_shared_refit(tmp_path: Path) -> None:
-    """The local estimate reads channel Grams: with it, k×k consumers keep the refit over channels."""
+def test_the_local_estimate_takes_a_tap_plan_on_the_patches(tmp_path: Path) -> None:
+    """conv2's output is the model's: on the cv rows (all 1600 patches, under the 4096 sampled) the
+    estimate of a plan over taps is the error the search measures there."""
     model = conv_net()
     spec = smooth_images(tmp_path / "x.npz")
     search = BudgetSearch(model, model, spec, ShapeService(make_inputs(model, spec, 0)), channel_multiple=1,
                           hashing=False, sensitivity="local")  # fmt: skip
-    labels = [o.label for o in search.orderings["conv1"]]
-    assert "refit" in labels and "refit taps" not in labels
+    (ranking,) = [o for o in search.orderings["conv1"] if isinstance(o, RefitOrdering) and o.taps]
+    assert search.measured_part == "cv" and ranking.extra is not None and ranking.extra[-1, -1] == 16 * 100
+    for count in (2, 5, 9):
+        merges = ranking.merges(count)
+        measured = search.plan_error({"conv1": merges})
+        assert search._estimate("conv1", merges) == pytest.approx(measured, rel=1e-3)
+    assert ranking.estimated_error([]) == 0.0
 
 
 def test_a_group_with_another_kind_of_consumer_keeps_the_refit_over_channels(tmp_path: Path) -> None:

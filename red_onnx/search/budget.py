@@ -30,7 +30,7 @@ import onnx
 
 from red_onnx.analysis.channels import ChannelGroup
 from red_onnx.analysis.constants import offset_atoms
-from red_onnx.analysis.merge_sets import MergeList, atom_rows, merge_key, removed_atoms
+from red_onnx.analysis.merge_sets import DenseMerges, MergeList, atom_rows, merge_key, removed_atoms
 from red_onnx.analysis.similarity import (
     activation_candidates,
     atom_macs,
@@ -244,9 +244,9 @@ class BudgetSearch:
         local = sensitivity in ("local", "calibrated") or (sensitivity == "auto" and self.large)
         self.fractions = LEVEL_FRACTIONS if local or not self.large else LARGE_LEVEL_FRACTIONS
         samples = self._activations(groups, fit_verifier) if activations else {}
-        # k×k Conv consumers are refit tap by tap from their input patches (measured plans only: the
-        # local estimate reads channel Grams)
-        taps = self._tap_groups(groups) if activations and refit and not local and self.split else {}
+        # k×k Conv consumers are refit tap by tap from their input patches (a plan of theirs is
+        # estimated on the patches: the local estimate reads channel Grams)
+        taps = self._tap_groups(groups) if activations and refit and self.split else {}
         patches = self._patch_grams(taps, fit_verifier) if taps else {}
         del fit_verifier
         validation = self._validation(groups) if activations and refit else {}
@@ -617,7 +617,7 @@ class BudgetSearch:
                 continue
             option.errors, option.orderings = [0.0], ["-"]
             for level in option.levels[1:]:
-                self._add_level(option, level, self.local.error)
+                self._add_level(option, level, self._estimate)
             if self.calibrate and len(option.levels) > 1:
                 self.gain[option.name] = self._calibration(option)
                 option.errors = [self.gain[option.name] * value for value in option.errors]
@@ -646,8 +646,16 @@ class BudgetSearch:
     def _alone(self, name: str, count: int) -> float:
         """One group's error alone at ``count`` merges: estimated (local) or measured."""
         if self.local is not None and not self.local.released:
-            return self.gain.get(name, 1.0) * self.local.error(name, self.merges[name][count])
+            return self.gain.get(name, 1.0) * self._estimate(name, self.merges[name][count])
         return self.error({name: count})
+
+    def _estimate(self, name: str, merges: MergeList) -> float:
+        """The local estimate of one group's plan; a plan over kernel taps is estimated on the patches."""
+        if isinstance(merges, DenseMerges) and merges.taps:
+            (ranking,) = [o for o in self.orderings[name] if isinstance(o, RefitOrdering) and o.taps]
+            return ranking.estimated_error(merges)
+        assert self.local is not None
+        return self.local.error(name, merges)
 
     def _release_estimates(self) -> None:
         """Free the local estimate's Gram matrices before the joint measurements.

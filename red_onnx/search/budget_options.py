@@ -29,6 +29,7 @@ from red_onnx.analysis.similarity import (
     resolve_merges,
     taken_entries,
 )
+from red_onnx.errors import InternalError
 from red_onnx.passes.merge_near import GroupCandidates
 from red_onnx.search.channel_steps import ChannelSteps
 
@@ -131,6 +132,32 @@ class RefitOrdering:
     block: int = 1  # rows of ``gram`` per atom (an attention head's D, refit row by row)
     extra: np.ndarray | None = None  # G1 of the cv rows (float32), added by the final refit
     taps: bool = False  # the rows are a k×k Conv consumer's kernel taps (its input patches' Gram)
+    weight: np.ndarray | None = None  # the consumers' weight rows (float32), for estimated_error
+
+    def estimated_error(self, merges: MergeList) -> float:
+        """The relative change of the consumers' output a plan of this ranking makes, on the patches.
+
+        ``‖Δy‖² = tr(Dᵀ·G·D)`` with ``D`` the plan's change of the weight rows and ``G`` the patch Gram
+        of the rows the search measures on (``extra`` where it measures on the cv rows), over
+        ``‖y‖² = tr(Vᵀ·G·V)``: what the local estimate gives the other rankings, taken on the patches
+        (it reads channel Grams, which a plan over kernel taps does not fit).
+        """
+        if self.weight is None:
+            raise InternalError(f"ranking {self.label!r} keeps no weight rows to estimate a plan with")
+        if not isinstance(merges, DenseMerges) or len(merges) == 0:
+            return 0.0
+        gram = np.asarray(self.extra if self.extra is not None else self.gram, np.float64)[:-1, :-1]
+        weight = self.weight.astype(np.float64)
+        position = np.full(int(self.atoms.max()) + 1, -1)
+        position[self.atoms] = np.arange(self.atoms.size)
+        removed = atom_rows(position[merges.sources], self.block)
+        kept = atom_rows(position[merges.targets], self.block)
+        change = np.zeros_like(weight)
+        change[kept] = merges.mix @ weight[removed]
+        change[removed] = -weight[removed]
+        energy = float(np.sum((gram @ weight) * weight))
+        squared = float(np.sum((gram @ change) * change))
+        return math.sqrt(max(squared, 0.0) / energy) if energy > 0.0 else 0.0
 
     def final_merges(self, count: int) -> MergeList:
         """:meth:`merges`, the kept atoms refit on the fitted rows and ``extra``'s rows together.
@@ -259,8 +286,9 @@ def refit_from_grams(
     path = greedy_obs(gram, weight, deepest, lam, block, free_bias=free_bias, batch=batch)
     extra = held.astype(np.float32) if not fit_validation and held is not None else None
     label = "refit taps" if taps else "refit"
+    kept_weight = weight.astype(np.float32) if taps else None
     return RefitOrdering(label, atoms[path.order], atoms, gram, lam, free_bias, block=block, extra=extra,
-                         taps=taps)  # fmt: skip
+                         taps=taps, weight=kept_weight)  # fmt: skip
 
 
 #: A ranking of a group's removals: the merges of its first ``count`` entries, and where it may stop.
