@@ -216,3 +216,18 @@ def test_a_group_with_another_kind_of_consumer_keeps_the_refit_over_channels(tmp
     assert "refit taps" not in [o.label for o in search.orderings[group.name]]
     result = red_onnx.compress(model, target_macs=0.7, channel_multiple=1, input_spec=spec, hashing=False)
     assert result.verified
+
+
+def test_the_patch_gram_is_summed_block_by_block(monkeypatch) -> None:
+    """Gathered a few patches at a time (bounded float64 rows), the Gram is the one of all of them."""
+    from red_onnx.search import activations
+
+    model = conv_net()
+    feed = {"x": np.random.default_rng(5).standard_normal((3, 3, 10, 10)).astype(np.float32)}
+    taps = {"r": ConvTaps((3, 3), (1, 1), (1, 1), (1, 1, 1, 1))}
+    whole = activations.patch_grams(model, [feed], taps, positions=200)["r"]
+    monkeypatch.setattr(activations, "PATCH_BLOCK", 7)
+    blocked = activations.patch_grams(model, [feed], taps, positions=200)["r"]
+    assert whole.shape == blocked.shape == (16 * 9 + 1, 16 * 9 + 1)
+    assert whole[-1, -1] == 200
+    np.testing.assert_allclose(blocked, whole, rtol=1e-12, atol=1e-9)
