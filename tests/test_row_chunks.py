@@ -114,12 +114,31 @@ def test_chunks_join_to_the_one_run_outputs(builder) -> None:
     got = chunks.run(run, feed)
     whole = session.run(run.names, feed)
     assert chunks.safe is True
-    assert run.calls == [2, 1, 1, 7, 7, 7, 7, 7, 5]  # the check on two rows, then the chunks
+    assert run.calls == [3, 1, 1, 1, 7, 7, 7, 7, 7, 5]  # the check on three rows, then the chunks
     for have, want in zip(got, whole, strict=True):
         assert_rounding_close(have, want)
 
 
-@pytest.mark.parametrize("builder", [mixing, pooled])
+def two_apart() -> onnx.ModelProto:
+    """Each row plus the row two before it (a causal depthwise conv over the batch axis, taps 1, 0, 1):
+    rows 0 and 1 run together give what they give alone; the third row shows the mixing."""
+    kernel = np.tile(np.array([1.0, 0.0, 1.0], np.float32), (192, 1, 1))
+    inits = [
+        numpy_helper.from_array(np.array([1, 192, -1], np.int64), "flat"),
+        numpy_helper.from_array(np.array([3, 8, 8, -1], np.int64), "back"),
+        numpy_helper.from_array(kernel, "k"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[1, 2, 3, 0]),
+        helper.make_node("Reshape", ["t", "flat"], ["seq"]),
+        helper.make_node("Conv", ["seq", "k"], ["mixed"], group=192, pads=[2, 0]),
+        helper.make_node("Reshape", ["mixed", "back"], ["u"]),
+        helper.make_node("Transpose", ["u"], ["y"], perm=[3, 0, 1, 2]),
+    ]
+    return _model(nodes, inits, ["y"])
+
+
+@pytest.mark.parametrize("builder", [mixing, pooled, two_apart])
 def test_rows_that_interact_or_outputs_without_a_batch_run_whole(builder) -> None:
     session = _session(builder())
     run = Counting(session)
@@ -131,7 +150,7 @@ def test_rows_that_interact_or_outputs_without_a_batch_run_whole(builder) -> Non
     for have, want in zip(got, session.run(run.names, feed), strict=True):
         np.testing.assert_array_equal(have, want)
     chunks.run(run, feed)
-    assert run.calls[-1] == 40 and len(run.calls) == 5  # decided once: no second check
+    assert run.calls[-1] == 40 and len(run.calls) == 6  # decided once: no second check
 
 
 def test_small_batches_and_fixed_batches_are_not_chunked() -> None:

@@ -7,9 +7,9 @@ tiles of 320² (``--target-macs 0.9``) grew each reference session by ~3 GB and 
 tensors: 2.4 GB in 47 s, the same plan and errors.
 
 Chunking is used only where it gives the one-run outputs: the batched inputs share one leading size on
-a dynamic axis, and, checked once per chunker on the first two rows, each output has that leading
-axis and the two rows run together give what they give one by one (a model that mixes its samples,
-or hard-codes its batch, is run whole).
+a dynamic axis, and, checked once per chunker on the first three rows, each output has that leading
+axis and the rows run together give what they give one by one (a model that mixes its samples, or
+hard-codes its batch, is run whole).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 #: tiles. PP-OCRv4 det, 128 tiles: 6-row chunks ran as fast as one 128-row run.
 CHUNK_ELEMENTS = 1 << 21
 
+#: Rows run together and one by one to decide whether a session's feeds may be chunked.
+CHECKED_ROWS = 3
 #: Largest difference, relative to the tensor's largest magnitude, between rows run together and apart.
 RELATIVE_ROUNDING = 1e-5
 
@@ -87,25 +89,27 @@ class RowChunks:
         return {**feed, **{name: feed[name][start:stop] for name in self.names}}
 
     def _separable(self, run_values: RunValues, feed: Feed) -> bool:
-        """Whether rows 0 and 1 run together give, on axis 0, what each gives alone (checked once).
+        """Whether the first ``CHECKED_ROWS`` rows run together give, on axis 0, what each gives alone.
 
-        An output's leading size may be a multiple of the rows (a ``[B·S, H]`` reshape of ``[B, S, H]``):
-        the chunks then join in the same order.
+        Checked once. An output's leading size may be a multiple of the rows (a ``[B·S, H]`` reshape of
+        ``[B, S, H]``): the chunks then join in the same order. Three rows, not two: a model that
+        mixes rows two apart (a dilated convolution over axis 0) shows it only then.
         """
+        count = min(CHECKED_ROWS, feed[self.names[0]].shape[0])
         try:
-            pair = [np.asarray(v) for v in run_values(self._rows(feed, 0, 2))]
-            single = [[np.asarray(v) for v in run_values(self._rows(feed, k, k + 1))] for k in range(2)]
+            together = [np.asarray(v) for v in run_values(self._rows(feed, 0, count))]
+            alone = [[np.asarray(v) for v in run_values(self._rows(feed, k, k + 1))] for k in range(count)]
         except Exception as error:  # onnxruntime's errors share no base class; the whole run still works
-            logger.info("running batches whole (a run of two rows failed: %s)", error)
+            logger.info("running batches whole (a run of %d rows failed: %s)", count, error)
             return False
         self.per_row = []
-        for index, joined in enumerate(pair):
-            first, second = (values[index] for values in single)
-            per_row = first.shape[0] if first.ndim >= 1 else 0
-            shaped = per_row >= 1 and second.shape == first.shape
-            shaped = shaped and joined.shape == (2 * per_row, *first.shape[1:])
-            numeric = all(v.dtype.kind in "biuf" for v in (joined, first, second))
-            if not (shaped and numeric and _same(joined, np.concatenate([first, second]))):
+        for index, joined in enumerate(together):
+            parts = [values[index] for values in alone]
+            per_row = parts[0].shape[0] if parts[0].ndim >= 1 else 0
+            shaped = per_row >= 1 and all(part.shape == parts[0].shape for part in parts)
+            shaped = shaped and joined.shape == (count * per_row, *parts[0].shape[1:])
+            numeric = all(v.dtype.kind in "biuf" for v in (joined, *parts))
+            if not (shaped and numeric and _same(joined, np.concatenate(parts))):
                 logger.info("running batches whole (output %d changes when its rows run apart)", index)
                 self.per_row = []
                 return False
