@@ -231,3 +231,17 @@ def test_the_patch_gram_is_summed_block_by_block(monkeypatch) -> None:
     assert whole.shape == blocked.shape == (16 * 9 + 1, 16 * 9 + 1)
     assert whole[-1, -1] == 200
     np.testing.assert_allclose(blocked, whole, rtol=1e-12, atol=1e-9)
+
+
+def test_a_group_too_wide_for_the_tap_refit_takes_no_patch_gram(tmp_path: Path, monkeypatch) -> None:
+    """16 channels × 9 taps over the refit's row limit: no patches are captured (their Gram is large)."""
+    from red_onnx.search import budget
+
+    monkeypatch.setattr(budget, "REFIT_MAX_ATOMS", 16 * 9 - 1)
+    model = conv_net()
+    spec = smooth_images(tmp_path / "x.npz")
+    search = BudgetSearch(model, model, spec, ShapeService(make_inputs(model, spec, 0)), channel_multiple=1,
+                          hashing=False)  # fmt: skip
+    (group,) = mergeable_groups(search.working, search.shapes, ())
+    assert search._tap_groups([group]) == {}
+    assert "refit taps" not in [o.label for o in search.orderings[group.name]]

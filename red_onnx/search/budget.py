@@ -49,6 +49,7 @@ from red_onnx.search.activations import ConvTaps, capture, captured_by_rows, con
 from red_onnx.search.budget_options import (
     HASH_RUNGS,
     LEVEL_FRACTIONS,
+    REFIT_MAX_ATOMS,
     BudgetResult,
     Counts,
     GroupOption,
@@ -399,7 +400,9 @@ class BudgetSearch:
             if any(consumer.tensor != tensor for consumer in group.consumers):  # the plan reaches them all
                 continue
             readers = [conv_taps(consumer.node) for consumer in group.consumers]
-            if readers[0] is not None and all(r == readers[0] for r in readers):
+            if readers[0] is None or any(r != readers[0] for r in readers):
+                continue
+            if group.tensors[tensor].channels * readers[0].taps <= REFIT_MAX_ATOMS:  # else no Gram is taken
                 found[group.name] = (group.tensors[tensor].tensor.name, readers[0])
         return found
 
