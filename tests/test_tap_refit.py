@@ -245,3 +245,42 @@ def test_a_group_too_wide_for_the_tap_refit_takes_no_patch_gram(tmp_path: Path, 
     (group,) = mergeable_groups(search.working, search.shapes, ())
     assert search._tap_groups([group]) == {}
     assert "refit taps" not in [o.label for o in search.orderings[group.name]]
+
+
+def _with_second_reader(pads: list[int]) -> onnx.ModelProto:
+    """conv_net with a second 3×3 conv, strided, reading conv1's channels after the Relu."""
+    model = conv_net()
+    w3 = np.random.default_rng(6).standard_normal((4, 16, 3, 3)).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(w3, "w3"))
+    model.graph.node.append(
+        helper.make_node("Conv", ["r", "w3"], ["z"], name="conv3", strides=[2, 2], pads=pads)
+    )
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 4, "H", "W"]))
+    return model
+
+
+def test_a_strided_reader_shares_the_unstrided_patch_gram(tmp_path: Path) -> None:
+    """A strided 3×3 conv beside a 3×3 conv reads every other patch of it: one Gram (the unstrided's)
+    serves both, and the written model has the held-out error the search reported."""
+    model = _with_second_reader([1, 1, 1, 1])
+    spec = smooth_images(tmp_path / "x.npz")
+    search = BudgetSearch(model, model, spec, ShapeService(make_inputs(model, spec, 0)), channel_multiple=1,
+                          hashing=False)  # fmt: skip
+    (group,) = mergeable_groups(search.working, search.shapes, ())
+    assert search._tap_groups([group]) == {group.name: ("r", ConvTaps((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)))}
+    result = red_onnx.compress(model, target_macs=0.6, channel_multiple=1, input_spec=spec, hashing=False)
+    (changed,) = [g for g in result.report.budget["groups"] if g.get("removed")]
+    assert changed["ordering"] == "refit taps" and result.verified
+    rows = np.load(spec.calibration)["x"][split_rows(64)["heldout"]]
+    run = [
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        for m in (model, result.model)
+    ]
+    errors = []
+    for want, got in zip(*(session.run(None, {"x": rows}) for session in run), strict=True):
+        errors.append(np.linalg.norm(got - want) / np.linalg.norm(want))
+    assert max(errors) == pytest.approx(result.report.budget["heldout_error"], rel=1e-4)
+    other = _with_second_reader([0, 0, 0, 0])  # other pads: other patches, no shared Gram
+    search = BudgetSearch(other, other, spec, ShapeService(make_inputs(other, spec, 0)), channel_multiple=1,
+                          hashing=False)  # fmt: skip
+    assert search._tap_groups(mergeable_groups(search.working, search.shapes, ())) == {}

@@ -387,10 +387,13 @@ class BudgetSearch:
                                 fit_validation=fit_validation, taps=True)  # fmt: skip
 
     def _tap_groups(self, groups: list[ChannelGroup]) -> dict[str, tuple[str, ConvTaps]]:
-        """Per group: the tensor its first consumer reads and that consumer's kernel taps.
+        """Per group: the tensor its consumers read and the kernel taps its patch Gram is taken with.
 
-        Only where every consumer of the group reads that tensor and is a k×k Conv with the same taps:
-        their weights then share one patch Gram, and a plan over taps reaches no other kind of consumer.
+        Only where every consumer of the group reads that tensor and is a k×k Conv with the same kernel,
+        dilations and pads: their weights then share one patch Gram, and a plan over taps reaches no
+        other kind of consumer. Strides may differ (YOLOv8's neck reads a tensor with two 3×3 convs and
+        a strided one): a strided conv's patches are every other one of the unstrided conv's, so the
+        Gram is taken with the smallest strides, which samples the most positions.
         """
         found = {}
         for group in groups:
@@ -400,10 +403,12 @@ class BudgetSearch:
             if any(consumer.tensor != tensor for consumer in group.consumers):  # the plan reaches them all
                 continue
             readers = [conv_taps(consumer.node) for consumer in group.consumers]
-            if readers[0] is None or any(r != readers[0] for r in readers):
+            convs = [r for r in readers if r is not None]
+            if len(convs) != len(readers) or len({dataclasses.replace(r, strides=()) for r in convs}) != 1:
                 continue
-            if group.tensors[tensor].channels * readers[0].taps <= REFIT_MAX_ATOMS:  # else no Gram is taken
-                found[group.name] = (group.tensors[tensor].tensor.name, readers[0])
+            taps = min(convs, key=lambda r: math.prod(r.strides))
+            if group.tensors[tensor].channels * taps.taps <= REFIT_MAX_ATOMS:  # else no Gram is taken
+                found[group.name] = (group.tensors[tensor].tensor.name, taps)
         return found
 
     def _patch_grams(self, taps: dict[str, tuple[str, ConvTaps]], verifier: Verifier) -> dict:
