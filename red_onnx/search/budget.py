@@ -137,6 +137,25 @@ def _samples_cover_inputs(structure: onnx.ModelProto, spec: InputSpec) -> bool:
     return all(value.name in given for value in real_inputs(structure))
 
 
+@dataclasses.dataclass(frozen=True)
+class PatchGrams:
+    """The groups refit tap by tap and their consumers' patch Grams (``activations.patch_grams``).
+
+    Attributes:
+        taps: Per group: the tensor its k×k Conv consumers read, and the taps its Grams are taken with.
+        fit: Per tensor: the augmented patch Gram on the rows the refit is fitted on.
+        held: Per tensor: the same on the cv rows.
+    """
+
+    taps: dict[str, tuple[str, ConvTaps]]
+    fit: dict[str, np.ndarray]
+    held: dict[str, np.ndarray]
+
+    def covers(self, group: str) -> bool:
+        """Whether ``group`` is refit tap by tap and its patch Gram was captured."""
+        return group in self.taps and self.taps[group][0] in self.fit
+
+
 def _cache_key(plan: dict[str, MergeList], role: str) -> tuple:
     """What a measured error is cached under: the inputs' role and the plan's merges by content."""
     return role, tuple(sorted((name, merge_key(merges)) for name, merges in plan.items() if merges))
@@ -254,9 +273,9 @@ class BudgetSearch:
         held_patches = self._patch_grams(taps, self._cv_verifier()) if patches else {}
         # a group's atom vectors (a copy of its weights) live only while its rankings are made: all
         # groups' at once beside the hashing's work arrays were the search's peak (conv25m: 138 MB)
-        tapped = (taps, patches, held_patches)
+        grams = PatchGrams(taps, patches, held_patches)
         self.options = [
-            self._option(candidates_of(g), layer_macs, samples, validation, hashing=hashing, patches=tapped)
+            self._option(candidates_of(g), layer_macs, samples, validation, hashing=hashing, patches=grams)
             for g in groups
         ]
         del samples, validation, patches, held_patches
@@ -280,7 +299,7 @@ class BudgetSearch:
         validation: dict[str, np.ndarray],
         *,
         hashing: bool,
-        patches: tuple[dict, dict, dict] = ({}, {}, {}),
+        patches: PatchGrams | None = None,
     ) -> GroupOption:
         """One group's rankings (weights, hashed, activations, refit), removal levels and MACs per level."""
         name, n_atoms = item.group.name, item.group.n_atoms
@@ -301,10 +320,10 @@ class BudgetSearch:
         steps = ChannelSteps.of(item.params.signature, multiple)
         one_segment = np.unique(item.params.signature).size == 1  # every kept atom may compensate any
         refit = None
-        taps, grams, held = patches
-        if self.refit and name in taps and taps[name][0] in grams and one_segment:
-            tensor, conv = taps[name]
-            refit = self._tap_refit_ordering(item.group, tensor, conv.taps, grams[tensor], held.get(tensor))
+        if self.refit and patches is not None and patches.covers(name) and one_segment:
+            tensor, conv = patches.taps[name]
+            refit = self._tap_refit_ordering(item.group, tensor, conv.taps, patches.fit[tensor],
+                                             patches.held.get(tensor))  # fmt: skip
         if refit is None and self.refit and name in samples and one_segment:
             tensor, rows, per_channel = samples[name]
             refit = self._refit_ordering(item.group, tensor, rows, validation.get(name), per_channel,
