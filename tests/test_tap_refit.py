@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import red_onnx
@@ -284,3 +286,62 @@ def test_a_strided_reader_shares_the_unstrided_patch_gram(tmp_path: Path) -> Non
     search = BudgetSearch(other, other, spec, ShapeService(make_inputs(other, spec, 0)), channel_multiple=1,
                           hashing=False)  # fmt: skip
     assert search._tap_groups(mergeable_groups(search.working, search.shapes, ())) == {}
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rank=st.sampled_from([1, 2]),
+    kernel=st.sampled_from([2, 3, 5]),
+    dilation=st.sampled_from([1, 2]),
+    pad=st.integers(0, 2),
+    strides=st.lists(st.sampled_from([1, 2]), min_size=1, max_size=2),
+    seed=st.integers(0, 1000),
+)
+def test_random_tap_plans_are_written_as_measured(
+    tmp_path_factory, rank: int, kernel: int, dilation: int, pad: int, strides: list[int], seed: int
+) -> None:
+    """Random k×k readers (1-D or 2-D, dilated, padded, one or two with other strides): whatever the
+    search chooses, the written model has the held-out error it reported (the editor writes what the
+    simulator measured)."""
+    rng = np.random.default_rng(seed)
+    size = 12
+    spatial = [size] * rank
+    w1 = rng.standard_normal((12, 3, *[3] * rank)).astype(np.float32)
+    inits = [numpy_helper.from_array(w1, "w1")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1", pads=[1] * 2 * rank),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+    ]
+    outputs = []
+    for index, stride in enumerate(strides):
+        weight = rng.standard_normal((4, 12, *[kernel] * rank)).astype(np.float32)
+        inits.append(numpy_helper.from_array(weight, f"w{index + 2}"))
+        nodes.append(helper.make_node(
+            "Conv", ["r", f"w{index + 2}"], [f"y{index}"], name=f"reader{index}", strides=[stride] * rank,
+            dilations=[dilation] * rank, pads=[pad] * 2 * rank,
+        ))  # fmt: skip
+        outputs.append(helper.make_tensor_value_info(f"y{index}", TensorProto.FLOAT, ["N", 4, *["S"] * rank]))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, *spatial])],
+        outputs,
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = tmp_path_factory.mktemp("taps") / "x.npz"
+    np.savez(path, x=rng.standard_normal((32, 3, *spatial)).astype(np.float32))
+    spec = red_onnx.InputSpec(npz=path)
+    result = red_onnx.compress(model, target_macs=0.7, channel_multiple=1, input_spec=spec, hashing=False,
+                               force_target=True, raise_on_failure=False)  # fmt: skip
+    assert result.verified
+    rows = np.load(path)["x"][split_rows(32)["heldout"]]
+    run = [
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        for m in (model, result.model)
+    ]
+    errors = [
+        np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want)
+        for want, got in zip(*(session.run(None, {"x": rows}) for session in run), strict=True)
+    ]
+    assert max(errors) == pytest.approx(result.report.budget["heldout_error"], rel=1e-3, abs=1e-6)
