@@ -174,7 +174,9 @@ def test_the_refit_fits_the_search_rows_and_the_search_measures_on_the_cv_rows(
     (group,) = search.options
     assert search.covered  # the file gives x: the cv rows validating the ridge are the measuring verifier's
     search._verifier = None  # no second verifier (and no second read of the file) for them
-    validation = search._validation(mergeable_groups(search.working, search.shapes, ()))
+    validation = search._validation(
+        mergeable_groups(search.working, search.shapes, ()), search._cv_verifier()
+    )
     assert validation[group.name].shape == (8, 4 * 36)
 
 

@@ -368,12 +368,15 @@ def export_light(working: WorkingModel) -> tuple[onnx.ModelProto, list[str]]:
     inference and MAC counts; :func:`red_onnx.search.simulate.MergeSimulator.of_working` feeds the weights.
     """
     graph = working.graph.copy()
+    # the copy drops the overridable initializers' defaults: their shapes are the layers' weights (a
+    # model exported with initializers as inputs counted 0 MACs without them)
     defaults = {t.name: t.red_default for t in working.graph.inputs if hasattr(t, "red_default")}
-    for tensor in graph.inputs:  # the copy drops the overridable initializers' defaults: their shapes
-        if tensor.name in defaults:  # are the layers' weights (a model exported with initializers as
-            tensor.red_default = defaults[tensor.name].copy()  # inputs counted 0 MACs without them)
+    overridable = []
+    for tensor in graph.inputs:
+        if tensor.name in defaults:
+            tensor.red_default = defaults[tensor.name].copy()
+            overridable.append(tensor.red_default)
     light = []
-    overridable = [t.red_default for t in graph.inputs if hasattr(t, "red_default")]
     for tensor in [*graph.tensors().values(), *overridable]:
         heavy = isinstance(tensor, gs.Constant) and math.prod(tensor.shape) > LIGHT_ELEMENTS
         if heavy and tensor.export_dtype == np.float32:

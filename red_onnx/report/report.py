@@ -162,11 +162,10 @@ def _human(count: float) -> str:
 
 def _macs_label(input_shapes: dict[str, list[int]]) -> str:
     """The MACs line's label: with "(N rows)" where every input carries one batch of N > 1 rows."""
-    leading = {shape[0] for shape in input_shapes.values() if shape}
-    if len(leading) == 1 and len(input_shapes) == sum(1 for shape in input_shapes.values() if shape):
-        (rows,) = leading
-        if rows > 1:
-            return f"MACs ({rows} rows)"
+    shapes = list(input_shapes.values())
+    leading = {shape[0] for shape in shapes if shape}
+    if shapes and all(shapes) and len(leading) == 1 and min(leading) > 1:
+        return f"MACs ({min(leading)} rows)"
     return "MACs"
 
 

@@ -80,7 +80,7 @@ class RowChunks:
         parts = [run_values(self._rows(feed, start, start + rows)) for start in range(0, count, rows)]
         joined = [np.concatenate([np.asarray(p[k]) for p in parts], axis=0) for k in range(len(parts[0]))]
         for value, per_row in zip(joined, self.per_row, strict=True):
-            if value.shape[:1] != (count * per_row,):  # checked on two rows; a later chunk disagrees
+            if value.shape[:1] != (count * per_row,):  # checked on the first rows; a later chunk disagrees
                 logger.info("running %d rows whole (an output's leading size: %s)", count, value.shape[:1])
                 return list(run_values(feed))
         return joined

@@ -34,7 +34,8 @@ def tensor_fetch(
     chunkers: dict[tuple[str, ...], RowChunks] = {}
 
     def fetch(fetched: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        chunks = chunkers.setdefault(tuple(fetched), batch_chunks(session))
+        key = tuple(fetched)
+        chunks = chunkers.get(key) or chunkers.setdefault(key, batch_chunks(session))
         return chunks.run(lambda part: session.run(list(fetched), feed_of(part)), feed)
 
     return fetch

@@ -269,8 +269,10 @@ class BudgetSearch:
         taps = self._tap_groups(groups) if activations and refit and self.split else {}
         patches = self._patch_grams(taps, fit_verifier) if taps else {}
         del fit_verifier
-        validation = self._validation(groups) if activations and refit else {}
-        held_patches = self._patch_grams(taps, self._cv_verifier()) if patches else {}
+        cv = self._cv_verifier() if activations and refit and self.split else None
+        validation = self._validation(groups, cv) if cv is not None else {}
+        held_patches = self._patch_grams(taps, cv) if patches and cv is not None else {}
+        del cv
         # a group's atom vectors (a copy of its weights) live only while its rankings are made: all
         # groups' at once beside the hashing's work arrays were the search's peak (conv25m: 138 MB)
         grams = PatchGrams(taps, patches, held_patches)
@@ -462,16 +464,14 @@ class BudgetSearch:
         captured = capture(base, verifier.inputs, tensors, masks=verifier.token_masks)
         return {name: (t, captured[t], rows) for name, (t, _, _, rows) in wanted.items() if t in captured}
 
-    def _validation(self, groups: list[ChannelGroup]) -> dict[str, np.ndarray]:
+    def _validation(self, groups: list[ChannelGroup], verifier: Verifier) -> dict[str, np.ndarray]:
         """Per group: its captured tensor on the inputs that validate the refit's ridge strength.
 
-        A calibration file's "cv" rows (or, on synthetic inputs, other seeds): samples the fit never
-        saw, where a split of one capture's positions shares its samples between fit and validation
-        (positions of one image are correlated). None for a recurrent stream (not split).
+        ``verifier``'s inputs (``_cv_verifier``): a calibration file's "cv" rows (or, on synthetic
+        inputs, other seeds), samples the fit never saw, where a split of one capture's positions
+        shares its samples between fit and validation (positions of one image are correlated). A
+        recurrent stream is not split and gets no validation.
         """
-        if not self.split:
-            return {}
-        verifier = self._cv_verifier()
         return {name: rows for name, (_, rows, _) in self._activations(groups, verifier).items()}
 
     def _local_sensitivity(self, groups: list) -> LocalSensitivity | None:

@@ -14,6 +14,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -146,18 +147,33 @@ class RefitOrdering:
             raise InternalError(f"ranking {self.label!r} keeps no weight rows to estimate a plan with")
         if not isinstance(merges, DenseMerges) or len(merges) == 0:
             return 0.0
-        gram = np.asarray(self.extra if self.extra is not None else self.gram, np.float64)[:-1, :-1]
-        weight = self.weight.astype(np.float64)
-        position = np.full(int(self.atoms.max()) + 1, -1)
-        position[self.atoms] = np.arange(self.atoms.size)
-        removed = atom_rows(position[merges.sources], self.block)
-        kept = atom_rows(position[merges.targets], self.block)
+        gram, weight = self._estimate_gram(), self.weight.astype(np.float64)
+        removed = atom_rows(self._position[merges.sources], self.block)
+        kept = atom_rows(self._position[merges.targets], self.block)
         change = np.zeros_like(weight)
         change[kept] = merges.mix @ weight[removed]
         change[removed] = -weight[removed]
-        energy = float(np.sum((gram @ weight) * weight))
+        energy = self._output_energy
         squared = float(np.sum((gram @ change) * change))
         return math.sqrt(max(squared, 0.0) / energy) if energy > 0.0 else 0.0
+
+    def _estimate_gram(self) -> np.ndarray:
+        """The Gram :meth:`estimated_error` reads (float64, without the constant row)."""
+        return np.asarray(self.extra if self.extra is not None else self.gram, np.float64)[:-1, :-1]
+
+    @cached_property
+    def _output_energy(self) -> float:
+        """``tr(Vᵀ·G·V)``: the same for every plan of this ranking."""
+        assert self.weight is not None
+        weight = self.weight.astype(np.float64)
+        return float(np.sum((self._estimate_gram() @ weight) * weight))
+
+    @cached_property
+    def _position(self) -> np.ndarray:
+        """The row block of each atom in ``gram`` (-1: not captured)."""
+        position = np.full(int(self.atoms.max()) + 1, -1)
+        position[self.atoms] = np.arange(self.atoms.size)
+        return position
 
     def final_merges(self, count: int) -> MergeList:
         """:meth:`merges`, the kept atoms refit on the fitted rows and ``extra``'s rows together.
@@ -177,9 +193,7 @@ class RefitOrdering:
         """The first ``count`` removals of the OBS order, each merged into every kept atom (dense form)."""
         if count <= 0:
             return []
-        position = np.full(int(self.atoms.max()) + 1, -1)
-        position[self.atoms] = np.arange(self.atoms.size)
-        removed = np.sort(position[self.order[:count]])
+        removed = np.sort(self._position[self.order[:count]])
         kept = np.setdiff1d(np.arange(self.atoms.size), removed)
         a, intercept = mixing(self.gram, atom_rows(kept, self.block), self.lam, free_bias=self.free_bias)
         return DenseMerges(self.atoms[removed], self.atoms[kept], a, intercept, self.block, self.taps)
@@ -203,7 +217,6 @@ def refit_ordering(
     *,
     block: int = 1,
     fit_validation: bool = True,
-    taps: bool = False,
 ) -> RefitOrdering | None:
     """The refit ranking of a group from its captured activations and its consumers' weight rows.
 
@@ -222,8 +235,6 @@ def refit_ordering(
         fit_validation: Once the strength is chosen, fit on ``rows`` and ``validation`` together (off:
             on ``rows`` only, where ``validation``'s inputs measure the result; ``validation``'s Gram
             is then kept for :meth:`RefitOrdering.final_merges`).
-        taps: The rows are a k×k Conv consumer's input patches, ``block`` taps per channel, and
-            ``weight`` its ``W[:, c, tap]`` rows (labelled "refit taps"; ``free_bias`` must be off).
 
     Returns:
         The ranking; None for a group too wide (``REFIT_MAX_ATOMS`` rows) or too small.
@@ -238,7 +249,7 @@ def refit_ordering(
         split = np.random.default_rng(REFIT_SPLIT_SEED).permutation(rows.shape[1])
         fit, val, held = augmented_gram(rows[:, split[::2]]), augmented_gram(rows[:, split[1::2]]), None
     return refit_from_grams(gram, fit, val, atoms, weight, free_bias, held=held, block=block,
-                            fit_validation=fit_validation, taps=taps)  # fmt: skip
+                            fit_validation=fit_validation)  # fmt: skip
 
 
 def refit_from_grams(
@@ -267,7 +278,8 @@ def refit_from_grams(
         block: Rows per atom.
         fit_validation: Fit on ``gram + held`` once the strength is chosen (off: keep ``held`` for
             :meth:`RefitOrdering.final_merges`).
-        taps: As in :func:`refit_ordering`.
+        taps: The rows are a k×k Conv consumer's input patches, ``block`` taps per channel, and
+            ``weight`` its ``W[:, c, tap]`` rows (labelled "refit taps"; ``free_bias`` must be off).
     """
     count = atoms.size
     if count < 2 or count * block > REFIT_MAX_ATOMS:

@@ -275,7 +275,8 @@ class MergeSimulator:
 
     def _chunked(self, names: Sequence[str], inputs: Feed) -> list[np.ndarray]:
         """``names`` computed on ``inputs``, a batch of many rows in chunks of rows (``runtime.rows``)."""
-        chunks = self.chunkers.setdefault(tuple(names), RowChunks(self.batch_inputs))
+        key = tuple(names)
+        chunks = self.chunkers.get(key) or self.chunkers.setdefault(key, RowChunks(self.batch_inputs))
         return chunks.run(lambda part: self.session.run(list(names), part), inputs)
 
     def supports(self, plan: Plan) -> bool:
