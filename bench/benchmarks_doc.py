@@ -617,8 +617,11 @@ def refit_section(results: Path) -> str:
     ratios = [a[k] / b[k] for a, b in pairs for k in ("search_error", "heldout_error") if b[k]]
     chosen = [name for a in rows if a["refit"] for name in a["rankings"]]
     taps = sum(name == "refit taps" for name in chosen)
-    share = f"{sum(name in ('refit', 'refit taps') for name in chosen)} of the {len(chosen)} changed groups"
-    share += f" ({taps} of them tap by tap, k×k Conv consumers)" if taps else ""
+    by_rows = sum(name == "refit rows" for name in chosen)
+    share = f"{sum(name.startswith('refit') for name in chosen)} of the {len(chosen)} changed groups"
+    kinds = [f"{taps} tap by tap (k×k Conv consumers)"] if taps else []
+    kinds += [f"{by_rows} row by row (the Gemm after Flatten)"] if by_rows else []
+    share += f" ({', '.join(kinds)})" if kinds else ""
     points = [round(100 * (a["accuracy"] - b["accuracy"]), 2) for a, b in pairs]
     body = f"""
 Calibration: {data["samples"]} images of scikit-learn's digits training split (never the test images);

@@ -45,7 +45,14 @@ from red_onnx.runtime.sessions import HeldSessions
 from red_onnx.runtime.shapes import ShapeService
 from red_onnx.runtime.stream import find_state_pairs
 from red_onnx.runtime.tensor_values import tensor_fetch
-from red_onnx.search.activations import ConvTaps, capture, captured_by_rows, conv_taps, patch_grams
+from red_onnx.search.activations import (
+    ConvTaps,
+    capture,
+    captured_by_rows,
+    conv_taps,
+    flattened_rows,
+    patch_grams,
+)
 from red_onnx.search.budget_options import (
     HASH_RUNGS,
     LEVEL_FRACTIONS,
@@ -326,12 +333,21 @@ class BudgetSearch:
             tensor, conv = patches.taps[name]
             refit = self._tap_refit_ordering(item.group, tensor, conv.taps, patches.fit[tensor],
                                              patches.held.get(tensor))  # fmt: skip
+        refits = [refit] if refit is not None else []
         if refit is None and self.refit and name in samples and one_segment:
             tensor, rows, per_channel = samples[name]
-            refit = self._refit_ordering(item.group, tensor, rows, validation.get(name), per_channel,
-                                         fit_validation=self.measured_part != "cv")  # fmt: skip
-        if refit is not None:
-            orderings.append(refit)
+            held, fit_validation = validation.get(name), self.measured_part != "cv"
+            refit = self._refit_ordering(item.group, tensor, rows, held, per_channel, fit_validation)
+            if refit is not None and per_channel > 1 and _flattened(item.group):
+                # the rows refit beside the refit of whole channels: fewer positions than rows (one
+                # per sample), it can fit worse; each level keeps the one that measures better
+                refits.append(dataclasses.replace(refit, label="refit rows"))
+                held = None if held is None else _by_channel(held, per_channel)
+                refit = self._refit_ordering(item.group, tensor, _by_channel(rows, per_channel), held, 1,
+                                             fit_validation)  # fmt: skip
+            if refit is not None:
+                refits.insert(0, refit)
+        orderings += refits
         orderings = [dataclasses.replace(o, steps=steps) for o in orderings]
         available = achievable(orderings, n_atoms)
         levels = removal_levels(n_atoms, available, multiple, self.fractions, steps=steps)
@@ -854,3 +870,14 @@ class BudgetSearch:
             option.errors.insert(position, self._alone(name, low))
             option.orderings.insert(position, ordering.label)
         return {**after, name: low}
+
+
+def _flattened(group: ChannelGroup) -> bool:
+    """Whether the group's first consumer reads a flattened tensor row by row (``flattened_rows``)."""
+    consumer = group.consumers[0]
+    return flattened_rows(group.tensors[consumer.tensor], consumer.node)
+
+
+def _by_channel(rows: np.ndarray, per_channel: int) -> np.ndarray:
+    """Rows captured ``per_channel`` to a channel as one row per channel (its rows' values as positions)."""
+    return rows.reshape(-1, per_channel * rows.shape[1])
