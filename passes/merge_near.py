@@ -16,7 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from red_onnx.analysis.channels import ChannelGroup, analyse_model
-from red_onnx.analysis.merge_sets import DenseMerges, MergeList, removed_atoms
+from red_onnx.analysis.merge_sets import ConsumerMerges, DenseMerges, MergeList, removed_atoms
 from red_onnx.analysis.redundancy import AtomParams, atom_params
 from red_onnx.analysis.similarity import Candidates, near_candidates
 from red_onnx.io.graph import WorkingModel, clear_intermediate_shapes, constant_values
@@ -70,7 +70,7 @@ class MergeNear(Pass):
         """
         self.shapes = shapes
         self.merges = {
-            name: items if isinstance(items, DenseMerges) else list(items)
+            name: items if isinstance(items, (DenseMerges, ConsumerMerges)) else list(items)
             for name, items in merges.items()
             if items
         }

@@ -107,8 +107,61 @@ class DenseMerges:
         return merges
 
 
-#: One group's merges in either form.
-MergeList: TypeAlias = Sequence[Merge] | DenseMerges
+@dataclass(frozen=True, eq=False)
+class ConsumerMerges:
+    """One removal with a refit of its own for each consumer of the group (same sources, same targets).
+
+    Where a group's consumers read different tensors, or are of kinds one refit cannot serve together
+    (a k×k Conv refit tap by tap beside a 1×1 one), each is refit on its own input's Gram: ``plans[i]``
+    is the plan of the group's consumer ``i`` (``ChannelGroup.consumers`` order). The editor and the
+    simulator give each consumer its own (:func:`of_consumer`).
+
+    Attributes:
+        plans: One :class:`DenseMerges` per consumer, all removing ``sources`` into ``targets``.
+    """
+
+    plans: tuple[DenseMerges, ...]
+
+    def __post_init__(self) -> None:
+        """Check that every consumer's plan removes the same atoms into the same kept atoms."""
+        if not self.plans:
+            raise ValueError("consumer merges need a plan for at least one consumer")
+        first = self.plans[0]
+        for plan in self.plans[1:]:
+            if not (
+                np.array_equal(plan.sources, first.sources) and np.array_equal(plan.targets, first.targets)
+            ):
+                raise ValueError("consumer merges must remove the same atoms into the same kept atoms")
+
+    @property
+    def sources(self) -> np.ndarray:
+        """The removed atoms."""
+        return self.plans[0].sources
+
+    @property
+    def targets(self) -> np.ndarray:
+        """The kept atoms that compensate."""
+        return self.plans[0].targets
+
+    def __len__(self) -> int:
+        """The number of removed atoms."""
+        return int(self.sources.size)
+
+    @cached_property
+    def key(self) -> tuple[str, tuple]:
+        """A hashable digest of the content (caches of measured errors use it)."""
+        return "consumers", tuple(plan.key for plan in self.plans)
+
+
+#: What one consumer is given: a list of :class:`Merge`, or the refit's dense form.
+ConsumerPlan: TypeAlias = Sequence[Merge] | DenseMerges
+#: One group's merges in any form.
+MergeList: TypeAlias = Sequence[Merge] | DenseMerges | ConsumerMerges
+
+
+def of_consumer(merges: MergeList, index: int) -> ConsumerPlan:
+    """The plan consumer ``index`` of the group is given (the group's plan, unless per consumer)."""
+    return merges.plans[index] if isinstance(merges, ConsumerMerges) else merges
 
 
 def atom_rows(atoms: np.ndarray, block: int) -> np.ndarray:
@@ -123,7 +176,7 @@ def row_local(local: np.ndarray, block: int) -> np.ndarray:
     return rows.reshape(-1).astype(np.int64)
 
 
-def to_rows(merges: MergeList, block: int) -> MergeList:
+def to_rows(merges: ConsumerPlan, block: int) -> ConsumerPlan:
     """The same plan over the ``block`` rows of every atom, each row an atom (``a·block + b``).
 
     A merge of whole atoms moves each row of the source into the same row of the target; dense merges
@@ -149,13 +202,15 @@ def to_rows(merges: MergeList, block: int) -> MergeList:
 
 def removed_atoms(merges: MergeList) -> np.ndarray:
     """The atoms the merges delete, ascending (int64)."""
-    if isinstance(merges, DenseMerges):
+    if isinstance(merges, (DenseMerges, ConsumerMerges)):
         return np.sort(np.asarray(merges.sources, np.int64))
     return np.unique(np.array([m.source for m in merges], np.int64))
 
 
 def has_offsets(merges: MergeList) -> bool:
     """Whether any merge carries a constant into the consumers' biases."""
+    if isinstance(merges, ConsumerMerges):
+        return any(has_offsets(plan) for plan in merges.plans)
     if isinstance(merges, DenseMerges):
         return bool(np.any(merges.offsets != 0.0))
     return any(m.offset != 0.0 for m in merges)
@@ -163,16 +218,16 @@ def has_offsets(merges: MergeList) -> bool:
 
 def merge_key(merges: MergeList) -> tuple:
     """A hashable key of the merges' content."""
-    return merges.key if isinstance(merges, DenseMerges) else tuple(merges)
+    return merges.key if isinstance(merges, (DenseMerges, ConsumerMerges)) else tuple(merges)
 
 
-def local_offsets(merges: MergeList, local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def local_offsets(merges: ConsumerPlan, local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The nonzero offsets on channels a tensor carries: (local channel, value) arrays, one per merge.
 
     Dense merges over ``block`` rows give a value per row: ``[channels, block]``.
 
     Args:
-        merges: The group's merges.
+        merges: The merges one consumer is given.
         local: Local channel index of each atom in the tensor (-1: absent).
     """
     if isinstance(merges, DenseMerges) and merges.block > 1:

@@ -391,6 +391,79 @@ def choose_lambda(
     )
 
 
+class _ObsState:
+    """One system of the greedy OBS path: ``H⁻¹`` and the compensated ``V``, compacted as rows go."""
+
+    def __init__(self, gram: np.ndarray, weight: np.ndarray, lam: float, block: int, free_bias: bool) -> None:
+        system, v = _system(gram, weight, lam, free_bias)
+        rows = v.shape[0]
+        if block < 1 or rows % block:
+            raise ValueError(f"{rows} rows do not split into channels of {block} rows")
+        self.channels = rows // block
+        self.block = block
+        self.offsets = np.arange(block)
+        h = system.centred.copy()
+        h[np.diag_indices_from(h)] += system.lam
+        lower_inv = _triangular_solve(_cholesky(h, system.scale), np.eye(rows))
+        self.inverse = lower_inv.T @ lower_inv  # H⁻¹, symmetric positive definite by construction
+        self.full = v.copy()  # the caller's shape: V is compacted below, its rows copied back at the end
+        self.v = self.full
+        self.position = np.arange(rows)  # row -> its index in the compacted H⁻¹ and V (-1: removed)
+        self.present = np.arange(rows)  # compacted index -> row
+        self.dropped = np.zeros(rows, bool)  # over the compacted indices: removed since the last compaction
+
+    def costs(self, live: np.ndarray) -> np.ndarray:
+        """Each live channel's own removal cost ``tr(V_Jᵀ·([H⁻¹]_JJ)⁻¹·V_J)``."""
+        inverse, v = self.inverse, self.v
+        if self.block == 1:
+            at = self.position[live]
+            return np.einsum("io,io->i", v[at], v[at]) / np.diag(inverse)[at]
+        index = self.position[live[:, None] * self.block + self.offsets[None, :]]  # [m, B]
+        blocks = inverse[index[:, :, None], index[:, None, :]]  # [m, B, B]: [H⁻¹]_JJ per channel
+        vj = v[index]  # [m, B, O]
+        return np.einsum("mbo,mbo->m", vj, np.linalg.solve(blocks, vj))
+
+    def remove(self, channels: np.ndarray) -> float:
+        """Remove ``channels`` together (downdate ``V`` and ``H⁻¹``); their joint cost."""
+        v = self.v
+        j = self.position[(channels[:, None] * self.block + self.offsets[None, :]).reshape(-1)]
+        columns = self.inverse[:, j]  # H⁻¹_{:,J} (a copy)
+        if j.size == 1:
+            pivot = columns[j[0], 0]
+            joint = float(v[j[0]] @ v[j[0]]) / pivot
+            v -= np.outer(columns[:, 0] / pivot, v[j[0]])
+            half = columns[:, 0] / np.sqrt(pivot)
+            self.inverse -= np.outer(half, half)
+        else:
+            pivots = columns[j]  # [H⁻¹]_JJ = L·Lᵀ
+            factor = _cholesky(pivots, float(np.mean(np.diag(pivots))))
+            solved = _cho_solve(factor, v[j])
+            joint = float(np.einsum("io,io->", v[j], solved))  # tr(V_Jᵀ·([H⁻¹]_JJ)⁻¹·V_J)
+            v -= columns @ solved
+            half_t = _triangular_solve(factor, columns.T)  # L⁻¹·H⁻¹_{J,:}
+            self.inverse -= half_t.T @ half_t
+        v[j] = 0.0
+        self.dropped[j] = True
+        if (
+            self.dropped.sum() * COMPACT_AFTER >= self.dropped.size
+        ):  # drop the removed rows: later steps cost less
+            kept = np.flatnonzero(~self.dropped)
+            self.full[self.present] = v
+            self.inverse, self.v, self.present = self.inverse[np.ix_(kept, kept)], v[kept], self.present[kept]
+            self.position[:] = -1
+            self.position[self.present] = np.arange(self.present.size)
+            self.dropped = np.zeros(self.present.size, bool)
+        else:
+            self.inverse[j, :] = 0.0
+            self.inverse[:, j] = 0.0
+        return joint
+
+    def compensated(self) -> np.ndarray:
+        """``V`` after the removals so far (the removed rows zero), in the caller's shape."""
+        self.full[self.present] = self.v
+        return self.full
+
+
 def _obs_path(
     gram: np.ndarray,
     weight: np.ndarray,
@@ -402,11 +475,18 @@ def _obs_path(
     batch: int = 1,
 ) -> tuple[ObsPath, np.ndarray]:
     """:func:`greedy_obs`, also returning the compensated ``V`` (the removed rows zero)."""
-    system, v = _system(gram, weight, lam, free_bias)
-    rows = v.shape[0]
-    if block < 1 or rows % block:
-        raise ValueError(f"{rows} rows do not split into channels of {block} rows")
-    channels = rows // block
+    state = _ObsState(gram, weight, lam, block, free_bias)
+    path = _joint_path([state], n_remove, candidates, batch)
+    return path, state.compensated()
+
+
+def _joint_path(
+    states: Sequence[_ObsState], n_remove: int, candidates: Sequence[int] | np.ndarray | None, batch: int
+) -> ObsPath:
+    """The greedy path over systems sharing their channels: a channel's cost is the sum of its costs."""
+    channels = states[0].channels
+    if any(state.channels != channels for state in states):
+        raise ValueError(f"systems of {sorted({s.channels for s in states})} channels share no channels")
     pool = np.arange(channels) if candidates is None else np.unique(np.asarray(candidates, dtype=np.int64))
     if pool.size and (pool.min() < 0 or pool.max() >= channels):
         raise ValueError(f"candidates must lie in [0, {channels})")
@@ -414,74 +494,26 @@ def _obs_path(
         raise ValueError(f"cannot remove {n_remove} of {pool.size} candidate channels")
     if n_remove >= channels:
         raise ValueError("removing every channel leaves nothing to refit (keep at least one channel)")
-    v = v.copy()
-    if n_remove == 0:
-        return ObsPath(np.zeros(0, np.int64), np.zeros(0)), v
-    h = system.centred.copy()
-    h[np.diag_indices_from(h)] += system.lam
-    lower_inv = _triangular_solve(_cholesky(h, system.scale), np.eye(rows))
-    inverse = lower_inv.T @ lower_inv  # H⁻¹, symmetric positive definite by construction
     alive = np.ones(pool.size, bool)
     order = np.zeros(n_remove, np.int64)
     cost = np.zeros(n_remove)
     total = 0.0
-    offsets = np.arange(block)
-    position = np.arange(rows)  # row -> its index in the compacted H⁻¹ and V (-1: removed)
-    present = np.arange(rows)  # compacted index -> row
-    dropped = np.zeros(rows, bool)  # over the compacted indices: removed since the last compaction
-    full = v  # the caller's shape: V is compacted below, its rows copied back at the end
     step = 0
     while step < n_remove:
         live = pool[alive]
-        if block == 1:
-            at = position[live]
-            costs = np.einsum("io,io->i", v[at], v[at]) / np.diag(inverse)[at]
-        else:
-            index = position[live[:, None] * block + offsets[None, :]]  # [m, B]
-            blocks = inverse[index[:, :, None], index[:, None, :]]  # [m, B, B]: [H⁻¹]_JJ per channel
-            vj = v[index]  # [m, B, O]
-            costs = np.einsum("mbo,mbo->m", vj, np.linalg.solve(blocks, vj))
+        costs = sum((state.costs(live) for state in states), np.zeros(live.size))
         take = min(batch, n_remove - step)
         picks = np.argsort(costs, kind="stable")[:take]
-        channels = live[picks]
+        removed = live[picks]
         alive[np.flatnonzero(alive)[picks]] = False
-        j = position[(channels[:, None] * block + offsets[None, :]).reshape(-1)]
-        columns = inverse[:, j]  # H⁻¹_{:,J} (a copy)
-        if j.size == 1:
-            pivot = columns[j[0], 0]
-            joint = float(v[j[0]] @ v[j[0]]) / pivot
-            v -= np.outer(columns[:, 0] / pivot, v[j[0]])
-            half = columns[:, 0] / np.sqrt(pivot)
-            inverse -= np.outer(half, half)
-        else:
-            pivots = columns[j]  # [H⁻¹]_JJ = L·Lᵀ
-            factor = _cholesky(pivots, float(np.mean(np.diag(pivots))))
-            solved = _cho_solve(factor, v[j])
-            joint = float(np.einsum("io,io->", v[j], solved))  # tr(V_Jᵀ·([H⁻¹]_JJ)⁻¹·V_J)
-            v -= columns @ solved
-            half_t = _triangular_solve(factor, columns.T)  # L⁻¹·H⁻¹_{J,:}
-            inverse -= half_t.T @ half_t
-        v[j] = 0.0
-        dropped[j] = True
-        if dropped.sum() * COMPACT_AFTER >= dropped.size:  # drop the removed rows: later steps cost less
-            kept = np.flatnonzero(~dropped)
-            full[present] = v
-            inverse, v, present = inverse[np.ix_(kept, kept)], v[kept], present[kept]
-            position[:] = -1
-            position[present] = np.arange(present.size)
-            dropped = np.zeros(present.size, bool)
-        else:
-            inverse[j, :] = 0.0
-            inverse[:, j] = 0.0
+        joint = sum(max(state.remove(removed), 0.0) for state in states)
         # within a batch, the channels' own costs in order; the batch's end carries the joint cost
         steps = total + np.cumsum(np.maximum(costs[picks], 0.0))
-        total += max(joint, 0.0)
+        total += joint
         steps[-1] = total
-        order[step : step + take], cost[step : step + take] = channels, np.minimum(steps, total)
+        order[step : step + take], cost[step : step + take] = removed, np.minimum(steps, total)
         step += take
-    full[present] = v
-    v = full
-    return ObsPath(order, cost), v
+    return ObsPath(order, cost)
 
 
 def greedy_obs(
@@ -530,3 +562,24 @@ def greedy_obs(
         raise ValueError(f"batch must be >= 1, got {batch}")
     path, _ = _obs_path(gram, weight, n_remove, lam, block, candidates, free_bias, batch)
     return path
+
+
+def greedy_obs_joint(
+    systems: Sequence[tuple[np.ndarray, np.ndarray, float, int, bool]], n_remove: int, *, batch: int = 1
+) -> ObsPath:
+    """:func:`greedy_obs` over several consumers that share channels, each with its own Gram.
+
+    ``systems``: per consumer (or consumers sharing an input), ``(G1, V, λ, block, free_bias)`` over the
+    same channels in the same order (``block`` rows each, which may differ between systems). Removing a
+    channel costs the sum of its costs in every system; each system's ``H⁻¹`` and ``V`` are downdated
+    on their own. With one system, :func:`greedy_obs`.
+
+    Raises:
+        ValueError: No system, systems over different channel counts, or as :func:`greedy_obs`.
+    """
+    if not systems:
+        raise ValueError("the joint greedy path needs at least one system")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    states = [_ObsState(gram, weight, lam, block, bias) for gram, weight, lam, block, bias in systems]
+    return _joint_path(states, n_remove, None, batch)

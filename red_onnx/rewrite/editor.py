@@ -17,7 +17,15 @@ import onnx_graphsurgeon as gs
 
 from red_onnx.analysis.channel_ops import slice_params, target_entry
 from red_onnx.analysis.channels import ChannelGroup, Consumer, GroupTensor
-from red_onnx.analysis.merge_sets import DenseMerges, MergeList, local_offsets, removed_atoms, row_local
+from red_onnx.analysis.merge_sets import (
+    ConsumerPlan,
+    DenseMerges,
+    MergeList,
+    local_offsets,
+    of_consumer,
+    removed_atoms,
+    row_local,
+)
 from red_onnx.analysis.weights import consumer_axis, output_scale, producer_axis, producer_block
 from red_onnx.errors import InternalError, RewriteError
 from red_onnx.io.graph import expect_constant, is_empty_input, set_constant_input
@@ -58,8 +66,8 @@ def apply_plan(plan: GroupPlan) -> None:
         return
     if plan.removed >= group.n_atoms:
         raise RewriteError(f"plan deletes all {group.n_atoms} channels of group {group.name}")
-    for consumer in group.consumers:
-        _rewire_consumer(plan, consumer)
+    for index, consumer in enumerate(group.consumers):
+        _rewire_consumer(plan, consumer, of_consumer(plan.merges, index))
     for producer in group.producers:
         keep = _keep(plan, group.tensors[producer.tensor])
         _delete_producer_channels(producer.node, keep)
@@ -81,7 +89,8 @@ def _take(values: np.ndarray, keep: np.ndarray, axis: int, block: int = 1) -> np
     return np.take(values, keep, axis=axis)
 
 
-def _rewire_consumer(plan: GroupPlan, consumer: Consumer) -> None:
+def _rewire_consumer(plan: GroupPlan, consumer: Consumer, merges: ConsumerPlan) -> None:
+    """Edit one consumer's weight (and bias) by ``merges``, its share of the plan, then drop the rows."""
     node = consumer.node
     member = plan.group.tensors[consumer.tensor]
     weight = expect_constant(node.inputs[1])
@@ -89,21 +98,21 @@ def _rewire_consumer(plan: GroupPlan, consumer: Consumer) -> None:
     moved = np.moveaxis(weight, axis, 0)
     rows = moved.reshape(member.channels, member.block, *moved.shape[1:]).copy()
     local = plan.group.atom_index(consumer.tensor)
-    add_merged_rows(rows.reshape(member.channels, -1), local, plan.merges)
-    _absorb_constants(plan, consumer, rows, local)
+    add_merged_rows(rows.reshape(member.channels, -1), local, merges)
+    _absorb_constants(plan, consumer, rows, local, merges)
     keep = _keep(plan, member)
     new = np.moveaxis(rows[keep].reshape(-1, *moved.shape[1:]), 0, axis).astype(weight.dtype)
     set_constant_input(node, 1, new, suffix=SUFFIX)
 
 
-def add_merged_rows(flat: np.ndarray, local: np.ndarray, merges: MergeList) -> np.ndarray:
+def add_merged_rows(flat: np.ndarray, local: np.ndarray, merges: ConsumerPlan) -> np.ndarray:
     """``V_target += scale·V_source`` in place for each merge inside this tensor; the source rows.
 
     Args:
         flat: A consumer's weight as ``[channels, rest]`` (edited in place; summed in float64 and
             rounded once to its dtype, float16 too).
         local: Local channel index of each atom in the tensor the consumer reads (-1: absent).
-        merges: The merges of the group (dense ones: ``V_K += mix·V_R`` as one product).
+        merges: The merges this consumer is given (dense ones: ``V_K += mix·V_R`` as one product).
 
     Returns:
         The local indices of the merged (source) rows.
@@ -181,11 +190,13 @@ def _add_dense_rows(flat: np.ndarray, local: np.ndarray, merges: DenseMerges) ->
     return sources[inside]
 
 
-def _absorb_constants(plan: GroupPlan, consumer: Consumer, rows: np.ndarray, local: np.ndarray) -> None:
+def _absorb_constants(
+    plan: GroupPlan, consumer: Consumer, rows: np.ndarray, local: np.ndarray, merges: ConsumerPlan
+) -> None:
     """Fold deleted constant channels and merge offsets into the consumer's bias: bias += Σ V_j · c_j."""
     values = plan.constants.get(consumer.tensor)
     merged = set(removed_atoms(plan.merges).tolist())
-    channels, offsets = local_offsets(plan.merges, local)  # a value per channel, or per row of a block
+    channels, offsets = local_offsets(merges, local)  # a value per channel, or per row of a block
     parts = [(channels, offsets)] if channels.size else []
     if values is not None:
         atoms = [a for a in np.flatnonzero(plan.delete) if a not in merged and local[a] >= 0]

@@ -30,7 +30,14 @@ import onnx
 
 from red_onnx.analysis.channels import ChannelGroup
 from red_onnx.analysis.constants import offset_atoms
-from red_onnx.analysis.merge_sets import DenseMerges, MergeList, atom_rows, merge_key, removed_atoms
+from red_onnx.analysis.merge_sets import (
+    ConsumerMerges,
+    DenseMerges,
+    MergeList,
+    atom_rows,
+    merge_key,
+    removed_atoms,
+)
 from red_onnx.analysis.similarity import (
     activation_candidates,
     atom_macs,
@@ -58,18 +65,21 @@ from red_onnx.search.budget_options import (
     LEVEL_FRACTIONS,
     REFIT_MAX_ATOMS,
     BudgetResult,
+    ConsumerRefitOrdering,
     Counts,
     GroupOption,
     Ordering,
     Ranking,
     RefitOrdering,
     achievable,
+    consumer_refit,
     hashed_orderings,
     refit_from_grams,
     refit_ordering,
     removal_levels,
 )
 from red_onnx.search.channel_steps import ChannelSteps
+from red_onnx.search.refit_systems import RefitSystem, consumer_systems, system_grams
 from red_onnx.search.sensitivity import LocalSensitivity, consumer_inputs
 from red_onnx.search.simulate import MacsCounter, MergeSimulator, consumer_slots, tap_rows, weight_rows
 from red_onnx.search.suffix import SuffixSimulator
@@ -145,18 +155,26 @@ def _samples_cover_inputs(structure: onnx.ModelProto, spec: InputSpec) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class PatchGrams:
-    """The groups refit tap by tap and their consumers' patch Grams (``activations.patch_grams``).
+class RefitCaptures:
+    """What the refits beyond a group's first tensor are fitted on.
 
     Attributes:
-        taps: Per group: the tensor its k×k Conv consumers read, and the taps its Grams are taken with.
-        fit: Per tensor: the augmented patch Gram on the rows the refit is fitted on.
+        taps: Per group refit tap by tap: the tensor its k×k Conv consumers read, and the taps its
+            Grams are taken with.
+        fit: Per tensor: the augmented patch Gram (``activations.patch_grams``) on the rows the refit
+            is fitted on.
         held: Per tensor: the same on the cv rows.
+        systems: Per group refit consumer by consumer: its systems (``refit_systems``).
+        rows: Per tensor such a system reads over channels or rows: its captured rows (fitted rows).
+        held_rows: The same on the cv rows.
     """
 
     taps: dict[str, tuple[str, ConvTaps]]
     fit: dict[str, np.ndarray]
     held: dict[str, np.ndarray]
+    systems: dict[str, list[RefitSystem]] = dataclasses.field(default_factory=dict)
+    rows: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    held_rows: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def covers(self, group: str) -> bool:
         """Whether ``group`` is refit tap by tap and its patch Gram was captured."""
@@ -270,24 +288,32 @@ class BudgetSearch:
         # levels cost measurements only when measured: estimated, a large model keeps every level
         local = sensitivity in ("local", "calibrated") or (sensitivity == "auto" and self.large)
         self.fractions = LEVEL_FRACTIONS if local or not self.large else LARGE_LEVEL_FRACTIONS
-        samples = self._activations(groups, fit_verifier) if activations else {}
         # k×k Conv consumers are refit tap by tap from their input patches (a plan of theirs is
-        # estimated on the patches: the local estimate reads channel Grams)
-        taps = self._tap_groups(groups) if activations and refit and self.split else {}
-        patches = self._patch_grams(taps, fit_verifier) if taps else {}
+        # estimated on the patches: the local estimate reads channel Grams); a group whose consumers
+        # one refit cannot serve is also refit consumer by consumer, each on its own input
+        refitting = activations and refit and self.split
+        taps = self._tap_groups(groups) if refitting else {}
+        systems = {g.name: found for g in groups if refitting and (found := consumer_systems(g))}
+        extra = self._system_tensors(groups, systems)
+        samples, rows = self._captures(groups, fit_verifier, extra) if activations else ({}, {})
+        requests = dict(taps.values()) | {s.tensor: s.taps for ss in systems.values() for s in ss if s.taps}
+        patches = self._patch_grams(requests, fit_verifier) if requests else {}
         del fit_verifier
-        cv = self._cv_verifier() if activations and refit and self.split else None
-        validation = self._validation(groups, cv) if cv is not None else {}
-        held_patches = self._patch_grams(taps, cv) if patches and cv is not None else {}
+        cv = self._cv_verifier() if refitting else None
+        cv_groups, held_rows = self._captures(groups, cv, extra) if cv is not None else ({}, {})
+        validation = {name: captured for name, (_, captured, _) in cv_groups.items()}
+        held_patches = self._patch_grams(requests, cv) if patches and cv is not None else {}
         del cv
         # a group's atom vectors (a copy of its weights) live only while its rankings are made: all
         # groups' at once beside the hashing's work arrays were the search's peak (conv25m: 138 MB)
-        grams = PatchGrams(taps, patches, held_patches)
+        captures = RefitCaptures(taps, patches, held_patches, systems, rows, held_rows)
         self.options = [
-            self._option(candidates_of(g), layer_macs, samples, validation, hashing=hashing, patches=grams)
+            self._option(
+                candidates_of(g), layer_macs, samples, validation, hashing=hashing, captures=captures
+            )
             for g in groups
         ]
-        del samples, validation, patches, held_patches
+        del samples, validation, cv_groups, patches, held_patches, rows, held_rows, captures
         self.cache: dict[tuple, float] = {}  # errors measured (their count is the report's evaluations)
         self.macs_cache: dict[tuple, float] = {}
         self.macs_counter = MacsCounter(layer_macs, groups)
@@ -308,7 +334,7 @@ class BudgetSearch:
         validation: dict[str, np.ndarray],
         *,
         hashing: bool,
-        patches: PatchGrams | None = None,
+        captures: RefitCaptures | None = None,
     ) -> GroupOption:
         """One group's rankings (weights, hashed, activations, refit), removal levels and MACs per level."""
         name, n_atoms = item.group.name, item.group.n_atoms
@@ -329,11 +355,11 @@ class BudgetSearch:
         steps = ChannelSteps.of(item.params.signature, multiple)
         one_segment = np.unique(item.params.signature).size == 1  # every kept atom may compensate any
         refit = None
-        if self.refit and patches is not None and patches.covers(name) and one_segment:
-            tensor, conv = patches.taps[name]
-            refit = self._tap_refit_ordering(item.group, tensor, conv.taps, patches.fit[tensor],
-                                             patches.held.get(tensor))  # fmt: skip
-        refits = [refit] if refit is not None else []
+        if self.refit and captures is not None and captures.covers(name) and one_segment:
+            tensor, conv = captures.taps[name]
+            refit = self._tap_refit_ordering(item.group, tensor, conv.taps, captures.fit[tensor],
+                                             captures.held.get(tensor))  # fmt: skip
+        refits: list[Ranking] = [refit] if refit is not None else []
         if refit is None and self.refit and name in samples and one_segment:
             tensor, rows, per_channel = samples[name]
             held, fit_validation = validation.get(name), self.measured_part != "cv"
@@ -347,6 +373,14 @@ class BudgetSearch:
                                              fit_validation)  # fmt: skip
             if refit is not None:
                 refits.insert(0, refit)
+        if self.refit and captures is not None and name in captures.systems and one_segment:
+            grams = system_grams(item.group, captures.systems[name], captures.rows, captures.held_rows,
+                                 captures.fit, captures.held)  # fmt: skip
+            consumers, fit_validation = len(item.group.consumers), self.measured_part != "cv"
+            each = None if grams is None else consumer_refit(grams, np.arange(n_atoms), consumers,
+                                                            fit_validation=fit_validation)  # fmt: skip
+            if each is not None:
+                refits.append(each)
         orderings += refits
         orderings = [dataclasses.replace(o, steps=steps) for o in orderings]
         available = achievable(orderings, n_atoms)
@@ -448,10 +482,23 @@ class BudgetSearch:
                 found[group.name] = (group.tensors[tensor].tensor.name, taps)
         return found
 
-    def _patch_grams(self, taps: dict[str, tuple[str, ConvTaps]], verifier: Verifier) -> dict:
-        """The patch Grams of ``taps``' tensors on ``verifier``'s inputs, by tensor name."""
+    def _patch_grams(self, requests: dict[str, ConvTaps], verifier: Verifier) -> dict:
+        """The patch Grams of the tensors of ``requests`` (with their taps) on ``verifier``'s inputs."""
         base = self.base if self.base is not None else graph_utils.export_model(self.working)
-        return patch_grams(base, verifier.inputs, dict(taps.values()))
+        return patch_grams(base, verifier.inputs, requests)
+
+    @staticmethod
+    def _system_tensors(
+        groups: list[ChannelGroup], systems: dict[str, list[RefitSystem]]
+    ) -> dict[str, tuple[int, int]]:
+        """The tensors the consumer systems read over channels or rows: name → (channel axis, block)."""
+        wanted = {}
+        for group in groups:
+            for system in systems.get(group.name, []):
+                if system.taps is None:
+                    member = group.tensors[system.tensor]
+                    wanted[system.tensor] = (member.axis, member.block // system.rows)
+        return wanted
 
     def _cv_verifier(self) -> Verifier:
         """The verifier of the cv inputs: the measuring one where it holds them (see ``_validation``)."""
@@ -466,7 +513,16 @@ class BudgetSearch:
 
         The activations are one row per channel (a block's elements as positions), or one row per
         element of a block where the consumer's input is captured by rows (``captured_by_rows``:
-        attention heads), ``rows per channel`` of them for each channel.
+        attention heads, flattened channels), ``rows per channel`` of them for each channel.
+        """
+        return self._captures(groups, verifier, {})[0]
+
+    def _captures(
+        self, groups: list[ChannelGroup], verifier: Verifier, extra: Mapping[str, tuple[int, int]]
+    ) -> tuple[dict[str, tuple[str, np.ndarray, int]], dict[str, np.ndarray]]:
+        """:meth:`_activations`, and in the same run the tensors of ``extra`` (name → axis, block).
+
+        A tensor of ``extra`` that a group's first consumer reads in another form is left out.
         """
         wanted = {}
         for group in groups:
@@ -477,8 +533,10 @@ class BudgetSearch:
                 wanted[group.name] = (member.tensor.name, member.axis, member.block // rows, rows)
         base = self.base if self.base is not None else graph_utils.export_model(self.working)
         tensors = {t: (a, b) for t, a, b, _ in wanted.values()}
+        more = {t: form for t, form in extra.items() if tensors.setdefault(t, form) == form}
         captured = capture(base, verifier.inputs, tensors, masks=verifier.token_masks)
-        return {name: (t, captured[t], rows) for name, (t, _, _, rows) in wanted.items() if t in captured}
+        by_group = {name: (t, captured[t], rows) for name, (t, _, _, rows) in wanted.items() if t in captured}
+        return by_group, {t: captured[t] for t in more if t in captured}
 
     def _validation(self, groups: list[ChannelGroup], verifier: Verifier) -> dict[str, np.ndarray]:
         """Per group: its captured tensor on the inputs that validate the refit's ridge strength.
@@ -544,8 +602,8 @@ class BudgetSearch:
         plan = self._plan(counts)
         for name, count in counts.items():
             ordering = self.chosen.get((name, count))
-            if count and isinstance(ordering, RefitOrdering) and ordering.extra is not None:
-                plan[name] = ordering.final_merges(count)
+            if count and isinstance(ordering, (RefitOrdering, ConsumerRefitOrdering)):
+                plan[name] = ordering.final_merges(count)  # the plan itself where nothing is kept apart
         return plan
 
     def _final_heldout(self, counts: Counts) -> float:
@@ -697,6 +755,9 @@ class BudgetSearch:
         if isinstance(merges, DenseMerges) and merges.taps:
             (ranking,) = [o for o in self.orderings[name] if isinstance(o, RefitOrdering) and o.taps]
             return ranking.estimated_error(merges)
+        if isinstance(merges, ConsumerMerges):  # its systems' Grams: the local estimate may lack patches
+            (each,) = [o for o in self.orderings[name] if isinstance(o, ConsumerRefitOrdering)]
+            return each.estimated_error(merges)
         assert self.local is not None
         return self.local.error(name, merges)
 

@@ -19,9 +19,16 @@ from functools import cached_property
 import numpy as np
 
 from red_onnx.analysis.kde import bandwidth_ladder, hash_weights
-from red_onnx.analysis.merge_sets import DenseMerges, MergeList, atom_rows
+from red_onnx.analysis.merge_sets import ConsumerMerges, DenseMerges, MergeList, atom_rows
 from red_onnx.analysis.redundancy import AtomParams, Merge
-from red_onnx.analysis.refit import augmented_gram, choose_lambda_gram, greedy_obs, lambda_scale, mixing
+from red_onnx.analysis.refit import (
+    augmented_gram,
+    choose_lambda_gram,
+    greedy_obs,
+    greedy_obs_joint,
+    lambda_scale,
+    mixing,
+)
 from red_onnx.analysis.similarity import (
     Candidates,
     merge_cost,
@@ -284,9 +291,42 @@ def refit_from_grams(
     count = atoms.size
     if count < 2 or count * block > REFIT_MAX_ATOMS:
         return None
-    batch, deepest = 1, count - 1
+    batch, deepest = obs_steps(count)
+    gram, lam, extra = ridge_strength(gram, fit, val, weight, block, free_bias, held=held, batch=batch,
+                                      fit_validation=fit_validation)  # fmt: skip
+    path = greedy_obs(gram, weight, deepest, lam, block, free_bias=free_bias, batch=batch)
+    label = "refit taps" if taps else "refit"
+    kept_weight = weight.astype(np.float32) if taps else None
+    return RefitOrdering(label, atoms[path.order], atoms, gram, lam, free_bias, block=block, extra=extra,
+                         taps=taps, weight=kept_weight)  # fmt: skip
+
+
+def obs_steps(count: int) -> tuple[int, int]:
+    """The greedy path's channels a step and its depth for a group of ``count`` atoms."""
     if count > OBS_SINGLE_MAX:
-        batch, deepest = math.ceil(count / OBS_WIDE_STEPS), math.ceil(max(LEVEL_FRACTIONS) * count)
+        return math.ceil(count / OBS_WIDE_STEPS), math.ceil(max(LEVEL_FRACTIONS) * count)
+    return 1, count - 1
+
+
+def ridge_strength(
+    gram: np.ndarray,
+    fit: np.ndarray,
+    val: np.ndarray,
+    weight: np.ndarray,
+    block: int,
+    free_bias: bool,
+    *,
+    held: np.ndarray | None,
+    batch: int,
+    fit_validation: bool,
+) -> tuple[np.ndarray, float, np.ndarray | None]:
+    """The Gram a refit fits on, its ridge strength, and the cv Gram kept for the final refit.
+
+    The strength is the one whose refit at ``REFIT_LAMBDA_AT`` of the atoms removed (greedy on ``fit``)
+    best predicts ``val``, rescaled from ``fit``'s units to the returned Gram's (``gram``, plus ``held``
+    with ``fit_validation``). Arguments as in :func:`refit_from_grams`.
+    """
+    count = weight.shape[0] // block
     probe = max(1, min(count - 1, round(REFIT_LAMBDA_AT * count)))
     unit = lambda_scale(fit, free_bias=free_bias)
     first = greedy_obs(fit, weight, probe, 0.1 * unit, block, free_bias=free_bias, batch=batch)
@@ -295,16 +335,183 @@ def refit_from_grams(
     if fit_validation and held is not None:  # fit on every sample
         gram = gram + held
     lam = chosen / unit * lambda_scale(gram, free_bias=free_bias)
-    path = greedy_obs(gram, weight, deepest, lam, block, free_bias=free_bias, batch=batch)
     extra = held.astype(np.float32) if not fit_validation and held is not None else None
-    label = "refit taps" if taps else "refit"
-    kept_weight = weight.astype(np.float32) if taps else None
-    return RefitOrdering(label, atoms[path.order], atoms, gram, lam, free_bias, block=block, extra=extra,
-                         taps=taps, weight=kept_weight)  # fmt: skip
+    return gram, lam, extra
+
+
+@dataclass(frozen=True)
+class SystemGrams:
+    """Consumers of a group refit together on one Gram: one system of the per-consumer refit.
+
+    Attributes:
+        consumers: Their indices among the group's consumers.
+        gram: ``G1`` of their input rows on the fitted samples (``block`` rows per atom, atom by atom).
+        fit: ``G1`` the ridge strength is fitted on (``gram``, or half of its positions).
+        val: ``G1`` it is validated on.
+        held: ``G1`` of the cv rows (None: ``val`` is half of ``gram``'s positions).
+        weight: ``[atoms·block, outputs]`` their weight rows side by side.
+        block: Rows per atom (kernel taps, a head's rows, a flattened channel's elements, or 1).
+        taps: The rows are k×k Conv kernel taps (no intercept then).
+        free_bias: Whether the intercept goes into their biases.
+    """
+
+    consumers: tuple[int, ...]
+    gram: np.ndarray
+    fit: np.ndarray
+    val: np.ndarray
+    held: np.ndarray | None
+    weight: np.ndarray
+    block: int
+    taps: bool
+    free_bias: bool
+
+
+@dataclass(frozen=True)
+class ConsumerFit:
+    """One system of a :class:`ConsumerRefitOrdering`: its consumers, Gram, strength and weight rows."""
+
+    consumers: tuple[int, ...]
+    gram: np.ndarray  # G1 the refit fits on
+    lam: float
+    free_bias: bool
+    block: int
+    taps: bool
+    weight: np.ndarray  # float32 [atoms·block, outputs]
+    extra: np.ndarray | None  # G1 of the cv rows (float32), added by the final refit
+
+    def plan(self, atoms: np.ndarray, removed: np.ndarray, kept: np.ndarray) -> DenseMerges:
+        """The refit of these consumers when the atoms at positions ``removed`` go."""
+        a, intercept = mixing(self.gram, atom_rows(kept, self.block), self.lam, free_bias=self.free_bias)
+        return DenseMerges(atoms[removed], atoms[kept], a, intercept, self.block, self.taps)
+
+    def final(self) -> ConsumerFit:
+        """The same system fitted on the cv rows too (the strength rescaled to the summed Gram)."""
+        if self.extra is None:
+            return self
+        gram = self.gram + self.extra
+        free = self.free_bias
+        scale = lambda_scale(gram, free_bias=free) / lambda_scale(self.gram, free_bias=free)
+        return dataclasses.replace(self, gram=gram, lam=self.lam * scale, extra=None)
+
+    def change(self, merges: DenseMerges, position: np.ndarray) -> float:
+        """``tr([D; δb]ᵀ·G1·[D; δb])``: the squared change of these consumers' outputs under ``merges``.
+
+        ``D`` is the change of the weight rows, ``δb = V_Rᵀ·c`` the intercepts' change of the bias, ``G1``
+        the Gram of the rows the search measures on (``extra`` where it measures on the cv rows).
+        """
+        weight = self.weight.astype(np.float64)
+        removed = atom_rows(position[merges.sources], self.block)
+        kept = atom_rows(position[merges.targets], self.block)
+        change = np.zeros((weight.shape[0] + 1, weight.shape[1]))
+        change[kept] = merges.mix @ weight[removed]
+        change[removed] = -weight[removed]
+        change[-1] = np.asarray(merges.offsets, np.float64) @ weight[removed]
+        return max(float(np.sum((self._measured @ change) * change)), 0.0)
+
+    @cached_property
+    def energy(self) -> float:
+        """``tr(Vᵀ·G·V)`` on the measured rows (the bias left out, as in the local estimate)."""
+        weight = self.weight.astype(np.float64)
+        return float(np.sum((self._measured[:-1, :-1] @ weight) * weight))
+
+    @cached_property
+    def _measured(self) -> np.ndarray:
+        return np.asarray(self.extra if self.extra is not None else self.gram, np.float64)
+
+
+@dataclass(frozen=True)
+class ConsumerRefitOrdering:
+    """One removal order for a group whose consumers each take a refit of their own.
+
+    Where a group's consumers read different tensors (both sides of a residual Add), or one refit
+    cannot serve them together (a k×k Conv refit tap by tap beside a 1×1 one), each system of consumers
+    (:class:`ConsumerFit`) has its own Gram and ridge strength. The greedy OBS path is joint
+    (``red_onnx.analysis.refit.greedy_obs_joint``: a channel's cost is the sum over the systems) and a
+    removal is written as :class:`ConsumerMerges`, every consumer refit on its own input.
+    """
+
+    label: str
+    order: np.ndarray  # atoms, cheapest removal first
+    atoms: np.ndarray  # the group's atoms, in the order of every system's rows
+    fits: tuple[ConsumerFit, ...]
+    consumers: int  # the group's consumer count
+    steps: ChannelSteps | None = None
+    bandwidth: float = 0.0
+    basins: int = 0
+
+    def merges(self, count: int) -> MergeList:
+        """The first ``count`` removals of the joint order, every system refit on its own Gram."""
+        return self._merges(count, self.fits)
+
+    def final_merges(self, count: int) -> MergeList:
+        """:meth:`merges`, every system refit on the fitted and the cv rows together."""
+        return self._merges(count, tuple(fit.final() for fit in self.fits))
+
+    def _merges(self, count: int, fits: tuple[ConsumerFit, ...]) -> MergeList:
+        if count <= 0:
+            return []
+        removed = np.sort(self._position[self.order[:count]])
+        kept = np.setdiff1d(np.arange(self.atoms.size), removed)
+        plans: list[DenseMerges | None] = [None] * self.consumers
+        for fit in fits:
+            plan = fit.plan(self.atoms, removed, kept)
+            for index in fit.consumers:
+                plans[index] = plan
+        if any(plan is None for plan in plans):
+            raise InternalError(f"ranking {self.label!r} has no refit for some consumer of the group")
+        return ConsumerMerges(tuple(plan for plan in plans if plan is not None))
+
+    def estimated_error(self, merges: MergeList) -> float:
+        """The relative change of the consumers' outputs under a plan of this ranking (all systems)."""
+        if not isinstance(merges, ConsumerMerges) or len(merges) == 0:
+            return 0.0
+        energy = sum(fit.energy for fit in self.fits)
+        squared = sum(fit.change(merges.plans[fit.consumers[0]], self._position) for fit in self.fits)
+        return math.sqrt(squared / energy) if energy > 0.0 else 0.0
+
+    @cached_property
+    def _position(self) -> np.ndarray:
+        """The row block of each atom in every system's Gram (-1: not there)."""
+        position = np.full(int(self.atoms.max()) + 1, -1)
+        position[self.atoms] = np.arange(self.atoms.size)
+        return position
+
+    def allowed(self) -> set[int] | None:
+        """The removal counts this ranking may stop at (None: any, without ``steps``)."""
+        return None if self.steps is None else set(self.steps.totals(None).tolist())
+
+    def achievable(self, n_atoms: int) -> int:
+        """How many atoms this ranking can remove at most."""
+        del n_atoms
+        return int(self.order.size)
+
+
+def consumer_refit(
+    systems: Sequence[SystemGrams], atoms: np.ndarray, consumers: int, *, fit_validation: bool = True
+) -> ConsumerRefitOrdering | None:
+    """The per-consumer refit ranking of a group from its systems' Grams (labelled "refit per consumer").
+
+    Each system's ridge strength is chosen on its own (:func:`ridge_strength`); the removal order is the
+    joint greedy OBS path over all systems. None for a group too small or a system too wide.
+    """
+    count = atoms.size
+    if count < 2 or any(count * system.block > REFIT_MAX_ATOMS for system in systems):
+        return None
+    batch, deepest = obs_steps(count)
+    fits, joint = [], []
+    for system in systems:
+        gram, lam, extra = ridge_strength(system.gram, system.fit, system.val, system.weight, system.block,
+                                          system.free_bias, held=system.held, batch=batch,
+                                          fit_validation=fit_validation)  # fmt: skip
+        fits.append(ConsumerFit(system.consumers, gram, lam, system.free_bias, system.block, system.taps,
+                                system.weight.astype(np.float32), extra))  # fmt: skip
+        joint.append((gram, system.weight, lam, system.block, system.free_bias))
+    path = greedy_obs_joint(joint, deepest, batch=batch)
+    return ConsumerRefitOrdering("refit per consumer", atoms[path.order], atoms, tuple(fits), consumers)
 
 
 #: A ranking of a group's removals: the merges of its first ``count`` entries, and where it may stop.
-Ranking = Ordering | RefitOrdering
+Ranking = Ordering | RefitOrdering | ConsumerRefitOrdering
 
 
 @dataclass

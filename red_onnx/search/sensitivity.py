@@ -40,7 +40,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from red_onnx.analysis.channels import ChannelGroup, GroupTensor
-from red_onnx.analysis.merge_sets import DenseMerges, MergeList, row_local, to_rows
+from red_onnx.analysis.merge_sets import ConsumerPlan, DenseMerges, MergeList, of_consumer, row_local, to_rows
 from red_onnx.analysis.weights import channel_rows
 from red_onnx.search.activations import captured_by_rows, channel_rows_sampled
 from red_onnx.search.simulate import ConsumerSlot, consumer_slots, weight_rows
@@ -187,7 +187,7 @@ class SourceChanges:
     constant: np.ndarray  # [S] float64
 
 
-def source_changes(local: np.ndarray, merges: MergeList) -> SourceChanges | None:
+def source_changes(local: np.ndarray, merges: ConsumerPlan) -> SourceChanges | None:
     """The per-source change of ``merges`` whose source and target the consumer reads (``local`` ≥ 0).
 
     None when no merge is inside the tensor.
@@ -230,7 +230,7 @@ def _rows_disturbance(consumer: ConsumerRows, changes: SourceChanges) -> float:
     return _product_norm(weight_rows(consumer.slot, changes.sources), change)
 
 
-def disturbance(consumer: ConsumerGrams | ConsumerRows, merges: MergeList) -> float:
+def disturbance(consumer: ConsumerGrams | ConsumerRows, merges: ConsumerPlan) -> float:
     """``trace(G·P·H·Pᵀ)``: the estimated squared change of the consumer's output under ``merges``.
 
     With one column of P per removed channel (``mix`` on the channels its merges read, ``constant``
@@ -336,5 +336,8 @@ class LocalSensitivity:
         if not merges or energy <= 0.0:
             return 0.0
         blocks = self.blocks[group]
-        changes = sum(disturbance(c, to_rows(merges, b)) for c, b in zip(consumers, blocks, strict=True))
+        changes = sum(
+            disturbance(c, to_rows(of_consumer(merges, index), b))
+            for index, (c, b) in enumerate(zip(consumers, blocks, strict=True))
+        )
         return float(np.sqrt(changes / energy))

@@ -29,7 +29,14 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from red_onnx.analysis.channels import ChannelGroup
-from red_onnx.analysis.merge_sets import MergeList, has_offsets, local_offsets, removed_atoms
+from red_onnx.analysis.merge_sets import (
+    ConsumerPlan,
+    MergeList,
+    has_offsets,
+    local_offsets,
+    of_consumer,
+    removed_atoms,
+)
 from red_onnx.analysis.weights import consumer_axis
 from red_onnx.io.graph import WorkingModel, expect_constant, export_light
 from red_onnx.rewrite.editor import add_merged_rows, bias_contribution
@@ -135,7 +142,7 @@ def tap_rows(slot: ConsumerSlot, channels: np.ndarray, taps: int) -> np.ndarray:
     return rows.reshape(len(channels) * taps, -1).astype(np.float64)
 
 
-def merged_weight(slot: ConsumerSlot, merges: MergeList) -> np.ndarray:
+def merged_weight(slot: ConsumerSlot, merges: ConsumerPlan) -> np.ndarray:
     """The consumer weight with ``V_target += scale·V_source`` and ``V_source = 0`` for each merge."""
     moved = np.moveaxis(slot.values, slot.axis, 0)
     flat = np.array(moved, order="C").reshape(moved.shape[0] // slot.block, -1)  # a copy to edit
@@ -143,7 +150,7 @@ def merged_weight(slot: ConsumerSlot, merges: MergeList) -> np.ndarray:
     return np.moveaxis(flat.reshape(moved.shape), 0, slot.axis)
 
 
-def offset_bias(slot: ConsumerSlot, merges: MergeList) -> np.ndarray | None:
+def offset_bias(slot: ConsumerSlot, merges: ConsumerPlan) -> np.ndarray | None:
     """The slot's bias with the merges' offsets added, as the editor adds them (None: no offset here)."""
     channels, values = local_offsets(merges, slot.local)
     if not channels.size or slot.bias is None or slot.node is None:
@@ -282,7 +289,11 @@ class MergeSimulator:
     def supports(self, plan: Plan) -> bool:
         """Whether the plan is on groups this simulator knows, with offsets only where a bias takes them."""
         return all(
-            name in self.slots and (not has_offsets(merges) or all(slot.bias for slot in self.slots[name]))
+            name in self.slots
+            and all(
+                slot.bias or not has_offsets(of_consumer(merges, index))
+                for index, slot in enumerate(self.slots[name])
+            )
             for name, merges in plan.items()
         )
 
@@ -290,9 +301,10 @@ class MergeSimulator:
         """The replaced consumer weights (and biases, where offsets change them) of ``plan``, by name."""
         replaced = {}
         for name, merges in plan.items():
-            for slot in self.slots[name] if merges else ():
-                replaced[slot.weight] = merged_weight(slot, merges)
-                bias = offset_bias(slot, merges)
+            for index, slot in enumerate(self.slots[name] if merges else ()):
+                given = of_consumer(merges, index)
+                replaced[slot.weight] = merged_weight(slot, given)
+                bias = offset_bias(slot, given)
                 if bias is not None and slot.bias is not None:
                     replaced[slot.bias.name] = bias
         return replaced
