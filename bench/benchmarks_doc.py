@@ -621,6 +621,10 @@ def refit_section(results: Path) -> str:
     share = f"{sum(name.startswith('refit') for name in chosen)} of the {len(chosen)} changed groups"
     kinds = [f"{taps} tap by tap (k×k Conv consumers)"] if taps else []
     kinds += [f"{by_rows} row by row (the Gemm after Flatten)"] if by_rows else []
+    each = sum(name == "refit per consumer" for name in chosen)
+    kinds += (
+        [f"{each} consumer by consumer (the stem's channels, read before and after the Add)"] if each else []
+    )
     share += f" ({', '.join(kinds)})" if kinds else ""
     points = [round(100 * (a["accuracy"] - b["accuracy"]), 2) for a, b in pairs]
     body = f"""
