@@ -10,12 +10,15 @@ from graphs import Net
 from onnx import TensorProto, helper, numpy_helper
 
 import red_onnx
+from red_onnx.analysis.merge_sets import DenseMerges, of_consumer
 from red_onnx.analysis.redundancy import Merge
 from red_onnx.analysis.similarity import Candidates, resolve_merges
 from red_onnx.errors import RewriteError
 from red_onnx.options import InputSpec
+from red_onnx.passes.merge_near import mergeable_groups
 from red_onnx.runtime.shapes import ShapeService
 from red_onnx.search.budget import BudgetSearch
+from red_onnx.search.budget_options import ConsumerRefitOrdering, Ordering
 from red_onnx.verify.inputs import make_inputs
 
 
@@ -111,7 +114,18 @@ def test_activation_candidates_stay_within_a_segment() -> None:
     search = BudgetSearch(model, model, spec, ShapeService(make_inputs(model, spec, 0)), channel_multiple=1)
     ranked = {o.label: o for o in search.orderings["convA"]}
     assert "activations" in ranked
+    (group,) = [g for g in mergeable_groups(search.working, search.shapes, ()) if g.name == "convA"]
+    each = ranked.pop("refit per consumer")  # each consumer is refit on the atoms it reads
+    assert isinstance(each, ConsumerRefitOrdering)
+    merges = each.merges(4)
+    for index, consumer in enumerate(group.consumers):
+        local = group.atom_index(consumer.tensor)
+        plan = of_consumer(merges, index)
+        assert isinstance(plan, DenseMerges) or plan == []
+        if isinstance(plan, DenseMerges):
+            assert (local[plan.sources] >= 0).all() and (local[plan.targets] >= 0).all()
     for ordering in ranked.values():
+        assert isinstance(ordering, Ordering)
         segment, found = ordering.steps.segment, ordering.candidates
         assert len(found) > 0
         assert np.array_equal(segment[found.source], segment[found.target])

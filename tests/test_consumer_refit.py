@@ -21,7 +21,14 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import red_onnx
-from red_onnx.analysis.merge_sets import ConsumerMerges, DenseMerges, has_offsets, merge_key, of_consumer
+from red_onnx.analysis.merge_sets import (
+    ConsumerMerges,
+    DenseMerges,
+    has_offsets,
+    merge_key,
+    of_consumer,
+    removed_atoms,
+)
 from red_onnx.analysis.refit import augmented_gram, block_rows, greedy_obs, greedy_obs_joint, penalised_error
 from red_onnx.passes.merge_near import mergeable_groups
 from red_onnx.runtime.shapes import ShapeService
@@ -69,11 +76,12 @@ def test_consumer_merges_hold_one_removal_and_give_each_consumer_its_plan() -> N
     sources, targets = np.array([1, 3]), np.array([0, 2])
     first = DenseMerges(sources, targets, np.ones((2, 2)), np.array([0.5, 0.0]))
     second = DenseMerges(sources, targets, np.zeros((18, 18)), np.zeros(18), 9, True)
-    merges = ConsumerMerges((first, second))
+    merges = ConsumerMerges(sources, (first, second, []))
     assert len(merges) == 2 and of_consumer(merges, 1) is second and of_consumer(first, 1) is first
-    assert has_offsets(merges) and merge_key(merges) != merge_key(ConsumerMerges((first, first)))
-    with pytest.raises(ValueError, match="same atoms"):
-        ConsumerMerges((first, DenseMerges(np.array([1]), np.array([0, 2, 3]), np.ones((3, 1)), np.zeros(1))))
+    assert of_consumer(merges, 2) == [] and removed_atoms(merges).tolist() == [1, 3]
+    assert has_offsets(merges) and merge_key(merges) != merge_key(ConsumerMerges(sources, (first, first, [])))
+    with pytest.raises(ValueError, match="keeps"):
+        ConsumerMerges(np.array([1]), (first,))
 
 
 def residual_net(seed: int = 0, *, consumer_bias: bool = True) -> onnx.ModelProto:
@@ -243,6 +251,136 @@ def test_random_consumer_mixes_are_written_as_measured(
     spec = red_onnx.InputSpec(npz=path)
     result = red_onnx.compress(model, target_macs=0.7, channel_multiple=1, input_spec=spec, hashing=False,
                                force_target=True, raise_on_failure=False)  # fmt: skip
+    assert result.verified
+    errors = _errors(model, result.model, np.load(path)["x"][split_rows(32)["heldout"]])
+    assert max(errors) == pytest.approx(result.report.budget["heldout_error"], rel=1e-3, abs=1e-6)
+
+
+def test_the_joint_path_over_segments_costs_each_system_its_own_channels() -> None:
+    """System 1 reads channels 0..9, system 2 channels 6..9 only (a Split's chunk): the cost is each
+    system's closed form over the channels it reads, and system 2 keeps one channel."""
+    rng = np.random.default_rng(2)
+    latent = rng.standard_normal((4, 300))
+    x1 = rng.standard_normal((10, 4)) @ latent + 0.3 * rng.standard_normal((10, 300))
+    g1, v1 = augmented_gram(x1), rng.standard_normal((10, 3))
+    g2, v2 = augmented_gram(x1[6:] + 0.1 * rng.standard_normal((4, 300))), 3.0 * rng.standard_normal((4, 2))
+    members = [np.arange(10), np.arange(6, 10)]
+    path = greedy_obs_joint([(g1, v1, 0.5, 1, True), (g2, v2, 0.5, 1, True)], 9, members=members, channels=10)
+    assert path.order.size == 9  # the last channel of system 1 would also empty system 2: 9 of 10 go
+    assert np.isin(np.arange(6, 10), path.order).sum() == 3  # the last of system 2 stays
+    for step in range(path.order.size):
+        removed = path.order[: step + 1]
+        closed = penalised_error(g1, v1, np.setdiff1d(np.arange(10), removed), 0.5)
+        closed += penalised_error(g2, v2, np.flatnonzero(~np.isin(np.arange(6, 10), removed)), 0.5)
+        assert path.cost[step] == pytest.approx(closed, rel=RTOL)
+
+
+def c2f_net(seed: int = 0) -> onnx.ModelProto:
+    """YOLOv8's C2f block: a = Relu(1×1 conv (16)) split into s0, s1 (8 each); m = two 3×3 convs on
+    s1; y = 1×1 conv (6) of Concat(s0, s1, m). The group of a's and m's channels (24) is read by the
+    first 3×3 conv (s1: a segment) and by the last 1×1 conv (all of it)."""
+    rng = np.random.default_rng(seed)
+    latent = rng.standard_normal((5, 3))
+    weights = {
+        "wa": (rng.standard_normal((16, 5)) @ latent).reshape(16, 3, 1, 1)
+        + 0.1 * rng.standard_normal((16, 3, 1, 1)),
+        "ba": 0.2 * rng.standard_normal(16),
+        "wb1": rng.standard_normal((8, 8, 3, 3)) / 8,
+        "wb2": rng.standard_normal((8, 8, 3, 3)) / 8,
+        "wc": rng.standard_normal((6, 24, 1, 1)) / 5,
+        "bc": rng.standard_normal(6),
+        "split": np.array([8, 8]),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["pa"], name="cv1"),
+        helper.make_node("Relu", ["pa"], ["a"], name="relu_a"),
+        helper.make_node("Split", ["a", "split"], ["s0", "s1"], name="split", axis=1),
+        helper.make_node("Conv", ["s1", "wb1"], ["pb1"], name="m_cv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["pb1"], ["b1"], name="relu_b1"),
+        helper.make_node("Conv", ["b1", "wb2"], ["pb2"], name="m_cv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["pb2"], ["m"], name="relu_m"),
+        helper.make_node("Concat", ["s0", "s1", "m"], ["c"], name="concat", axis=1),
+        helper.make_node("Conv", ["c", "wc", "bc"], ["y"], name="cv2"),
+    ]
+    inits = [
+        numpy_helper.from_array(w.astype(np.int64 if n == "split" else np.float32), n)
+        for n, w in weights.items()
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 10, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 10, 10])], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("multiple", [1, 4])
+def test_a_group_of_segments_is_refit_consumer_by_consumer(tmp_path: Path, multiple: int) -> None:
+    """The C2f group: the 3×3 conv reading one chunk is refit tap by tap on that chunk's atoms, the
+    1×1 conv on all; the written model has the held-out error reported, every chunk on its step."""
+    model = c2f_net()
+    spec = smooth_images(tmp_path / "x.npz")
+    search = _search(model, spec)
+    group = next(g for g in mergeable_groups(search.working, search.shapes, ()) if g.n_atoms == 24)
+    systems = consumer_systems(group)
+    assert systems is not None and sorted((s.tensor, s.block) for s in systems) == [("c", 1), ("s1", 9)]
+    result = red_onnx.compress(
+        model, target_macs=0.5, channel_multiple=multiple, input_spec=spec, hashing=False
+    )
+    (changed,) = [g for g in result.report.budget["groups"] if g.get("removed") and g["channels"] == 24]
+    assert changed["ordering"] == "refit per consumer" and result.verified
+    heldout = np.load(spec.calibration)["x"][split_rows(64)["heldout"]]
+    assert max(_errors(model, result.model, heldout)) == pytest.approx(
+        result.report.budget["heldout_error"], rel=1e-4
+    )
+    sizes = {init.name: numpy_helper.to_array(init) for init in result.model.graph.initializer}
+    (split,) = [node for node in result.model.graph.node if node.op_type == "Split"]
+    chunks = sizes[split.input[1]].tolist()
+    assert sum(chunks) < 16 and all(chunk % multiple == 0 for chunk in chunks)  # every chunk on its step
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    first=st.sampled_from([4, 6, 8]),
+    chunk=st.integers(0, 1),
+    kernel=st.sampled_from([1, 3]),
+    multiple=st.sampled_from([1, 2]),
+    seed=st.integers(0, 1000),
+)
+def test_random_split_readers_are_written_as_measured(
+    tmp_path_factory, first: int, chunk: int, kernel: int, multiple: int, seed: int
+) -> None:
+    """A conv's 12 channels split in two chunks: one chunk read by a 1×1 or 3×3 conv, both chunks
+    concatenated again into a 1×1 conv. Whatever the search chooses, the written model has the
+    held-out error it reported."""
+    rng = np.random.default_rng(seed)
+    weights = {
+        "w1": rng.standard_normal((12, 3, 3, 3)),
+        "wk": rng.standard_normal((4, (first, 12 - first)[chunk], kernel, kernel)),
+        "wc": rng.standard_normal((5, 12, 1, 1)),
+        "bc": rng.standard_normal(5),
+    }
+    inits = [numpy_helper.from_array(w.astype(np.float32), n) for n, w in weights.items()]
+    inits.append(numpy_helper.from_array(np.array([first, 12 - first], np.int64), "sizes"))
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Split", ["r", "sizes"], ["c0", "c1"], name="split", axis=1),
+        helper.make_node("Conv", [f"c{chunk}", "wk"], ["y0"], name="reader", pads=[kernel // 2] * 4),
+        helper.make_node("Concat", ["c0", "c1"], ["c"], name="concat", axis=1),
+        helper.make_node("Conv", ["c", "wc", "bc"], ["y1"], name="mixer"),
+    ]
+    outputs = [
+        helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["N", c, 8, 8]) for i, c in ((0, 4), (1, 5))
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])], outputs, inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = tmp_path_factory.mktemp("split") / "x.npz"
+    np.savez(path, x=rng.standard_normal((32, 3, 8, 8)).astype(np.float32))
+    spec = red_onnx.InputSpec(npz=path)
+    options = {"channel_multiple": multiple, "input_spec": spec, "hashing": False, "force_target": True}
+    result = red_onnx.compress(model, target_macs=0.8, raise_on_failure=False, **options)
     assert result.verified
     errors = _errors(model, result.model, np.load(path)["x"][split_rows(32)["heldout"]])
     assert max(errors) == pytest.approx(result.report.budget["heldout_error"], rel=1e-3, abs=1e-6)

@@ -109,48 +109,42 @@ class DenseMerges:
 
 @dataclass(frozen=True, eq=False)
 class ConsumerMerges:
-    """One removal with a refit of its own for each consumer of the group (same sources, same targets).
+    """One removal with a refit of its own for each consumer of the group.
 
     Where a group's consumers read different tensors, or are of kinds one refit cannot serve together
     (a k×k Conv refit tap by tap beside a 1×1 one), each is refit on its own input's Gram: ``plans[i]``
-    is the plan of the group's consumer ``i`` (``ChannelGroup.consumers`` order). The editor and the
-    simulator give each consumer its own (:func:`of_consumer`).
+    is the plan of the group's consumer ``i`` (``ChannelGroup.consumers`` order), over the removed
+    atoms it reads (none: an empty list). The editor and the simulator give each consumer its own
+    (:func:`of_consumer`).
 
     Attributes:
-        plans: One :class:`DenseMerges` per consumer, all removing ``sources`` into ``targets``.
+        sources: ``[R]`` the removed atoms, distinct.
+        plans: One plan per consumer, removing only atoms of ``sources``.
     """
 
-    plans: tuple[DenseMerges, ...]
+    sources: np.ndarray
+    plans: tuple[Sequence[Merge] | DenseMerges, ...]
 
     def __post_init__(self) -> None:
-        """Check that every consumer's plan removes the same atoms into the same kept atoms."""
-        if not self.plans:
-            raise ValueError("consumer merges need a plan for at least one consumer")
-        first = self.plans[0]
-        for plan in self.plans[1:]:
-            if not (
-                np.array_equal(plan.sources, first.sources) and np.array_equal(plan.targets, first.targets)
-            ):
-                raise ValueError("consumer merges must remove the same atoms into the same kept atoms")
-
-    @property
-    def sources(self) -> np.ndarray:
-        """The removed atoms."""
-        return self.plans[0].sources
-
-    @property
-    def targets(self) -> np.ndarray:
-        """The kept atoms that compensate."""
-        return self.plans[0].targets
+        """Check that every consumer's plan removes atoms of ``sources`` only."""
+        sources = np.asarray(self.sources)
+        if np.unique(sources).size != sources.size:
+            raise ValueError("consumer merges need distinct sources")
+        for plan in self.plans:
+            if np.setdiff1d(removed_atoms(plan), sources).size:
+                raise ValueError("a consumer's plan removes an atom the group's removal keeps")
 
     def __len__(self) -> int:
         """The number of removed atoms."""
-        return int(self.sources.size)
+        return int(np.asarray(self.sources).size)
 
     @cached_property
     def key(self) -> tuple[str, tuple]:
         """A hashable digest of the content (caches of measured errors use it)."""
-        return "consumers", tuple(plan.key for plan in self.plans)
+        return "consumers", (
+            tuple(np.asarray(self.sources).tolist()),
+            tuple(merge_key(p) for p in self.plans),
+        )
 
 
 #: What one consumer is given: a list of :class:`Merge`, or the refit's dense form.

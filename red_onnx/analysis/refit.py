@@ -481,19 +481,40 @@ def _obs_path(
 
 
 def _joint_path(
-    states: Sequence[_ObsState], n_remove: int, candidates: Sequence[int] | np.ndarray | None, batch: int
+    states: Sequence[_ObsState],
+    n_remove: int,
+    candidates: Sequence[int] | np.ndarray | None,
+    batch: int,
+    members: Sequence[np.ndarray] | None = None,
+    channels: int | None = None,
 ) -> ObsPath:
-    """The greedy path over systems sharing their channels: a channel's cost is the sum of its costs."""
-    channels = states[0].channels
-    if any(state.channels != channels for state in states):
-        raise ValueError(f"systems of {sorted({s.channels for s in states})} channels share no channels")
+    """The greedy path over systems sharing channels: a channel's cost is the sum of its costs.
+
+    ``members[s]`` (with ``channels``, the channels in all): the channel of each of system ``s``'s
+    channels, where a system reads only some of them; a channel whose removal would leave a system
+    with none is not taken, and the path ends early where no channel can go. Without ``members``
+    every system reads every channel in the same order.
+    """
+    if members is None:
+        channels = states[0].channels
+        if any(state.channels != channels for state in states):
+            raise ValueError(f"systems of {sorted({s.channels for s in states})} channels share no channels")
+        if n_remove >= channels:
+            raise ValueError("removing every channel leaves nothing to refit (keep at least one channel)")
+        members = [np.arange(channels)] * len(states)
+    elif channels is None or len(members) != len(states):
+        raise ValueError("systems reading some channels need their channels and the channel count")
+    position = np.full((len(states), channels), -1)
+    for index, (state, member) in enumerate(zip(states, members, strict=True)):
+        if member.size != state.channels or np.unique(member).size != member.size:
+            raise ValueError(f"system {index} has {state.channels} channels, {member.size} distinct given")
+        position[index, member] = np.arange(member.size)
     pool = np.arange(channels) if candidates is None else np.unique(np.asarray(candidates, dtype=np.int64))
     if pool.size and (pool.min() < 0 or pool.max() >= channels):
         raise ValueError(f"candidates must lie in [0, {channels})")
     if not 0 <= n_remove <= pool.size:
         raise ValueError(f"cannot remove {n_remove} of {pool.size} candidate channels")
-    if n_remove >= channels:
-        raise ValueError("removing every channel leaves nothing to refit (keep at least one channel)")
+    left = np.array([state.channels for state in states])  # channels each system still has
     alive = np.ones(pool.size, bool)
     order = np.zeros(n_remove, np.int64)
     cost = np.zeros(n_remove)
@@ -501,19 +522,51 @@ def _joint_path(
     step = 0
     while step < n_remove:
         live = pool[alive]
-        costs = sum((state.costs(live) for state in states), np.zeros(live.size))
-        take = min(batch, n_remove - step)
-        picks = np.argsort(costs, kind="stable")[:take]
+        local = position[:, live]  # [systems, live]
+        costs = np.zeros(live.size)
+        for index, state in enumerate(states):
+            inside = local[index] >= 0
+            costs[inside] += state.costs(local[index, inside])
+        last = ((local >= 0) & (left[:, None] <= 1)).any(axis=0)  # would empty a system
+        costs[last] = np.inf
+        picks = _batch(np.argsort(costs, kind="stable"), costs, local >= 0, left, min(batch, n_remove - step))
+        if picks.size == 0:
+            return ObsPath(order[:step], cost[:step])
         removed = live[picks]
         alive[np.flatnonzero(alive)[picks]] = False
-        joint = sum(max(state.remove(removed), 0.0) for state in states)
+        joint = 0.0
+        for index, state in enumerate(states):
+            inside = local[index, picks] >= 0
+            if inside.any():
+                joint += max(state.remove(local[index, picks][inside]), 0.0)
+                left[index] -= int(inside.sum())
         # within a batch, the channels' own costs in order; the batch's end carries the joint cost
         steps = total + np.cumsum(np.maximum(costs[picks], 0.0))
         total += joint
         steps[-1] = total
+        take = picks.size
         order[step : step + take], cost[step : step + take] = removed, np.minimum(steps, total)
         step += take
     return ObsPath(order, cost)
+
+
+def _batch(
+    ranked: np.ndarray, costs: np.ndarray, inside: np.ndarray, left: np.ndarray, take: int
+) -> np.ndarray:
+    """The cheapest ``take`` channels (indices in ``ranked`` order) that leave every system a channel."""
+    if take == 1 or bool((left > take).all()):
+        first = ranked[:take]
+        return first[np.isfinite(costs[first])]
+    picks: list[int] = []
+    remaining = left.copy()
+    for index in ranked:
+        if len(picks) == take or not np.isfinite(costs[index]):
+            break
+        hit = inside[:, index]
+        if (remaining[hit] > 1).all():
+            remaining[hit] -= 1
+            picks.append(int(index))
+    return np.array(picks, np.int64)
 
 
 def greedy_obs(
@@ -565,21 +618,36 @@ def greedy_obs(
 
 
 def greedy_obs_joint(
-    systems: Sequence[tuple[np.ndarray, np.ndarray, float, int, bool]], n_remove: int, *, batch: int = 1
+    systems: Sequence[tuple[np.ndarray, np.ndarray, float, int, bool]],
+    n_remove: int,
+    *,
+    batch: int = 1,
+    members: Sequence[np.ndarray] | None = None,
+    channels: int | None = None,
 ) -> ObsPath:
     """:func:`greedy_obs` over several consumers that share channels, each with its own Gram.
 
-    ``systems``: per consumer (or consumers sharing an input), ``(G1, V, λ, block, free_bias)`` over the
-    same channels in the same order (``block`` rows each, which may differ between systems). Removing a
-    channel costs the sum of its costs in every system; each system's ``H⁻¹`` and ``V`` are downdated
+    ``systems``: per consumer (or consumers sharing an input), ``(G1, V, λ, block, free_bias)`` over
+    their channels (``block`` rows each, which may differ between systems). Removing a channel costs
+    the sum of its costs in every system that reads it; each system's ``H⁻¹`` and ``V`` are downdated
     on their own. With one system, :func:`greedy_obs`.
 
+    Args:
+        systems: The systems.
+        n_remove: Channels to remove (the path ends early where every channel left is the last of
+            some system).
+        batch: Channels removed per step, as in :func:`greedy_obs`.
+        members: Per system, the channel (of ``channels``) of each of its channels, where systems read
+            different channels (Split and Concat segments); None: every system reads all, in order.
+        channels: The channel count, with ``members``.
+
     Raises:
-        ValueError: No system, systems over different channel counts, or as :func:`greedy_obs`.
+        ValueError: No system, systems over different channel counts without ``members``, or as
+            :func:`greedy_obs`.
     """
     if not systems:
         raise ValueError("the joint greedy path needs at least one system")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     states = [_ObsState(gram, weight, lam, block, bias) for gram, weight, lam, block, bias in systems]
-    return _joint_path(states, n_remove, None, batch)
+    return _joint_path(states, n_remove, None, batch, members, channels)

@@ -373,11 +373,11 @@ class BudgetSearch:
                                              fit_validation)  # fmt: skip
             if refit is not None:
                 refits.insert(0, refit)
-        if self.refit and captures is not None and name in captures.systems and one_segment:
+        if self.refit and captures is not None and name in captures.systems:  # segments: on their steps
             grams = system_grams(item.group, captures.systems[name], captures.rows, captures.held_rows,
                                  captures.fit, captures.held)  # fmt: skip
             consumers, fit_validation = len(item.group.consumers), self.measured_part != "cv"
-            each = None if grams is None else consumer_refit(grams, np.arange(n_atoms), consumers,
+            each = None if grams is None else consumer_refit(grams, n_atoms, consumers,
                                                             fit_validation=fit_validation)  # fmt: skip
             if each is not None:
                 refits.append(each)

@@ -345,6 +345,7 @@ class SystemGrams:
 
     Attributes:
         consumers: Their indices among the group's consumers.
+        atoms: The atoms they read, ascending (a Split or Concat segment's, or all).
         gram: ``G1`` of their input rows on the fitted samples (``block`` rows per atom, atom by atom).
         fit: ``G1`` the ridge strength is fitted on (``gram``, or half of its positions).
         val: ``G1`` it is validated on.
@@ -356,6 +357,7 @@ class SystemGrams:
     """
 
     consumers: tuple[int, ...]
+    atoms: np.ndarray
     gram: np.ndarray
     fit: np.ndarray
     val: np.ndarray
@@ -368,9 +370,10 @@ class SystemGrams:
 
 @dataclass(frozen=True)
 class ConsumerFit:
-    """One system of a :class:`ConsumerRefitOrdering`: its consumers, Gram, strength and weight rows."""
+    """One system of a :class:`ConsumerRefitOrdering`: its consumers, atoms, Gram, strength, weight rows."""
 
     consumers: tuple[int, ...]
+    atoms: np.ndarray  # the atoms it reads, ascending: the order of its rows
     gram: np.ndarray  # G1 the refit fits on
     lam: float
     free_bias: bool
@@ -379,10 +382,14 @@ class ConsumerFit:
     weight: np.ndarray  # float32 [atoms·block, outputs]
     extra: np.ndarray | None  # G1 of the cv rows (float32), added by the final refit
 
-    def plan(self, atoms: np.ndarray, removed: np.ndarray, kept: np.ndarray) -> DenseMerges:
-        """The refit of these consumers when the atoms at positions ``removed`` go."""
+    def plan(self, removed: np.ndarray) -> DenseMerges | list[Merge]:
+        """The refit of these consumers when the atoms ``removed`` go (those it reads; none: ``[]``)."""
+        gone = np.isin(self.atoms, removed)
+        if not gone.any():
+            return []
+        kept = np.flatnonzero(~gone)
         a, intercept = mixing(self.gram, atom_rows(kept, self.block), self.lam, free_bias=self.free_bias)
-        return DenseMerges(atoms[removed], atoms[kept], a, intercept, self.block, self.taps)
+        return DenseMerges(self.atoms[gone], self.atoms[kept], a, intercept, self.block, self.taps)
 
     def final(self) -> ConsumerFit:
         """The same system fitted on the cv rows too (the strength rescaled to the summed Gram)."""
@@ -393,15 +400,17 @@ class ConsumerFit:
         scale = lambda_scale(gram, free_bias=free) / lambda_scale(self.gram, free_bias=free)
         return dataclasses.replace(self, gram=gram, lam=self.lam * scale, extra=None)
 
-    def change(self, merges: DenseMerges, position: np.ndarray) -> float:
+    def change(self, merges: MergeList) -> float:
         """``tr([D; δb]ᵀ·G1·[D; δb])``: the squared change of these consumers' outputs under ``merges``.
 
         ``D`` is the change of the weight rows, ``δb = V_Rᵀ·c`` the intercepts' change of the bias, ``G1``
         the Gram of the rows the search measures on (``extra`` where it measures on the cv rows).
         """
+        if not isinstance(merges, DenseMerges) or len(merges) == 0:
+            return 0.0
         weight = self.weight.astype(np.float64)
-        removed = atom_rows(position[merges.sources], self.block)
-        kept = atom_rows(position[merges.targets], self.block)
+        removed = atom_rows(np.searchsorted(self.atoms, merges.sources), self.block)
+        kept = atom_rows(np.searchsorted(self.atoms, merges.targets), self.block)
         change = np.zeros((weight.shape[0] + 1, weight.shape[1]))
         change[kept] = merges.mix @ weight[removed]
         change[removed] = -weight[removed]
@@ -423,16 +432,20 @@ class ConsumerFit:
 class ConsumerRefitOrdering:
     """One removal order for a group whose consumers each take a refit of their own.
 
-    Where a group's consumers read different tensors (both sides of a residual Add), or one refit
-    cannot serve them together (a k×k Conv refit tap by tap beside a 1×1 one), each system of consumers
-    (:class:`ConsumerFit`) has its own Gram and ridge strength. The greedy OBS path is joint
-    (``red_onnx.analysis.refit.greedy_obs_joint``: a channel's cost is the sum over the systems) and a
-    removal is written as :class:`ConsumerMerges`, every consumer refit on its own input.
+    Where a group's consumers read different tensors (both sides of a residual Add, a Split's chunk
+    and the Concat of all), or one refit cannot serve them together (a k×k Conv refit tap by tap
+    beside a 1×1 one), each system of consumers (:class:`ConsumerFit`) has its own Gram and ridge
+    strength. The greedy OBS path is joint (``red_onnx.analysis.refit.greedy_obs_joint``: a channel's
+    cost is the sum over the systems reading it) and a removal is written as :class:`ConsumerMerges`,
+    every consumer refit on its own input. Where the group's segments keep their counts on steps
+    (``steps.constrained``), a removal count is split between the segments as ``ChannelSteps`` splits
+    a ranking's (the cheapest allowed split by the path's costs), each segment removing its first
+    atoms on the path.
     """
 
     label: str
     order: np.ndarray  # atoms, cheapest removal first
-    atoms: np.ndarray  # the group's atoms, in the order of every system's rows
+    cost: np.ndarray  # the path's cumulative cost after each removal
     fits: tuple[ConsumerFit, ...]
     consumers: int  # the group's consumer count
     steps: ChannelSteps | None = None
@@ -440,7 +453,7 @@ class ConsumerRefitOrdering:
     basins: int = 0
 
     def merges(self, count: int) -> MergeList:
-        """The first ``count`` removals of the joint order, every system refit on its own Gram."""
+        """The removal of ``count`` atoms along the joint order, every system refit on its own Gram."""
         return self._merges(count, self.fits)
 
     def final_merges(self, count: int) -> MergeList:
@@ -448,37 +461,44 @@ class ConsumerRefitOrdering:
         return self._merges(count, tuple(fit.final() for fit in self.fits))
 
     def _merges(self, count: int, fits: tuple[ConsumerFit, ...]) -> MergeList:
-        if count <= 0:
+        removed = np.sort(self._removed(count))
+        if removed.size == 0:
             return []
-        removed = np.sort(self._position[self.order[:count]])
-        kept = np.setdiff1d(np.arange(self.atoms.size), removed)
-        plans: list[DenseMerges | None] = [None] * self.consumers
+        plans: list[DenseMerges | list[Merge]] = [[] for _ in range(self.consumers)]
         for fit in fits:
-            plan = fit.plan(self.atoms, removed, kept)
+            plan = fit.plan(removed)
             for index in fit.consumers:
                 plans[index] = plan
-        if any(plan is None for plan in plans):
-            raise InternalError(f"ranking {self.label!r} has no refit for some consumer of the group")
-        return ConsumerMerges(tuple(plan for plan in plans if plan is not None))
+        return ConsumerMerges(removed, tuple(plans))
+
+    def _removed(self, count: int) -> np.ndarray:
+        """The atoms ``count`` removals take: a prefix of the order, or each segment's share of it."""
+        count = min(max(count, 0), self.order.size)
+        if self.steps is None or not self.steps.constrained:
+            return self.order[:count]
+        segments = self.steps.segment[self.order]
+        marginal = np.diff(self.cost, prepend=0.0)
+        masks = [segments == segment for segment in range(len(self.steps.sizes))]
+        costs = [np.concatenate([[0.0], np.cumsum(marginal[mask])]) for mask in masks]
+        quotas = self.steps.quotas(costs, [int(mask.sum()) for mask in masks], count)
+        return np.concatenate([self.order[mask][:quota] for mask, quota in zip(masks, quotas, strict=True)])
 
     def estimated_error(self, merges: MergeList) -> float:
         """The relative change of the consumers' outputs under a plan of this ranking (all systems)."""
         if not isinstance(merges, ConsumerMerges) or len(merges) == 0:
             return 0.0
         energy = sum(fit.energy for fit in self.fits)
-        squared = sum(fit.change(merges.plans[fit.consumers[0]], self._position) for fit in self.fits)
+        squared = sum(fit.change(merges.plans[fit.consumers[0]]) for fit in self.fits)
         return math.sqrt(squared / energy) if energy > 0.0 else 0.0
-
-    @cached_property
-    def _position(self) -> np.ndarray:
-        """The row block of each atom in every system's Gram (-1: not there)."""
-        position = np.full(int(self.atoms.max()) + 1, -1)
-        position[self.atoms] = np.arange(self.atoms.size)
-        return position
 
     def allowed(self) -> set[int] | None:
         """The removal counts this ranking may stop at (None: any, without ``steps``)."""
-        return None if self.steps is None else set(self.steps.totals(None).tolist())
+        if self.steps is None:
+            return None
+        if not self.steps.constrained:
+            return set(self.steps.totals(None).tolist())
+        caps = np.bincount(self.steps.segment[self.order], minlength=len(self.steps.sizes))
+        return set(self.steps.totals(caps).tolist())
 
     def achievable(self, n_atoms: int) -> int:
         """How many atoms this ranking can remove at most."""
@@ -487,27 +507,32 @@ class ConsumerRefitOrdering:
 
 
 def consumer_refit(
-    systems: Sequence[SystemGrams], atoms: np.ndarray, consumers: int, *, fit_validation: bool = True
+    systems: Sequence[SystemGrams], atoms: int, consumers: int, *, fit_validation: bool = True
 ) -> ConsumerRefitOrdering | None:
     """The per-consumer refit ranking of a group from its systems' Grams (labelled "refit per consumer").
 
     Each system's ridge strength is chosen on its own (:func:`ridge_strength`); the removal order is the
-    joint greedy OBS path over all systems. None for a group too small or a system too wide.
+    joint greedy OBS path over all systems (``atoms`` in the group). None for a group too small or a
+    system too wide.
     """
-    count = atoms.size
-    if count < 2 or any(count * system.block > REFIT_MAX_ATOMS for system in systems):
+    if atoms < 2 or any(system.atoms.size * system.block > REFIT_MAX_ATOMS for system in systems):
         return None
-    batch, deepest = obs_steps(count)
+    batch, deepest = obs_steps(atoms)
     fits, joint = [], []
     for system in systems:
+        count = system.atoms.size
+        if count < 2:  # one channel: nothing to refit it from, and it stays (the path keeps one a system)
+            return None
+        own_batch = obs_steps(count)[0]
         gram, lam, extra = ridge_strength(system.gram, system.fit, system.val, system.weight, system.block,
-                                          system.free_bias, held=system.held, batch=batch,
+                                          system.free_bias, held=system.held, batch=own_batch,
                                           fit_validation=fit_validation)  # fmt: skip
-        fits.append(ConsumerFit(system.consumers, gram, lam, system.free_bias, system.block, system.taps,
-                                system.weight.astype(np.float32), extra))  # fmt: skip
+        fits.append(ConsumerFit(system.consumers, system.atoms, gram, lam, system.free_bias, system.block,
+                                system.taps, system.weight.astype(np.float32), extra))  # fmt: skip
         joint.append((gram, system.weight, lam, system.block, system.free_bias))
-    path = greedy_obs_joint(joint, deepest, batch=batch)
-    return ConsumerRefitOrdering("refit per consumer", atoms[path.order], atoms, tuple(fits), consumers)
+    members = [system.atoms for system in systems]
+    path = greedy_obs_joint(joint, deepest, batch=batch, members=members, channels=atoms)
+    return ConsumerRefitOrdering("refit per consumer", path.order, path.cost, tuple(fits), consumers)
 
 
 #: A ranking of a group's removals: the merges of its first ``count`` entries, and where it may stop.

@@ -103,7 +103,7 @@ class ChannelSteps:
         taken = self._walk(candidates, None)
         masks = [self.segment[candidates.source[taken]] == s for s in range(len(self.sizes))]
         costs = [np.concatenate([[0.0], np.cumsum(candidates.cost[taken[mask]])]) for mask in masks]
-        quotas = self._quotas(costs, [int(mask.sum()) for mask in masks], count)
+        quotas = self.quotas(costs, [int(mask.sum()) for mask in masks], count)
         taken = self._walk(candidates, quotas)
         offset = candidates.offset
         subset = Candidates(
@@ -120,8 +120,11 @@ class ChannelSteps:
         """The candidate entries ``resolve_merges`` would take, in order, each segment up to its quota."""
         return taken_entries(candidates, self.sizes if quotas is None else quotas, self.segment)
 
-    def _quotas(self, costs: list[np.ndarray], caps: list[int], count: int) -> list[int]:
-        """Per segment, how many atoms it gives: the cheapest allowed split of the largest total <= count."""
+    def quotas(self, costs: list[np.ndarray], caps: list[int], count: int) -> list[int]:
+        """Per segment, how many atoms it gives: the cheapest allowed split of the largest total <= count.
+
+        ``costs[s][k]``: the cost of segment ``s`` giving its first ``k`` atoms (``caps[s]`` at most).
+        """
         best = np.full(count + 1, np.inf)
         picks: list[np.ndarray] = []
         best[0] = 0.0

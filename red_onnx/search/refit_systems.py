@@ -54,9 +54,8 @@ def consumer_systems(group: ChannelGroup) -> list[RefitSystem] | None:
 
     A consumer joins the system of its tensor and kind: k×k convs of one kernel, dilations and pads
     (``conv_taps``; up to ``REFIT_MAX_ATOMS`` tap rows, else refit over channels), a tensor captured by
-    rows, or channels. None where every consumer falls in one system (the group's single refit is
-    that), or where a consumer reads only some of the atoms (a Split or Concat segment: the joint path
-    removes every atom from every system).
+    rows, or channels. A system reads the atoms its tensor carries (a Split's chunk reads a segment).
+    None where every consumer falls in one system (the group's single refit is that).
     """
     if len(group.consumers) < 2:
         return None
@@ -64,8 +63,6 @@ def consumer_systems(group: ChannelGroup) -> list[RefitSystem] | None:
     convs: dict[tuple, list[ConvTaps]] = {}
     tapped: dict[str, ConvTaps] = {}  # tensor -> the tap kind its patch Gram is taken with (one per tensor)
     for index, consumer in enumerate(group.consumers):
-        if (group.atom_index(consumer.tensor) < 0).any():
-            return None
         member = group.tensors[consumer.tensor]
         conv = conv_taps(consumer.node) if member.block == 1 else None
         if conv is not None and member.channels * conv.taps <= REFIT_MAX_ATOMS:
@@ -108,11 +105,11 @@ def system_grams(
     Returns:
         The systems' Grams; None where a capture is missing.
     """
-    atoms = np.arange(group.n_atoms)
     slots = consumer_slots(group)
     found = []
     for system in systems:
         local = group.atom_index(system.tensor)
+        atoms = np.flatnonzero(local >= 0)  # the atoms it reads, ascending
         readers = [slots[index] for index in system.consumers]
         if system.taps is not None:
             taps = system.taps.taps
@@ -122,7 +119,9 @@ def system_grams(
             picked = np.append(atom_rows(local[atoms], taps), gram.shape[0] - 1)  # and the constant row
             gram, held = gram[np.ix_(picked, picked)], held[np.ix_(picked, picked)]
             weight = np.hstack([tap_rows(slot, slot.local[atoms], taps) for slot in readers])
-            found.append(SystemGrams(system.consumers, gram, gram, held, held, weight, taps, True, False))
+            found.append(
+                SystemGrams(system.consumers, atoms, gram, gram, held, held, weight, taps, True, False)
+            )
             continue
         captured, block = rows.get(system.tensor), system.rows
         channels = group.tensors[system.tensor].channels
@@ -145,5 +144,7 @@ def system_grams(
             split = np.random.default_rng(REFIT_SPLIT_SEED).permutation(captured.shape[1])
             fit, val = (augmented_gram(captured[picked][:, part]) for part in (split[::2], split[1::2]))
             held = None
-        found.append(SystemGrams(system.consumers, gram, fit, val, held, weight, block, False, free_bias))
+        found.append(
+            SystemGrams(system.consumers, atoms, gram, fit, val, held, weight, block, False, free_bias)
+        )
     return found
