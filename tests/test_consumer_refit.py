@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from calibrated import heldout_rows, output_errors, smooth_images
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -36,7 +37,7 @@ from red_onnx.search.activations import ConvTaps
 from red_onnx.search.budget import BudgetSearch
 from red_onnx.search.budget_options import ConsumerRefitOrdering
 from red_onnx.search.refit_systems import RefitSystem, consumer_systems
-from red_onnx.verify.inputs import make_inputs, split_rows
+from red_onnx.verify.inputs import make_inputs
 
 RTOL = 1e-7
 
@@ -118,14 +119,6 @@ def residual_net(seed: int = 0, *, consumer_bias: bool = True) -> onnx.ModelProt
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def smooth_images(path: Path, count: int = 64) -> red_onnx.InputSpec:
-    """``count`` seeded images of smooth noise (neighbouring pixels correlated, as in real images)."""
-    noise = np.random.default_rng(3).standard_normal((count, 3, 12, 12))
-    smooth = sum(noise[:, :, i : i + 10, j : j + 10] for i in range(3) for j in range(3)) / 3.0
-    np.savez(path, x=smooth.astype(np.float32))
-    return red_onnx.InputSpec(npz=path)
-
-
 def _search(model: onnx.ModelProto, spec: red_onnx.InputSpec, **options) -> BudgetSearch:
     shapes = ShapeService(make_inputs(model, spec, 0))
     return BudgetSearch(model, model, spec, shapes, channel_multiple=1, hashing=False, **options)
@@ -152,18 +145,6 @@ def test_the_consumers_fall_into_systems_by_tensor_and_kind(tmp_path: Path) -> N
     assert sorted(p.taps for p in merges.plans) == [False, True, True]
 
 
-def _errors(model: onnx.ModelProto, written: onnx.ModelProto, rows: np.ndarray) -> list[float]:
-    run = [
-        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-        for m in (model, written)
-    ]
-    outputs = [session.run(None, {"x": rows}) for session in run]
-    return [
-        float(np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want))
-        for want, got in zip(*outputs, strict=True)
-    ]
-
-
 def test_the_written_per_consumer_refit_has_the_error_the_search_reported(
     tmp_path: Path, monkeypatch
 ) -> None:
@@ -174,8 +155,8 @@ def test_the_written_per_consumer_refit_has_the_error_the_search_reported(
     result = red_onnx.compress(model, target_macs=0.6, channel_multiple=1, input_spec=spec, hashing=False)
     (changed,) = [g for g in result.report.budget["groups"] if g.get("removed")]
     assert changed["ordering"] == "refit per consumer" and result.verified
-    heldout = np.load(spec.calibration)["x"][split_rows(64)["heldout"]]
-    errors = _errors(model, result.model, heldout)
+    heldout = heldout_rows(spec)
+    errors = output_errors(model, result.model, heldout)
     assert max(errors) == pytest.approx(result.report.budget["heldout_error"], rel=1e-4)
     from red_onnx.search import budget
 
@@ -183,7 +164,7 @@ def test_the_written_per_consumer_refit_has_the_error_the_search_reported(
     shared = red_onnx.compress(model, target_macs=0.6, channel_multiple=1, input_spec=spec, hashing=False)
     (plain,) = [g for g in shared.report.budget["groups"] if g.get("removed")]
     assert plain["ordering"] != "refit per consumer"
-    assert max(errors) < max(_errors(model, shared.model, heldout))
+    assert max(errors) < max(output_errors(model, shared.model, heldout))
 
 
 def test_the_estimate_of_a_per_consumer_plan_is_the_error_measured(tmp_path: Path) -> None:
@@ -242,17 +223,30 @@ def test_random_consumer_mixes_are_written_as_measured(
                                       name=f"reader{index}", pads=[pad * (kernel // 2)] * 4,
                                       strides=[stride] * 2))  # fmt: skip
         outputs.append(helper.make_tensor_value_info(f"y{index}", TensorProto.FLOAT, ["N", 4, "H", "W"]))
+    _assert_written_as_measured(nodes, inits, outputs, tmp_path_factory.mktemp("consumers"), rng, 0.7, 1)
+
+
+def _assert_written_as_measured(
+    nodes: list,
+    inits: list,
+    outputs: list,
+    folder: Path,
+    rng: np.random.Generator,
+    target: float,
+    multiple: int,
+) -> None:
+    """The graph of ``nodes`` (input x[N, 3, 8, 8]) compressed on 32 seeded rows at ``target``: its
+    written model has on the held-out rows the error the search reported."""
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])], outputs, inits
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    path = tmp_path_factory.mktemp("consumers") / "x.npz"
-    np.savez(path, x=rng.standard_normal((32, 3, 8, 8)).astype(np.float32))
-    spec = red_onnx.InputSpec(npz=path)
-    result = red_onnx.compress(model, target_macs=0.7, channel_multiple=1, input_spec=spec, hashing=False,
-                               force_target=True, raise_on_failure=False)  # fmt: skip
+    np.savez(folder / "x.npz", x=rng.standard_normal((32, 3, 8, 8)).astype(np.float32))
+    spec = red_onnx.InputSpec(npz=folder / "x.npz")
+    options = {"channel_multiple": multiple, "input_spec": spec, "hashing": False, "force_target": True}
+    result = red_onnx.compress(model, target_macs=target, raise_on_failure=False, **options)
     assert result.verified
-    errors = _errors(model, result.model, np.load(path)["x"][split_rows(32)["heldout"]])
+    errors = output_errors(model, result.model, heldout_rows(spec))
     assert max(errors) == pytest.approx(result.report.budget["heldout_error"], rel=1e-3, abs=1e-6)
 
 
@@ -328,8 +322,8 @@ def test_a_group_of_segments_is_refit_consumer_by_consumer(tmp_path: Path, multi
     )
     (changed,) = [g for g in result.report.budget["groups"] if g.get("removed") and g["channels"] == 24]
     assert changed["ordering"] == "refit per consumer" and result.verified
-    heldout = np.load(spec.calibration)["x"][split_rows(64)["heldout"]]
-    assert max(_errors(model, result.model, heldout)) == pytest.approx(
+    heldout = heldout_rows(spec)
+    assert max(output_errors(model, result.model, heldout)) == pytest.approx(
         result.report.budget["heldout_error"], rel=1e-4
     )
     sizes = {init.name: numpy_helper.to_array(init) for init in result.model.graph.initializer}
@@ -372,15 +366,4 @@ def test_random_split_readers_are_written_as_measured(
     outputs = [
         helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["N", c, 8, 8]) for i, c in ((0, 4), (1, 5))
     ]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])], outputs, inits
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    path = tmp_path_factory.mktemp("split") / "x.npz"
-    np.savez(path, x=rng.standard_normal((32, 3, 8, 8)).astype(np.float32))
-    spec = red_onnx.InputSpec(npz=path)
-    options = {"channel_multiple": multiple, "input_spec": spec, "hashing": False, "force_target": True}
-    result = red_onnx.compress(model, target_macs=0.8, raise_on_failure=False, **options)
-    assert result.verified
-    errors = _errors(model, result.model, np.load(path)["x"][split_rows(32)["heldout"]])
-    assert max(errors) == pytest.approx(result.report.budget["heldout_error"], rel=1e-3, abs=1e-6)
+    _assert_written_as_measured(nodes, inits, outputs, tmp_path_factory.mktemp("split"), rng, 0.8, multiple)

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from calibrated import heldout_rows, output_errors, smooth_images
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -30,7 +31,7 @@ from red_onnx.search.activations import ConvTaps, conv_taps, patch_rows_sampled
 from red_onnx.search.budget import BudgetSearch
 from red_onnx.search.budget_options import RefitOrdering
 from red_onnx.search.simulate import consumer_slots, tap_rows
-from red_onnx.verify.inputs import make_inputs, split_rows
+from red_onnx.verify.inputs import make_inputs
 
 
 def _conv(x: np.ndarray, w: np.ndarray, **attrs) -> np.ndarray:
@@ -129,14 +130,6 @@ def conv_net(seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def smooth_images(path: Path, count: int = 64) -> red_onnx.InputSpec:
-    """``count`` seeded images of smooth noise (neighbouring pixels correlated, as in real images)."""
-    noise = np.random.default_rng(3).standard_normal((count, 3, 12, 12))
-    smooth = sum(noise[:, :, i : i + 10, j : j + 10] for i in range(3) for j in range(3)) / 3.0
-    np.savez(path, x=smooth.astype(np.float32))
-    return red_onnx.InputSpec(npz=path)
-
-
 def test_the_search_refits_a_kxk_consumer_tap_by_tap_in_closed_form(tmp_path: Path) -> None:
     model = conv_net()
     spec = smooth_images(tmp_path / "x.npz")
@@ -161,13 +154,7 @@ def test_the_search_refits_a_kxk_consumer_tap_by_tap_in_closed_form(tmp_path: Pa
 
 
 def _heldout_error(model: onnx.ModelProto, written: onnx.ModelProto, spec: red_onnx.InputSpec) -> float:
-    rows = np.load(spec.calibration)["x"][split_rows(64)["heldout"]]
-    run = [
-        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-        for m in (model, written)
-    ]
-    want, got = (session.run(None, {"x": rows})[0].astype(np.float64) for session in run)
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    return max(output_errors(model, written, heldout_rows(spec)))
 
 
 def test_the_written_tap_refit_has_the_error_the_search_reported(tmp_path: Path, monkeypatch) -> None:
@@ -273,7 +260,7 @@ def test_a_strided_reader_shares_the_unstrided_patch_gram(tmp_path: Path) -> Non
     result = red_onnx.compress(model, target_macs=0.6, channel_multiple=1, input_spec=spec, hashing=False)
     (changed,) = [g for g in result.report.budget["groups"] if g.get("removed")]
     assert changed["ordering"] == "refit taps" and result.verified
-    rows = np.load(spec.calibration)["x"][split_rows(64)["heldout"]]
+    rows = heldout_rows(spec)
     run = [
         ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
         for m in (model, result.model)
@@ -335,7 +322,7 @@ def test_random_tap_plans_are_written_as_measured(
     result = red_onnx.compress(model, target_macs=0.7, channel_multiple=1, input_spec=spec, hashing=False,
                                force_target=True, raise_on_failure=False)  # fmt: skip
     assert result.verified
-    rows = np.load(path)["x"][split_rows(32)["heldout"]]
+    rows = heldout_rows(spec)
     run = [
         ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
         for m in (model, result.model)
