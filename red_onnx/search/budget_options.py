@@ -28,6 +28,7 @@ from red_onnx.analysis.refit import (
     greedy_obs_joint,
     lambda_scale,
     mixing,
+    output_energy,
 )
 from red_onnx.analysis.similarity import (
     Candidates,
@@ -154,33 +155,25 @@ class RefitOrdering:
             raise InternalError(f"ranking {self.label!r} keeps no weight rows to estimate a plan with")
         if not isinstance(merges, DenseMerges) or len(merges) == 0:
             return 0.0
-        gram, weight = self._estimate_gram(), self.weight.astype(np.float64)
-        removed = atom_rows(self._position[merges.sources], self.block)
-        kept = atom_rows(self._position[merges.targets], self.block)
-        change = np.zeros_like(weight)
-        change[kept] = merges.mix @ weight[removed]
-        change[removed] = -weight[removed]
+        squared = plan_change(self._measured, self.weight, merges, self._position, self.block)
         energy = self._output_energy
-        squared = float(np.sum((gram @ change) * change))
-        return math.sqrt(max(squared, 0.0) / energy) if energy > 0.0 else 0.0
+        return math.sqrt(squared / energy) if energy > 0.0 else 0.0
 
-    def _estimate_gram(self) -> np.ndarray:
-        """The Gram :meth:`estimated_error` reads (float64, without the constant row)."""
-        return np.asarray(self.extra if self.extra is not None else self.gram, np.float64)[:-1, :-1]
+    @cached_property
+    def _measured(self) -> np.ndarray:
+        """The Gram :meth:`estimated_error` reads: of the rows the search measures on (float64)."""
+        return np.asarray(self.extra if self.extra is not None else self.gram, np.float64)
 
     @cached_property
     def _output_energy(self) -> float:
         """``tr(Vᵀ·G·V)``: the same for every plan of this ranking."""
         assert self.weight is not None
-        weight = self.weight.astype(np.float64)
-        return float(np.sum((self._estimate_gram() @ weight) * weight))
+        return output_energy(self._measured, self.weight)
 
     @cached_property
     def _position(self) -> np.ndarray:
         """The row block of each atom in ``gram`` (-1: not captured)."""
-        position = np.full(int(self.atoms.max()) + 1, -1)
-        position[self.atoms] = np.arange(self.atoms.size)
-        return position
+        return atom_positions(self.atoms)
 
     def final_merges(self, count: int) -> MergeList:
         """:meth:`merges`, the kept atoms refit on the fitted rows and ``extra``'s rows together.
@@ -190,11 +183,8 @@ class RefitOrdering:
         """
         if self.extra is None:
             return self.merges(count)
-        gram = self.gram + self.extra
-        scale = lambda_scale(gram, free_bias=self.free_bias) / lambda_scale(
-            self.gram, free_bias=self.free_bias
-        )
-        return dataclasses.replace(self, gram=gram, lam=self.lam * scale, extra=None).merges(count)
+        gram, lam = with_cv_rows(self.gram, self.extra, self.lam, self.free_bias)
+        return dataclasses.replace(self, gram=gram, lam=lam, extra=None).merges(count)
 
     def merges(self, count: int) -> MergeList:
         """The first ``count`` removals of the OBS order, each merged into every kept atom (dense form)."""
@@ -213,6 +203,39 @@ class RefitOrdering:
         """How many atoms this ranking can remove at most."""
         del n_atoms
         return int(self.order.size)
+
+
+def with_cv_rows(
+    gram: np.ndarray, extra: np.ndarray, lam: float, free_bias: bool
+) -> tuple[np.ndarray, float]:
+    """``gram + extra`` (the fitted and the cv rows together) and the ridge strength rescaled to it."""
+    summed = gram + extra
+    return summed, lam * lambda_scale(summed, free_bias=free_bias) / lambda_scale(gram, free_bias=free_bias)
+
+
+def atom_positions(atoms: np.ndarray) -> np.ndarray:
+    """Per atom id up to the largest of ``atoms``, its index in ``atoms`` (-1: absent)."""
+    position = np.full(int(atoms.max()) + 1, -1)
+    position[atoms] = np.arange(atoms.size)
+    return position
+
+
+def plan_change(
+    gram: np.ndarray, weight: np.ndarray, merges: DenseMerges, position: np.ndarray, block: int
+) -> float:
+    """``tr([D; δb]ᵀ·G1·[D; δb])``: the squared change of the consumers' outputs under ``merges``.
+
+    ``D`` is the plan's change of the weight rows ``weight`` (``block`` per atom; ``position``: each
+    atom's block), ``δb = V_Rᵀ·c`` the intercepts' change of the bias (none over kernel taps).
+    """
+    v = np.asarray(weight, np.float64)
+    removed = atom_rows(position[merges.sources], block)
+    kept = atom_rows(position[merges.targets], block)
+    change = np.zeros((v.shape[0] + 1, v.shape[1]))
+    change[kept] = merges.mix @ v[removed]
+    change[removed] = -v[removed]
+    change[-1] = np.asarray(merges.offsets, np.float64) @ v[removed]
+    return max(float(np.sum((np.asarray(gram, np.float64) @ change) * change)), 0.0)
 
 
 def refit_ordering(
@@ -395,10 +418,8 @@ class ConsumerFit:
         """The same system fitted on the cv rows too (the strength rescaled to the summed Gram)."""
         if self.extra is None:
             return self
-        gram = self.gram + self.extra
-        free = self.free_bias
-        scale = lambda_scale(gram, free_bias=free) / lambda_scale(self.gram, free_bias=free)
-        return dataclasses.replace(self, gram=gram, lam=self.lam * scale, extra=None)
+        gram, lam = with_cv_rows(self.gram, self.extra, self.lam, self.free_bias)
+        return dataclasses.replace(self, gram=gram, lam=lam, extra=None)
 
     def change(self, merges: MergeList) -> float:
         """``tr([D; δb]ᵀ·G1·[D; δb])``: the squared change of these consumers' outputs under ``merges``.
@@ -408,20 +429,16 @@ class ConsumerFit:
         """
         if not isinstance(merges, DenseMerges) or len(merges) == 0:
             return 0.0
-        weight = self.weight.astype(np.float64)
-        removed = atom_rows(np.searchsorted(self.atoms, merges.sources), self.block)
-        kept = atom_rows(np.searchsorted(self.atoms, merges.targets), self.block)
-        change = np.zeros((weight.shape[0] + 1, weight.shape[1]))
-        change[kept] = merges.mix @ weight[removed]
-        change[removed] = -weight[removed]
-        change[-1] = np.asarray(merges.offsets, np.float64) @ weight[removed]
-        return max(float(np.sum((self._measured @ change) * change)), 0.0)
+        return plan_change(self._measured, self.weight, merges, self._position, self.block)
 
     @cached_property
     def energy(self) -> float:
         """``tr(Vᵀ·G·V)`` on the measured rows (the bias left out, as in the local estimate)."""
-        weight = self.weight.astype(np.float64)
-        return float(np.sum((self._measured[:-1, :-1] @ weight) * weight))
+        return output_energy(self._measured, self.weight)
+
+    @cached_property
+    def _position(self) -> np.ndarray:
+        return atom_positions(self.atoms)
 
     @cached_property
     def _measured(self) -> np.ndarray:
