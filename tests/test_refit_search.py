@@ -174,10 +174,10 @@ def test_the_refit_fits_the_search_rows_and_the_search_measures_on_the_cv_rows(
     (group,) = search.options
     assert search.covered  # the file gives x: the cv rows validating the ridge are the measuring verifier's
     search._verifier = None  # no second verifier (and no second read of the file) for them
-    validation = search._validation(
-        mergeable_groups(search.working, search.shapes, ()), search._cv_verifier()
+    captured, _ = search._captures(
+        mergeable_groups(search.working, search.shapes, ()), search._cv_verifier(), {}
     )
-    assert validation[group.name].shape == (8, 4 * 36)
+    assert captured[group.name][1].shape == (8, 4 * 36)
 
 
 def test_the_final_refit_adds_the_cv_rows_to_the_removals_the_search_chose() -> None:

@@ -501,28 +501,26 @@ class BudgetSearch:
         return wanted
 
     def _cv_verifier(self) -> Verifier:
-        """The verifier of the cv inputs: the measuring one where it holds them (see ``_validation``)."""
+        """The verifier of the cv inputs: the measuring one where it holds them (see ``_captures``)."""
         if self.covered and self.measured_part == "cv":
             return self.verifier
         return self._verifier(CV_SEEDS[: self.seed_count], "cv")
 
-    def _activations(
-        self, groups: list[ChannelGroup], verifier: Verifier
-    ) -> dict[str, tuple[str, np.ndarray, int]]:
-        """Per group: the tensor its first consumer reads, its sampled activations, and rows per channel.
-
-        The activations are one row per channel (a block's elements as positions), or one row per
-        element of a block where the consumer's input is captured by rows (``captured_by_rows``:
-        attention heads, flattened channels), ``rows per channel`` of them for each channel.
-        """
-        return self._captures(groups, verifier, {})[0]
-
     def _captures(
         self, groups: list[ChannelGroup], verifier: Verifier, extra: Mapping[str, tuple[int, int]]
     ) -> tuple[dict[str, tuple[str, np.ndarray, int]], dict[str, np.ndarray]]:
-        """:meth:`_activations`, and in the same run the tensors of ``extra`` (name → axis, block).
+        """One capture run on ``verifier``'s inputs: per group, and per tensor of ``extra``.
 
-        A tensor of ``extra`` that a group's first consumer reads in another form is left out.
+        Per group: the tensor its first consumer reads, its sampled activations, and rows per channel.
+        The activations are one row per channel (a block's elements as positions), or one row per
+        element of a block where the consumer's input is captured by rows (``captured_by_rows``:
+        attention heads, flattened channels), ``rows per channel`` of them for each channel. Per tensor
+        of ``extra`` (name → channel axis, block): its rows, the same way; one that a group's first
+        consumer reads in another form is left out. On the cv verifier (``_cv_verifier``: a
+        calibration file's "cv" rows, or other seeds on synthetic inputs) the captures validate the
+        refit's ridge strength on samples the fit never saw (a split of one capture's positions shares
+        its samples between fit and validation: positions of one image are correlated); a recurrent
+        stream is not split and gets none.
         """
         wanted = {}
         for group in groups:
@@ -537,16 +535,6 @@ class BudgetSearch:
         captured = capture(base, verifier.inputs, tensors, masks=verifier.token_masks)
         by_group = {name: (t, captured[t], rows) for name, (t, _, _, rows) in wanted.items() if t in captured}
         return by_group, {t: captured[t] for t in more if t in captured}
-
-    def _validation(self, groups: list[ChannelGroup], verifier: Verifier) -> dict[str, np.ndarray]:
-        """Per group: its captured tensor on the inputs that validate the refit's ridge strength.
-
-        ``verifier``'s inputs (``_cv_verifier``): a calibration file's "cv" rows (or, on synthetic
-        inputs, other seeds), samples the fit never saw, where a split of one capture's positions
-        shares its samples between fit and validation (positions of one image are correlated). A
-        recurrent stream is not split and gets no validation.
-        """
-        return {name: rows for name, (_, rows, _) in self._activations(groups, verifier).items()}
 
     def _local_sensitivity(self, groups: list) -> LocalSensitivity | None:
         """The capture-based estimate of every group's error (None: measure instead, with the reason)."""
