@@ -81,7 +81,7 @@ from red_onnx.search.budget_options import (
 from red_onnx.search.channel_steps import ChannelSteps
 from red_onnx.search.refit_systems import RefitSystem, consumer_systems, system_grams
 from red_onnx.search.sensitivity import LocalSensitivity, consumer_inputs
-from red_onnx.search.simulate import MacsCounter, MergeSimulator, consumer_slots, tap_rows, weight_rows
+from red_onnx.search.simulate import MacsCounter, MergeSimulator, consumer_slots, weight_rows
 from red_onnx.search.suffix import SuffixSimulator
 from red_onnx.verify.inputs import load_samples, real_inputs
 from red_onnx.verify.verifier import Verifier
@@ -357,7 +357,7 @@ class BudgetSearch:
         refit = None
         if self.refit and captures is not None and captures.covers(name) and one_segment:
             tensor, conv = captures.taps[name]
-            refit = self._tap_refit_ordering(item.group, tensor, conv.taps, captures.fit[tensor],
+            refit = self._tap_refit_ordering(item.group, tensor, conv, captures.fit[tensor],
                                              captures.held.get(tensor))  # fmt: skip
         refits: list[Ranking] = [refit] if refit is not None else []
         if refit is None and self.refit and name in samples and one_segment:
@@ -435,27 +435,29 @@ class BudgetSearch:
                               fit_validation=fit_validation)  # fmt: skip
 
     def _tap_refit_ordering(
-        self, group: ChannelGroup, tensor: str, taps: int, gram: np.ndarray, held: np.ndarray | None
+        self, group: ChannelGroup, tensor: str, conv: ConvTaps, gram: np.ndarray, held: np.ndarray | None
     ) -> RefitOrdering | None:
         """The refit ranking of a group read by k×k Conv consumers, every kernel tap refit on its own.
 
         ``gram``: the augmented Gram of the consumers' input patches on the fitted rows (row ``c·taps +
         t``: channel ``c`` at tap ``t``); ``held``: the same on the cv rows. The consumers' weights enter
-        as ``W[:, c, t]`` rows side by side. No intercept: a padded border does not see one. None where
-        the tensor does not carry every atom of the group.
+        as ``W[:, c, t]`` rows side by side (one system of ``refit_systems.system_grams``). No
+        intercept: a padded border does not see one. None where the tensor does not carry every atom
+        of the group.
         """
-        local = group.atom_index(tensor)
-        if (local < 0).any() or held is None:
+        if (group.atom_index(tensor) < 0).any() or held is None:
             return None
-        atoms = np.arange(group.n_atoms)
-        pairs = zip(consumer_slots(group), group.consumers, strict=True)
-        slots = [slot for slot, consumer in pairs if consumer.tensor == tensor]
-        weight = np.hstack([tap_rows(slot, slot.local[atoms], taps) for slot in slots])
-        picked = np.append(atom_rows(local[atoms], taps), gram.shape[0] - 1)  # and the constant row
-        gram, held = gram[np.ix_(picked, picked)], held[np.ix_(picked, picked)]
+        readers = tuple(index for index, consumer in enumerate(group.consumers) if consumer.tensor == tensor)
+        found = system_grams(
+            group, [RefitSystem(tensor, readers, conv)], {}, {}, {tensor: gram}, {tensor: held}
+        )
+        if found is None:
+            return None
+        (grams,) = found
         fit_validation = self.measured_part != "cv"
-        return refit_from_grams(gram, gram, held, atoms, weight, False, held=held, block=taps,
-                                fit_validation=fit_validation, taps=True)  # fmt: skip
+        return refit_from_grams(grams.gram, grams.fit, grams.val, grams.atoms, grams.weight, False,
+                                held=grams.held, block=grams.block, fit_validation=fit_validation,
+                                taps=True)  # fmt: skip
 
     def _tap_groups(self, groups: list[ChannelGroup]) -> dict[str, tuple[str, ConvTaps]]:
         """Per group: the tensor its consumers read and the kernel taps its patch Gram is taken with.

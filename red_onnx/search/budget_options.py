@@ -271,15 +271,26 @@ def refit_ordering(
     """
     if atoms.size < 2 or atoms.size * block > REFIT_MAX_ATOMS or rows.shape[1] < 4:
         return None
+    gram, fit, val, held = rows_grams(rows, validation)
+    return refit_from_grams(gram, fit, val, atoms, weight, free_bias, held=held, block=block,
+                            fit_validation=fit_validation)  # fmt: skip
+
+
+def rows_grams(
+    rows: np.ndarray, validation: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The augmented Grams a refit of captured ``rows`` takes: ``(gram, fit, val, held)``.
+
+    With ``validation`` (the same rows on the cv inputs, at least two positions) the strength is fitted
+    on ``gram`` and validated on ``held``, its Gram; without it, half the captured positions fit and
+    the other half validate (seeded split), and ``held`` is None.
+    """
     gram = augmented_gram(rows)
     if validation is not None and validation.shape[1] >= 2:
         held = augmented_gram(validation)
-        fit, val = gram, held
-    else:
-        split = np.random.default_rng(REFIT_SPLIT_SEED).permutation(rows.shape[1])
-        fit, val, held = augmented_gram(rows[:, split[::2]]), augmented_gram(rows[:, split[1::2]]), None
-    return refit_from_grams(gram, fit, val, atoms, weight, free_bias, held=held, block=block,
-                            fit_validation=fit_validation)  # fmt: skip
+        return gram, gram, held, held
+    split = np.random.default_rng(REFIT_SPLIT_SEED).permutation(rows.shape[1])
+    return gram, augmented_gram(rows[:, split[::2]]), augmented_gram(rows[:, split[1::2]]), None
 
 
 def refit_from_grams(

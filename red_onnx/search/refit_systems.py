@@ -21,9 +21,8 @@ import numpy as np
 from red_onnx.analysis.channels import ChannelGroup
 from red_onnx.analysis.constants import takes_bias
 from red_onnx.analysis.merge_sets import atom_rows
-from red_onnx.analysis.refit import augmented_gram
 from red_onnx.search.activations import ConvTaps, captured_by_rows, conv_taps
-from red_onnx.search.budget_options import REFIT_MAX_ATOMS, REFIT_SPLIT_SEED, SystemGrams
+from red_onnx.search.budget_options import REFIT_MAX_ATOMS, SystemGrams, rows_grams
 from red_onnx.search.simulate import consumer_slots, tap_rows, weight_rows
 
 
@@ -135,15 +134,10 @@ def system_grams(
             ]
         )
         free_bias = all(takes_bias(group.consumers[index].node) for index in system.consumers)
-        gram = augmented_gram(captured[picked])
         validation = held_rows.get(system.tensor)
-        if validation is not None and validation.shape[1] >= 2:
-            fit = gram
-            val = held = augmented_gram(validation[picked])
-        else:  # half the captured positions validate
-            split = np.random.default_rng(REFIT_SPLIT_SEED).permutation(captured.shape[1])
-            fit, val = (augmented_gram(captured[picked][:, part]) for part in (split[::2], split[1::2]))
-            held = None
+        gram, fit, val, held = rows_grams(
+            captured[picked], None if validation is None else validation[picked]
+        )
         found.append(
             SystemGrams(system.consumers, atoms, gram, fit, val, held, weight, block, False, free_bias)
         )
