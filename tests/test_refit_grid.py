@@ -192,3 +192,17 @@ def test_text_lines_calibration_and_test_share_no_word() -> None:
     crops, described = data.text_line_crops(lines[:2], data.TEST_FONTS, data.TEST_FONT_SIZES, seed=2)
     assert all(crop.dtype == np.uint8 and crop.ndim == 3 and crop.shape[1] > crop.shape[0] for crop in crops)
     assert len(described) == 2
+
+
+def test_calibration_draws_runs_each_draw_on_its_own_rows() -> None:
+    from bench import calibration_draws
+
+    first, again, second = (calibration_draws.draw_rows(64, 16, draw) for draw in (0, 0, 1))
+    assert first.tolist() == again.tolist() and first.tolist() != second.tolist()
+    assert len(set(first.tolist())) == 16 and first.tolist() == sorted(first.tolist()) and first.max() < 64
+    result = calibration_draws.run("digits", 0.8, draws=2, samples=16, pool=64, sensitivity="measured")
+    assert [row["draw"] for row in result["draws"]] == [0, 1] and result["sensitivity"] == "measured"
+    assert result["test_samples"] == 360
+    for row in result["draws"]:
+        assert row["macs"] <= 0.8 + 0.01 and 0.5 < row["accuracy"] <= 1.0
+        assert row["heldout_error"] is not None and row["search_error"] is not None
