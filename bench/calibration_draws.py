@@ -42,21 +42,24 @@ def draw_rows(pool: int, samples: int, draw: int) -> np.ndarray:
 
 
 def run(model: str, target: float, draws: int, samples: int, pool: int, sensitivity: str = "auto") -> dict:
-    """Every draw's figures at ``target`` on the task's test set (``sensitivity``: red_onnx's)."""
+    """Every draw's figures at ``target`` on the task's test set (``sensitivity``: red_onnx's).
+
+    The result also holds the original model's figures on the test set (``original``).
+    """
     task = dataclasses.replace(refit_grid.TASKS[model](pool), settings={"sensitivity": sensitivity})
     if len(task.calibration) < pool:
         raise SystemExit(f"{model}'s calibration pool has {len(task.calibration)} rows, fewer than {pool}")
-    rows = []
+    rows, original = [], {}
     for draw in range(draws):
         picked = dataclasses.replace(
             task, calibration=np.ascontiguousarray(task.calibration[draw_rows(pool, samples, draw)])
         )
         result = refit_grid.run_task(picked, [target], [samples], ["refit"])
-        cell = result["rows"][0]["cells"][f"refit_{samples}"]
+        cell, original = result["rows"][0]["cells"][f"refit_{samples}"], result["original"]
         rows.append({"draw": draw} | {key: cell[key] for key in KEPT if key in cell})
         print(f"draw {draw}: {json.dumps(rows[-1])}", flush=True)
     return {"model": model, "target": target, "samples": samples, "pool": pool, "draw_seed": DRAW_SEED,
-            "sensitivity": sensitivity,
+            "sensitivity": sensitivity, "original": original,
             "test_samples": len(task.test), "test_source": task.test_source,
             "calibration_source": task.calibration_source, "draws": rows}  # fmt: skip
 
