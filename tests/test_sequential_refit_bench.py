@@ -1,0 +1,69 @@
+"""bench/sequential_refit.py's sequential correction of CNNs, on built nets (no compression run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bench import sequential_refit
+
+
+def test_ridge_change_without_penalty_is_least_squares() -> None:
+    rng = np.random.default_rng(0)
+    xs = np.hstack([rng.normal(size=(200, 3)), np.ones((200, 1))])
+    true = rng.normal(size=(4, 2))
+    fit = np.arange(200) < 150
+    change, errors = sequential_refit.ridge_change(xs, xs @ true, np.zeros((200, 2)), fit, 0.0)
+    np.testing.assert_allclose(change, true, atol=1e-9)
+    assert errors["validation_before"] == pytest.approx(1.0) and errors["validation_after"] < 1e-9
+
+
+def _net(
+    first: np.ndarray, first_bias: np.ndarray, second: np.ndarray, second_bias: np.ndarray
+) -> onnx.ModelProto:
+    """x [N, C, 4, 4] → 1×1 Conv → Relu → Conv (``second``'s kernel) → y."""
+    pads = [second.shape[2] // 2] * 4
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="conv2", pads=pads),
+    ]
+    arrays = {"w1": first, "b1": first_bias, "w2": second, "b2": second_bias}
+    graph = helper.make_graph(
+        nodes,
+        "net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", first.shape[1], 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in arrays.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _outputs(model: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": images})[0]
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_correct_linear_refits_a_1x1_consumer_that_lost_a_channel(kernel: int) -> None:
+    rng = np.random.default_rng(1)
+    first, first_bias = rng.normal(size=(5, 3, 1, 1)), rng.normal(size=5) * 0.1
+    second, second_bias = rng.normal(size=(2, 5, kernel, kernel)), rng.normal(size=2)
+    original = _net(first, first_bias, second, second_bias)
+    dropped = _net(first[:4], first_bias[:4], second[:, :4], second_bias)  # hidden channel 4 removed
+    images = rng.normal(size=(40, 3, 4, 4)).astype(np.float32)
+    corrected, about = sequential_refit.correct_linear(original, dropped, images, "x", None)
+    if kernel == 3:  # a k×k consumer is left as it is
+        assert (about["corrected"], about["skipped"]) == (0, 1)
+        np.testing.assert_array_equal(_outputs(corrected, images), _outputs(dropped, images))
+        return
+    assert (about["corrected"], about["skipped"]) == (1, 0)
+    (layer,) = about["layers"]
+    assert layer["validation_after"] < layer["validation_before"] and layer["alpha"] > 0
+    reference = _outputs(original, images)
+    before = np.linalg.norm(_outputs(dropped, images) - reference)
+    after = np.linalg.norm(_outputs(corrected, images) - reference)
+    assert after < 0.9 * before
