@@ -1,6 +1,6 @@
 """How much one calibration draw moves a calibrated result: the same target on several random draws.
 
-A calibrated run sees N samples; which N moves its result. This script draws ``--draws`` random sets of
+A calibrated run sees N samples, and which N it sees moves its result. This script draws ``--draws`` sets of
 ``--samples`` rows from one larger calibration pool of ``bench/refit_grid.py``'s task (``TASKS[model]
 (pool)``: for MobileNetV2 the views of the same calibration pictures, ``pool / 29`` views each), runs
 red_onnx's refit at one MACs target on each (as ``refit_grid``'s ``refit_N`` cells: ``force_target``, no
