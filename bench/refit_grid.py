@@ -72,6 +72,7 @@ For MobileNetV2 first (torch at export time only)::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -551,7 +552,6 @@ class Grid:
         self.original = onnx.load(str(task.path))
         self.base_macs = macs(self.original)
         self.reference = evaluate(self.original, task.test)
-        self.folded = compress(self.original, exact=True).model  # onnxsim only prunes BN-folded chains
         self.specs = {}
         for count in self.samples:
             path = scratch / f"{task.name}_{count}.npz"
@@ -563,6 +563,11 @@ class Grid:
                               for start in range(0, len(pool), WANDA_BATCH)]  # fmt: skip
         #: The least MACs fraction each onnxsim method reaches (at sparsity ``FLOOR_SPARSITY``).
         self.floors: dict[str, tuple[float, dict[str, int]]] = {}
+
+    @functools.cached_property
+    def folded(self) -> onnx.ModelProto:
+        """The BatchNorm-folded original, which the onnxsim baselines prune (the only form they prune)."""
+        return compress(self.original, exact=True).model
 
     def scored(self, outputs: np.ndarray) -> Scored:
         """A model's figures and per-sample vectors on the test set (``Task.scorer`` or ``score``)."""
