@@ -111,10 +111,28 @@ def ridge_change(
     }
 
 
+def chosen_change(
+    xs: np.ndarray, wanted: np.ndarray, current: np.ndarray, fit: np.ndarray, alpha: float | None
+) -> tuple[float, np.ndarray, dict[str, float]]:
+    """``(α, change, errors)`` of :func:`ridge_change` at ``alpha``; None: the ``CV_ALPHAS`` value with
+    the least validation error, or α 0 and no change where none lowers it."""
+    tried = [(a, *ridge_change(xs, wanted, current, fit, a)) for a in ([alpha] if alpha else CV_ALPHAS)]
+    chosen, change, errors = min(tried, key=lambda item: item[2]["validation_after"])
+    if alpha is None and errors["validation_after"] >= errors["validation_before"]:
+        return 0.0, np.zeros_like(change), errors  # no α helps on the validation rows: unchanged
+    return chosen, change, errors
+
+
 def correct(
-    original: onnx.ModelProto, compressed: onnx.ModelProto, calibration: dict[str, np.ndarray], alpha: float
+    original: onnx.ModelProto,
+    compressed: onnx.ModelProto,
+    calibration: dict[str, np.ndarray],
+    alpha: float | None,
 ) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
-    """The sequentially corrected copy of ``compressed`` and, per layer, its validation error before/after."""
+    """The sequentially corrected copy of ``compressed`` and, per layer, its validation error before/after.
+
+    ``alpha`` None: chosen per layer as :func:`chosen_change` says.
+    """
     model = onnx.ModelProto()
     model.CopyFrom(compressed)
     mask = calibration["attention_mask"].astype(bool)
@@ -131,8 +149,8 @@ def correct(
         weight = numpy_helper.to_array(weights[node.input[1]]).astype(np.float64)
         x, current = _capture(model, [node.input[0], node.output[0]], feeds)
         xs = np.hstack([x[mask].astype(np.float64), np.ones((int(mask.sum()), 1))])
-        change, errors = ridge_change(xs, wanted[mask], current[mask], fit, alpha)
-        layers.append({"layer": node.name, **errors})
+        chosen, change, errors = chosen_change(xs, wanted[mask], current[mask], fit, alpha)
+        layers.append({"layer": node.name, "alpha": chosen, **errors})
         weights[node.input[1]].CopyFrom(
             numpy_helper.from_array((weight + change[:-1]).astype(np.float32), node.input[1])
         )
@@ -244,10 +262,7 @@ def correct_linear(
         per_image = len(x) // len(images)
         fit = np.repeat(fit_images, per_image)
         xs = np.hstack([x.astype(np.float64), np.ones((len(x), 1))])
-        tried = [(a, *ridge_change(xs, wanted, current, fit, a)) for a in ([alpha] if alpha else CV_ALPHAS)]
-        chosen, change, errors = min(tried, key=lambda item: item[2]["validation_after"])
-        if alpha is None and errors["validation_after"] >= errors["validation_before"]:
-            chosen, change = 0.0, np.zeros_like(change)  # no α helps on the validation images: unchanged
+        chosen, change, errors = chosen_change(xs, wanted, current, fit, alpha)
         layers.append({"layer": node.name, "rows": len(x), "alpha": chosen, **errors})
         matrix = matrix + change[:-1].T
         updated = (
@@ -364,12 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     print("one-shot", found["one_shot"], flush=True)
     for alpha in args.alphas:
         corrected, layers = correct(original, result.model, calibration, alpha)
-        found["sequential"][str(alpha)] = {
-            **te.compare(reference, te.embed(corrected, test)),
-            "layers": layers,
-        }
-        print(f"sequential alpha={alpha}", {k: v for k, v in found["sequential"][str(alpha)].items()
-                                            if k != "layers"}, flush=True)  # fmt: skip
+        label = str(alpha or "cv")
+        found["sequential"][label] = {**te.compare(reference, te.embed(corrected, test)), "layers": layers}
+        shown = {k: v for k, v in found["sequential"][label].items() if k != "layers"}
+        print(f"sequential alpha={label}", shown, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(found, indent=2, default=float) + "\n")
     return 0
