@@ -766,9 +766,21 @@ def _commit(data: dict[str, Any]) -> str:
     return f"`{commit}`" if commit else "not recorded"
 
 
+def _draws_command(data: dict[str, Any], name: str) -> str:
+    """The command that wrote the draws file ``name`` (red_onnx's sensitivity where not the default)."""
+    sensitivity = data.get("sensitivity", "auto")
+    return (
+        f"python bench/calibration_draws.py --model {data['model']} --target {data['target']} --draws "
+        f"{len(data['draws'])} --samples {data['samples']} --pool {data['pool']}"
+        + (f" --sensitivity {sensitivity}" if sensitivity != "auto" else "")
+        + f" --out bench/results/{name}"
+    )
+
+
 def calibration_draws_section(results: Path) -> str:
     """One target on several random calibration draws: the spread a single grid cell carries."""
-    data = _load(results, "calibration_draws_mobilenetv2.json")
+    names = ("calibration_draws_mobilenetv2.json", "calibration_draws_mobilenetv2_measured.json")
+    data, measured = _load(results, names[0]), _load(results, names[1])
     draws = data["draws"]
     head = "| draw | MACs kept | top-1 agreement | on p>=0.5 views | top-5 | KL | search / held-out error |"
     lines = [head, "|---|---|---|---|---|---|---|"]
@@ -777,12 +789,6 @@ def calibration_draws_section(results: Path) -> str:
         f"{d['top5']:.3f} | {d['kl']:.3f} | {d['search_error']:.3f} / {d['heldout_error']:.3f} |"
         for d in draws
     ]
-
-    measured = _load(results, "calibration_draws_mobilenetv2_measured.json")
-    command = (
-        f"python bench/calibration_draws.py --model {data['model']} --target {data['target']} "
-        f"--draws {len(draws)} --samples {data['samples']} --pool {data['pool']}"
-    )
 
     def span(key: str, data: dict = data) -> str:
         values = [d[key] for d in data["draws"]]
@@ -808,26 +814,13 @@ better than the estimated levels, which stay the default there.
 
 Results file: `bench/results/calibration_draws_mobilenetv2_measured.json`, written by
 
-    {command} --sensitivity measured --out bench/results/calibration_draws_mobilenetv2_measured.json
+    {_draws_command(measured, names[1])}
 """
-    return _section(
-        "One calibration draw against another",
-        "calibration_draws_mobilenetv2.json",
-        [f"{command} --out bench/results/calibration_draws_mobilenetv2.json"],
-        body,
-    )
+    return _section("One calibration draw against another", names[0], [_draws_command(data, names[0])], body)
 
 
 #: The accuracy loss, in points, the calibrated digits and MNIST-1D runs are held to at 40% fewer MACs.
 LOSS_BOUND_POINTS = 0.5
-
-
-def _draws_command(data: dict[str, Any], name: str) -> str:
-    """The command that wrote the draws file ``name``."""
-    return (
-        f"python bench/calibration_draws.py --model {data['model']} --target {data['target']} --draws "
-        f"{len(data['draws'])} --samples {data['samples']} --pool {data['pool']} --out bench/results/{name}"
-    )
 
 
 def calibration_draws_labelled_section(results: Path) -> str:

@@ -63,21 +63,6 @@ def _capture(model: onnx.ModelProto, names: list[str], feeds: list[dict]) -> lis
     return [np.concatenate([run[k] for run in runs]) for k in range(len(names))]
 
 
-def _changed_consumers(original: onnx.ModelProto, compressed: onnx.ModelProto) -> list[tuple[Any, Any]]:
-    """(compressed node, original node) of every MatMul whose weight lost input rows, in graph order."""
-    before = {n.name: n for n in original.graph.node}
-    weights = {i.name: i for i in original.graph.initializer}
-    now = {i.name: i for i in compressed.graph.initializer}
-    found = []
-    for node in compressed.graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in now or node.name not in before:
-            continue
-        old = weights.get(before[node.name].input[1])
-        if old is not None and old.dims[0] != now[node.input[1]].dims[0]:
-            found.append((node, before[node.name]))
-    return found
-
-
 def _bias_after(model: onnx.ModelProto, tensor: str) -> str:
     """The constant of the Add that reads ``tensor`` (the bias the intercept goes into)."""
     constants = {i.name for i in model.graph.initializer}
@@ -141,7 +126,7 @@ def correct(
     sentence = np.repeat(np.arange(len(mask))[:, None], mask.shape[1], axis=1)[mask]
     fit = np.isin(sentence, fit_rows)
     feeds = [{k: v[i : i + BATCH] for k, v in calibration.items()} for i in range(0, len(mask), BATCH)]
-    pairs = _changed_consumers(original, model)
+    pairs, _ = _changed_linear(original, model, ("MatMul",))
     targets = _capture(original, [o.output[0] for _, o in pairs], feeds)
     layers = []
     for (node, _), wanted in zip(pairs, targets, strict=True):
@@ -166,23 +151,24 @@ CONV_ROWS = 200_000
 
 
 def _changed_linear(
-    original: onnx.ModelProto, compressed: onnx.ModelProto
+    original: onnx.ModelProto, compressed: onnx.ModelProto, kinds: tuple[str, ...] = ("Conv", "Gemm")
 ) -> tuple[list[tuple[Any, Any]], int]:
-    """(compressed node, original node) of every 1×1 ungrouped Conv and Gemm whose weight lost input
-    channels and kept its outputs, in graph order; and how many others lost some (k×k or grouped, or
-    their own outputs merged: left as they are)."""
-    before = {n.output[0]: n for n in original.graph.node if n.output}  # names may be empty: by output
+    """(compressed node, original node) of every node of ``kinds`` (1×1 ungrouped Convs, Gemms, MatMuls
+    with a constant weight) whose weight lost input channels and kept its outputs, in graph order; and
+    how many others lost some (k×k or grouped, or their own outputs merged: left as they are). Nodes
+    are matched by their output (names may be empty)."""
+    before = {n.output[0]: n for n in original.graph.node if n.output}
     weights = {i.name: i for i in original.graph.initializer}
     now = {i.name: i for i in compressed.graph.initializer}
     found, skipped = [], 0
     for node in compressed.graph.node:
-        if node.op_type not in ("Conv", "Gemm") or node.output[0] not in before or node.input[1] not in now:
+        if node.op_type not in kinds or node.output[0] not in before or node.input[1] not in now:
             continue
         old, new = weights.get(before[node.output[0]].input[1]), now[node.input[1]]
-        axis = 0 if node.op_type == "Gemm" and not _attribute(node, "transB", 0) else 1
-        if old is None or old.dims[axis] == new.dims[axis]:
+        inputs = 1 if _rows_first(node) else 0
+        if old is None or old.dims[inputs] == new.dims[inputs]:
             continue
-        outputs = 1 - axis if node.op_type == "Gemm" else 0
+        outputs = 0 if node.op_type == "Conv" else 1 - inputs
         if (
             old.dims[outputs] != new.dims[outputs]
             or (  # its own outputs merged too: no target to refit to
@@ -193,6 +179,11 @@ def _changed_linear(
             continue
         found.append((node, before[node.output[0]]))
     return found, skipped
+
+
+def _rows_first(node: Any) -> bool:
+    """Whether the node's weight holds one row per output (Conv, Gemm with transB), not per input."""
+    return node.op_type == "Conv" or (node.op_type == "Gemm" and bool(_attribute(node, "transB", 0)))
 
 
 def _attribute(node: Any, name: str, default: int) -> int:
@@ -249,11 +240,8 @@ def correct_linear(
     for k, (node, _) in enumerate(pairs):
         weights = {i.name: i for i in model.graph.initializer}
         weight = numpy_helper.to_array(weights[node.input[1]]).astype(np.float64)
-        matrix = (
-            weight.reshape(weight.shape[0], -1)
-            if node.op_type == "Conv" or _attribute(node, "transB", 0)
-            else weight.T
-        )
+        rows_first = _rows_first(node)
+        matrix = weight.reshape(weight.shape[0], -1) if rows_first else weight.T
         bias = numpy_helper.to_array(weights[node.input[2]]).astype(np.float64)
         runs = run_tensors(model, [node.input[0]], feeds)
         x = np.concatenate([_positions(run[0], picks[k]) for run in runs])
@@ -265,11 +253,7 @@ def correct_linear(
         chosen, change, errors = chosen_change(xs, wanted, current, fit, alpha)
         layers.append({"layer": node.name, "rows": len(x), "alpha": chosen, **errors})
         matrix = matrix + change[:-1].T
-        updated = (
-            matrix.reshape(weight.shape)
-            if node.op_type == "Conv" or _attribute(node, "transB", 0)
-            else matrix.T
-        )
+        updated = matrix.reshape(weight.shape) if rows_first else matrix.T
         weights[node.input[1]].CopyFrom(numpy_helper.from_array(updated.astype(np.float32), node.input[1]))
         weights[node.input[2]].CopyFrom(
             numpy_helper.from_array((bias + change[-1]).astype(np.float32), node.input[2])

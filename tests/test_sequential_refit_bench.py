@@ -67,3 +67,24 @@ def test_correct_linear_refits_a_1x1_consumer_that_lost_a_channel(kernel: int) -
     before = np.linalg.norm(_outputs(dropped, images) - reference)
     after = np.linalg.norm(_outputs(corrected, images) - reference)
     assert after < 0.9 * before
+
+
+@pytest.mark.parametrize("kind", ["MatMul", "Gemm"])
+def test_changed_linear_finds_a_weight_stored_input_rows_first(kind: str) -> None:
+    """A MatMul's (or a Gemm's without transB) weight is [inputs, outputs]: a lost input row counts, a
+    lost output column does not (its own outputs merged: skipped)."""
+
+    def model(first: int, second: int) -> onnx.ModelProto:
+        nodes = [helper.make_node(kind, ["x", "w1"], ["h"]), helper.make_node(kind, ["h", "w2"], ["y"])]
+        weights = [numpy_helper.from_array(np.ones((4, first), np.float32), "w1"),
+                   numpy_helper.from_array(np.ones((first, second), np.float32), "w2")]  # fmt: skip
+        graph = helper.make_graph(
+            nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], weights,
+        )  # fmt: skip
+        return helper.make_model(graph)
+
+    found, skipped = sequential_refit._changed_linear(model(6, 3), model(5, 3), (kind,))
+    assert [node.output[0] for node, _ in found] == ["y"] and skipped == 0
+    found, skipped = sequential_refit._changed_linear(model(6, 3), model(5, 2), (kind,))
+    assert found == [] and skipped == 1
