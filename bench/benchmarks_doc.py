@@ -872,7 +872,7 @@ def refit_grid_mobilenetv2_section(results: Path) -> str:
     spans = "; ".join(
         f"{head}: {_search_vs_heldout(result, key)}"
         for key, head in refit_grid.columns(result, samples)
-        if key.startswith(("refit_", "merges_only_"))
+        if key.startswith(("refit_", "sequential_", "merges_only_"))
     )
     targets = _names([f"{t:.2f}" for t in data["grid"]])
     body = f"""
@@ -973,7 +973,7 @@ def _zoo_grid(results: Path, file: str, name: str, intro: str, title: str) -> st
     spans = "; ".join(
         f"{head}: {_search_vs_heldout(result, key)}"
         for key, head in refit_grid.columns(result, samples)
-        if key.startswith(("refit_", "merges_only_"))
+        if key.startswith(("refit_", "sequential_", "merges_only_"))
     )
     metric = dict(result["fields"])[result["metric"]]
     others = "\n\n".join(
@@ -1308,14 +1308,14 @@ def _ocr_row(target: float, key: str, cell: dict) -> str:
     )
 
 
-def _ocr_findings(data: dict[str, Any]) -> str:
-    """Where the refit keeps >= 99% of the lines (spaces ignored) at >= 15% of the MACs removed."""
+def _ocr_findings(data: dict[str, Any], method: str = "refit") -> str:
+    """Where ``method`` keeps >= 99% of the lines (spaces ignored) at >= 15% of the MACs removed."""
     found = []
     for kind in ("det", "rec"):
         met = [
             f"{1 - cell['macs']:.1%} removed ({cell['identical_ignoring_spaces']:.3f})"
             for row in data["rows"]
-            if (cell := row["cells"].get(f"{kind} refit", {})).get("macs") is not None
+            if (cell := row["cells"].get(f"{kind} {method}", {})).get("macs") is not None
             and cell["macs"] <= 0.85 and cell["identical_ignoring_spaces"] >= 0.99
         ]  # fmt: skip
         found.append(f"{kind}: " + (", ".join(met) if met else "at no target"))
@@ -1344,15 +1344,17 @@ def ocr_pipeline_section(results: Path) -> str:
                         for c in (cell["identical_ignoring_spaces"], cell["identical"])
                     ) + " |"
                 )  # fmt: skip
-            elif key == "det+rec refit":
+            elif key.startswith("det+rec "):
                 both.append(
-                    f"{row['target']}: {cell['identical_ignoring_spaces']:.3f} spaces ignored, "
-                    f"{cell['identical']:.3f} exactly"
+                    f"{key.removeprefix('det+rec ')} at {row['target']}: "
+                    f"{cell['identical_ignoring_spaces']:.3f} spaces ignored, {cell['identical']:.3f} exactly"
                 )
             else:
                 lines.append(_ocr_row(row["target"], key, cell))
     original = data["original"]
     macs = data["macs"]
+    ran = any("det refit + sequential" in row["cells"] for row in data["rows"])
+    sequential = f"; refit + sequential: {_ocr_findings(data, 'refit + sequential')}" if ran else ""
     body = f"""
 PP-OCRv4's text detector (DB, {macs["det"] / 1e6:.0f} M MACs on a {data["det_tile"]}-pixel tile) and
 recogniser (SVTR-LCNet, {macs["rec"] / 1e6:.0f} M MACs at 48 × 320), the zoo's files, each compressed
@@ -1380,10 +1382,10 @@ Refit minus each other method, paired 95% bootstrap intervals over the {data["te
 
 {chr(10).join(ci_lines)}
 
-Detector and recogniser both compressed by the refit at the same target (lines identical): {"; ".join(both)}.
+Detector and recogniser both compressed at the same target (lines identical): {"; ".join(both)}.
 
 At least 15% of the MACs removed with at least 99% of the lines identical (spaces ignored), refit:
-{_ocr_findings(data)}.
+{_ocr_findings(data)}{sequential}.
 """
     commands = ["python bench/zoo.py", "python bench/ocr_pipeline.py"]
     return _section("PP-OCRv4 detection and recognition in the OCR pipeline", "ocr_pipeline.json", commands,
@@ -1410,8 +1412,8 @@ The sentence encoder at MACs {data["target"]}, {data["calibration"]} calibration
 test sentences ({data.get("note", "")}). Sequential: after compression, each changed output projection
 and FFN output MatMul, in graph order, refit on its inputs in the compressed model towards the
 original model's output of that MatMul (ridge towards the current weight, `λ = α·mean diag` of the
-centred Gram, a free intercept). One-shot measured better at every `α`, so the library stays one-shot
-(`docs/method.md`).
+centred Gram, a free intercept). One-shot measured better at every `α`: the library's sequential
+correction leaves MatMuls as they are (`docs/method.md`).
 
 {chr(10).join(lines)}
 """
@@ -1450,22 +1452,25 @@ def sequential_refit_cnn_section(results: Path) -> str:
     alphas = " ".join(next(iter(data["runs"]))["sequential"])
     body = f"""
 The same measurement on the convolutional models of the calibrated grids, each run as the grid's
-`refit_N` cell (channel multiple 1 on the small models and MobileNetV2, 16 on PP-OCR's classifier).
-Sequential: after compression, every 1×1 ungrouped Conv and Gemm that lost input channels and kept
-its outputs, in graph order, refit on its input in the compressed model towards the BatchNorm-folded
-original's output of the same node, at up to 200,000 positions of 3/4 of the calibration images; the
-other quarter validates. "α per node (cv)" takes, per node, the ridge strength of 0.01, 0.1, 1, 10 with
-the least validation error, or leaves the node as it is where none lowers it. k×k and grouped Convs,
-and nodes whose own outputs were merged, stay as they are. Run with red_onnx at commit
-{_commit(data)}; {data["seconds"]:.0f} s on 2 cores.
+`refit_N` cell with `--sequential-refit off` (channel multiple 1 on the small models and MobileNetV2,
+16 on PP-OCR's classifier). Sequential: after compression, the library's correction
+(`red_onnx.search.correction.correct_sequentially`, what `--sequential-refit` runs) refits every 1×1
+ungrouped Conv and Gemm that lost input channels and kept its outputs, in graph order, on its input in
+the compressed model towards the BatchNorm-folded original's output of the same node, fitted on 3/4
+of the calibration images; the other quarter validates. "α per node (cv)" takes, per node, the ridge
+strength of 0.01, 0.1, 1, 10 with the least validation error; every α leaves a node as it is where it
+does not lower that error. Unlike `--sequential-refit`, the corrected model is not checked on its
+output before it is measured. k×k and grouped Convs, and nodes whose own outputs were merged, stay as
+they are. Run with red_onnx at commit {_commit(data)}; {data["seconds"]:.0f} s on 2 cores.
 
 {_verbatim(chr(10).join(lines))}
 
 On these CNNs, unlike the sentence encoder, the correction with α chosen per node lowers the test
 error of the outputs in {lower} of {len(data["runs"])} runs: MobileNetV2's corrected 1×1 convs are
 fitted on thousands of positions an image, not a few tokens; on digits and MNIST-1D only the last Gemm
-is corrected (their other consumers are k×k convs). The task figures move less; a fixed small α (0.01) made
-MobileNetV2 at 0.85 worse. The library does not correct sequentially yet (`docs/method.md`).
+is corrected (their other consumers are k×k convs). The task figures move less. With calibration
+samples the library runs this correction by default and keeps it only where the output error on the
+cv rows falls (`docs/method.md`; the grids' `refit + sequential` column).
 """
     command = f"python bench/sequential_refit.py --cnn {specs} --alphas {alphas}"
     return _section(

@@ -7,6 +7,8 @@ measures side by side:
 - ``refit_N``: red_onnx calibrated on N real samples (``InputSpec(npz=...)``, the least-squares refit
   ranking on), for each N of ``--samples`` (default 32 128 256; smaller sets are subsets of larger);
 - ``merges_only_N``: the same at the largest N with ``refit=False`` (the ablation: the previous rule);
+- ``sequential_N``: ``refit_N`` at the largest N with ``sequential_refit=True`` (the 1×1 consumers
+  corrected in graph order after the merges, kept where the cv rows' output error falls);
 - ``onnxsim_l2``: onnxsim 0.8.1 ``apply_structured_pruning`` (L2 filter magnitude, data-free);
 - ``onnxsim_wanda_N``: onnxsim 0.8.1 ``apply_structured_wanda_pruning`` (``||W_row|| * ||X||``) with
   ``calibration_data`` the same N samples as ``refit_N`` at the largest N, in batches of 32.
@@ -111,7 +113,7 @@ MACS_TOLERANCES = (0.005, 0.01, 0.02)
 #: Calibration samples per batch handed to onnxsim's Wanda pruning.
 WANDA_BATCH = 32
 #: The method families, in table order (``--only`` picks among them).
-METHODS = ("data_free", "refit", "merges_only", "onnxsim_l2", "onnxsim_wanda")
+METHODS = ("data_free", "refit", "sequential", "merges_only", "onnxsim_l2", "onnxsim_wanda")
 #: onnxsim's pruning at this sparsity (the bisection's upper end) gives the least MACs it can reach.
 FLOOR_SPARSITY = 0.99
 #: MobileNetV2: views whose original top-1 probability is at least this count as "confident".
@@ -462,19 +464,24 @@ def score(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) 
 
 
 def _red(
-    task: Task, target: float, spec: InputSpec, refit: bool, multiple: int | None
+    task: Task, target: float, spec: InputSpec, refit: bool, multiple: int | None, sequential: bool = False
 ) -> tuple[onnx.ModelProto, dict]:
     """One red_onnx run at ``target``; its model and MACs kept, search errors and seconds."""
     started = time.perf_counter()
+    settings = {"sequential_refit": sequential} | task.settings
     result = compress(task.path, target_macs=target, channel_multiple=multiple, input_spec=spec,
                       refit=refit, force_target=True, latency_check=False,
-                      raise_on_failure=False, **task.settings)  # fmt: skip
+                      raise_on_failure=False, **settings)  # fmt: skip
     budget = result.report.budget or {}
     chosen = [group["ordering"] for group in budget.get("groups", []) if group.get("removed")]
     info = {"macs": result.report.macs_after / result.report.macs_before,
             "search_error": budget.get("error"), "heldout_error": budget.get("heldout_error"),
             "orderings": {name: chosen.count(name) for name in sorted(set(chosen))},
             "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
+    if "correction" in budget:
+        correction = budget["correction"]
+        info["correction"] = {key: correction.get(key) for key in ("corrected", "kept", "cv_error_before",
+                              "cv_error_after", "heldout_error_before", "heldout_error_after")}  # fmt: skip
     return result.model, info
 
 
@@ -590,15 +597,19 @@ class Grid:
     def _red_cells(self, target: float, cells: dict, vectors: dict) -> None:
         runs = []
         if "data_free" in self.methods:
-            runs.append(("data_free", self.task.data_free_spec, True))
+            runs.append(("data_free", self.task.data_free_spec, True, False))
         if "refit" in self.methods:
-            runs += [(f"refit_{count}", self.specs[count], True) for count in self.samples]
+            runs += [(f"refit_{count}", self.specs[count], True, False) for count in self.samples]
+        if "sequential" in self.methods:
+            runs.append((f"sequential_{self.largest}", self.specs[self.largest], True, True))
         if "merges_only" in self.methods:
-            runs.append((f"merges_only_{self.largest}", self.specs[self.largest], False))
-        for key, spec, refit in runs:
+            runs.append((f"merges_only_{self.largest}", self.specs[self.largest], False, False))
+        for key, spec, refit, sequential in runs:
 
-            def red_cell(key: str = key, spec: InputSpec = spec, refit: bool = refit) -> dict:
-                model, info = _red(self.task, target, spec, refit, self.multiple)
+            def red_cell(
+                key: str = key, spec: InputSpec = spec, refit: bool = refit, sequential: bool = sequential
+            ) -> dict:
+                model, info = _red(self.task, target, spec, refit, self.multiple, sequential)
                 return self._measure(model, info, vectors, key)
 
             self._record(cells, key, target, red_cell)
@@ -650,7 +661,7 @@ class Grid:
             name: {
                 f"{ours} - {other}": list(paired_bootstrap_ci(vectors[ours][name], vectors[other][name]))
                 for ours in vectors
-                if ours.startswith("refit_")
+                if ours.startswith(("refit_", "sequential_"))
                 for other in vectors
                 if other != ours
             }
@@ -725,7 +736,8 @@ def columns(result: dict, samples: Sequence[int]) -> list[tuple[str, str]]:
     largest = max(samples)
     names = [("data_free", "data-free")]
     names += [(f"refit_{n}", f"refit N={n}") for n in sorted(samples)]
-    names += [(f"merges_only_{largest}", f"merges only N={largest}"), ("onnxsim_l2", "onnxsim L2"),
+    names += [(f"sequential_{largest}", f"refit + sequential N={largest}"),
+              (f"merges_only_{largest}", f"merges only N={largest}"), ("onnxsim_l2", "onnxsim L2"),
               (f"onnxsim_wanda_{largest}", f"onnxsim Wanda N={largest}")]  # fmt: skip
     present = {key for row in result["rows"] for key in row["cells"]}
     return [(key, head) for key, head in names if key in present]

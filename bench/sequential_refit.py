@@ -1,4 +1,4 @@
-"""One-shot against sequential reconstruction (a measurement, not a feature).
+"""One-shot against sequential reconstruction, outside the pipeline.
 
 red_onnx fits every refit on activations captured once on the original model (one-shot). The
 alternative (He et al. 2017's sequential correction) fits each layer on the inputs it receives *after*
@@ -16,11 +16,13 @@ the sentence encoder ``bench/text_encoder.py`` uses:
 
 With ``--cnn MODEL:TARGET:N ...`` it measures the same on convolutional models of
 ``bench/refit_grid.py`` (their tasks, test sets and N calibration samples; red_onnx run as the grid's
-``refit_N`` cell): every 1×1 ungrouped Conv and Gemm that lost input channels and kept its outputs is
-corrected in graph order towards the BatchNorm-folded original's output of the same node, at up to
-``CONV_ROWS`` positions of 3/4 of the calibration images (the rest validate; k×k and grouped Convs stay
-as they are). ``--alphas cv`` chooses α per node among ``CV_ALPHAS`` on the validation images, and
-leaves a node unchanged where no α lowers its validation error.
+``refit_N`` cell), with ``red_onnx.search.correction.correct_sequentially`` (what ``--sequential-refit``
+runs): every 1×1 ungrouped Conv and Gemm that lost input channels and kept its outputs is corrected in
+graph order towards the BatchNorm-folded original's output of the same node, fitted on 3/4 of the
+calibration images (the rest validate; k×k and grouped Convs stay as they are). ``--alphas cv``
+chooses α per node among ``CORRECTION_ALPHAS`` on the validation images; every α leaves a node
+unchanged where it does not lower its validation error. Unlike ``--sequential-refit`` this applies the
+correction whatever it does to the model's output.
 
 Usage::
 
@@ -49,8 +51,6 @@ from bench import text_encoder as te
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sequential_refit.json"
 RESULTS_CNN = RESULTS.with_name("sequential_refit_cnn.json")
-#: The ridge strengths (× mean centred diagonal) tried per node with ``--alphas cv``.
-CV_ALPHAS = (0.01, 0.1, 1.0, 10.0)
 #: The convolutional models of ``bench/refit_grid.py`` this script also measures (their 1×1 Convs and Gemms).
 CNNS = ("mobilenetv2", "ppocr_cls", "digits", "mnist1d")
 BATCH = 16
@@ -74,38 +74,23 @@ def _bias_after(model: onnx.ModelProto, tensor: str) -> str:
     raise RuntimeError(f"no bias Add reads {tensor}")
 
 
-def ridge_change(
-    xs: np.ndarray, wanted: np.ndarray, current: np.ndarray, fit: np.ndarray, alpha: float
-) -> tuple[np.ndarray, dict[str, float]]:
-    """The weight change (last row: the intercept) that moves ``current`` towards ``wanted``.
+def _fitted(
+    alpha: float | None, fit: Any, validation: Any, matrix: np.ndarray
+) -> tuple[float, np.ndarray, dict]:
+    """``(α, change, errors)`` of one layer: at a fixed ``alpha`` (applied whatever it does), or None:
+    ``red_onnx``'s choice per layer (``chosen_change``: the least validation error, none if none helps)."""
+    from red_onnx.analysis.correction import chosen_change, ridge_change
 
-    Ridge regression of the residual on ``xs`` (inputs with a ones column last) over the ``fit`` rows,
-    towards no change (``λ = α·mean diag`` of the centred Gram; the intercept free); with the relative
-    error on the other rows before and after.
-    """
-    residual = (wanted - current).astype(np.float64)
-    gram = xs[fit].T @ xs[fit]
-    centred = np.diag(gram)[:-1] - xs[fit, :-1].sum(axis=0) ** 2 / fit.sum()
-    penalty = np.full(len(gram), alpha * float(np.mean(centred)))
-    penalty[-1] = 0.0  # the intercept is free
-    change = np.linalg.solve(gram + np.diag(penalty), xs[fit].T @ residual[fit])
-    scale = np.linalg.norm(wanted[~fit])
-    return change, {
-        "validation_before": float(np.linalg.norm(residual[~fit]) / scale),
-        "validation_after": float(np.linalg.norm(residual[~fit] - xs[~fit] @ change) / scale),
+    if alpha is None:
+        chosen = chosen_change(fit, validation, matrix)
+        change, alpha = chosen.change, chosen.alpha
+    else:
+        change = ridge_change(fit, matrix, alpha)
+    errors = {
+        "validation_before": validation.error(matrix),
+        "validation_after": validation.error(matrix + change),
     }
-
-
-def chosen_change(
-    xs: np.ndarray, wanted: np.ndarray, current: np.ndarray, fit: np.ndarray, alpha: float | None
-) -> tuple[float, np.ndarray, dict[str, float]]:
-    """``(α, change, errors)`` of :func:`ridge_change` at ``alpha``; None: the ``CV_ALPHAS`` value with
-    the least validation error, or α 0 and no change where none lowers it."""
-    tried = [(a, *ridge_change(xs, wanted, current, fit, a)) for a in ([alpha] if alpha else CV_ALPHAS)]
-    chosen, change, errors = min(tried, key=lambda item: item[2]["validation_after"])
-    if alpha is None and errors["validation_after"] >= errors["validation_before"]:
-        return 0.0, np.zeros_like(change), errors  # no α helps on the validation rows: unchanged
-    return chosen, change, errors
+    return alpha, change, errors
 
 
 def correct(
@@ -116,8 +101,10 @@ def correct(
 ) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
     """The sequentially corrected copy of ``compressed`` and, per layer, its validation error before/after.
 
-    ``alpha`` None: chosen per layer as :func:`chosen_change` says.
+    ``alpha`` None: chosen per layer as ``red_onnx.analysis.correction.chosen_change`` does.
     """
+    from red_onnx.analysis.correction import LinearStats
+
     model = onnx.ModelProto()
     model.CopyFrom(compressed)
     mask = calibration["attention_mask"].astype(bool)
@@ -126,77 +113,43 @@ def correct(
     sentence = np.repeat(np.arange(len(mask))[:, None], mask.shape[1], axis=1)[mask]
     fit = np.isin(sentence, fit_rows)
     feeds = [{k: v[i : i + BATCH] for k, v in calibration.items()} for i in range(0, len(mask), BATCH)]
-    pairs, _ = _changed_linear(original, model, ("MatMul",))
+    pairs = _changed_matmuls(original, model)
     targets = _capture(original, [o.output[0] for _, o in pairs], feeds)
     layers = []
     for (node, _), wanted in zip(pairs, targets, strict=True):
         weights = {i.name: i for i in model.graph.initializer}
         weight = numpy_helper.to_array(weights[node.input[1]]).astype(np.float64)
-        x, current = _capture(model, [node.input[0], node.output[0]], feeds)
-        xs = np.hstack([x[mask].astype(np.float64), np.ones((int(mask.sum()), 1))])
-        chosen, change, errors = chosen_change(xs, wanted[mask], current[mask], fit, alpha)
-        layers.append({"layer": node.name, "alpha": chosen, **errors})
-        weights[node.input[1]].CopyFrom(
-            numpy_helper.from_array((weight + change[:-1]).astype(np.float32), node.input[1])
-        )
         bias = _bias_after(model, node.output[0])
-        values = numpy_helper.to_array(weights[bias]).astype(np.float64) + change[-1]
-        weights[bias].CopyFrom(numpy_helper.from_array(values.astype(np.float32), bias))
+        matrix = np.vstack([weight, numpy_helper.to_array(weights[bias]).astype(np.float64)[None, :]])
+        (x,) = _capture(model, [node.input[0]], feeds)
+        x, wanted = x[mask], wanted[mask]
+        stats = [LinearStats.empty(*weight.shape) for _ in range(2)]
+        stats[0].add(x[fit], wanted[fit])
+        stats[1].add(x[~fit], wanted[~fit])
+        chosen, change, errors = _fitted(alpha, stats[0], stats[1], matrix)
+        layers.append({"layer": node.name, "alpha": chosen, **errors})
+        updated = matrix + change
+        weights[node.input[1]].CopyFrom(
+            numpy_helper.from_array(updated[:-1].astype(np.float32), node.input[1])
+        )
+        weights[bias].CopyFrom(numpy_helper.from_array(updated[-1].astype(np.float32), bias))
     return model, layers
 
 
-#: Input positions per layer the CNN correction fits and validates on at most (a seeded subset of the
-#: positions, the same in every image; all where there are fewer).
-CONV_ROWS = 200_000
-
-
-def _changed_linear(
-    original: onnx.ModelProto, compressed: onnx.ModelProto, kinds: tuple[str, ...] = ("Conv", "Gemm")
-) -> tuple[list[tuple[Any, Any]], int]:
-    """(compressed node, original node) of every node of ``kinds`` (1×1 ungrouped Convs, Gemms, MatMuls
-    with a constant weight) whose weight lost input channels and kept its outputs, in graph order; and
-    how many others lost some (k×k or grouped, or their own outputs merged: left as they are). Nodes
-    are matched by their output (names may be empty)."""
+def _changed_matmuls(original: onnx.ModelProto, compressed: onnx.ModelProto) -> list[tuple[Any, Any]]:
+    """(compressed node, original node) of every MatMul with a constant ``[inputs, outputs]`` weight that
+    lost inputs and kept its outputs, in graph order (nodes matched by their output)."""
     before = {n.output[0]: n for n in original.graph.node if n.output}
     weights = {i.name: i for i in original.graph.initializer}
     now = {i.name: i for i in compressed.graph.initializer}
-    found, skipped = [], 0
+    found = []
     for node in compressed.graph.node:
-        if node.op_type not in kinds or node.output[0] not in before or node.input[1] not in now:
+        if node.op_type != "MatMul" or node.output[0] not in before or node.input[1] not in now:
             continue
         old, new = weights.get(before[node.output[0]].input[1]), now[node.input[1]]
-        inputs = 1 if _rows_first(node) else 0
-        if old is None or old.dims[inputs] == new.dims[inputs]:
-            continue
-        outputs = 0 if node.op_type == "Conv" else 1 - inputs
-        if (
-            old.dims[outputs] != new.dims[outputs]
-            or (  # its own outputs merged too: no target to refit to
-                node.op_type == "Conv" and (list(new.dims[2:]) != [1, 1] or _attribute(node, "group", 1) != 1)
-            )
-        ):
-            skipped += 1
-            continue
-        found.append((node, before[node.output[0]]))
-    return found, skipped
-
-
-def _rows_first(node: Any) -> bool:
-    """Whether the node's weight holds one row per output (Conv, Gemm with transB), not per input."""
-    return node.op_type == "Conv" or (node.op_type == "Gemm" and bool(_attribute(node, "transB", 0)))
-
-
-def _attribute(node: Any, name: str, default: int) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
-
-
-def _positions(value: np.ndarray, picked: np.ndarray | None) -> np.ndarray:
-    """[N, C, H, W] (or [N, C]) as rows [N·P, C] at the picked flat spatial positions (all: None)."""
-    if value.ndim == 2:
-        return value
-    flat = value.reshape(value.shape[0], value.shape[1], -1)
-    flat = flat if picked is None else flat[:, :, picked]
-    return flat.transpose(0, 2, 1).reshape(-1, value.shape[1])
+        if old is not None and old.dims[0] != new.dims[0] and old.dims[1] == new.dims[1]:
+            found.append((node, before[node.output[0]]))
+    return found
 
 
 def correct_linear(
@@ -206,59 +159,28 @@ def correct_linear(
     input_name: str,
     alpha: float | None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """The sequentially corrected copy of a compressed CNN: its 1×1 Convs and Gemms, in graph order.
+    """The sequentially corrected copy of a compressed CNN (``red_onnx.search.correction``).
 
-    Each is refit (``ridge_change``) on its input in the corrected model so far towards the original
-    model's output of the same node, at up to ``CONV_ROWS`` positions; 3/4 of the images fit, the rest
-    validate. The intercept goes into the node's bias. ``alpha`` None: per node, the ``CV_ALPHAS`` value
-    with the least validation error, or no change where none lowers it.
+    3/4 of the images fit, the rest validate; ``alpha`` None: per node, the ``CORRECTION_ALPHAS`` value
+    with the least validation error, or no change where none lowers it; a fixed ``alpha``: that one,
+    where it lowers the node's validation error.
     """
-    from red_onnx.runtime.tensor_values import run_tensors, tensor_fetch
+    from red_onnx.analysis.correction import CORRECTION_ALPHAS
+    from red_onnx.search.correction import correct_sequentially
 
-    model = onnx.ModelProto()
-    model.CopyFrom(compressed)
     order = np.random.default_rng(0).permutation(len(images))
-    fit_images = np.isin(np.arange(len(images)), order[: len(order) * 3 // 4])
-    feeds = [{input_name: images[i : i + BATCH]} for i in range(0, len(images), BATCH)]
-    pairs, skipped = _changed_linear(original, model)
-    rng = np.random.default_rng(1)
-    picks: list[np.ndarray | None] = []
-    targets: list[list[np.ndarray]] = [[] for _ in pairs]
-    names = [o.output[0] for _, o in pairs]
-    fetch = tensor_fetch(original, names)
-    for feed in feeds if pairs else []:  # the original's outputs of every node, at the picked positions
-        values = fetch(names, feed)
-        for k, value in enumerate(values):
-            if len(picks) <= k:
-                size = int(np.prod(value.shape[2:])) if value.ndim > 2 else 1
-                per_image = max(CONV_ROWS // len(images), 1)
-                picks.append(
-                    None if size <= per_image else np.sort(rng.choice(size, per_image, replace=False))
-                )
-            targets[k].append(_positions(value, picks[k]))
-    layers = []
-    for k, (node, _) in enumerate(pairs):
-        weights = {i.name: i for i in model.graph.initializer}
-        weight = numpy_helper.to_array(weights[node.input[1]]).astype(np.float64)
-        rows_first = _rows_first(node)
-        matrix = weight.reshape(weight.shape[0], -1) if rows_first else weight.T
-        bias = numpy_helper.to_array(weights[node.input[2]]).astype(np.float64)
-        runs = run_tensors(model, [node.input[0]], feeds)
-        x = np.concatenate([_positions(run[0], picks[k]) for run in runs])
-        wanted = np.concatenate(targets[k]).astype(np.float64)
-        current = x.astype(np.float64) @ matrix.T + bias
-        per_image = len(x) // len(images)
-        fit = np.repeat(fit_images, per_image)
-        xs = np.hstack([x.astype(np.float64), np.ones((len(x), 1))])
-        chosen, change, errors = chosen_change(xs, wanted, current, fit, alpha)
-        layers.append({"layer": node.name, "rows": len(x), "alpha": chosen, **errors})
-        matrix = matrix + change[:-1].T
-        updated = matrix.reshape(weight.shape) if rows_first else matrix.T
-        weights[node.input[1]].CopyFrom(numpy_helper.from_array(updated.astype(np.float32), node.input[1]))
-        weights[node.input[2]].CopyFrom(
-            numpy_helper.from_array((bias + change[-1]).astype(np.float32), node.input[2])
-        )
-    return model, {"layers": layers, "corrected": len(pairs), "skipped": skipped}
+    fitted = np.isin(np.arange(len(images)), order[: len(order) * 3 // 4])
+
+    def feeds(chosen: np.ndarray) -> list[dict[str, np.ndarray]]:
+        picked = images[chosen]
+        return [{input_name: picked[i : i + BATCH]} for i in range(0, len(picked), BATCH)]
+
+    alphas = CORRECTION_ALPHAS if alpha is None else (alpha,)
+    done = correct_sequentially(original, compressed, feeds(fitted), feeds(~fitted), alphas=alphas)
+    layers = [
+        {"layer": layer["node"], **{k: v for k, v in layer.items() if k != "node"}} for layer in done.layers
+    ]
+    return done.model, {"layers": layers, "corrected": len(done.weights), "skipped": len(done.skipped)}
 
 
 def _cnn(name: str, target: float, samples: int, alphas: list[float | None]) -> dict[str, Any]:
@@ -276,7 +198,7 @@ def _cnn(name: str, target: float, samples: int, alphas: list[float | None]) -> 
         start = time.perf_counter()
         result = compress(str(task.path), target_macs=target, channel_multiple=task.channel_multiple,
                           force_target=True, latency_check=False, raise_on_failure=False,
-                          input_spec=InputSpec(npz=path))  # fmt: skip
+                          input_spec=InputSpec(npz=path), sequential_refit=False)  # fmt: skip
         seconds = time.perf_counter() - start
 
     def figures(model: onnx.ModelProto) -> dict[str, Any]:
@@ -353,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         np.savez(path, **calibration)
         start = time.perf_counter()
         result = compress(str(te.MODEL), target_macs=args.target, force_target=True, latency_check=False,
-                          raise_on_failure=False, input_spec=InputSpec(npz=path))  # fmt: skip
+                          raise_on_failure=False, input_spec=InputSpec(npz=path),
+                          sequential_refit=False)  # fmt: skip
         seconds = time.perf_counter() - start
     found: dict[str, Any] = {
         "target": args.target, "calibration": len(calib_pairs), "test": len(test_pairs),

@@ -143,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
         "since on synthetic inputs it measured worse on real data)",
     )
     fidelity.add_argument(
+        "--sequential-refit",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="after the merges, refit each 1x1 conv and Gemm that lost inputs on the inputs it now "
+        "receives, in graph order; kept only where it lowers the output error on the cv rows (auto: "
+        "only with --calibration)",
+    )
+    fidelity.add_argument(
         "--no-hashing",
         action="store_true",
         help="rank merge candidates on the raw weights only (the ablation without KDE hashing)",
@@ -360,6 +368,7 @@ def _run(args: argparse.Namespace) -> int:
             input_spec=_input_spec(args), separation=not args.no_separation, provider=args.provider,
             latency_check=not args.no_latency_check, sensitivity=args.sensitivity, progress=progress,
             latency_cache=args.latency_cache, force_target=args.force_target,
+            sequential_refit={"auto": None, "on": True, "off": False}[args.sequential_refit],
         )  # fmt: skip
     except VerificationError as error:
         progress.close()

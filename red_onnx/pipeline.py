@@ -16,10 +16,11 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -32,6 +33,7 @@ from red_onnx.io.memory import release_free_memory
 from red_onnx.measure import metrics
 from red_onnx.measure.latency import LatencyProbe, LatencyService
 from red_onnx.options import HELDOUT_DRIFT, HELDOUT_FLOOR, Options, make_options
+from red_onnx.passes.correct_consumers import CorrectConsumers
 from red_onnx.passes.fold_affine import FoldAffine
 from red_onnx.passes.fold_batchnorm import FoldBatchNorm
 from red_onnx.passes.infra import Pass, PassManager, PassStep
@@ -43,6 +45,7 @@ from red_onnx.runtime import sessions
 from red_onnx.runtime.sessions import HeldSessions, model_source
 from red_onnx.runtime.shapes import ShapeService
 from red_onnx.search.budget import BudgetSearch
+from red_onnx.search.correction import correct_plan
 from red_onnx.verify.inputs import describe_inputs, make_inputs
 from red_onnx.verify.verifier import Verifier
 
@@ -118,6 +121,8 @@ class Run:
         held: The input's unoptimised session, held for the budget search's reference runs.
         shapes: The shape service at the verification inputs.
         report: The report being filled.
+        corrections: The sequential correction's weights per node output, for its pass (none: no
+            correction kept).
     """
 
     options: Options
@@ -128,6 +133,7 @@ class Run:
     held: HeldSessions | None
     shapes: ShapeService
     report: Report
+    corrections: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)
 
 
 def compress(
@@ -147,7 +153,7 @@ def compress(
             arguments here as ``settings`` (``exact``, ``tolerance``, ``target_macs``,
             ``channel_multiple``, ``freeze``, ``input_spec``, ``verify``, ``hashing``, ``refit``,
             ``activations``, ``separation``, ``provider``, ``latency_check``, ``latency_cache``,
-            ``sensitivity``, ``force_target``).
+            ``sensitivity``, ``force_target``, ``sequential_refit``).
             Without ``tolerance`` or ``target_macs`` the run is exact.
         latency: A latency oracle to use instead of a ``LatencyService`` on the options' provider
             (tests).
@@ -196,6 +202,7 @@ def pass_list(run: Run, latency: LatencyProbe | None = None) -> list[PassStep]:
     ]
     if options.approximate:
         steps.append(lambda working: _searched_merges(working, run))
+        steps.append(lambda working: CorrectConsumers(weights=run.corrections) if run.corrections else None)
     if options.separation:
         if latency is None and options.latency_check:
             latency = LatencyService(provider=options.provider, cache_file=options.latency_cache)
@@ -354,6 +361,16 @@ def _searched_merges(working: graph_utils.WorkingModel, run: Run) -> Pass | None
             )
     run.report.budget = {**outcome.to_dict(), "seconds": round(time.perf_counter() - started, 3)}
     merges = search.final_plan(outcome.counts)
+    if options.sequential_refit and merges:
+        run.notify("sequential refit")
+        started = time.perf_counter()
+        correction, summary = correct_plan(search, merges)
+        summary["seconds"] = round(time.perf_counter() - started, 3)
+        run.report.budget["correction"] = summary
+        if correction is not None:  # the drift check and the verdict judge the model written
+            run.report.budget["heldout_error_uncorrected"] = run.report.budget["heldout_error"]
+            run.report.budget["heldout_error"] = summary["heldout_error_after"]
+            run.corrections = correction.weights
     del search  # its sessions, Gram matrices and model copy: not alive while the merges are applied
     gc.collect()  # the search's groups and graph views are cyclic
     release_free_memory("merging")

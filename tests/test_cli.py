@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 import shutil
@@ -357,6 +358,7 @@ BAD_INPUTS: dict[str, Maker] = {
     "inputs_npz_missing": _with_model("m.onnx", "OUT", "--inputs", "none.npz"),
     "json_directory_missing": _with_model("m.onnx", "OUT", "--json", "nodir/r.json"),
     "unknown_option": _with_model("m.onnx", "OUT", "--frobnicate"),
+    "sequential_refit_alone": _with_model("m.onnx", "OUT", "--sequential-refit", "on"),
 }
 
 
@@ -578,3 +580,30 @@ def test_a_broken_pass_contract_is_an_internal_error(
     err = capfd.readouterr().err.strip()
     assert code == 3
     assert err.startswith("red-onnx: internal error: PassContractError: pass merge_exact changed")
+
+
+# ----------------------------------------------------------------------------------------------
+# the README's calibration example
+
+
+def test_the_readme_calibration_example_is_what_the_command_prints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The README shows real output of ``--calibration digits/``: its figures lines are printed as shown."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    image = pytest.importorskip("PIL.Image")
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for index, pixels in enumerate(datasets.load_digits().images[:64]):
+        image.fromarray(np.round(pixels * 255 / 16).astype(np.uint8), "L").save(folder / f"{index:03d}.png")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--calibration", "digits/", "--preprocess", "0-1", "--target-macs", "0.8"]) == 0
+    printed = [line.strip() for line in capfd.readouterr().out.splitlines()]
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    lines = readme[readme.index("    $ red-onnx --calibration digits/") :].splitlines()[1:]
+    block = itertools.takewhile(lambda line: not line or line.startswith("    "), lines)
+    shown = [line.strip() for line in block if line.strip() and line.strip() != "..."]
+    assert len(shown) >= 10 and any(line.startswith("sequential refit:") for line in shown)
+    for line in shown:  # a trimmed line ("...; ...") matches the printed line's parts around the trim
+        parts = [part.strip() for part in line.split("...") if part.strip()]
+        assert any(all(part in out for part in parts) for out in printed), f"not printed: {line}"

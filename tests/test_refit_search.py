@@ -229,7 +229,7 @@ def test_the_written_plan_is_the_final_refit_and_its_held_out_error_is_reported(
     errors = search.heldout.rel_l2_errors(rebuilt, level="disable_all")
     assert max(errors.values()) == pytest.approx(result.heldout_error, rel=1e-4)
     written = red_onnx.compress(model, target_macs=0.8, channel_multiple=1, input_spec=spec,
-                                latency_check=False, hashing=False)  # fmt: skip
+                                latency_check=False, hashing=False, sequential_refit=False)  # fmt: skip
     assert written.report.budget["heldout_error"] == pytest.approx(result.heldout_error, rel=1e-6)
     feeds = {"x": np.load(spec.calibration)["x"][split_rows(16)["heldout"]]}
     got, want = run(written.model, feeds)["y"], run(model, feeds)["y"]

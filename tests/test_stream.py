@@ -390,3 +390,14 @@ def test_a_patterned_file_gives_both_halves_every_kind() -> None:
     halves = split_rows(len(kinds))
     assert set(kinds[0::2]) == {0, 2}  # what a split by position gave
     assert set(kinds[halves["search"]]) == set(kinds[halves["heldout"]]) == {0, 1, 2, 3}
+
+
+def test_a_recurrent_stream_gets_no_sequential_refit_and_the_report_says_why() -> None:
+    model = recurrent(near=0.003)
+    result = compress(model, tolerance=TOLERANCE, separation=False, channel_multiple=1, sequential_refit=True)
+    plain = compress(model, tolerance=TOLERANCE, separation=False, channel_multiple=1)
+    assert result.report.macs_after < result.report.macs_before
+    correction = result.report.budget["correction"]
+    assert correction["kept"] is False and "recurrent stream" in correction["reason"]
+    assert result.report.budget["heldout_error"] == plain.report.budget["heldout_error"]
+    assert not any(item.name == "correct_consumers" for item in result.report.passes)

@@ -217,8 +217,10 @@ def render_table(report: Report, *, max_layers: int = 40) -> str:
             f"budget search ({budget.get('sensitivity', 'measured')} sensitivity): "
             f"{budget['evaluations']} measurements in {budget['seconds']:.1f}s; error "
             f"{budget['error']:.3g} on search inputs{search}, {budget['heldout_error']:.3g} held out"
-            f"{heldout}; MACs kept {budget['macs_fraction']:.3f}"
+            f"{heldout}{_after_correction(budget)}; MACs kept {budget['macs_fraction']:.3f}"
         )
+        if budget.get("correction"):
+            lines.append(_render_correction(budget["correction"]))
     if report.verification:
         measured = (report.budget or {}).get("measured_on", "search")
         lines.append(_render_verification(report.verification, report.inputs, measured))
@@ -303,6 +305,26 @@ def _render_latency(latency: dict[str, Any] | None) -> list[str]:
 
 def _figure(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
+
+
+def _after_correction(budget: dict[str, Any]) -> str:
+    """Where the sequential refit was kept: the held-out error is the corrected model's; the one before."""
+    before = budget.get("heldout_error_uncorrected")
+    return "" if before is None else f" after the sequential refit ({before:.3g} before it)"
+
+
+def _render_correction(correction: dict[str, Any]) -> str:
+    """The sequential refit's line: nodes corrected, and the output errors it was judged on."""
+    considered = len(correction.get("layers", []))
+    head = f"sequential refit: {correction.get('corrected', 0)} of {considered} 1x1 consumers refit"
+    if "cv_error_before" not in correction:
+        return f"{head}; {correction.get('reason', 'nothing changed')}"
+    before, after = correction["cv_error_before"], correction["cv_error_after"]
+    cv = f"output error on the cv rows {before:.3g} -> {after:.3g}"
+    if not correction["kept"]:
+        return f"{head}; not kept ({cv}, not 1% lower)"
+    heldout = f"{correction['heldout_error_before']:.3g} -> {correction['heldout_error_after']:.3g}"
+    return f"{head}; kept ({cv}; held out {heldout})"
 
 
 def _parts_measured(inputs: dict[str, Any] | None, measured: str = "search") -> tuple[str, str]:

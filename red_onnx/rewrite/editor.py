@@ -461,3 +461,32 @@ def _slice_side_inputs(plan: GroupPlan, node: gs.Node) -> None:
         gather.red_graph = _graph_of(node)
         node.inputs[side.index] = sliced
         _graph_of(node).nodes.append(gather)
+
+
+def replace_linear_weights(node: gs.Node, weight: np.ndarray, bias: np.ndarray | None) -> None:
+    """Give a Conv or Gemm new weight and bias values of the shapes it has (a correction's refit).
+
+    The values keep the dtype the node's constants hold; a bias is added where the node has none.
+
+    Raises:
+        RewriteError: The weight is not a constant of ``weight``'s shape, or the bias one of ``bias``'s.
+    """
+    current = expect_constant(node.inputs[1]) if isinstance(node.inputs[1], gs.Constant) else None
+    if current is None or current.shape != weight.shape:
+        raise RewriteError(
+            f"node {node.name!r}: its weight is not a constant of shape {weight.shape} (got "
+            f"{None if current is None else current.shape}); the correction was made for another model"
+        )
+    set_constant_input(node, 1, weight.astype(current.dtype), suffix=SUFFIX)
+    if bias is None:
+        return
+    if not is_empty_input(node, 2):
+        old = node.inputs[2]
+        values = expect_constant(old) if isinstance(old, gs.Constant) else None
+        if values is None or values.size != bias.size:
+            raise RewriteError(f"node {node.name!r}: its bias is not a constant of {bias.size} values")
+        set_constant_input(node, 2, bias.reshape(values.shape).astype(values.dtype), suffix=SUFFIX)
+    else:
+        if len(node.inputs) > 2:  # the empty placeholder
+            del node.inputs[2:]
+        set_constant_input(node, 2, bias.reshape(-1).astype(current.dtype), suffix=SUFFIX)

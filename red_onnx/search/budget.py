@@ -573,10 +573,25 @@ class BudgetSearch:
 
     def apply_plan(self, plan: dict[str, MergeList]) -> onnx.ModelProto:
         """The base model with the given merges applied."""
-        base = self.base if self.base is not None else graph_utils.export_model(self.working)
-        working = graph_utils.import_model(base)
+        working = graph_utils.import_model(self.base_model())
         MergeNear(shapes=lambda _: self.shapes, merges=plan, freeze=self.freeze)(working)
         return graph_utils.export_model(working)
+
+    def base_model(self) -> onnx.ModelProto:
+        """The model the merges are applied to (exact rewrites only), as a proto."""
+        return self.base if self.base is not None else graph_utils.export_model(self.working)
+
+    def correction_verifiers(self) -> tuple[Verifier, Verifier, Verifier] | None:
+        """The verifiers of the rows a correction is fitted on, validated on, and re-checked on.
+
+        The search's fit rows (a calibration file's "search" part, or the search seeds), its cv rows
+        and its held-out rows; None for a recurrent stream (used whole, not split).
+        """
+        if not self.split:
+            return None
+        fit = self._verifier(SEARCH_SEEDS[: self.seed_count], self.part)
+        validation = self.verifier if self.measured_part == "cv" else self._cv_verifier()
+        return fit, validation, self.heldout
 
     def _measured(self, counts: Counts) -> float | None:
         """The error of ``counts`` on the search inputs if it was measured already, else None."""
