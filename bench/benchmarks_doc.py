@@ -740,10 +740,11 @@ def refit_grid_section(results: Path) -> str:
     body = f"""
 At each fraction of the MACs kept ({", ".join(f"{t:.2f}" for t in data["grid"])}), one run measures
 side by side: red_onnx data-free (synthetic inputs, as in the comparison above); red_onnx calibrated on
-N real samples given as `--inputs`, with the least-squares refit ranking, for N =
-{_names([str(n) for n in samples])}; the same at N={largest} with `--no-refit` ("merges only", the
-previous rule); onnxsim {data["onnxsim"]}'s data-free `apply_structured_pruning` (L2 filter magnitude);
-and its calibrated `apply_structured_wanda_pruning` (filter norm × activation norm) given the same
+N real samples given as `--inputs`, with the least-squares refit ranking and `--sequential-refit off`,
+for N = {_names([str(n) for n in samples])}; the same at N={largest} with the sequential refit ("refit +
+sequential", the default with calibration samples: `docs/method.md`) and with `--no-refit` ("merges
+only", the previous rule); onnxsim {data["onnxsim"]}'s data-free `apply_structured_pruning` (L2 filter
+magnitude); and its calibrated `apply_structured_wanda_pruning` (filter norm × activation norm) given the same
 {largest} calibration samples. Every red_onnx run uses `--channel-multiple {data["channel_multiple"]}`
 (the models are tiny), `--force-target` and no latency check. Both onnxsim baselines prune the
 BatchNorm-folded model and are bisected on their sparsity to the MACs fraction that the refit at

@@ -1,49 +1,19 @@
-"""bench/sequential_refit.py's sequential correction of CNNs, on built nets (no compression run)."""
+"""bench/sequential_refit.py's correction of built nets (no compression run)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_sequential_correction import _outputs, _pair
 
 from bench import sequential_refit
 
 
-def _net(
-    first: np.ndarray, first_bias: np.ndarray, second: np.ndarray, second_bias: np.ndarray
-) -> onnx.ModelProto:
-    """x [N, C, 4, 4] → 1×1 Conv → Relu → Conv (``second``'s kernel) → y."""
-    pads = [second.shape[2] // 2] * 4
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv1"),
-        helper.make_node("Relu", ["h"], ["r"], name="relu"),
-        helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="conv2", pads=pads),
-    ]
-    arrays = {"w1": first, "b1": first_bias, "w2": second, "b2": second_bias}
-    graph = helper.make_graph(
-        nodes,
-        "net",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", first.shape[1], 4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in arrays.items()],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def _outputs(model: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": images})[0]
-
-
 @pytest.mark.parametrize("kernel", [1, 3])
 def test_correct_linear_refits_a_1x1_consumer_that_lost_a_channel(kernel: int) -> None:
-    rng = np.random.default_rng(1)
-    first, first_bias = rng.normal(size=(5, 3, 1, 1)), rng.normal(size=5) * 0.1
-    second, second_bias = rng.normal(size=(2, 5, kernel, kernel)), rng.normal(size=2)
-    original = _net(first, first_bias, second, second_bias)
-    dropped = _net(first[:4], first_bias[:4], second[:, :4], second_bias)  # hidden channel 4 removed
+    original, dropped, rng = _pair(kernel=kernel, seed=1)  # hidden channel 4 removed
     images = rng.normal(size=(40, 3, 4, 4)).astype(np.float32)
     corrected, about = sequential_refit.correct_linear(original, dropped, images, "x", None)
     if kernel == 3:  # a k×k consumer is left as it is
