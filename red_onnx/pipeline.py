@@ -367,6 +367,9 @@ def _searched_merges(working: graph_utils.WorkingModel, run: Run) -> Pass | None
         correction, summary = correct_plan(search, merges)
         summary["seconds"] = round(time.perf_counter() - started, 3)
         run.report.budget["correction"] = summary
+        dropped = _dropped_correction(options, run.report.budget, summary) if correction is not None else None
+        if dropped is not None:
+            summary["kept"], summary["reason"], correction = False, dropped, None
         if correction is not None:  # the drift check and the verdict judge the model written
             run.report.budget["heldout_error_uncorrected"] = run.report.budget["heldout_error"]
             run.report.budget["heldout_error"] = summary["heldout_error_after"]
@@ -377,6 +380,33 @@ def _searched_merges(working: graph_utils.WorkingModel, run: Run) -> Pass | None
     if not merges:
         return None
     return MergeNear(shapes=run.shapes, merges=merges, freeze=options.freeze)
+
+
+def _heldout_passes(options: Options, budget: dict[str, Any], heldout: float) -> bool:
+    """Whether a held-out error passes the run's check of it.
+
+    Within the tolerance; with ``--target-macs``, within ``HELDOUT_DRIFT`` times the search's error
+    (above ``HELDOUT_FLOOR``) unless ``--force-target``.
+    """
+    if options.target_macs is None:
+        return heldout <= options.tolerance
+    search = budget.get("error")
+    return options.force_target or search is None or heldout <= max(HELDOUT_DRIFT * search, HELDOUT_FLOOR)
+
+
+def _dropped_correction(options: Options, budget: dict[str, Any], summary: dict[str, Any]) -> str | None:
+    """Why a sequential refit kept on the cv rows is not written, or None.
+
+    It is not where its held-out error would fail the run's held-out check and the uncorrected
+    model's passes: a correction chosen on a few cv rows must not turn a result that verifies into a
+    failure (the budget search backs off on the held-out rows the same way).
+    """
+    before, after = budget["heldout_error"], summary["heldout_error_after"]
+    if _heldout_passes(options, budget, before) and not _heldout_passes(options, budget, after):
+        return (
+            f"held out {after:.3g} would fail the held-out check; the uncorrected model's {before:.3g} passes"
+        )
+    return None
 
 
 def _collect_skips(report: Report) -> None:

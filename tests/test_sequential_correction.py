@@ -272,5 +272,23 @@ def test_a_correction_not_kept_says_why_in_the_table() -> None:
     )
     stream = {"kept": False, "reason": "a recurrent stream is used whole: no rows to validate on"}
     assert _render_correction(stream).endswith(
-        "refit; a recurrent stream is used whole: no rows to validate on"
+        "; not kept: a recurrent stream is used whole: no rows to validate on"
     )
+    reason = "held out 0.03 would fail the held-out check; the uncorrected model's 0.02 passes"
+    assert _render_correction(summary | {"reason": reason}).endswith(f"; not kept: {reason}")
+
+
+def test_a_correction_that_would_fail_the_held_out_check_is_not_written() -> None:
+    from red_onnx.pipeline import _dropped_correction
+
+    summary = {"heldout_error_after": 0.03}
+    bounded = make_options(tolerance=0.025)
+    reason = _dropped_correction(bounded, {"heldout_error": 0.02}, summary)
+    assert reason is not None and "0.03 would fail the held-out check" in reason and "0.02 passes" in reason
+    assert _dropped_correction(bounded, {"heldout_error": 0.026}, summary) is None  # both fail: it is lower
+    assert _dropped_correction(make_options(tolerance=0.05), {"heldout_error": 0.02}, summary) is None
+    targeted = make_options(target_macs=0.8)  # the drift check: 2x the search's error
+    assert _dropped_correction(targeted, {"heldout_error": 0.02, "error": 0.012}, summary) is not None
+    assert _dropped_correction(targeted, {"heldout_error": 0.02, "error": 0.02}, summary) is None
+    forced = make_options(target_macs=0.8, force_target=True)  # nothing fails: kept
+    assert _dropped_correction(forced, {"heldout_error": 0.02, "error": 0.012}, summary) is None

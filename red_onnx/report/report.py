@@ -317,8 +317,12 @@ def _render_correction(correction: dict[str, Any]) -> str:
     """The sequential refit's line: nodes corrected, and the output errors it was judged on."""
     considered = len(correction.get("layers", []))
     head = f"sequential refit: {correction.get('corrected', 0)} of {considered} 1x1 consumers refit"
-    if "cv_error_before" not in correction:
-        return f"{head}; {correction.get('reason', 'nothing changed')}"
+    if "cv_error_before" not in correction or correction.get("reason"):
+        return (
+            f"{head}; not kept: {correction['reason']}"
+            if "reason" in correction
+            else f"{head}; nothing changed"
+        )
     before, after = correction["cv_error_before"], correction["cv_error_after"]
     cv = f"output error on the cv rows {before:.3g} -> {after:.3g}"
     if not correction["kept"]:
