@@ -351,9 +351,7 @@ def correct_plan(search: BudgetSearch, plan: Mapping[str, Any]) -> tuple[Correct
     kept = after < (1.0 - MIN_GAIN) * before
     summary |= {"cv_error_before": before, "cv_error_after": after, "kept": kept}
     if kept:
-        summary["heldout_error_before"] = max(
-            heldout.rel_l2_errors(merged, "disable_all").values(), default=0.0
-        )
+        summary["heldout_error_before"] = search.plan_error(dict(plan), heldout=True)  # measured already
         summary["heldout_error_after"] = max(
             heldout.rel_l2_errors(correction.model, "disable_all").values(), default=0.0
         )
