@@ -390,8 +390,12 @@ def _heldout_passes(options: Options, budget: dict[str, Any], heldout: float) ->
     """
     if options.target_macs is None:
         return heldout <= options.tolerance
-    search = budget.get("error")
-    return options.force_target or search is None or heldout <= max(HELDOUT_DRIFT * search, HELDOUT_FLOOR)
+    return options.force_target or not _drifted(budget.get("error"), heldout)
+
+
+def _drifted(search: float | None, heldout: float) -> bool:
+    """Whether the held-out error is over ``HELDOUT_DRIFT`` times the search's (and ``HELDOUT_FLOOR``)."""
+    return search is not None and heldout > max(HELDOUT_DRIFT * search, HELDOUT_FLOOR)
 
 
 def _dropped_correction(options: Options, budget: dict[str, Any], summary: dict[str, Any]) -> str | None:
@@ -463,11 +467,7 @@ def _verify(
             checked["passed"] = within and (heldout is None or heldout <= options.tolerance)
         else:
             search, heldout = _budget_error(report, "error"), _budget_error(report, "heldout_error")
-            drift = (
-                search is not None
-                and heldout is not None
-                and heldout > max(HELDOUT_DRIFT * search, HELDOUT_FLOOR)
-            )
+            drift = heldout is not None and _drifted(search, heldout)
             checked["criterion"] = (
                 f"target MACs: no fidelity bound was asked; outputs finite, and the held-out error within "
                 f"{HELDOUT_DRIFT:g}x the search's"

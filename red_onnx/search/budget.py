@@ -486,7 +486,7 @@ class BudgetSearch:
 
     def _patch_grams(self, requests: dict[str, ConvTaps], verifier: Verifier) -> dict:
         """The patch Grams of the tensors of ``requests`` (with their taps) on ``verifier``'s inputs."""
-        base = self.base if self.base is not None else graph_utils.export_model(self.working)
+        base = self.base_model()
         return patch_grams(base, verifier.inputs, requests)
 
     @staticmethod
@@ -531,7 +531,7 @@ class BudgetSearch:
                 member = group.tensors[consumer.tensor]
                 rows = member.block if captured_by_rows(member, consumer.node) else 1
                 wanted[group.name] = (member.tensor.name, member.axis, member.block // rows, rows)
-        base = self.base if self.base is not None else graph_utils.export_model(self.working)
+        base = self.base_model()
         tensors = {t: (a, b) for t, a, b, _ in wanted.values()}
         more = {t: form for t, form in extra.items() if tensors.setdefault(t, form) == form}
         captured = capture(base, verifier.inputs, tensors, masks=verifier.token_masks)
@@ -571,9 +571,9 @@ class BudgetSearch:
         """The merges ``counts`` stands for."""
         return {name: self.merges[name][count] for name, count in counts.items() if count}
 
-    def apply_plan(self, plan: dict[str, MergeList]) -> onnx.ModelProto:
-        """The base model with the given merges applied."""
-        working = graph_utils.import_model(self.base_model())
+    def apply_plan(self, plan: dict[str, MergeList], base: onnx.ModelProto | None = None) -> onnx.ModelProto:
+        """The base model (``base``, when the caller holds it already) with the given merges applied."""
+        working = graph_utils.import_model(base if base is not None else self.base_model())
         MergeNear(shapes=lambda _: self.shapes, merges=plan, freeze=self.freeze)(working)
         return graph_utils.export_model(working)
 

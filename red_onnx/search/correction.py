@@ -332,7 +332,8 @@ def correct_plan(search: BudgetSearch, plan: Mapping[str, Any]) -> tuple[Correct
     if verifiers is None:
         return None, {"kept": False, "reason": "a recurrent stream is used whole: no rows to validate on"}
     fit, validation, heldout = verifiers
-    base, merged = search.base_model(), search.apply_plan(dict(plan))
+    base = search.base_model()
+    merged = search.apply_plan(dict(plan), base)  # not a second export of the base model
     summary: dict[str, Any] = {
         "rows": {"fit": _samples(merged, fit.inputs), "cv": _samples(merged, validation.inputs)}
     }
