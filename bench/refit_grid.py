@@ -480,8 +480,9 @@ def _red(
             "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
     if "correction" in budget:
         correction = budget["correction"]
-        info["correction"] = {key: correction.get(key) for key in ("corrected", "kept", "cv_error_before",
-                              "cv_error_after", "heldout_error_before", "heldout_error_after")}  # fmt: skip
+        fields = ("scope", "corrected", "kept", "cv_error_before", "cv_error_after", "cv_error_per_scope",
+                  "heldout_error_before", "heldout_error_after")  # fmt: skip
+        info["correction"] = {key: correction.get(key) for key in fields}
     return result.model, info
 
 

@@ -75,17 +75,18 @@ def _bias_after(model: onnx.ModelProto, tensor: str) -> str:
 
 
 def _fitted(
-    alpha: float | None, fit: Any, validation: Any, matrix: np.ndarray
+    alpha: float | None, folds: list[Any], validation: Any, matrix: np.ndarray
 ) -> tuple[float, np.ndarray, dict]:
     """``(α, change, errors)`` of one layer: at a fixed ``alpha`` (applied whatever it does), or None:
-    ``red_onnx``'s choice per layer (``chosen_change``: the least validation error, none if none helps)."""
-    from red_onnx.analysis.correction import chosen_change, ridge_change
+    ``red_onnx``'s choice per layer (``cross_validated_change`` over the ``folds`` of the fit rows:
+    the least held-back error, none if none helps); the errors on the ``validation`` rows."""
+    from red_onnx.analysis.correction import cross_validated_change, ridge_change
 
     if alpha is None:
-        chosen = chosen_change(fit, validation, matrix)
+        chosen = cross_validated_change(folds, matrix)
         change, alpha = chosen.change, chosen.alpha
     else:
-        change = ridge_change(fit, matrix, alpha)
+        change = ridge_change(sum(folds[1:], start=folds[0]), matrix, alpha)
     errors = {
         "validation_before": validation.error(matrix),
         "validation_after": validation.error(matrix + change),
@@ -101,9 +102,11 @@ def correct(
 ) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
     """The sequentially corrected copy of ``compressed`` and, per layer, its validation error before/after.
 
-    ``alpha`` None: chosen per layer as ``red_onnx.analysis.correction.chosen_change`` does.
+    ``alpha`` None: chosen per layer as ``red_onnx.analysis.correction.cross_validated_change`` does,
+    over folds of the fit sentences.
     """
     from red_onnx.analysis.correction import LinearStats
+    from red_onnx.search.correction import CORRECTION_FOLDS
 
     model = onnx.ModelProto()
     model.CopyFrom(compressed)
@@ -123,10 +126,14 @@ def correct(
         matrix = np.vstack([weight, numpy_helper.to_array(weights[bias]).astype(np.float64)[None, :]])
         (x,) = _capture(model, [node.input[0]], feeds)
         x, wanted = x[mask], wanted[mask]
-        stats = [LinearStats.empty(*weight.shape) for _ in range(2)]
-        stats[0].add(x[fit], wanted[fit])
-        stats[1].add(x[~fit], wanted[~fit])
-        chosen, change, errors = _fitted(alpha, stats[0], stats[1], matrix)
+        folds = [LinearStats.empty(*weight.shape) for _ in range(CORRECTION_FOLDS)]
+        fold_of = sentence % CORRECTION_FOLDS  # by sentence: its tokens stay together
+        for index, stats in enumerate(folds):
+            chosen_rows = fit & (fold_of == index)
+            stats.add(x[chosen_rows], wanted[chosen_rows])
+        validation = LinearStats.empty(*weight.shape)
+        validation.add(x[~fit], wanted[~fit])
+        chosen, change, errors = _fitted(alpha, folds, validation, matrix)
         layers.append({"layer": node.name, "alpha": chosen, **errors})
         updated = matrix + change
         weights[node.input[1]].CopyFrom(
@@ -161,22 +168,16 @@ def correct_linear(
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The sequentially corrected copy of a compressed CNN (``red_onnx.search.correction``).
 
-    3/4 of the images fit, the rest validate; ``alpha`` None: per node, the ``CORRECTION_ALPHAS`` value
-    with the least validation error, or no change where none lowers it; a fixed ``alpha``: that one,
-    where it lowers the node's validation error.
+    Every image is fitted on; ``alpha`` None: per node, the ``CORRECTION_ALPHAS`` value with the least
+    error over the folds held back, or no change where none lowers it; a fixed ``alpha``: that one,
+    where it lowers that error.
     """
     from red_onnx.analysis.correction import CORRECTION_ALPHAS
     from red_onnx.search.correction import correct_sequentially
 
-    order = np.random.default_rng(0).permutation(len(images))
-    fitted = np.isin(np.arange(len(images)), order[: len(order) * 3 // 4])
-
-    def feeds(chosen: np.ndarray) -> list[dict[str, np.ndarray]]:
-        picked = images[chosen]
-        return [{input_name: picked[i : i + BATCH]} for i in range(0, len(picked), BATCH)]
-
+    feeds = [{input_name: images[i : i + BATCH]} for i in range(0, len(images), BATCH)]
     alphas = CORRECTION_ALPHAS if alpha is None else (alpha,)
-    done = correct_sequentially(original, compressed, feeds(fitted), feeds(~fitted), alphas=alphas)
+    done = correct_sequentially(original, compressed, feeds, alphas=alphas)
     layers = [
         {"layer": layer["node"], **{k: v for k, v in layer.items() if k != "node"}} for layer in done.layers
     ]

@@ -1,7 +1,7 @@
-"""Sequential correction: give the merged model's 1×1 consumers the weights the correction refit.
+"""Sequential correction: give the merged model's consumers the weights the correction refit.
 
 The pass decides nothing: ``red_onnx.search.correction`` computes, per node output, the new weight and
-bias of each 1×1 Conv and Gemm it corrected (fitted on the merged model's own inputs towards the
+bias of each Conv and Gemm it corrected (fitted on the merged model's own inputs towards the
 exact-rewritten model's outputs), and the pass writes them through ``red_onnx.rewrite.editor``.
 """
 

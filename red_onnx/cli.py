@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sequential-refit",
         choices=("auto", "on", "off"),
         default="auto",
-        help="after the merges, refit each 1x1 conv and Gemm that lost inputs on the inputs it now "
+        help="after the merges, refit each conv and Gemm that lost inputs on the inputs it now "
         "receives, in graph order; kept only where it lowers the output error on the cv rows (auto: "
         "only with --calibration)",
     )

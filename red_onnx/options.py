@@ -249,7 +249,7 @@ class Options:
         sensitivity: How the budget search finds each group's error alone: "measured", "calibrated"
             (estimated from one activation capture, scaled per group by one run), "local" (the
             estimate only) or "auto" (calibrated above 1 GMAC per sample, measured below).
-        sequential_refit: After the merges, refit the 1×1 Convs and Gemms that lost inputs on the
+        sequential_refit: After the merges, refit the Convs and Gemms that lost inputs on the
             merged model's own inputs, in graph order (``red_onnx.search.correction``); kept only
             where it lowers the output error on the cv rows (approximate mode; on by default with
             ``--calibration``).
@@ -348,7 +348,7 @@ def make_options(
             group, level and ranking), ``"calibrated"`` (estimated from one activation capture, scaled
             per group by one one-sample run), ``"local"`` (the estimate only) or ``"auto"`` (calibrated
             above 1 GMAC per verification sample, measured below).
-        sequential_refit: After the merges, refit each 1×1 Conv and Gemm that lost input channels on
+        sequential_refit: After the merges, refit each Conv and Gemm that lost input channels on
             the inputs it receives in the merged model, in graph order, towards the exact-rewritten
             model's output of that node; kept only where it lowers the output error on the cv rows.
             None: on in approximate runs with ``input_spec.calibration`` (real samples), off on

@@ -1,4 +1,4 @@
-"""Sequential correction of 1×1 consumers: the ridge maths, the node walk, the pass and the pipeline."""
+"""Sequential correction of Conv and Gemm consumers: ridge maths, node walk, pass and pipeline."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from red_onnx import InputSpec, compress
-from red_onnx.analysis.correction import LinearStats, chosen_change, ridge_change
+from red_onnx.analysis.correction import LinearStats, cross_validated_change, ridge_change
 from red_onnx.errors import RewriteError, UsageError
 from red_onnx.io import graph as graph_utils
 from red_onnx.options import make_options
 from red_onnx.passes.correct_consumers import CorrectConsumers
 from red_onnx.report.report import render_table
-from red_onnx.search.correction import correct_sequentially, correctable_nodes
+from red_onnx.search.activations import ConvTaps
+from red_onnx.search.correction import LinearNode, _input_rows, correct_sequentially, correctable_nodes
 
 
 def _stats(x: np.ndarray, t: np.ndarray) -> LinearStats:
@@ -49,19 +50,48 @@ def test_ridge_change_without_penalty_is_least_squares_and_the_intercept_is_free
     np.testing.assert_allclose(strong[-1], t.mean(axis=0), atol=1e-2)
 
 
-def test_chosen_change_lowers_the_validation_error_or_changes_nothing() -> None:
+def test_linear_stats_add_and_subtract_as_their_rows_do() -> None:
+    rng = np.random.default_rng(6)
+    x, t, m = rng.normal(size=(40, 3)), rng.normal(size=(40, 2)), rng.normal(size=(4, 2))
+    first, second = _stats(x[:15], t[:15]), _stats(x[15:], t[15:])
+    both, alone = first + second, _stats(x, t) - second
+    assert both.rows == 40 and alone.rows == 15
+    assert both.error(m) == pytest.approx(_stats(x, t).error(m), rel=1e-10)
+    assert alone.squared_error(m) == pytest.approx(first.squared_error(m), rel=1e-9)
+
+
+def test_cross_validated_change_is_chosen_on_the_folds_held_back_and_fitted_on_all() -> None:
     rng = np.random.default_rng(2)
     x, true = rng.normal(size=(300, 4)), rng.normal(size=(5, 3))
     t = np.hstack([x, np.ones((300, 1))]) @ true + 0.01 * rng.normal(size=(300, 3))
     current = true + 0.3 * rng.normal(size=true.shape)
-    chosen = chosen_change(_stats(x[:200], t[:200]), _stats(x[200:], t[200:]), current)
-    assert chosen.alpha > 0 and chosen.validation_after < 0.1 * chosen.validation_before
-    assert chosen.validation_after == pytest.approx(_stats(x[200:], t[200:]).error(current + chosen.change))
-    # validation rows that want the change the other way: no strength helps, nothing changes
-    away = np.hstack([x[200:], np.ones((100, 1))]) @ (2 * current - true)
-    unchanged = chosen_change(_stats(x[:200], t[:200]), _stats(x[200:], away), current)
+    folds = [_stats(x[i::4], t[i::4]) for i in range(4)]
+    chosen = cross_validated_change(folds, current, alphas=(0.01, 1.0))
+    assert chosen.alpha > 0 and chosen.held_back_after < 0.1 * chosen.held_back_before
+    everything = _stats(x, t)
+    np.testing.assert_allclose(chosen.change, ridge_change(everything, current, chosen.alpha))
+    assert chosen.fit_after == pytest.approx(everything.error(current + chosen.change))
+    assert chosen.held_back_before == pytest.approx(everything.error(current))
+    pooled = sum(  # each fold scored on the change fitted without it
+        f.squared_error(current + ridge_change(everything - f, current, chosen.alpha)) for f in folds
+    )
+    assert chosen.held_back_after == pytest.approx(np.sqrt(pooled / everything.energy))
+
+
+def test_cross_validated_change_changes_nothing_when_the_folds_disagree_or_are_too_few() -> None:
+    rng = np.random.default_rng(7)
+    x, true = rng.normal(size=(200, 4)), rng.normal(size=(5, 3))
+    current = true + 0.3 * rng.normal(size=true.shape)
+    ones = np.hstack([x, np.ones((200, 1))])
+    # half the rows want the change one way, the other half the other way: fitted on one half,
+    # scored on the other, no strength helps
+    folds = [_stats(x[:100], ones[:100] @ true), _stats(x[100:], ones[100:] @ (2 * current - true))]
+    unchanged = cross_validated_change(folds, current)
     assert unchanged.alpha == 0.0 and not unchanged.change.any()
-    assert unchanged.validation_after == unchanged.validation_before
+    assert unchanged.held_back_after == unchanged.held_back_before
+    empty = LinearStats.empty(4, 3)
+    lone = cross_validated_change([_stats(x, ones @ true), empty, empty], current)
+    assert lone.alpha == 0.0 and not lone.change.any()
 
 
 def _net(
@@ -119,15 +149,17 @@ def _pair(kernel: int = 1, gemm: bool = False, bias: bool = True, trans_b: bool 
     return original, dropped, rng
 
 
-@pytest.mark.parametrize(("gemm", "bias", "trans_b"), [(False, True, True), (True, True, True),
-                                                       (True, False, True), (True, True, False)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kernel", "gemm", "bias", "trans_b"),
+    [(1, False, True, True), (3, False, True, True), (3, False, False, True), (1, True, True, True),
+     (1, True, False, True), (1, True, True, False)],
+)  # fmt: skip
 def test_a_consumer_that_lost_a_channel_is_refit_and_the_pass_writes_the_same_weights(
-    gemm: bool, bias: bool, trans_b: bool
+    kernel: int, gemm: bool, bias: bool, trans_b: bool
 ) -> None:
-    original, dropped, rng = _pair(gemm=gemm, bias=bias, trans_b=trans_b)
-    fit = [{"x": rng.normal(size=(30, 3, 4, 4)).astype(np.float32)}]
-    validation = [{"x": rng.normal(size=(10, 3, 4, 4)).astype(np.float32)}]
-    correction = correct_sequentially(original, dropped, fit, validation)
+    original, dropped, rng = _pair(kernel=kernel, gemm=gemm, bias=bias, trans_b=trans_b)
+    fit = [{"x": rng.normal(size=(n, 3, 4, 4)).astype(np.float32)} for n in (17, 23)]  # two feeds
+    correction = correct_sequentially(original, dropped, fit)
     assert [layer["node"] for layer in correction.layers] == ["fc" if gemm else "conv2"]
     assert correction.weights and correction.layers[0]["alpha"] > 0
     test = rng.normal(size=(40, 3, 4, 4)).astype(np.float32)
@@ -145,16 +177,82 @@ def test_a_consumer_that_lost_a_channel_is_refit_and_the_pass_writes_the_same_we
     )
 
 
-def test_a_kxk_consumer_is_left_as_it_is_with_the_reason() -> None:
-    original, dropped, rng = _pair(kernel=3)
-    feeds = [{"x": rng.normal(size=(8, 3, 4, 4)).astype(np.float32)}]
-    correction = correct_sequentially(original, dropped, feeds, feeds)
-    assert not correction.weights and not correction.layers
-    assert correction.skipped == [
-        {"node": "conv2", "reason": "a k×k Conv (only 1×1 consumers are corrected)"}
+@pytest.mark.parametrize(
+    ("kernel", "strides", "dilations", "pads"),
+    [((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), ((3, 2), (2, 1), (1, 2), (0, 1, 2, 0)),
+     ((1, 1), (2, 2), (1, 1), (0,) * 4)],
+)  # fmt: skip
+def test_input_rows_times_the_weight_are_the_conv_output(
+    kernel: tuple[int, int], strides: tuple[int, int], dilations: tuple[int, int], pads: tuple[int, ...]
+) -> None:
+    """A Conv's patch rows ``[N·P, C·taps]`` times its weight: onnxruntime's output at those positions."""
+    rng = np.random.default_rng(8)
+    weight = rng.normal(size=(4, 3, *kernel)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], strides=strides, dilations=dilations, pads=pads)
+    graph = helper.make_graph(
+        [node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 3, 7, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w")],
+    )  # fmt: skip
+    images = rng.normal(size=(5, 3, 7, 6)).astype(np.float32)
+    want = _outputs(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), images)
+    taps = ConvTaps(kernel, strides, dilations, pads)
+    linear = LinearNode("conv", "y", "x", "w", None, rows_first=True, taps=taps)
+    samples, picked = np.array([1, 4]), np.array([0, 3, want.shape[2] * want.shape[3] - 1])
+    rows = _input_rows(linear, images, picked, samples)
+    got = rows @ weight.reshape(4, -1).T.astype(np.float64)
+    expected = want.reshape(5, 4, -1)[samples][:, :, picked].transpose(0, 2, 1).reshape(-1, 4)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _grouped_pair() -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """x [N, 4, 4, 4] → grouped 1×1 Conv (2 groups, 4 out) → y; and the same with 2 inputs fewer."""
+
+    def net(inputs: int) -> onnx.ModelProto:
+        weight = np.ones((4, inputs // 2, 1, 1), np.float32)
+        node = helper.make_node("Conv", ["x", "w"], ["y"], name="grouped", group=2)
+        graph = helper.make_graph(
+            [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", inputs, 4, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(weight, "w")],
+        )  # fmt: skip
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    return net(4), net(2)
+
+
+def test_a_grouped_conv_is_left_with_the_reason_and_nothing_lost_finds_nothing() -> None:
+    original, fewer = _grouped_pair()
+    assert correctable_nodes(original, fewer) == ([], [{"node": "grouped", "reason": "a grouped Conv"}])
+    original, dropped, _ = _pair(kernel=3)
+    assert correctable_nodes(original, original) == ([], [])  # nothing lost inputs: nothing found
+    assert [n.name for n in correctable_nodes(original, dropped)[0]] == ["conv2"]
+    assert correctable_nodes(original, dropped, scope="pointwise") == (
+        [], [{"node": "conv2", "reason": "a k×k Conv (left in the pointwise scope)"}]
+    )  # fmt: skip
+
+
+def test_a_node_whose_outputs_were_merged_is_refit_towards_the_channels_it_kept() -> None:
+    """conv2 [2, 5, 3, 3] loses input 4 and output 0: its target is the original's output channel 1."""
+    original, dropped, rng = _pair(kernel=3, seed=9)
+    weights = {i.name: numpy_helper.to_array(i) for i in dropped.graph.initializer}
+    narrower = onnx.ModelProto()
+    narrower.CopyFrom(dropped)
+    for initializer in narrower.graph.initializer:
+        if initializer.name in ("w2", "b2"):
+            initializer.CopyFrom(numpy_helper.from_array(weights[initializer.name][1:], initializer.name))
+    nodes, skipped = correctable_nodes(original, narrower)
+    assert nodes == [] and skipped == [
+        {"node": "conv2", "reason": "its own outputs were merged too, and which ones it kept is not known"}
     ]
-    nodes, skipped = correctable_nodes(original, original)  # nothing lost inputs: nothing found
-    assert (nodes, skipped) == ([], [])
+    fit = [{"x": rng.normal(size=(40, 3, 4, 4)).astype(np.float32)}]
+    correction = correct_sequentially(original, narrower, fit, kept_outputs={"y": np.array([1])})
+    assert [layer["node"] for layer in correction.layers] == ["conv2"] and correction.weights
+    test = rng.normal(size=(40, 3, 4, 4)).astype(np.float32)
+    want = _outputs(original, test)[:, 1:]
+    before = np.linalg.norm(_outputs(narrower, test) - want) / np.linalg.norm(want)
+    after = np.linalg.norm(_outputs(correction.model, test) - want) / np.linalg.norm(want)
+    assert after < 0.75 * before
 
 
 def test_the_pass_refuses_weights_made_for_another_model() -> None:
@@ -230,10 +328,14 @@ def test_compress_reports_the_correction_and_judges_the_model_it_writes(tmp_path
     corrected = compress(path, **settings)  # on by default with calibration samples
     summary = corrected.report.budget["correction"]
     assert summary["rows"] == {"fit": 32, "cv": 16}
-    assert [layer["node"] for layer in summary["layers"]] == ["conv3"]
-    assert summary["skipped"] == [
-        {"node": "conv2", "reason": "its own outputs were merged too (no target to refit to)"}
-    ]
+    # conv3 alone (pointwise) or conv2 too, towards the outputs it kept: the lower cv error is chosen
+    assert set(summary["cv_error_per_scope"]) == {"pointwise", "every"}
+    assert summary["cv_error_after"] == min(summary["cv_error_per_scope"].values())
+    chosen = {"pointwise": ["conv3"], "every": ["conv2", "conv3"]}[summary["scope"]]
+    assert [layer["node"] for layer in summary["layers"]] == chosen
+    assert summary["skipped"] == ([] if summary["scope"] == "every" else [
+        {"node": "conv2", "reason": "its own outputs were merged too, and which ones it kept is not known"}
+    ])  # fmt: skip
     assert plain.report.macs_after == corrected.report.macs_after
     assert summary["kept"] and summary["cv_error_after"] < summary["cv_error_before"]
     assert corrected.report.budget["heldout_error"] == summary["heldout_error_after"]
@@ -245,8 +347,9 @@ def test_compress_reports_the_correction_and_judges_the_model_it_writes(tmp_path
         corrected.verified
         and corrected.report.verification["heldout_error"] == summary["heldout_error_after"]
     )
-    assert "sequential refit: 1 of 1 1x1 consumers refit; kept (output error on the cv rows" in render_table(
-        corrected.report
+    assert (
+        f"sequential refit: {len(chosen)} of {len(chosen)} layers refit; kept (output error on the cv rows"
+        in render_table(corrected.report)
     )
     test = np.abs(rng.normal(size=(200, 4, 6, 6))).astype(np.float32)
     want = _outputs(model, test)
@@ -267,7 +370,7 @@ def test_a_correction_not_kept_says_why_in_the_table() -> None:
         "cv_error_after": 0.199,
     }
     assert _render_correction(summary) == (
-        "sequential refit: 2 of 3 1x1 consumers refit; not kept (output error on the cv rows 0.2 -> 0.199, "
+        "sequential refit: 2 of 3 layers refit; not kept (output error on the cv rows 0.2 -> 0.199, "
         "not 1% lower)"
     )
     stream = {"kept": False, "reason": "a recurrent stream is used whole: no rows to validate on"}

@@ -11,7 +11,9 @@ done layer after layer):
 with ``G1`` the augmented Gram, ``P = λ·diag(1, …, 1, 0)`` (the intercept change is free) and
 ``λ = α · mean(diag(G_c))`` (``refit.lambda_scale``): a ridge towards the current weight, not
 towards zero. Everything works from :class:`LinearStats` (``G1``, ``X·T`` and ``‖T‖²`` of one set of
-rows), so the rows need not be kept; the error on rows the fit did not see chooses ``α``.
+rows), so the rows need not be kept. ``α`` is chosen by K-fold cross-validation over the fitted
+samples (:func:`cross_validated_change`: each fold's statistics are held back in turn, in closed
+form), so the rows that later judge the corrected model played no part in fitting it.
 
 May import numpy and :mod:`red_onnx.analysis`; never runs a model.
 """
@@ -62,13 +64,25 @@ class LinearStats:
         self.energy += float(np.sum(t * t))
         self.rows += len(x)
 
+    def __add__(self, other: LinearStats) -> LinearStats:
+        gram, cross = self.gram + other.gram, self.cross + other.cross
+        return LinearStats(gram, cross, self.energy + other.energy, self.rows + other.rows)
+
+    def __sub__(self, other: LinearStats) -> LinearStats:
+        gram, cross = self.gram - other.gram, self.cross - other.cross
+        return LinearStats(gram, cross, self.energy - other.energy, self.rows - other.rows)
+
+    def squared_error(self, matrix: np.ndarray) -> float:
+        """``‖Xᵀ·M − T‖²`` of the augmented weight ``matrix`` on these rows."""
+        m = np.asarray(matrix, np.float64)
+        squared = self.energy - 2.0 * float(np.sum(m * self.cross)) + float(np.sum(m * (self.gram @ m)))
+        return max(squared, 0.0)
+
     def error(self, matrix: np.ndarray) -> float:
         """Relative L2 error ``‖Xᵀ·M − T‖ / ‖T‖`` of the augmented weight ``matrix`` on these rows."""
         if self.energy <= 0.0:
             return 0.0
-        m = np.asarray(matrix, np.float64)
-        squared = self.energy - 2.0 * float(np.sum(m * self.cross)) + float(np.sum(m * (self.gram @ m)))
-        return float(np.sqrt(max(squared, 0.0) / self.energy))
+        return float(np.sqrt(self.squared_error(matrix) / self.energy))
 
 
 def ridge_change(fit: LinearStats, matrix: np.ndarray, alpha: float) -> np.ndarray:
@@ -92,35 +106,47 @@ class ChosenChange:
     """The correction chosen for one layer.
 
     Attributes:
-        alpha: The ridge strength chosen (0: no change, none lowered the validation error).
-        change: ``Δ`` of the augmented weight (zeros when ``alpha`` is 0).
+        alpha: The ridge strength chosen (0: no change, none lowered the cross-validated error).
+        change: ``Δ`` of the augmented weight, fitted on every fold (zeros when ``alpha`` is 0).
         fit_before: Relative error on the fitted rows before the change.
         fit_after: The same after it.
-        validation_before: Relative error on the validation rows before the change.
-        validation_after: The same after it (``validation_before`` when unchanged).
+        held_back_before: Relative error on the folds before the change (the same rows as ``fit_before``).
+        held_back_after: Relative error on each fold of the change fitted without it, pooled over the
+            folds (``held_back_before`` when unchanged).
     """
 
     alpha: float
     change: np.ndarray
     fit_before: float
     fit_after: float
-    validation_before: float
-    validation_after: float
+    held_back_before: float
+    held_back_after: float
 
 
-def chosen_change(
-    fit: LinearStats,
-    validation: LinearStats,
-    matrix: np.ndarray,
-    alphas: Sequence[float] = CORRECTION_ALPHAS,
+def cross_validated_change(
+    folds: Sequence[LinearStats], matrix: np.ndarray, alphas: Sequence[float] = CORRECTION_ALPHAS
 ) -> ChosenChange:
-    """The change at the ``alphas`` value with the least error on ``validation``; none if none lowers it."""
+    """The change at the ``alphas`` value with the least K-fold error; none if none lowers it.
+
+    Each fold is held back in turn: the change is fitted on the others' statistics and scored on it;
+    the squared errors are pooled over the folds. The chosen ``α`` is then fitted on all of them.
+    Fewer than two folds with rows choose nothing.
+    """
     m = np.asarray(matrix, np.float64)
-    before = validation.error(m)
-    tried = [(alpha, ridge_change(fit, m, alpha)) for alpha in alphas]
-    scored = [(validation.error(m + change), alpha, change) for alpha, change in tried]
-    after, alpha, change = min(scored, key=lambda item: item[0])
-    fit_before = fit.error(m)
+    used = [fold for fold in folds if fold.rows]
+    total = sum(used[1:], start=used[0]) if used else None
+    if total is None or len(used) < 2 or total.energy <= 0.0:
+        before = total.error(m) if total is not None else 0.0
+        return ChosenChange(0.0, np.zeros_like(m), before, before, before, before)
+    before = total.squared_error(m)
+    scored = [
+        (sum(fold.squared_error(m + ridge_change(total - fold, m, alpha)) for fold in used), alpha)
+        for alpha in alphas
+    ]
+    after, alpha = min(scored)
+    relative = float(np.sqrt(before / total.energy))
     if not after < before:
-        return ChosenChange(0.0, np.zeros_like(m), fit_before, fit_before, before, before)
-    return ChosenChange(alpha, change, fit_before, fit.error(m + change), before, after)
+        return ChosenChange(0.0, np.zeros_like(m), relative, relative, relative, relative)
+    change = ridge_change(total, m, alpha)
+    held_back = float(np.sqrt(after / total.energy))
+    return ChosenChange(alpha, change, relative, total.error(m + change), relative, held_back)

@@ -39,7 +39,7 @@ class PassReport:
 
 #: Version of the ``--json`` report's layout (``docs/report.md``): raised when a field changes meaning
 #: or goes; new fields may appear within a version.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -316,7 +316,7 @@ def _after_correction(budget: dict[str, Any]) -> str:
 def _render_correction(correction: dict[str, Any]) -> str:
     """The sequential refit's line: nodes corrected, and the output errors it was judged on."""
     considered = len(correction.get("layers", []))
-    head = f"sequential refit: {correction.get('corrected', 0)} of {considered} 1x1 consumers refit"
+    head = f"sequential refit: {correction.get('corrected', 0)} of {considered} layers refit"
     if "cv_error_before" not in correction or correction.get("reason"):
         return (
             f"{head}; not kept: {correction['reason']}"

@@ -130,7 +130,7 @@ def conv_taps(node: gs.Node) -> ConvTaps | None:
     )
 
 
-def _windows(value: np.ndarray, taps: ConvTaps) -> np.ndarray:
+def conv_windows(value: np.ndarray, taps: ConvTaps) -> np.ndarray:
     """``[N, C, *outputs, *kernel]``: every patch the Conv reads, a view of the padded input."""
     rank = len(taps.kernel)
     pads = [(0, 0), (0, 0), *zip(taps.pads[:rank], taps.pads[rank:], strict=True)]
@@ -147,7 +147,7 @@ def _sampled(windows: np.ndarray, rank: int, rng: np.random.Generator, positions
     return np.arange(count) if count <= positions else np.sort(rng.choice(count, positions, replace=False))
 
 
-def _patch_rows(windows: np.ndarray, rank: int, picked: np.ndarray) -> np.ndarray:
+def patch_rows(windows: np.ndarray, rank: int, picked: np.ndarray) -> np.ndarray:
     """``[channels·taps, len(picked)]`` float64: the patches at the flat output positions ``picked``."""
     outputs = (windows.shape[0], *windows.shape[2 : 2 + rank])
     index = np.unravel_index(picked, outputs)
@@ -163,8 +163,8 @@ def patch_rows_sampled(
     Row ``c·taps + t`` is channel ``c`` at kernel tap ``t`` (taps in C order over the kernel axes), what
     the Conv multiplies with ``W[:, c, *tap]``; zero padding included, strides and dilations applied.
     """
-    windows = _windows(value, taps)
-    return _patch_rows(windows, len(taps.kernel), _sampled(windows, len(taps.kernel), rng, positions))
+    windows = conv_windows(value, taps)
+    return patch_rows(windows, len(taps.kernel), _sampled(windows, len(taps.kernel), rng, positions))
 
 
 def patch_grams(
@@ -189,10 +189,10 @@ def patch_grams(
         for feed in feeds:
             for name, value in zip(names, fetch(names, feed), strict=True):
                 rank = len(tensors[name].kernel)
-                windows = _windows(np.asarray(value), tensors[name])
+                windows = conv_windows(np.asarray(value), tensors[name])
                 picked = _sampled(windows, rank, rng, positions)
                 for start in range(0, picked.size, PATCH_BLOCK):
-                    rows = _patch_rows(windows, rank, picked[start : start + PATCH_BLOCK])
+                    rows = patch_rows(windows, rank, picked[start : start + PATCH_BLOCK])
                     augmented = np.vstack([rows, np.ones((1, rows.shape[1]))])
                     gram = augmented @ augmented.T
                     grams[name] = gram if name not in grams else grams[name] + gram
