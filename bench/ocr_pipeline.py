@@ -279,6 +279,19 @@ def squeeze(text: str) -> str:
     return "".join(text.split())
 
 
+def fp16_rounded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every float32 initializer rounded to float16 and back (as an fp16 deployment)."""
+    from onnx import numpy_helper
+
+    rounded = onnx.ModelProto()
+    rounded.CopyFrom(model)
+    for initializer in rounded.graph.initializer:
+        if initializer.data_type == onnx.TensorProto.FLOAT:
+            values = numpy_helper.to_array(initializer).astype(np.float16).astype(np.float32)
+            initializer.CopyFrom(numpy_helper.from_array(values, initializer.name))
+    return rounded
+
+
 def read_lines(models: OcrModels, test: tuple[list, list, list]) -> list[str]:
     """The text read for each test line, pages in order."""
     images, _, centres = test
@@ -333,6 +346,15 @@ def run(
         "macs": {kind: macs_at(onnx.load(str(getattr(models, kind))), KINDS[kind]) for kind in KINDS},
         "rows": [], "red_onnx_commit": red_onnx_commit(),
     }  # fmt: skip
+    # how many lines a change that deployments make anyway already moves: the original's weights
+    # rounded to float16 (nothing removed)
+    result["fp16_weights"] = {}
+    for kind in KINDS:
+        path = WORK / f"{kind}_fp16_weights.onnx"
+        onnx.save(fp16_rounded(onnx.load(str(getattr(models, kind)))), str(path))
+        figures, _ = score(read_lines(dataclasses.replace(models, **{kind: path}), test), reference, truth)
+        result["fp16_weights"][kind] = figures
+        log.info("%s with float16-rounded weights: %s", kind, figures)
     for target in targets:
         row: dict[str, Any] = {"target": target, "cells": {}}
         for kind in KINDS:

@@ -3,7 +3,11 @@
 At each fraction of the MACs kept (default 0.95, 0.9, 0.8, 0.7, 0.6) and on each model, one run
 measures side by side:
 
-- ``data_free``: red_onnx on synthetic inputs (``target_macs=t``, no ``.npz``; as ``bench/compare.py``);
+- ``data_free``: red_onnx on synthetic inputs (``target_macs=t``, no ``.npz``; as ``bench/compare.py``):
+  where the task gives its input ranges, the activation rankings and the refit are fitted on synthetic
+  draws in them and the plans measured on other draws (red_onnx's default), else weights only;
+- ``data_free_weights``: where the task gives input ranges, the same with ``activations=False`` (the
+  rankings on the weights only: the ablation);
 - ``refit_N``: red_onnx calibrated on N real samples (``InputSpec(npz=...)``, the least-squares refit
   ranking on), for each N of ``--samples`` (default 32 128 256; smaller sets are subsets of larger);
 - ``merges_only_N``: the same at the largest N with ``refit=False`` (the ablation: the previous rule);
@@ -113,7 +117,9 @@ MACS_TOLERANCES = (0.005, 0.01, 0.02)
 #: Calibration samples per batch handed to onnxsim's Wanda pruning.
 WANDA_BATCH = 32
 #: The method families, in table order (``--only`` picks among them).
-METHODS = ("data_free", "refit", "sequential", "merges_only", "onnxsim_l2", "onnxsim_wanda")
+METHODS = (
+    "data_free", "data_free_weights", "refit", "sequential", "merges_only", "onnxsim_l2", "onnxsim_wanda"
+)  # fmt: skip
 #: onnxsim's pruning at this sparsity (the bisection's upper end) gives the least MACs it can reach.
 FLOOR_SPARSITY = 0.99
 #: MobileNetV2: views whose original top-1 probability is at least this count as "confident".
@@ -464,11 +470,17 @@ def score(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) 
 
 
 def _red(
-    task: Task, target: float, spec: InputSpec, refit: bool, multiple: int | None, sequential: bool = False
+    task: Task,
+    target: float,
+    spec: InputSpec,
+    refit: bool,
+    multiple: int | None,
+    sequential: bool = False,
+    activations: bool | None = None,
 ) -> tuple[onnx.ModelProto, dict]:
     """One red_onnx run at ``target``; its model and MACs kept, search errors and seconds."""
     started = time.perf_counter()
-    settings = {"sequential_refit": sequential} | task.settings
+    settings = {"sequential_refit": sequential, "activations": activations} | task.settings
     result = compress(task.path, target_macs=target, channel_multiple=multiple, input_spec=spec,
                       refit=refit, force_target=True, latency_check=False,
                       raise_on_failure=False, **settings)  # fmt: skip
@@ -599,6 +611,8 @@ class Grid:
         runs = []
         if "data_free" in self.methods:
             runs.append(("data_free", self.task.data_free_spec, True, False))
+        if "data_free_weights" in self.methods and self.task.data_free_spec.ranges:
+            runs.append(("data_free_weights", self.task.data_free_spec, True, False))
         if "refit" in self.methods:
             runs += [(f"refit_{count}", self.specs[count], True, False) for count in self.samples]
         if "sequential" in self.methods:
@@ -610,7 +624,8 @@ class Grid:
             def red_cell(
                 key: str = key, spec: InputSpec = spec, refit: bool = refit, sequential: bool = sequential
             ) -> dict:
-                model, info = _red(self.task, target, spec, refit, self.multiple, sequential)
+                activations = False if key == "data_free_weights" else None
+                model, info = _red(self.task, target, spec, refit, self.multiple, sequential, activations)
                 return self._measure(model, info, vectors, key)
 
             self._record(cells, key, target, red_cell)
@@ -735,7 +750,7 @@ def _model_result(
 def columns(result: dict, samples: Sequence[int]) -> list[tuple[str, str]]:
     """(cell key, heading) of the methods in a model's results, in table order."""
     largest = max(samples)
-    names = [("data_free", "data-free")]
+    names = [("data_free", "data-free"), ("data_free_weights", "data-free, weights only")]
     names += [(f"refit_{n}", f"refit N={n}") for n in sorted(samples)]
     names += [(f"sequential_{largest}", f"refit + sequential N={largest}"),
               (f"merges_only_{largest}", f"merges only N={largest}"), ("onnxsim_l2", "onnxsim L2"),

@@ -139,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--activations",
         choices=("auto", "on", "off"),
         default="auto",
-        help="rank merge candidates by fits of channel activations too (auto: only with --calibration, "
-        "since on synthetic inputs it measured worse on real data)",
+        help="rank merge candidates by fits of channel activations too (auto: with --calibration, or "
+        "with --target-macs and --input-range; on N(0,1) or pink synthetic inputs, or under a tolerance "
+        "on synthetic inputs, it measured worse on real data)",
     )
     fidelity.add_argument(
         "--sequential-refit",

@@ -33,6 +33,26 @@ def test_score_counts_lines_identical_exactly_and_with_spaces_ignored() -> None:
                                       ["Frame cotton", "Frame cottan"]]  # fmt: skip
 
 
+def test_fp16_rounded_rounds_float_weights_only_and_keeps_the_input() -> None:
+    import onnx
+    from onnx import helper, numpy_helper
+
+    weight = np.array([1.0001, 3.14159265, 1e-8], np.float32)
+    steps = np.array([1, 2, 3], np.int64)
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(steps, "steps")],
+    )  # fmt: skip
+    model = helper.make_model(graph)
+    rounded = {i.name: numpy_helper.to_array(i) for i in ocr_pipeline.fp16_rounded(model).graph.initializer}
+    np.testing.assert_array_equal(rounded["w"], weight.astype(np.float16).astype(np.float32))
+    assert rounded["w"].dtype == np.float32 and not np.array_equal(rounded["w"], weight)
+    np.testing.assert_array_equal(rounded["steps"], steps)
+    assert numpy_helper.to_array(model.graph.initializer[0]).tolist() == weight.tolist()  # not changed
+
+
 def test_intervals_put_the_refit_against_each_other_method() -> None:
     ones, zeros = np.ones(10, np.int8), np.zeros(10, np.int8)
     vectors = {

@@ -152,6 +152,33 @@ def test_every_consumer_of_the_captured_tensor_enters_the_refit_cost(tmp_path: P
         assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want), name
 
 
+def test_on_synthetic_inputs_the_search_measures_on_draws_the_fits_never_saw() -> None:
+    """Data-free with activation fits: the refit is fitted on the search seeds, the plans measured on
+    the cv seeds (the fitted draws would flatter the refit), and the report says so."""
+    from red_onnx.search.budget import CV_SEEDS, SEARCH_SEEDS
+
+    model = _mixed_channel_net()
+    spec = red_onnx.InputSpec(ranges={"x": (0.0, 1.0)})
+    shapes = ShapeService(make_inputs(model, spec, 0))
+    search = BudgetSearch(model, model, spec, shapes, channel_multiple=1, hashing=False)
+    assert search.measured_part == "cv"
+    count = search.seed_count
+    assert list(search.verifier.seeds) == list(CV_SEEDS[:count])
+    fit, validation, _ = search.correction_verifiers() or (None, None, None)
+    assert fit is not None and list(fit.seeds) == list(SEARCH_SEEDS[:count])
+    assert validation is search.verifier and search._cv_verifier() is search.verifier
+    fitted, measured = (np.asarray(v.inputs[0]["x"]) for v in (fit, search.verifier))
+    assert fitted.shape == measured.shape and not np.array_equal(fitted, measured)
+    assert fitted.min() >= 0.0 and fitted.max() <= 1.0  # the range given
+    result = red_onnx.compress(
+        model, target_macs=0.9, channel_multiple=1, input_spec=spec, latency_check=False
+    )
+    assert result.report.budget["measured_on"] == "cv"
+    assert "(draws unseen by the fits)" in red_onnx.report.report.render_table(result.report)
+    plain = BudgetSearch(model, model, spec, shapes, channel_multiple=1, activations=False)
+    assert plain.measured_part == "search"  # nothing fitted: the search seeds are measured
+
+
 def test_the_refit_fits_the_search_rows_and_the_search_measures_on_the_cv_rows(
     tmp_path: Path,
 ) -> None:

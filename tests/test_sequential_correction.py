@@ -285,6 +285,22 @@ def test_sequential_refit_is_on_by_default_with_calibration_samples_only(tmp_pat
     )
 
 
+def test_activation_fits_are_on_by_default_with_calibration_or_a_target_in_given_input_ranges(
+    tmp_path: Path,
+) -> None:
+    npz = tmp_path / "samples.npz"
+    np.savez(npz, x=np.zeros((4, 3), np.float32))
+    assert make_options(target_macs=0.8, input_spec=InputSpec(npz=npz)).activations is True
+    assert make_options(target_macs=0.8, input_spec=InputSpec(ranges={"x": (0.0, 1.0)})).activations is True
+    # under a tolerance, synthetic draws in a range are ranked on the weights
+    assert make_options(tolerance=0.02, input_spec=InputSpec(ranges={"x": (0.0, 1.0)})).activations is False
+    assert make_options(target_macs=0.8).activations is False  # N(0, 1) draws alone
+    assert make_options(target_macs=0.8, input_spec=InputSpec(prior="pink")).activations is False
+    ranged = InputSpec(ranges={"x": (0.0, 1.0)})
+    assert make_options(target_macs=0.8, input_spec=ranged, activations=False).activations is False
+    assert make_options(target_macs=0.8, input_spec=ranged).sequential_refit is False  # synthetic
+
+
 def _wide_net(seed: int = 4) -> onnx.ModelProto:
     """x [N, 4, 6, 6] → 1×1 Conv (24) → Relu → 1×1 Conv (16) → Relu → 1×1 Conv → y [N, 8, 6, 6].
 

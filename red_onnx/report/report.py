@@ -335,11 +335,12 @@ def _parts_measured(inputs: dict[str, Any] | None, measured: str = "search") -> 
     """What the search's and the held-out figures were measured on, as short suffixes.
 
     `` (6 of 12 images)`` and `` (3)`` for split samples, `` (3 cv rows of 12, unseen by the fits)``
-    where the search measured on its cv part (``measured``); nothing for synthetic inputs, where each
-    part draws seeds of its own; `` (all of NAME)`` for samples used whole by every part.
+    where the search measured on its cv part (``measured``); for synthetic inputs, where each part
+    draws seeds of its own, `` (draws unseen by the fits)`` where fits were made, else nothing;
+    `` (all of NAME)`` for samples used whole by every part.
     """
     if not inputs or not inputs.get("samples"):
-        return "", ""
+        return (" (draws unseen by the fits)" if measured == "cv" else ""), ""
     samples = inputs["samples"]
     if not inputs.get("split"):
         return f" (all of {inputs['file']})", f" (all of {inputs['file']})"
