@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import compare, gpu_latency, latency_table, refit_digits, refit_grid, speed, zoo_table
+from bench import (
+    approx_digits,
+    compare,
+    gpu_latency,
+    latency_table,
+    refit_digits,
+    refit_grid,
+    speed,
+    zoo_table,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -643,6 +652,39 @@ refit ranking and with merges only (`--no-refit`), the samples and options other
 """
     command = "python bench/refit_digits.py"
     return _section("Least-squares refit against merges only", "refit_digits.json", [command], body)
+
+
+def data_free_digits_section(results: Path) -> str:
+    """Data-free digits at the default channel multiple (``bench/approx_digits.py``)."""
+    data = _load(results, "data_free_digits.json")
+    before = data["accuracy_before"]
+    within = [
+        (row["target"], cell)
+        for row in data["rows"]
+        if (cell := row["cells"].get("range")) and before - cell["accuracy"] <= 0.005
+    ]
+    most = min(within, key=lambda item: item[1]["macs"]) if within else None
+    found = (
+        f"the most removed within 0.5 points: `--target-macs {most[0]}`, {1 - most[1]['macs']:.1%} of the "
+        f"MACs at {most[1]['accuracy']:.4f} ({100 * (most[1]['accuracy'] - before):+.2f} points)"
+        if most
+        else "no target kept the accuracy within 0.5 points"
+    )
+    body = f"""
+The bundled digits model compressed without a single real sample, at `--target-macs`'s default
+channel multiple (16): synthetic inputs drawn in the pixels' range (`--input-range image:0,1`), with
+red_onnx's default there (the activation rankings and the refit fitted on synthetic draws, the plans
+measured on other draws) and ranked on the weights alone (`--activations off`), and N(0, 1) inputs
+(nothing told). Test accuracy on the bundled {data["test_samples"]}-image split (original
+{before:.4f}). Run with red_onnx at commit `{data["red_onnx_commit"]}`; {data["seconds"]:.0f} s.
+
+{_verbatim(approx_digits.table(data))}
+
+With the range given, {found}. Channel counts on multiples of 16 make the steps coarse: targets
+between steps land on the next one below.
+"""
+    return _section("Data-free digits at the default channel multiple", "data_free_digits.json",
+                    ["python bench/approx_digits.py"], body)  # fmt: skip
 
 
 def _verdicts(result: dict[str, Any], ours: str, other: str) -> tuple[list[str], list[str], int]:
@@ -1504,6 +1546,7 @@ SECTIONS: tuple[Callable[[Path], str], ...] = (
     speed_100m_section,
     gpu_section,
     refit_section,
+    data_free_digits_section,
     refit_grid_section,
     refit_grid_mobilenetv2_section,
     calibration_draws_section,
