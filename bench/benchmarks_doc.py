@@ -1512,21 +1512,22 @@ def sequential_refit_cnn_section(results: Path) -> str:
 The same measurement on the convolutional models of the calibrated grids, each run as the grid's
 `refit_N` cell with `--sequential-refit off` (channel multiple 1 on the small models and MobileNetV2,
 16 on PP-OCR's classifier). Sequential: after compression, the library's correction
-(`red_onnx.search.correction.correct_sequentially`, what `--sequential-refit` runs) refits every 1×1
-ungrouped Conv and Gemm that lost input channels and kept its outputs, in graph order, on its input in
-the compressed model towards the BatchNorm-folded original's output of the same node, fitted on 3/4
-of the calibration images; the other quarter validates. "α per node (cv)" takes, per node, the ridge
-strength of 0.01, 0.1, 1, 10 with the least validation error; every α leaves a node as it is where it
-does not lower that error. Unlike `--sequential-refit`, the corrected model is not checked on its
-output before it is measured. k×k and grouped Convs, and nodes whose own outputs were merged, stay as
-they are. Run with red_onnx at commit {_commit(data)}; {data["seconds"]:.0f} s on 2 cores.
+(`red_onnx.search.correction.correct_sequentially`, what `--sequential-refit` runs) refits every
+ungrouped Conv (1×1, or k×k on its input patches) and Gemm that lost input channels and kept its
+outputs, in graph order, on its input in the compressed model towards the BatchNorm-folded original's
+output of the same node, fitted on all the calibration images. "α per node (cv)" takes, per node, the
+ridge strength of 0.01, 0.1, 1, 10 with the least error over 4 folds of those images held back in turn;
+every α leaves a node as it is where it does not lower that error. Unlike `--sequential-refit`, the
+corrected model is not checked on its output before it is measured, and nodes whose own outputs were
+merged stay as they are (this bench does not pass the plan's kept channels). Grouped Convs stay as they
+are. Run with red_onnx at commit {_commit(data)}; {data["seconds"]:.0f} s on 2 cores.
 
 {_verbatim(chr(10).join(lines))}
 
 On these CNNs, unlike the sentence encoder, the correction with α chosen per node lowers the test
 error of the outputs in {lower} of {len(data["runs"])} runs: MobileNetV2's corrected 1×1 convs are
 fitted on thousands of positions an image, not a few tokens; on digits and MNIST-1D only the last Gemm
-is corrected (their other consumers are k×k convs). The task figures move less. With calibration
+is corrected (the other nodes' own outputs were merged too). The task figures move less. With calibration
 samples the library runs this correction by default and keeps it only where the output error on the
 cv rows falls (`docs/method.md`; the grids' `refit + sequential` column).
 """
