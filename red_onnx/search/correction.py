@@ -261,7 +261,6 @@ class _Positions:
     def __init__(self, samples: int, limits: Sequence[int]) -> None:
         self.samples, self.limits = max(samples, 1), limits
         self.picked: dict[tuple[int, int], np.ndarray | None] = {}
-        self.last: dict[int, np.ndarray | None] = {}
 
     def of(self, index: int, value: np.ndarray) -> np.ndarray | None:
         size = math.prod(value.shape[2:]) if value.ndim > 2 else 1
@@ -272,12 +271,7 @@ class _Positions:
             self.picked[key] = (
                 None if size <= per_sample else np.sort(rng.choice(size, per_sample, replace=False))
             )
-        self.last[index] = self.picked[key]
         return self.picked[key]
-
-    def picked_for(self, index: int) -> np.ndarray | None:
-        """The output positions node ``index``'s targets were taken at (its output has one size)."""
-        return self.last.get(index)
 
 
 def _weights(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -378,10 +372,12 @@ def correct_sequentially(
     positions = _Positions(int(starts[-1]), limits)
     fetch = tensor_fetch(base, [node.output for node in nodes])
     targets: list[list[np.ndarray]] = [[] for _ in nodes]
+    sampled: list[list[np.ndarray | None]] = [[] for _ in nodes]  # the output positions, per feed
     for feed in feeds:  # the exact-rewritten model's outputs of every node, at the sampled positions
         for index, value in enumerate(fetch([node.output for node in nodes], feed)):
             kept = value if nodes[index].kept is None else value[:, nodes[index].kept]
-            targets[index].append(_rows(kept, positions.of(index, value)).astype(np.float32))
+            sampled[index].append(positions.of(index, value))
+            targets[index].append(_rows(kept, sampled[index][-1]).astype(np.float32))
     del fetch
     for index, node in enumerate(nodes):
         weight, bias, matrix = _matrix(node, _weights(model))
@@ -397,7 +393,7 @@ def correct_sequentially(
                 members = np.flatnonzero(fold_of == fold)
                 for begin in range(0, members.size, block):  # the rows in blocks of about 64 MB
                     picked_samples = members[begin : begin + block]
-                    patches = _input_rows(node, value, positions.picked_for(index), picked_samples)
+                    patches = _input_rows(node, value, sampled[index][position], picked_samples)
                     wanted = target.reshape(len(value), per_sample, -1)[picked_samples]
                     found.add(patches, wanted.reshape(len(patches), -1))
         del current
