@@ -67,11 +67,11 @@ def test_cross_validated_change_is_chosen_on_the_folds_held_back_and_fitted_on_a
     current = true + 0.3 * rng.normal(size=true.shape)
     folds = [_stats(x[i::4], t[i::4]) for i in range(4)]
     chosen = cross_validated_change(folds, current, alphas=(0.01, 1.0))
-    assert chosen.alpha > 0 and chosen.held_back_after < 0.1 * chosen.held_back_before
+    assert chosen.alpha > 0 and chosen.held_back_after < 0.1 * chosen.fit_before
     everything = _stats(x, t)
     np.testing.assert_allclose(chosen.change, ridge_change(everything, current, chosen.alpha))
     assert chosen.fit_after == pytest.approx(everything.error(current + chosen.change))
-    assert chosen.held_back_before == pytest.approx(everything.error(current))
+    assert chosen.fit_before == pytest.approx(everything.error(current))
     pooled = sum(  # each fold scored on the change fitted without it
         f.squared_error(current + ridge_change(everything - f, current, chosen.alpha)) for f in folds
     )
@@ -88,7 +88,7 @@ def test_cross_validated_change_changes_nothing_when_the_folds_disagree_or_are_t
     folds = [_stats(x[:100], ones[:100] @ true), _stats(x[100:], ones[100:] @ (2 * current - true))]
     unchanged = cross_validated_change(folds, current)
     assert unchanged.alpha == 0.0 and not unchanged.change.any()
-    assert unchanged.held_back_after == unchanged.held_back_before
+    assert unchanged.held_back_after == unchanged.fit_before
     empty = LinearStats.empty(4, 3)
     lone = cross_validated_change([_stats(x, ones @ true), empty, empty], current)
     assert lone.alpha == 0.0 and not lone.change.any()

@@ -110,16 +110,14 @@ class ChosenChange:
         change: ``Δ`` of the augmented weight, fitted on every fold (zeros when ``alpha`` is 0).
         fit_before: Relative error on the fitted rows before the change.
         fit_after: The same after it.
-        held_back_before: Relative error on the folds before the change (the same rows as ``fit_before``).
         held_back_after: Relative error on each fold of the change fitted without it, pooled over the
-            folds (``held_back_before`` when unchanged).
+            folds (``fit_before`` when unchanged: the folds are the fitted rows).
     """
 
     alpha: float
     change: np.ndarray
     fit_before: float
     fit_after: float
-    held_back_before: float
     held_back_after: float
 
 
@@ -137,7 +135,7 @@ def cross_validated_change(
     total = sum(used[1:], start=used[0]) if used else None
     if total is None or len(used) < 2 or total.energy <= 0.0:
         before = total.error(m) if total is not None else 0.0
-        return ChosenChange(0.0, np.zeros_like(m), before, before, before, before)
+        return ChosenChange(0.0, np.zeros_like(m), before, before, before)
     before = total.squared_error(m)
     scored = [
         (sum(fold.squared_error(m + ridge_change(total - fold, m, alpha)) for fold in used), alpha)
@@ -146,7 +144,7 @@ def cross_validated_change(
     after, alpha = min(scored)
     relative = float(np.sqrt(before / total.energy))
     if not after < before:
-        return ChosenChange(0.0, np.zeros_like(m), relative, relative, relative, relative)
+        return ChosenChange(0.0, np.zeros_like(m), relative, relative, relative)
     change = ridge_change(total, m, alpha)
     held_back = float(np.sqrt(after / total.energy))
-    return ChosenChange(alpha, change, relative, total.error(m + change), relative, held_back)
+    return ChosenChange(alpha, change, relative, total.error(m + change), held_back)
