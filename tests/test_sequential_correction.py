@@ -221,6 +221,26 @@ def _grouped_pair() -> tuple[onnx.ModelProto, onnx.ModelProto]:
     return net(4), net(2)
 
 
+def test_feeds_of_different_sizes_read_their_own_sampled_positions(monkeypatch) -> None:
+    """Few rows per node: each feed's positions are sampled for its own output size, and its input
+    patches are read at those positions (not at another feed's)."""
+    from red_onnx.search import correction as correction_module
+
+    original, dropped, rng = _pair(kernel=3, seed=10)
+    for model in (original, dropped):  # height and width dynamic
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        dims[2].dim_param, dims[3].dim_param = "H", "W"
+    monkeypatch.setattr(correction_module, "CORRECTION_ROWS", 60)  # 3 positions per sample
+    fit = [{"x": rng.normal(size=(10, 3, h, h)).astype(np.float32)} for h in (4, 7)]
+    done = correct_sequentially(original, dropped, fit)
+    assert done.weights and done.layers[0]["rows"] == 20 * 3
+    for h in (4, 7):
+        test = rng.normal(size=(30, 3, h, h)).astype(np.float32)
+        want = _outputs(original, test)
+        before = np.linalg.norm(_outputs(dropped, test) - want)
+        assert np.linalg.norm(_outputs(done.model, test) - want) < 0.9 * before
+
+
 def test_a_grouped_conv_is_left_with_the_reason_and_nothing_lost_finds_nothing() -> None:
     original, fewer = _grouped_pair()
     assert correctable_nodes(original, fewer) == ([], [{"node": "grouped", "reason": "a grouped Conv"}])
