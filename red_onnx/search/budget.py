@@ -593,8 +593,7 @@ class BudgetSearch:
         if not self.split:
             return None
         fit = self._verifier(SEARCH_SEEDS[: self.seed_count], self.part)
-        validation = self.verifier if self.measured_part == "cv" else self._cv_verifier()
-        return fit, validation, self.heldout
+        return fit, self._cv_verifier(), self.heldout
 
     def _measured(self, counts: Counts) -> float | None:
         """The error of ``counts`` on the search inputs if it was measured already, else None."""
