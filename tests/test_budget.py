@@ -546,3 +546,33 @@ def test_a_coarse_crossing_step_gives_way_to_a_landing_of_less_error(monkeypatch
     assert 0.5 < kept <= 0.6
     ((chosen, greedy),) = seen
     assert chosen < greedy
+
+
+def test_a_landing_may_take_back_an_earlier_step(monkeypatch) -> None:
+    """The demo at --target-macs 0.5 (channel steps of 16, pixels in [0, 1]): the greedy order halves the
+    block's conv (0.62 kept), then crosses 0.5 by halving the stem (0.33). Taking the block's step back
+    and adding the downsampling conv's first level lands at 0.49 with less measured error."""
+    from red_onnx.demo import demo_path
+    from red_onnx.options import InputSpec
+    from red_onnx.search.budget import BudgetSearch
+
+    seen: list[tuple[dict, dict, float, float]] = []
+    landing = BudgetSearch._landing
+
+    def recorded(self, before, crossing, fraction):  # type: ignore[no-untyped-def]
+        chosen = landing(self, before, crossing, fraction)
+        greedy = self._refine(before, crossing, fraction)
+        seen.append((before, chosen, self.error(chosen), self.error(greedy)))
+        assert self.measured_fraction(chosen) <= fraction
+        return chosen
+
+    monkeypatch.setattr(BudgetSearch, "_landing", recorded)
+    result = red_onnx.compress(
+        demo_path(), target_macs=0.5, input_spec=InputSpec(ranges={"image": (0.0, 1.0)}),
+        latency_check=False, force_target=True,
+    )  # fmt: skip
+    kept = result.report.macs_after / result.report.macs_before
+    assert 0.45 < kept <= 0.5
+    ((before, chosen, chosen_error, greedy_error),) = seen
+    assert chosen_error < greedy_error
+    assert any(chosen.get(name, 0) < level for name, level in before.items())  # a step taken back
