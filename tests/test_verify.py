@@ -491,9 +491,31 @@ def test_box_error_is_each_box_move_relative_to_its_own_size() -> None:
     one = head.copy()
     small = int(np.argmin(size))
     one[0, 1, small] += 0.5 * size[small]  # the smallest box moves by half its size, the others not
-    assert box_error(one, head) == pytest.approx(0.5 / math.sqrt(head.shape[2]), rel=1e-9)
+    weights = head[0, 4:].max(axis=0)  # each box's highest class score
+    assert box_error(one, head) == pytest.approx(0.5 * math.sqrt(weights[small] / weights.sum()), rel=1e-9)
     # relative L2 over the whole head barely sees it: x and y are image-sized
     assert compare_outputs("h", one[:, :4], head[:, :4]).rel_l2_err < 0.01
+
+
+def test_box_error_weighs_boxes_by_their_confidence() -> None:
+    head = _packed_head().astype(np.float64)
+    head[0, 4:] = 1e-4  # background everywhere ...
+    head[0, 5, 7] = 0.9  # ... but one detection
+    size = np.sqrt(head[0, 2] * head[0, 3])
+    background = head.copy()
+    background[0, 0, 8] += size[8]  # a background box moves by its whole size
+    detection = head.copy()
+    detection[0, 0, 7] += 0.1 * size[7]  # the detection's box by a tenth of it
+    assert box_error(background, head) < 0.02
+    assert box_error(detection, head) > 0.09
+    risen = background.copy()
+    risen[0, 6, 8] = 0.8  # the moved box turns confident in the candidate: it counts
+    assert box_error(risen, head) > 0.5
+    logits = head.copy()
+    logits[0, 4:] = np.log(head[0, 4:] / (1 - head[0, 4:]))  # class logits: every box weighs the same
+    moved = logits.copy()
+    moved[0, 0, 8] += size[8]
+    assert box_error(moved, logits) == pytest.approx(1 / math.sqrt(head.shape[2]), rel=1e-9)
 
 
 def test_packed_detection_head_is_also_measured_per_box(tmp_path: Path) -> None:
