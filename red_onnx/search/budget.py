@@ -890,11 +890,11 @@ class BudgetSearch:
         :meth:`_refine`, swaps are tried: one group of ``crossing`` one level back (the crossing group's
         is ``before``) and another raised to its first level that reaches the target, cut down the same
         way (the demo at 0.5: the stem's step without the block's, with a first level of the
-        downsampling conv, lands at 0.49 with error 0.44 against 0.50 at 0.33). Only the crossing
-        group's step is taken back where the crossing step lands within ``OVERSHOOT_SLACK`` of the
-        target (conv25m at 0.8: four more measurements, 8 s → 12 s, for the same MACs). The
-        ``LANDINGS`` swaps of least estimated error (each group's error alone, added in squares) are
-        measured with the crossing step, and the least error wins (ties: the most MACs kept).
+        downsampling conv, lands at 0.49 with error 0.44 against 0.50 at 0.33). Where the crossing
+        step lands within ``OVERSHOOT_SLACK`` of the target only the crossing group's step is taken
+        back (a landing nearer the target would keep few more MACs). The ``LANDINGS`` swaps of least
+        estimated error (each group's error alone, added in squares) are measured with the crossing
+        step, and the least error wins (ties: the most MACs kept).
         """
         stepped = next((name for name in crossing if crossing[name] != before.get(name, 0)), None)
         greedy = self._refine(before, crossing, fraction)
